@@ -1,0 +1,145 @@
+//! JSON bodies of the admin HTTP API (`/v1/...`). Errors are [`ApiError`] with a stable code.
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{DeviceStatus, ErrorCode};
+use crate::job::{JobState, Transition};
+use crate::records::{DeviceRecord, JobRecord};
+use crate::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnrollmentToken {
+    pub customer: String,
+    /// How many devices may register with this token (default 1).
+    #[serde(default)]
+    pub max_uses: Option<u32>,
+    /// Lifetime in seconds (default one day).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollmentTokenCreated {
+    /// Shown once; only its hash is stored.
+    pub token: Secret,
+    pub customer: String,
+    pub expires_at: UnixMillis,
+    pub max_uses: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub device_id: DeviceId,
+    pub serial: String,
+    pub model: String,
+    pub destination: String,
+    pub time_zone: String,
+    pub customer: String,
+    pub registered_at: UnixMillis,
+    pub disabled: bool,
+    pub feed_newest: FeedSeq,
+    pub feed_acked: FeedSeq,
+    pub last_status: Option<DeviceStatus>,
+    pub last_status_at: Option<UnixMillis>,
+}
+
+impl From<&DeviceRecord> for DeviceView {
+    fn from(d: &DeviceRecord) -> DeviceView {
+        DeviceView {
+            device_id: d.device_id.clone(),
+            serial: d.serial.clone(),
+            model: d.model.clone(),
+            destination: d.destination.clone(),
+            time_zone: d.time_zone.clone(),
+            customer: d.customer.clone(),
+            registered_at: d.registered_at,
+            disabled: d.disabled,
+            feed_newest: d.newest,
+            feed_acked: d.acked,
+            last_status: d.last_status.clone(),
+            last_status_at: d.last_status_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJob {
+    /// The payload as UTF-8 text. Exactly one of `payload` and `payload_base64` is required.
+    #[serde(default)]
+    pub payload: Option<String>,
+    /// The payload as standard base64, for binary documents.
+    #[serde(default)]
+    pub payload_base64: Option<String>,
+    /// Default `application/octet-stream`.
+    #[serde(default)]
+    pub content_type: Option<String>,
+    /// How long the job may wait to be started, in seconds (default one day).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// Attempts before a job whose lease keeps running out fails (default 3).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// A second submission with the same key for the same device returns the first job.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobView {
+    pub job_id: JobId,
+    pub device_id: DeviceId,
+    pub state: JobState,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+    pub lease_until: Option<UnixMillis>,
+    pub idempotency_key: Option<String>,
+    pub content_type: String,
+    pub payload_len: u64,
+    pub outcome: Option<String>,
+    pub history: Vec<Transition>,
+}
+
+impl From<&JobRecord> for JobView {
+    fn from(j: &JobRecord) -> JobView {
+        JobView {
+            job_id: j.job_id.clone(),
+            device_id: j.device_id.clone(),
+            state: j.state,
+            attempt: j.attempt,
+            max_attempts: j.max_attempts,
+            created_at: j.created_at,
+            expires_at: j.expires_at,
+            lease_until: j.lease_until,
+            idempotency_key: j.idempotency_key.clone(),
+            content_type: j.content_type.clone(),
+            payload_len: j.payload_len,
+            outcome: j.outcome.clone(),
+            history: j.history.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelJob {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub broker: String,
+    pub devices: u64,
+    pub jobs: u64,
+}

@@ -1,0 +1,331 @@
+//! The data channel: a WebSocket between one device and the cloud bridge, binary frames of
+//! MessagePack.
+//!
+//! The device speaks first with a [`Hello`] within the server's deadline; the server answers
+//! [`ServerFrame::Welcome`] or a connection-level [`ServerFrame::Error`] followed by a close with
+//! one of the `CLOSE_*` codes. After that the device sends requests with ids of its choosing and
+//! the server answers each with a response or an error carrying the same id, in any order (a
+//! long-polling sync does not hold up a status report).
+
+use serde::{Deserialize, Serialize};
+
+use crate::feed::FeedEntry;
+use crate::job::{JobState, JobUpdate};
+use crate::{DeviceId, FeedSeq, JobId, RequestId, Secret, UnixMillis};
+
+/// WebSocket close code: the frame could not be decoded.
+pub const CLOSE_BAD_FRAME: u16 = 4400;
+/// WebSocket close code: authentication or registration refused.
+pub const CLOSE_UNAUTHORIZED: u16 = 4401;
+/// WebSocket close code: the device is disabled or invalidated.
+pub const CLOSE_FORBIDDEN: u16 = 4403;
+/// WebSocket close code: no hello (or no frame at all) before the deadline.
+pub const CLOSE_TIMEOUT: u16 = 4408;
+/// WebSocket close code: a frame was larger than [`crate::MAX_FRAME_BYTES`].
+pub const CLOSE_TOO_LARGE: u16 = 4413;
+/// WebSocket close code: the hello named a protocol version this server does not speak.
+pub const CLOSE_UNSUPPORTED_VERSION: u16 = 4426;
+
+/// Longest long-poll wait a server grants; a larger `wait_ms` is clamped.
+pub const MAX_SYNC_WAIT_MS: u32 = 30_000;
+/// Most entries returned by one sync.
+pub const MAX_SYNC_ENTRIES: u16 = 256;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientFrame {
+    Hello(Hello),
+    Request { id: RequestId, body: Request },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u16,
+    pub auth: HelloAuth,
+    /// Free text naming the agent and its version, for logs.
+    pub agent: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HelloAuth {
+    /// A registered device proves who it is.
+    Device { device_id: DeviceId, secret: Secret },
+    /// A new device registers with an enrollment token; the welcome carries its credentials.
+    Register(Registration),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    pub enrollment_token: Secret,
+    pub serial: String,
+    pub model: String,
+    /// Sales destination / region code, e.g. "EU".
+    pub destination: String,
+    /// IANA time zone, e.g. "Europe/Berlin".
+    pub time_zone: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// Entries after `after`, waiting up to `wait_ms` for one to appear (long-poll).
+    Sync { after: FeedSeq, wait_ms: u32, limit: u16 },
+    /// Everything up to `upto` is handled. Idempotent; never moves backwards.
+    Ack { upto: FeedSeq },
+    /// Take a job: returns its payload and a lease.
+    FetchJob { job_id: JobId },
+    /// Report progress or the outcome of the attempt named by `attempt`.
+    JobUpdate {
+        job_id: JobId,
+        attempt: u32,
+        update: JobUpdate,
+    },
+    /// The device's current status.
+    ReportStatus { status: DeviceStatus },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerFrame {
+    Welcome(Welcome),
+    Response { id: RequestId, body: Response },
+    /// An error for request `id`, or for the connection when `id` is `None` (a close follows).
+    Error {
+        id: Option<RequestId>,
+        error: ErrorBody,
+    },
+    Event(ServerEvent),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol: u16,
+    pub device_id: DeviceId,
+    /// Present only after a registration: store these, they are not shown again.
+    pub credentials: Option<Secret>,
+    pub newest: FeedSeq,
+    pub acked: FeedSeq,
+    pub server_time: UnixMillis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Feed {
+        entries: Vec<FeedEntry>,
+        newest: FeedSeq,
+    },
+    Acked {
+        acked: FeedSeq,
+    },
+    Job(JobOffer),
+    JobState {
+        job_id: JobId,
+        state: JobState,
+        attempt: u32,
+    },
+    StatusAccepted {
+        at: UnixMillis,
+    },
+}
+
+/// A taken job: its payload and the lease under which the device runs it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobOffer {
+    pub job_id: JobId,
+    pub attempt: u32,
+    /// The job returns to the queue if no update renews the lease before this time.
+    pub lease_until: UnixMillis,
+    pub content_type: String,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+impl std::fmt::Debug for JobOffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobOffer")
+            .field("job_id", &self.job_id)
+            .field("attempt", &self.attempt)
+            .field("lease_until", &self.lease_until)
+            .field("content_type", &self.content_type)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerEvent {
+    /// The server is going away (shutdown); reconnect with backoff.
+    Closing { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub state: DeviceState,
+    /// Free text, e.g. an error code shown on the panel.
+    pub detail: String,
+    /// The device's own clock when the status was observed.
+    pub observed_at: UnixMillis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    Idle,
+    Busy,
+    Error,
+    Sleeping,
+    #[serde(other)]
+    Unknown,
+}
+
+/// A typed error with a stable code and a human message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for ErrorBody {}
+
+/// Stable error codes, shared by the data channel and the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadFrame,
+    UnsupportedVersion,
+    Unauthorized,
+    Forbidden,
+    DeviceDisabled,
+    EnrollmentInvalid,
+    NotFound,
+    InvalidState,
+    LeaseLost,
+    FrameTooLarge,
+    HelloTimeout,
+    BadRequest,
+    Conflict,
+    Overloaded,
+    ShuttingDown,
+    Internal,
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::DeviceDisabled => "device_disabled",
+            ErrorCode::EnrollmentInvalid => "enrollment_invalid",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::InvalidState => "invalid_state",
+            ErrorCode::LeaseLost => "lease_lost",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::HelloTimeout => "hello_timeout",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::feed::FeedBody;
+    use crate::{decode, encode};
+
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(v: T) {
+        let bytes = encode(&v).unwrap();
+        assert_eq!(decode::<T>(&bytes).unwrap(), v);
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let device_id = DeviceId::from_random([7; 8]);
+        let job_id = JobId::from_random([9; 8]);
+        round_trip(ClientFrame::Hello(Hello {
+            protocol: 1,
+            auth: HelloAuth::Device {
+                device_id: device_id.clone(),
+                secret: Secret::new("s"),
+            },
+            agent: "test".into(),
+        }));
+        round_trip(ClientFrame::Request {
+            id: RequestId(3),
+            body: Request::JobUpdate {
+                job_id: job_id.clone(),
+                attempt: 2,
+                update: JobUpdate::Failed {
+                    reason: "jam".into(),
+                },
+            },
+        });
+        round_trip(ServerFrame::Response {
+            id: RequestId(4),
+            body: Response::Feed {
+                entries: vec![FeedEntry {
+                    seq: FeedSeq(1),
+                    at: UnixMillis(5),
+                    body: FeedBody::JobOffered { job_id },
+                }],
+                newest: FeedSeq(1),
+            },
+        });
+        round_trip(ServerFrame::Error {
+            id: None,
+            error: ErrorBody::new(ErrorCode::Unauthorized, "no"),
+        });
+    }
+
+    #[test]
+    fn payload_is_encoded_as_bin_not_an_array_of_integers() {
+        let offer = JobOffer {
+            job_id: JobId::from_random([1; 8]),
+            attempt: 1,
+            lease_until: UnixMillis(0),
+            content_type: "x".into(),
+            payload: vec![0xff; 1000],
+        };
+        let bytes = encode(&offer).unwrap();
+        assert!(bytes.len() < 1100, "payload took {} bytes", bytes.len());
+    }
+
+    #[test]
+    fn garbage_is_a_decode_error_not_a_panic() {
+        for garbage in [&b""[..], b"\xc1", b"\x81\xa5hello\xc0", &[0xdd, 0xff, 0xff, 0xff, 0xff]] {
+            assert!(decode::<ClientFrame>(garbage).is_err());
+        }
+    }
+
+    #[test]
+    fn error_codes_serialize_as_their_stable_names() {
+        let json = serde_json::to_string(&ErrorCode::LeaseLost).unwrap();
+        assert_eq!(json, format!("\"{}\"", ErrorCode::LeaseLost.as_str()));
+    }
+}

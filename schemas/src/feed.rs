@@ -1,0 +1,24 @@
+//! Entries of a device's durable feed. The feed is the source of truth; hints only point at it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{FeedSeq, JobId, UnixMillis};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedEntry {
+    pub seq: FeedSeq,
+    pub at: UnixMillis,
+    pub body: FeedBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FeedBody {
+    /// A job is waiting for this device (first offer, or again after a lost lease).
+    JobOffered { job_id: JobId },
+    /// A job was canceled; stop it if it is running.
+    JobCanceled { job_id: JobId },
+    /// An entry kind this version does not know; the device acknowledges and skips it.
+    #[serde(other)]
+    Unknown,
+}

@@ -1,0 +1,36 @@
+//! Every message that crosses a wire or lands on disk, and nothing else.
+//!
+//! - [`ids`]: newtypes for identifiers, so a device id can never be passed where a job id is meant.
+//! - [`codec`]: MessagePack with named fields (never positional arrays: adding a field must not
+//!   break an old reader), size-checked, errors as values.
+//! - [`hint`], [`topics`]: what travels on MQTT. A hint carries a kind and the newest feed
+//!   sequence number; never a payload, never a secret.
+//! - [`data`]: the WebSocket data channel's frames, error codes and close codes.
+//! - [`feed`], [`job`]: feed entries and the job lifecycle shared by the cloud and the device.
+//! - [`records`]: what the cloud bridge stores on disk.
+//! - [`ops`]: fleet events for operations (JSON, so any MQTT client can read them).
+//! - [`api`]: the admin HTTP API's JSON bodies.
+
+pub mod api;
+pub mod codec;
+pub mod data;
+pub mod feed;
+pub mod hint;
+pub mod ids;
+pub mod job;
+pub mod ops;
+pub mod records;
+pub mod topics;
+
+pub use codec::{DecodeError, EncodeError, decode, encode};
+pub use ids::{DeviceId, FeedSeq, IdError, JobId, RequestId, Secret, UnixMillis};
+
+/// Version of the data-channel protocol, checked in the hello.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest data-channel frame either side accepts, in bytes. Job payloads larger than this
+/// minus framing overhead are refused at submission.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// Largest job payload accepted by the admin API (leaves room for the frame around it).
+pub const MAX_PAYLOAD_BYTES: usize = MAX_FRAME_BYTES - 4 * 1024;

@@ -1,0 +1,72 @@
+//! Fleet events for operations, published as JSON on `fleet/events/...` so that anyone can
+//! follow them with `mosquitto_sub -t 'fleet/events/#'`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::DeviceStatus;
+use crate::job::JobState;
+use crate::{DeviceId, JobId, UnixMillis, topics};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    Mqtt,
+    Data,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum OpsEvent {
+    DeviceRegistered {
+        device_id: DeviceId,
+        serial: String,
+        model: String,
+        at: UnixMillis,
+    },
+    DeviceOnline {
+        device_id: DeviceId,
+        channel: Channel,
+        at: UnixMillis,
+    },
+    DeviceOffline {
+        device_id: DeviceId,
+        channel: Channel,
+        at: UnixMillis,
+    },
+    DeviceStatus {
+        device_id: DeviceId,
+        status: DeviceStatus,
+        at: UnixMillis,
+    },
+    DeviceDisabled {
+        device_id: DeviceId,
+        at: UnixMillis,
+    },
+    JobTransition {
+        device_id: DeviceId,
+        job_id: JobId,
+        from: Option<JobState>,
+        to: JobState,
+        attempt: u32,
+        reason: Option<String>,
+        at: UnixMillis,
+    },
+}
+
+impl OpsEvent {
+    pub fn topic(&self) -> String {
+        match self {
+            OpsEvent::DeviceRegistered { device_id, .. } => topics::ops_device(device_id, "registered"),
+            OpsEvent::DeviceOnline { device_id, .. } => topics::ops_device(device_id, "online"),
+            OpsEvent::DeviceOffline { device_id, .. } => topics::ops_device(device_id, "offline"),
+            OpsEvent::DeviceStatus { device_id, .. } => topics::ops_device(device_id, "status"),
+            OpsEvent::DeviceDisabled { device_id, .. } => topics::ops_device(device_id, "disabled"),
+            OpsEvent::JobTransition { device_id, to, .. } => topics::ops_job(device_id, to.as_str()),
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing these plain structs to JSON cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}

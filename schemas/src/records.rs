@@ -1,0 +1,58 @@
+//! What the cloud bridge keeps on disk. Stored as MessagePack with named fields, so a newer
+//! version can add fields (with `#[serde(default)]`) and still read older records.
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::DeviceStatus;
+use crate::job::{JobState, Transition};
+use crate::{DeviceId, FeedSeq, JobId, UnixMillis};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub device_id: DeviceId,
+    pub serial: String,
+    pub model: String,
+    pub destination: String,
+    pub time_zone: String,
+    pub customer: String,
+    /// SHA-256 of the device secret, hex. The secret itself is never stored.
+    pub secret_sha256: String,
+    pub registered_at: UnixMillis,
+    pub disabled: bool,
+    /// Newest sequence number of the device's feed.
+    pub newest: FeedSeq,
+    /// Everything up to here has been acknowledged by the device.
+    pub acked: FeedSeq,
+    pub last_status: Option<DeviceStatus>,
+    pub last_status_at: Option<UnixMillis>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentRecord {
+    /// SHA-256 of the token, hex: the key it is found by. The token is shown once.
+    pub token_sha256: String,
+    pub customer: String,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+    pub uses_left: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: JobId,
+    pub device_id: DeviceId,
+    pub state: JobState,
+    /// Attempts started so far (a fetch starts one).
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub created_at: UnixMillis,
+    /// A job not started by then expires.
+    pub expires_at: UnixMillis,
+    pub lease_until: Option<UnixMillis>,
+    pub idempotency_key: Option<String>,
+    pub content_type: String,
+    pub payload_len: u64,
+    /// The device's detail on success, or the reason of a failure, rejection or cancel.
+    pub outcome: Option<String>,
+    pub history: Vec<Transition>,
+}
