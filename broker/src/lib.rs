@@ -75,8 +75,9 @@ pub enum BrokerError {
         timeout: Duration,
         detail: String,
     },
+    /// rumqttd's `LinkError` is large; keep its message only.
     #[error("cannot create the in-process link: {0}")]
-    Link(#[from] LinkError),
+    Link(String),
     #[error("cannot start the broker thread: {0}")]
     Thread(std::io::Error),
 }
@@ -135,7 +136,9 @@ impl EmbeddedBroker {
         let probe = ProbeIdentity::new();
         let config = rumqttd_config(settings, addr, auth, probe.clone());
         let mut broker = rumqttd::Broker::new(config);
-        let (tx, rx) = broker.link("cloud-bridge")?;
+        let (tx, rx) = broker
+            .link("cloud-bridge")
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
@@ -178,7 +181,11 @@ struct ProbeIdentity {
 impl ProbeIdentity {
     fn new() -> ProbeIdentity {
         let mut hasher = Sha256::new();
-        hasher.update(format!("{:?}{:?}", Instant::now(), std::thread::current().id()));
+        hasher.update(format!(
+            "{:?}{:?}",
+            Instant::now(),
+            std::thread::current().id()
+        ));
         hasher.update(std::process::id().to_le_bytes());
         let digest = hasher.finalize();
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
@@ -203,17 +210,19 @@ fn rumqttd_config(
         external_auth: None,
         dynamic_filters: true,
     };
-    connections.set_auth_handler(move |client_id: String, username: String, password: String| {
-        let allowed = if client_id == probe.client_id {
-            username == probe.client_id && password == probe.password
-        } else {
-            auth.authenticate(&client_id, &username, &password)
-        };
-        if !allowed {
-            tracing::info!(%client_id, "MQTT connect refused");
-        }
-        std::future::ready(allowed)
-    });
+    connections.set_auth_handler(
+        move |client_id: String, username: String, password: String| {
+            let allowed = if client_id == probe.client_id {
+                username == probe.client_id && password == probe.password
+            } else {
+                auth.authenticate(&client_id, &username, &password)
+            };
+            if !allowed {
+                tracing::info!(%client_id, "MQTT connect refused");
+            }
+            std::future::ready(allowed)
+        },
+    );
     let mut v4 = HashMap::new();
     v4.insert(
         "devices".to_owned(),
@@ -285,7 +294,9 @@ fn probe_once(addr: SocketAddr, probe: &ProbeIdentity) -> Result<(), String> {
     stream
         .set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
-    stream.write_all(&connect_packet(probe)).map_err(|e| format!("write: {e}"))?;
+    stream
+        .write_all(&connect_packet(probe))
+        .map_err(|e| format!("write: {e}"))?;
     let mut connack = [0u8; 4];
     stream
         .read_exact(&mut connack)
@@ -385,7 +396,10 @@ mod tests {
 
     #[test]
     fn static_authenticator_requires_matching_client_id_and_secret() {
-        let hash: String = Sha256::digest(b"s3cret").iter().map(|b| format!("{b:02x}")).collect();
+        let hash: String = Sha256::digest(b"s3cret")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let auth = StaticAuthenticator::from_lines(&format!("# comment\ndev-1 {hash}\n")).unwrap();
         assert!(auth.authenticate("dev-1", "dev-1", "s3cret"));
         assert!(!auth.authenticate("dev-2", "dev-1", "s3cret"));

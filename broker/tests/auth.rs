@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! The embedded broker admits a device only with its own id as client id and username and
 //! its secret as password.
 
@@ -60,7 +61,10 @@ async fn bridge_link_publishes_to_a_device_and_receives_its_messages() {
     opts.set_credentials("dev-a", "right");
     opts.set_clean_session(false);
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
-    client.subscribe("devices/dev-a/notify", QoS::AtLeastOnce).await.unwrap();
+    client
+        .subscribe("devices/dev-a/notify", QoS::AtLeastOnce)
+        .await
+        .unwrap();
     client
         .publish("devices/dev-a/presence", QoS::AtLeastOnce, false, "hi")
         .await
@@ -93,6 +97,9 @@ async fn bridge_link_publishes_to_a_device_and_receives_its_messages() {
 
     // The device announced itself after subscribing, so its subscription is in place.
     tx.try_publish("devices/dev-a/notify", "hint").unwrap();
-    let payload = tokio::time::timeout(Duration::from_secs(10), device).await.unwrap().unwrap();
+    let payload = tokio::time::timeout(Duration::from_secs(10), device)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&payload[..], b"hint");
 }

@@ -1,1 +1,31 @@
-//! placeholder
+//! The cloud side of the system.
+//!
+//! | module | what lives there |
+//! |---|---|
+//! | [`store`] | the narrow `Store` trait, sled behind it, group commit |
+//! | [`core`] | registry, per-device feeds, job lifecycle, leases and TTLs (synchronous rules) |
+//! | [`bridge`] | the service around `core`: durability before acknowledgement, long-poll, effects |
+//! | [`notifier`] | hints and ops events out to MQTT, presence in; embedded or external broker |
+//! | [`data_channel`] | the devices' WebSocket connections |
+//! | [`admin`] | the admin HTTP API |
+//! | [`client`] | a typed client of the admin API |
+//! | [`config`] | the configuration file and its defaults |
+//! | [`server`] | start-up, wiring, graceful shutdown |
+//! | [`export`] | all data as JSON lines |
+//!
+//! The invariants this crate keeps: nothing is acknowledged before it is on disk; a hint is
+//! never the only copy of anything; a device only sees and changes its own feed and jobs.
+
+pub mod admin;
+pub mod bridge;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod data_channel;
+pub mod export;
+pub mod notifier;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use server::{Listeners, Running, StartError, start};

@@ -70,7 +70,11 @@ pub struct Registration {
 #[serde(rename_all = "snake_case")]
 pub enum Request {
     /// Entries after `after`, waiting up to `wait_ms` for one to appear (long-poll).
-    Sync { after: FeedSeq, wait_ms: u32, limit: u16 },
+    Sync {
+        after: FeedSeq,
+        wait_ms: u32,
+        limit: u16,
+    },
     /// Everything up to `upto` is handled. Idempotent; never moves backwards.
     Ack { upto: FeedSeq },
     /// Take a job: returns its payload and a lease.
@@ -89,7 +93,10 @@ pub enum Request {
 #[serde(rename_all = "snake_case")]
 pub enum ServerFrame {
     Welcome(Welcome),
-    Response { id: RequestId, body: Response },
+    Response {
+        id: RequestId,
+        body: Response,
+    },
     /// An error for request `id`, or for the connection when `id` is `None` (a close follows).
     Error {
         id: Option<RequestId>,
@@ -318,7 +325,12 @@ mod tests {
 
     #[test]
     fn garbage_is_a_decode_error_not_a_panic() {
-        for garbage in [&b""[..], b"\xc1", b"\x81\xa5hello\xc0", &[0xdd, 0xff, 0xff, 0xff, 0xff]] {
+        for garbage in [
+            &b""[..],
+            b"\xc1",
+            b"\x81\xa5hello\xc0",
+            &[0xdd, 0xff, 0xff, 0xff, 0xff],
+        ] {
             assert!(decode::<ClientFrame>(garbage).is_err());
         }
     }

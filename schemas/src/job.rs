@@ -39,14 +39,18 @@ impl JobState {
     /// Whether the lifecycle allows going from `self` to `to`.
     pub fn can_become(self, to: JobState) -> bool {
         use JobState::*;
-        match (self, to) {
-            (Queued, Delivered | Canceled | Expired | Failed) => true,
-            (Delivered, InProgress | Succeeded | Failed | Rejected | Queued | Canceled | Expired) => {
-                true
-            }
-            (InProgress, Succeeded | Failed | Rejected | Queued | Canceled) => true,
-            _ => false,
-        }
+        matches!(
+            (self, to),
+            (Queued, Delivered | Canceled | Expired | Failed)
+                | (
+                    Delivered,
+                    InProgress | Succeeded | Failed | Rejected | Queued | Canceled | Expired
+                )
+                | (
+                    InProgress,
+                    Succeeded | Failed | Rejected | Queued | Canceled
+                )
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -69,11 +73,19 @@ impl JobState {
 pub enum JobUpdate {
     Started,
     /// Renews the lease.
-    Progress { percent: u8 },
-    Succeeded { detail: Option<String> },
-    Failed { reason: String },
+    Progress {
+        percent: u8,
+    },
+    Succeeded {
+        detail: Option<String>,
+    },
+    Failed {
+        reason: String,
+    },
     /// The device will not run this job (unsupported, refused by the user).
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
 }
 
 /// One step of a job's history.

@@ -56,12 +56,16 @@ pub enum OpsEvent {
 impl OpsEvent {
     pub fn topic(&self) -> String {
         match self {
-            OpsEvent::DeviceRegistered { device_id, .. } => topics::ops_device(device_id, "registered"),
+            OpsEvent::DeviceRegistered { device_id, .. } => {
+                topics::ops_device(device_id, "registered")
+            }
             OpsEvent::DeviceOnline { device_id, .. } => topics::ops_device(device_id, "online"),
             OpsEvent::DeviceOffline { device_id, .. } => topics::ops_device(device_id, "offline"),
             OpsEvent::DeviceStatus { device_id, .. } => topics::ops_device(device_id, "status"),
             OpsEvent::DeviceDisabled { device_id, .. } => topics::ops_device(device_id, "disabled"),
-            OpsEvent::JobTransition { device_id, to, .. } => topics::ops_job(device_id, to.as_str()),
+            OpsEvent::JobTransition { device_id, to, .. } => {
+                topics::ops_job(device_id, to.as_str())
+            }
         }
     }
 

@@ -48,6 +48,9 @@ mod tests {
         assert_eq!(parse_presence(&presence(&id)), Some(id.clone()));
         assert_eq!(parse_presence(&notify(&id)), None);
         assert_eq!(parse_presence("devices/#/presence"), None);
-        assert_eq!(parse_presence("devices/dev-0101010101010101/x/presence"), None);
+        assert_eq!(
+            parse_presence("devices/dev-0101010101010101/x/presence"),
+            None
+        );
     }
 }

@@ -11,7 +11,10 @@ use broker::{BrokerSettings, EmbeddedBroker, Notification, StaticAuthenticator};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Embedded MQTT 3.1.1 broker with per-device authentication")]
+#[command(
+    version,
+    about = "Embedded MQTT 3.1.1 broker with per-device authentication"
+)]
 struct Args {
     /// Address devices connect to.
     #[arg(long, default_value = "127.0.0.1:1883", env = "BROKER_LISTEN")]

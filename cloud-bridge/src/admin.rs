@@ -1,0 +1,289 @@
+//! The admin HTTP API: JSON over HTTP/1.1, every route behind `Authorization: Bearer <token>`.
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `GET /v1/health` | liveness, counts (no token needed) |
+//! | `GET /v1/metrics` | counters |
+//! | `POST /v1/enrollment-tokens` | create a token devices register with |
+//! | `GET /v1/devices` | list devices |
+//! | `GET /v1/devices/{id}` | one device |
+//! | `POST /v1/devices/{id}/disable` | refuse the device everywhere from now on |
+//! | `POST /v1/devices/{id}/jobs` | submit a job (201 new, 200 same idempotency key) |
+//! | `GET /v1/devices/{id}/jobs` | the device's jobs |
+//! | `GET /v1/jobs/{id}` | a job with its history |
+//! | `POST /v1/jobs/{id}/cancel` | cancel a job |
+//!
+//! Errors are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use schemas::api::{ApiError, CancelJob, CreateEnrollmentToken, Health, SubmitJob};
+use schemas::data::ErrorCode;
+use schemas::{DeviceId, JobId, Secret};
+use serde::Serialize;
+
+use crate::bridge::Bridge;
+use crate::core::CoreError;
+
+#[derive(Debug, Clone)]
+struct AppState {
+    bridge: Bridge,
+    token: Arc<Secret>,
+}
+
+/// The admin API router.
+pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
+    let state = AppState {
+        bridge,
+        token: Arc::new(admin_token),
+    };
+    let protected = Router::new()
+        .route("/v1/metrics", get(metrics))
+        .route("/v1/enrollment-tokens", post(create_enrollment))
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/:id", get(get_device))
+        .route("/v1/devices/:id/disable", post(disable_device))
+        .route("/v1/devices/:id/jobs", post(submit_job).get(list_jobs))
+        .route("/v1/jobs/:id", get(get_job))
+        .route("/v1/jobs/:id/cancel", post(cancel_job))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(protected)
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            2 * schemas::MAX_FRAME_BYTES,
+        ))
+        .with_state(state)
+}
+
+/// An API error response.
+#[derive(Debug)]
+pub struct ApiFailure(StatusCode, ApiError);
+
+impl ApiFailure {
+    fn new(code: ErrorCode, message: impl Into<String>) -> ApiFailure {
+        ApiFailure(
+            status_for(code),
+            ApiError {
+                code,
+                message: message.into(),
+            },
+        )
+    }
+}
+
+fn status_for(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest | ErrorCode::BadFrame | ErrorCode::FrameTooLarge => {
+            StatusCode::BAD_REQUEST
+        }
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden | ErrorCode::DeviceDisabled | ErrorCode::EnrollmentInvalid => {
+            StatusCode::FORBIDDEN
+        }
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::InvalidState | ErrorCode::Conflict | ErrorCode::LeaseLost => {
+            StatusCode::CONFLICT
+        }
+        ErrorCode::Overloaded | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<CoreError> for ApiFailure {
+    fn from(e: CoreError) -> ApiFailure {
+        let body = e.body();
+        if body.code == ErrorCode::Internal {
+            tracing::error!(error = %e, "admin API internal error");
+        }
+        ApiFailure::new(body.code, body.message)
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+/// `Json` whose rejections are API errors, not axum's plain-text ones.
+#[derive(Debug)]
+struct Body<T>(T);
+
+#[axum::async_trait]
+impl<S, T> FromRequest<S> for Body<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiFailure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rejection) => Err(ApiFailure::new(
+                ErrorCode::BadRequest,
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiFailure>;
+
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token)
+            if broker::constant_time_eq(token.as_bytes(), state.token.expose().as_bytes()) =>
+        {
+            next.run(request).await
+        }
+        Some(_) => ApiFailure::new(ErrorCode::Unauthorized, "wrong admin token").into_response(),
+        None => ApiFailure::new(
+            ErrorCode::Unauthorized,
+            "missing `Authorization: Bearer <admin token>`",
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found() -> ApiFailure {
+    ApiFailure::new(ErrorCode::NotFound, "no such route")
+}
+
+fn device_id(raw: &str) -> ApiResult<DeviceId> {
+    DeviceId::parse(raw).map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+fn job_id(raw: &str) -> ApiResult<JobId> {
+    JobId::parse(raw).map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+async fn health(State(state): State<AppState>) -> Json<Health> {
+    let (devices, jobs) = state.bridge.counts();
+    Json(Health {
+        status: "ok".into(),
+        broker: state.bridge.broker_mode().to_owned(),
+        devices: devices as u64,
+        jobs: jobs as u64,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct MetricsView {
+    jobs_submitted: u64,
+    data_requests: u64,
+    data_request_errors: u64,
+    data_connections_total: u64,
+    data_connections_open: u64,
+    presence_hints: u64,
+    hints_queued: u64,
+    hints_dropped: u64,
+    events_queued: u64,
+    events_dropped: u64,
+    mqtt_published: u64,
+    mqtt_publish_failed: u64,
+    presence_received: u64,
+    presence_dropped: u64,
+    store_flushes: u64,
+}
+
+async fn metrics(State(state): State<AppState>) -> Json<MetricsView> {
+    let m = state.bridge.metrics();
+    let n = state.bridge.notifier().stats();
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    Json(MetricsView {
+        jobs_submitted: get(&m.jobs_submitted),
+        data_requests: get(&m.requests),
+        data_request_errors: get(&m.request_errors),
+        data_connections_total: get(&m.data_connections),
+        data_connections_open: get(&m.data_connections_open),
+        presence_hints: get(&m.presence_hints),
+        hints_queued: get(&n.hints_queued),
+        hints_dropped: get(&n.hints_dropped),
+        events_queued: get(&n.events_queued),
+        events_dropped: get(&n.events_dropped),
+        mqtt_published: get(&n.published),
+        mqtt_publish_failed: get(&n.publish_failed),
+        presence_received: get(&n.presence_received),
+        presence_dropped: get(&n.presence_dropped),
+        store_flushes: state.bridge.committer().flush_count(),
+    })
+}
+
+async fn create_enrollment(
+    State(state): State<AppState>,
+    Body(req): Body<CreateEnrollmentToken>,
+) -> ApiResult<impl IntoResponse> {
+    let created = state.bridge.create_enrollment(req).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+async fn list_devices(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.devices().await?))
+}
+
+async fn get_device(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.device(&device_id(&id)?).await?))
+}
+
+async fn disable_device(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.disable_device(&device_id(&id)?).await?))
+}
+
+async fn submit_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Body(req): Body<SubmitJob>,
+) -> ApiResult<impl IntoResponse> {
+    let (job, created) = state.bridge.submit_job(&device_id(&id)?, req).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(job)))
+}
+
+async fn list_jobs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.device_jobs(&device_id(&id)?).await?))
+}
+
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.job(&job_id(&id)?).await?))
+}
+
+async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Option<Body<CancelJob>>,
+) -> ApiResult<impl IntoResponse> {
+    let reason = body.and_then(|Body(b)| b.reason);
+    Ok(Json(state.bridge.cancel_job(&job_id(&id)?, reason).await?))
+}

@@ -1,0 +1,473 @@
+//! The bridge service: [`Core`] behind a lock, made durable and observable.
+//!
+//! Every operation follows one pattern: take the lock, let [`Core`] decide and write a batch,
+//! release the lock, wait until the batch is durable, then act on the [`Effects`] (wake
+//! long-polls, publish hints and ops events). Reads also wait for everything they saw to be
+//! durable, so no one is ever shown data that a crash could take back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use schemas::api::{CreateEnrollmentToken, DeviceView, EnrollmentTokenCreated, JobView, SubmitJob};
+use schemas::data::{
+    ErrorCode, MAX_SYNC_ENTRIES, MAX_SYNC_WAIT_MS, Registration, Request, Response,
+};
+use schemas::hint::{HintKind, Presence};
+use schemas::ops::{Channel, OpsEvent};
+use schemas::records::DeviceRecord;
+use schemas::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{AuthFailure, Core, CoreError, CoreResult, Effects, NewJob};
+use crate::notifier::Notifier;
+use crate::store::{Committer, Ticket};
+
+/// Counters shown by `GET /v1/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub jobs_submitted: AtomicU64,
+    pub requests: AtomicU64,
+    pub request_errors: AtomicU64,
+    pub data_connections: AtomicU64,
+    pub data_connections_open: AtomicU64,
+    pub presence_hints: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    core: Mutex<Core>,
+    committer: Arc<Committer>,
+    notifier: Notifier,
+    /// Durable newest sequence number per device, for long-polls.
+    feeds: Mutex<HashMap<DeviceId, watch::Sender<FeedSeq>>>,
+    reaper: Notify,
+    metrics: Metrics,
+    broker_mode: String,
+}
+
+/// Cheap to clone; all clones share one state.
+#[derive(Debug, Clone)]
+pub struct Bridge {
+    inner: Arc<Inner>,
+}
+
+impl Bridge {
+    pub fn new(
+        core: Core,
+        committer: Arc<Committer>,
+        notifier: Notifier,
+        broker_mode: &str,
+    ) -> Bridge {
+        Bridge {
+            inner: Arc::new(Inner {
+                core: Mutex::new(core),
+                committer,
+                notifier,
+                feeds: Mutex::new(HashMap::new()),
+                reaper: Notify::new(),
+                metrics: Metrics::default(),
+                broker_mode: broker_mode.to_owned(),
+            }),
+        }
+    }
+
+    fn core(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock leaves Core consistent: it mutates its maps only after
+        // a batch was applied.
+        self.inner.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn notifier(&self) -> &Notifier {
+        &self.inner.notifier
+    }
+
+    pub fn committer(&self) -> &Arc<Committer> {
+        &self.inner.committer
+    }
+
+    pub fn broker_mode(&self) -> &str {
+        &self.inner.broker_mode
+    }
+
+    /// Waits for `ticket`, then wakes long-polls and publishes hints and events.
+    async fn finish(&self, ticket: Ticket, effects: Effects) -> CoreResult<()> {
+        self.inner.committer.wait_durable(ticket).await?;
+        for (device, seq) in effects.feed_grew {
+            self.feed_watch(&device).send_if_modified(|s| {
+                let grew = *s < seq;
+                *s = (*s).max(seq);
+                grew
+            });
+            self.inner.notifier.hint(&device, HintKind::Feed, seq);
+        }
+        for event in effects.events {
+            self.inner.notifier.ops(&event);
+        }
+        self.inner.reaper.notify_one();
+        Ok(())
+    }
+
+    async fn durable_read(&self, ticket: Ticket) -> CoreResult<()> {
+        Ok(self.inner.committer.wait_durable(ticket).await?)
+    }
+
+    fn feed_watch(&self, device: &DeviceId) -> watch::Sender<FeedSeq> {
+        let mut feeds = self.inner.feeds.lock().unwrap_or_else(|p| p.into_inner());
+        feeds
+            .entry(device.clone())
+            .or_insert_with(|| watch::channel(FeedSeq::ZERO).0)
+            .clone()
+    }
+
+    // ---------------------------------------------------------------- registry
+
+    pub async fn create_enrollment(
+        &self,
+        req: CreateEnrollmentToken,
+    ) -> CoreResult<EnrollmentTokenCreated> {
+        let token = Secret::from_random(rand::random());
+        let max_uses = req.max_uses.unwrap_or(1);
+        let ttl_ms = req.ttl_secs.unwrap_or(24 * 3600).saturating_mul(1000);
+        let (record, ticket) = self.core().create_enrollment(
+            token.clone(),
+            req.customer,
+            max_uses,
+            ttl_ms,
+            UnixMillis::now(),
+        )?;
+        self.finish(ticket, Effects::default()).await?;
+        Ok(EnrollmentTokenCreated {
+            token,
+            customer: record.customer,
+            expires_at: record.expires_at,
+            max_uses,
+        })
+    }
+
+    /// Registers a device; returns its record and its secret (to be given to it once).
+    pub async fn register(&self, reg: &Registration) -> CoreResult<(DeviceRecord, Secret)> {
+        let secret = Secret::from_random(rand::random());
+        let id = DeviceId::from_random(rand::random());
+        let (device, ticket, effects) =
+            self.core().register(reg, id, &secret, UnixMillis::now())?;
+        self.finish(ticket, effects).await?;
+        Ok((device, secret))
+    }
+
+    pub fn authenticate(&self, device_id: &str, secret: &str) -> Result<DeviceRecord, AuthFailure> {
+        self.core().authenticate(device_id, secret).cloned()
+    }
+
+    /// Whether a device may still use its data channel (it may be disabled meanwhile).
+    pub fn is_active(&self, device_id: &DeviceId) -> bool {
+        self.core().device(device_id).is_ok_and(|d| !d.disabled)
+    }
+
+    pub async fn devices(&self) -> CoreResult<Vec<DeviceView>> {
+        let (mut list, ticket) = {
+            let core = self.core();
+            let list: Vec<DeviceView> = core.devices().map(DeviceView::from).collect();
+            (list, core.read_ticket())
+        };
+        self.durable_read(ticket).await?;
+        list.sort_by_key(|d| d.registered_at);
+        Ok(list)
+    }
+
+    pub async fn device(&self, id: &DeviceId) -> CoreResult<DeviceView> {
+        let (view, ticket) = {
+            let core = self.core();
+            (DeviceView::from(core.device(id)?), core.read_ticket())
+        };
+        self.durable_read(ticket).await?;
+        Ok(view)
+    }
+
+    pub async fn disable_device(&self, id: &DeviceId) -> CoreResult<DeviceView> {
+        let (device, ticket, effects) = self.core().disable_device(id, UnixMillis::now())?;
+        self.finish(ticket, effects).await?;
+        // Wake its long-polls so they notice.
+        self.feed_watch(id).send_modify(|_| {});
+        Ok(DeviceView::from(&device))
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        let core = self.core();
+        (core.device_count(), core.job_count())
+    }
+
+    // ---------------------------------------------------------------- jobs
+
+    pub async fn submit_job(
+        &self,
+        device: &DeviceId,
+        req: SubmitJob,
+    ) -> CoreResult<(JobView, bool)> {
+        use base64::Engine as _;
+        let payload = match (req.payload, req.payload_base64) {
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| {
+                    CoreError::new(ErrorCode::BadRequest, format!("payload_base64: {e}"))
+                })?,
+            _ => {
+                return Err(CoreError::new(
+                    ErrorCode::BadRequest,
+                    "give exactly one of payload and payload_base64",
+                ));
+            }
+        };
+        let new = NewJob {
+            payload,
+            content_type: req
+                .content_type
+                .unwrap_or_else(|| "application/octet-stream".into()),
+            ttl_ms: req.ttl_secs.map(|s| s.saturating_mul(1000)),
+            max_attempts: req.max_attempts,
+            idempotency_key: req.idempotency_key,
+        };
+        let job_id = JobId::from_random(rand::random());
+        let (job, created, ticket, effects) =
+            self.core()
+                .submit_job(device, job_id, new, UnixMillis::now())?;
+        self.finish(ticket, effects).await?;
+        if created {
+            self.inner
+                .metrics
+                .jobs_submitted
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok((JobView::from(&job), created))
+    }
+
+    pub async fn job(&self, id: &JobId) -> CoreResult<JobView> {
+        let (view, ticket) = {
+            let core = self.core();
+            (JobView::from(core.job(id)?), core.read_ticket())
+        };
+        self.durable_read(ticket).await?;
+        Ok(view)
+    }
+
+    pub async fn device_jobs(&self, device: &DeviceId) -> CoreResult<Vec<JobView>> {
+        let (list, ticket) = {
+            let core = self.core();
+            let list = core
+                .device_jobs(device)?
+                .into_iter()
+                .map(JobView::from)
+                .collect();
+            (list, core.read_ticket())
+        };
+        self.durable_read(ticket).await?;
+        Ok(list)
+    }
+
+    pub async fn cancel_job(&self, id: &JobId, reason: Option<String>) -> CoreResult<JobView> {
+        let (job, ticket, effects) = self.core().cancel_job(id, reason, UnixMillis::now())?;
+        self.finish(ticket, effects).await?;
+        Ok(JobView::from(&job))
+    }
+
+    // ---------------------------------------------------------------- data channel
+
+    /// Serves one data-channel request of an authenticated device.
+    pub async fn handle(&self, device: &DeviceId, request: Request) -> CoreResult<Response> {
+        self.inner.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let result = self.handle_inner(device, request).await;
+        if result.is_err() {
+            self.inner
+                .metrics
+                .request_errors
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn handle_inner(&self, device: &DeviceId, request: Request) -> CoreResult<Response> {
+        let now = UnixMillis::now();
+        match request {
+            Request::Sync {
+                after,
+                wait_ms,
+                limit,
+            } => self.sync(device, after, wait_ms, limit).await,
+            Request::Ack { upto } => {
+                let (acked, ticket) = self.core().ack(device, upto)?;
+                self.durable_read(ticket).await?;
+                Ok(Response::Acked { acked })
+            }
+            Request::FetchJob { job_id } => {
+                let (offer, ticket, effects) = self.core().fetch_job(device, &job_id, now)?;
+                self.finish(ticket, effects).await?;
+                Ok(Response::Job(offer))
+            }
+            Request::JobUpdate {
+                job_id,
+                attempt,
+                update,
+            } => {
+                let (state, attempt, ticket, effects) = self
+                    .core()
+                    .update_job(device, &job_id, attempt, update, now)?;
+                self.finish(ticket, effects).await?;
+                Ok(Response::JobState {
+                    job_id,
+                    state,
+                    attempt,
+                })
+            }
+            Request::ReportStatus { status } => {
+                let (ticket, effects) = self.core().report_status(device, status, now)?;
+                self.finish(ticket, effects).await?;
+                Ok(Response::StatusAccepted { at: now })
+            }
+        }
+    }
+
+    /// Entries after `after`; if there are none, waits up to `wait_ms` for some (long-poll).
+    async fn sync(
+        &self,
+        device: &DeviceId,
+        after: FeedSeq,
+        wait_ms: u32,
+        limit: u16,
+    ) -> CoreResult<Response> {
+        let limit = usize::from(limit.clamp(1, MAX_SYNC_ENTRIES));
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(u64::from(wait_ms.min(MAX_SYNC_WAIT_MS)));
+        // Subscribe before reading, so growth between the read and the wait is not missed.
+        let mut rx = self.feed_watch(device).subscribe();
+        loop {
+            let (entries, newest, ticket) = {
+                let core = self.core();
+                let (entries, newest) = core.feed_after(device, after, limit)?;
+                (entries, newest, core.read_ticket())
+            };
+            self.durable_read(ticket).await?;
+            if !entries.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(Response::Feed { entries, newest });
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return Ok(Response::Feed { entries, newest }),
+            }
+        }
+    }
+
+    pub fn data_connected(&self, device: &DeviceId, up: bool) {
+        let at = UnixMillis::now();
+        let event = if up {
+            self.inner
+                .metrics
+                .data_connections
+                .fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .metrics
+                .data_connections_open
+                .fetch_add(1, Ordering::Relaxed);
+            OpsEvent::DeviceOnline {
+                device_id: device.clone(),
+                channel: Channel::Data,
+                at,
+            }
+        } else {
+            self.inner
+                .metrics
+                .data_connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+            OpsEvent::DeviceOffline {
+                device_id: device.clone(),
+                channel: Channel::Data,
+                at,
+            }
+        };
+        self.inner.notifier.ops(&event);
+    }
+
+    // ---------------------------------------------------------------- notification channel
+
+    /// A device announced itself on MQTT. Untrusted: it can at most cause a hint carrying
+    /// nothing but a sequence number, and an ops event.
+    pub fn on_presence(&self, device: &DeviceId, presence: Presence) {
+        let at = UnixMillis::now();
+        let (known, pending) = {
+            let core = self.core();
+            (core.device(device).is_ok(), core.pending_for(device))
+        };
+        if !known {
+            return;
+        }
+        match presence {
+            Presence::Online => {
+                self.inner.notifier.ops(&OpsEvent::DeviceOnline {
+                    device_id: device.clone(),
+                    channel: Channel::Mqtt,
+                    at,
+                });
+                if let Some(newest) = pending {
+                    self.inner
+                        .metrics
+                        .presence_hints
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.inner.notifier.hint(device, HintKind::Pending, newest);
+                }
+            }
+            Presence::Offline => self.inner.notifier.ops(&OpsEvent::DeviceOffline {
+                device_id: device.clone(),
+                channel: Channel::Mqtt,
+                at,
+            }),
+        }
+    }
+
+    /// An [`broker::Authenticator`] backed by the registry.
+    pub fn mqtt_authenticator(&self) -> Arc<dyn broker::Authenticator> {
+        Arc::new(MqttAuth(self.clone()))
+    }
+
+    // ---------------------------------------------------------------- leases and TTLs
+
+    /// Applies leases and TTLs as they fall due, until `shutdown`.
+    pub async fn run_reaper(self, shutdown: CancellationToken) {
+        loop {
+            let next = self.core().next_deadline();
+            let wait = next.map(|t| Duration::from_millis(t.0.saturating_sub(UnixMillis::now().0)));
+            if wait != Some(Duration::ZERO) {
+                let sleep = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600)));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.inner.reaper.notified() => continue,
+                    _ = sleep => {}
+                }
+            }
+            let result = self.core().expire_due(UnixMillis::now());
+            match result {
+                Ok((Some(ticket), effects)) => {
+                    if let Err(e) = self.finish(ticket, effects).await {
+                        tracing::error!(error = %e, "lease/TTL changes not durable");
+                    }
+                }
+                Ok((None, _)) => {}
+                Err(e) => tracing::error!(error = %e, "lease/TTL processing failed"),
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MqttAuth(Bridge);
+
+impl broker::Authenticator for MqttAuth {
+    fn authenticate(&self, client_id: &str, username: &str, password: &str) -> bool {
+        client_id == username && self.0.authenticate(username, password).is_ok()
+    }
+}

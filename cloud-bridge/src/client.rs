@@ -1,0 +1,226 @@
+//! A typed client of the admin API, for cloud services written in Rust, the simulator's job
+//! generator, and the tests.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use schemas::api::{
+    ApiError, CancelJob, CreateEnrollmentToken, DeviceView, EnrollmentTokenCreated, Health,
+    JobView, SubmitJob,
+};
+use schemas::{DeviceId, JobId, Secret};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The API answered with an error.
+    #[error("HTTP {status}: {}: {}", .error.code.as_str(), .error.message)]
+    Api { status: StatusCode, error: ApiError },
+    /// The request did not get an answer.
+    #[error("request failed: {0}")]
+    Transport(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The HTTP status, when the API answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    base: String,
+    token: Secret,
+    http: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl AdminClient {
+    /// `base` is like `http://127.0.0.1:8080`.
+    pub fn new(base: impl Into<String>, token: Secret) -> AdminClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        AdminClient {
+            base: base.into().trim_end_matches('/').to_owned(),
+            token,
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> AdminClient {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sends a request and returns the status and body, whatever the status.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        token: Option<&str>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        if body.is_some() {
+            builder = builder.header("content-type", "application/json");
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let exchange = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout(self.timeout))?
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<(StatusCode, T), ClientError> {
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        let (status, bytes) = self
+            .raw(method, path, body, Some(self.token.expose()))
+            .await?;
+        if !status.is_success() {
+            let error = serde_json::from_slice::<ApiError>(&bytes).map_err(|_| {
+                ClientError::Decode(format!(
+                    "HTTP {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ))
+            })?;
+            return Err(ClientError::Api { status, error });
+        }
+        let value =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok((status, value))
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        Ok(self.call(Method::GET, "/v1/health", None::<&()>).await?.1)
+    }
+
+    pub async fn metrics(&self) -> Result<serde_json::Value, ClientError> {
+        Ok(self.call(Method::GET, "/v1/metrics", None::<&()>).await?.1)
+    }
+
+    pub async fn create_enrollment(
+        &self,
+        req: &CreateEnrollmentToken,
+    ) -> Result<EnrollmentTokenCreated, ClientError> {
+        Ok(self
+            .call(Method::POST, "/v1/enrollment-tokens", Some(req))
+            .await?
+            .1)
+    }
+
+    pub async fn devices(&self) -> Result<Vec<DeviceView>, ClientError> {
+        Ok(self.call(Method::GET, "/v1/devices", None::<&()>).await?.1)
+    }
+
+    pub async fn device(&self, id: &DeviceId) -> Result<DeviceView, ClientError> {
+        Ok(self
+            .call(Method::GET, &format!("/v1/devices/{id}"), None::<&()>)
+            .await?
+            .1)
+    }
+
+    pub async fn disable_device(&self, id: &DeviceId) -> Result<DeviceView, ClientError> {
+        Ok(self
+            .call(
+                Method::POST,
+                &format!("/v1/devices/{id}/disable"),
+                None::<&()>,
+            )
+            .await?
+            .1)
+    }
+
+    /// Submits a job; the flag is false when an earlier job with the same idempotency key was
+    /// returned instead.
+    pub async fn submit_job(
+        &self,
+        device: &DeviceId,
+        req: &SubmitJob,
+    ) -> Result<(JobView, bool), ClientError> {
+        let (status, job) = self
+            .call(
+                Method::POST,
+                &format!("/v1/devices/{device}/jobs"),
+                Some(req),
+            )
+            .await?;
+        Ok((job, status == StatusCode::CREATED))
+    }
+
+    pub async fn job(&self, id: &JobId) -> Result<JobView, ClientError> {
+        Ok(self
+            .call(Method::GET, &format!("/v1/jobs/{id}"), None::<&()>)
+            .await?
+            .1)
+    }
+
+    pub async fn device_jobs(&self, device: &DeviceId) -> Result<Vec<JobView>, ClientError> {
+        Ok(self
+            .call(
+                Method::GET,
+                &format!("/v1/devices/{device}/jobs"),
+                None::<&()>,
+            )
+            .await?
+            .1)
+    }
+
+    pub async fn cancel_job(
+        &self,
+        id: &JobId,
+        reason: Option<String>,
+    ) -> Result<JobView, ClientError> {
+        Ok(self
+            .call(
+                Method::POST,
+                &format!("/v1/jobs/{id}/cancel"),
+                Some(&CancelJob { reason }),
+            )
+            .await?
+            .1)
+    }
+}

@@ -1,0 +1,345 @@
+//! Configuration: one TOML file, every key optional, unknown keys refused. Flags and
+//! environment variables (`CLOUD_BRIDGE_*`) override the file; see `cloud-bridge serve --help`.
+//! `cloud-bridge config` prints [`COMMENTED_DEFAULTS`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use schemas::Secret;
+use serde::Deserialize;
+
+use crate::core::JobPolicy;
+use crate::data_channel::DataChannelSettings;
+
+/// The defaults, as a commented TOML file. A test checks that it parses to `Config::default()`.
+pub const COMMENTED_DEFAULTS: &str = r#"# cloud-bridge configuration. Every key is optional; these are the defaults.
+# Flags and CLOUD_BRIDGE_* environment variables override this file.
+
+# Where the durable store (sled) and the generated admin token live.
+data_dir = "data"
+
+# Bearer token for the admin API. Empty: generated at first start and kept in
+# <data_dir>/admin-token (readable by the owner only).
+admin_token = ""
+
+[listen]
+# Admin HTTP API.
+admin = "127.0.0.1:8080"
+# Device data channel (WebSocket).
+data = "127.0.0.1:8081"
+
+[broker]
+# "embedded": run rumqttd in this process. "external": use any MQTT 3.1.1 broker.
+mode = "embedded"
+# embedded: where devices connect with MQTT.
+listen = "127.0.0.1:1883"
+# external: the broker to publish hints to, as mqtt://host:port.
+url = "mqtt://127.0.0.1:1883"
+# external: the bridge's own client id and login at that broker.
+client_id = "cloud-bridge"
+username = ""
+password = ""
+# Bounded queue of hints and ops events waiting to be published; overflow is dropped and counted.
+queue = 65536
+
+[jobs]
+# A device that took a job must report within this time or the job goes back to the queue.
+lease_secs = 60
+# Defaults for submissions that do not say.
+default_ttl_secs = 86400
+default_max_attempts = 3
+
+[data_channel]
+hello_timeout_ms = 5000
+ping_interval_secs = 15
+# A device silent this long (no frame, no pong) is disconnected.
+idle_timeout_secs = 45
+max_connections = 20000
+# Requests one device may have in flight at once.
+max_inflight = 8
+"#;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub admin_token: RedactedString,
+    pub listen: Listen,
+    pub broker: BrokerConfig,
+    pub jobs: Jobs,
+    pub data_channel: DataChannel,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("data"),
+            admin_token: RedactedString::default(),
+            listen: Listen::default(),
+            broker: BrokerConfig::default(),
+            jobs: Jobs::default(),
+            data_channel: DataChannel::default(),
+        }
+    }
+}
+
+/// A string that `Debug` never shows.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct RedactedString(pub String);
+
+impl std::fmt::Debug for RedactedString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("<redacted>")
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    pub admin: SocketAddr,
+    pub data: SocketAddr,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            admin: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data: SocketAddr::from(([127, 0, 0, 1], 8081)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerMode {
+    Embedded,
+    External,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub mode: BrokerMode,
+    pub listen: SocketAddr,
+    pub url: String,
+    pub client_id: String,
+    pub username: String,
+    pub password: RedactedString,
+    pub queue: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            mode: BrokerMode::Embedded,
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            url: "mqtt://127.0.0.1:1883".into(),
+            client_id: "cloud-bridge".into(),
+            username: String::new(),
+            password: RedactedString::default(),
+            queue: 65536,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Jobs {
+    pub lease_secs: u64,
+    pub default_ttl_secs: u64,
+    pub default_max_attempts: u32,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Jobs {
+            lease_secs: 60,
+            default_ttl_secs: 86400,
+            default_max_attempts: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataChannel {
+    pub hello_timeout_ms: u64,
+    pub ping_interval_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub max_connections: usize,
+    pub max_inflight: usize,
+}
+
+impl Default for DataChannel {
+    fn default() -> Self {
+        DataChannel {
+            hello_timeout_ms: 5000,
+            ping_interval_secs: 15,
+            idle_timeout_secs: 45,
+            max_connections: 20_000,
+            max_inflight: 8,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.jobs.lease_secs == 0 {
+            return bad("jobs.lease_secs must be at least 1");
+        }
+        if self.jobs.default_ttl_secs == 0 {
+            return bad("jobs.default_ttl_secs must be at least 1");
+        }
+        if !(1..=100).contains(&self.jobs.default_max_attempts) {
+            return bad("jobs.default_max_attempts must be 1 to 100");
+        }
+        if self.data_channel.ping_interval_secs == 0
+            || self.data_channel.idle_timeout_secs <= self.data_channel.ping_interval_secs
+        {
+            return bad(
+                "data_channel.idle_timeout_secs must be larger than ping_interval_secs (> 0)",
+            );
+        }
+        if self.data_channel.hello_timeout_ms == 0 || self.data_channel.max_inflight == 0 {
+            return bad("data_channel.hello_timeout_ms and max_inflight must be positive");
+        }
+        if self.broker.queue == 0 {
+            return bad("broker.queue must be positive");
+        }
+        if self.broker.mode == BrokerMode::External {
+            self.external_addr()?;
+        }
+        Ok(())
+    }
+
+    /// Host and port of `broker.url`.
+    pub fn external_addr(&self) -> Result<(String, u16), ConfigError> {
+        let url = &self.broker.url;
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "broker.url {url:?} must start with mqtt:// (TLS brokers are not supported yet)"
+                ))
+            })?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| ConfigError::Invalid(format!("broker.url {url:?}: bad port")))?,
+            ),
+            None => (rest, 1883),
+        };
+        if host.is_empty() {
+            return Err(ConfigError::Invalid(format!("broker.url {url:?}: no host")));
+        }
+        Ok((host.trim_matches(['[', ']']).to_owned(), port))
+    }
+
+    pub fn job_policy(&self) -> JobPolicy {
+        JobPolicy {
+            lease_ms: self.jobs.lease_secs.saturating_mul(1000),
+            default_ttl_ms: self.jobs.default_ttl_secs.saturating_mul(1000),
+            default_max_attempts: self.jobs.default_max_attempts,
+            max_attempts_limit: 100,
+        }
+    }
+
+    pub fn data_channel_settings(&self) -> DataChannelSettings {
+        DataChannelSettings {
+            hello_timeout: Duration::from_millis(self.data_channel.hello_timeout_ms),
+            ping_interval: Duration::from_secs(self.data_channel.ping_interval_secs),
+            idle_timeout: Duration::from_secs(self.data_channel.idle_timeout_secs),
+            max_connections: self.data_channel.max_connections,
+            max_inflight: self.data_channel.max_inflight,
+            ..DataChannelSettings::default()
+        }
+    }
+
+    pub fn admin_secret(&self) -> Option<Secret> {
+        (!self.admin_token.0.is_empty()).then(|| Secret::new(self.admin_token.0.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commented_defaults_are_the_defaults() {
+        assert_eq!(
+            Config::from_toml(COMMENTED_DEFAULTS).unwrap(),
+            Config::default()
+        );
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::from_toml("[jobs]\nlease_sec = 5\n").unwrap_err();
+        assert!(err.contains("lease_sec"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let c = Config::from_toml("admin_token = \"tok-123\"\n[broker]\npassword = \"pw-456\"\n")
+            .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("tok-123") && !shown.contains("pw-456"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let c = Config::from_toml("[jobs]\nlease_secs = 0\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("lease_secs"));
+        let c = Config::from_toml("[broker]\nmode = \"external\"\nurl = \"http://x\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("mqtt://"));
+    }
+
+    #[test]
+    fn external_url_parses() {
+        let c = Config::from_toml("[broker]\nurl = \"mqtt://broker.local:1884\"\n").unwrap();
+        assert_eq!(c.external_addr().unwrap(), ("broker.local".into(), 1884));
+    }
+}
