@@ -1,1 +1,22 @@
-//! placeholder
+//! The device side.
+//!
+//! - [`agent`]: the device agent a device maker embeds: registration, the MQTT notification
+//!   link, the data channel, long-poll and slow-poll fallbacks, exactly-once job execution.
+//! - [`session`]: the data-channel client (a handle plus one task owning the WebSocket).
+//! - [`mqtt`]: the notification link (rumqttc).
+//! - [`state`]: where the agent keeps its state (a file, or memory for large fleets).
+//! - [`executor`]: how a job is run; [`executor::SimulatedExecutor`] for the simulator.
+//! - [`backoff`]: exponential backoff with jitter.
+//!
+//! The `device-sim` binary runs one device (`device-sim device`) or many (`device-sim run`).
+
+pub mod agent;
+pub mod backoff;
+pub mod executor;
+pub mod mqtt;
+pub mod session;
+pub mod state;
+
+pub use agent::{AgentConfig, AgentError, AgentEvent, AgentHandle, DeviceInfo, start};
+pub use executor::{JobExecutor, JobOutcome, SimulatedExecutor};
+pub use state::{FileStateStore, MemoryStateStore, StateStore};

@@ -11,6 +11,7 @@
 //! - [`ops`]: fleet events for operations (JSON, so any MQTT client can read them).
 //! - [`api`]: the admin HTTP API's JSON bodies.
 
+pub mod agent;
 pub mod api;
 pub mod codec;
 pub mod data;

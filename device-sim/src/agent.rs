@@ -1,0 +1,767 @@
+//! The device agent: what a device maker embeds.
+//!
+//! One task owns the agent's state and decides when to talk to the cloud. Triggers to sync the
+//! feed: start-up, a hint on MQTT, a status change, a poll-now, the regular poll timer, and,
+//! while MQTT is down, a long-poll on the data channel (the server answers as soon as the feed
+//! grows). When even the data channel cannot be reached, it retries with exponential backoff
+//! and jitter up to `slow_poll` (slow polling).
+//!
+//! Exactly once on the device: a job's outcome is written to disk before it is reported, and a
+//! job found in that list is never run again; an unreported outcome is reported again instead
+//! (taking the job again first if its lease was lost meanwhile).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use schemas::agent::{AgentState, Credentials, DoneJob};
+use schemas::data::{
+    DeviceStatus, ErrorBody, ErrorCode, HelloAuth, JobOffer, Registration, Request, Response,
+};
+use schemas::feed::{FeedBody, FeedEntry};
+use schemas::hint::HintKind;
+use schemas::job::JobUpdate;
+use schemas::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::backoff::{Backoff, jitter};
+use crate::executor::{JobExecutor, JobOutcome};
+use crate::mqtt::{self, LinkEvent, MqttSettings};
+use crate::session::{DataSession, SessionError, SessionSettings};
+use crate::state::{StateError, StateStore};
+
+/// What the device says about itself when it registers.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub serial: String,
+    pub model: String,
+    pub destination: String,
+    pub time_zone: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The data channel, `ws://host:port`.
+    pub data_url: String,
+    /// The notification channel, `host:port`; `None` runs the agent by polling only.
+    pub mqtt: Option<(String, u16)>,
+    /// Needed only until the device has registered.
+    pub enrollment_token: Option<Secret>,
+    pub info: DeviceInfo,
+    /// How long one long-poll waits while MQTT is down.
+    pub long_poll: Duration,
+    /// Regular poll, even while MQTT is up (catches anything a lost hint would have said).
+    pub poll_interval: Duration,
+    /// Longest wait between attempts when the data channel cannot be reached.
+    pub slow_poll: Duration,
+    /// Close an unused data channel after this long while MQTT is up.
+    pub data_idle_close: Duration,
+    pub mqtt_keep_alive: Duration,
+    pub backoff_min: Duration,
+    pub session: SessionSettings,
+    pub agent_name: String,
+}
+
+impl AgentConfig {
+    pub fn new(
+        data_url: impl Into<String>,
+        mqtt: Option<(String, u16)>,
+        info: DeviceInfo,
+    ) -> AgentConfig {
+        AgentConfig {
+            data_url: data_url.into(),
+            mqtt,
+            enrollment_token: None,
+            info,
+            long_poll: Duration::from_secs(25),
+            poll_interval: Duration::from_secs(15 * 60),
+            slow_poll: Duration::from_secs(60),
+            data_idle_close: Duration::from_secs(30),
+            mqtt_keep_alive: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(250),
+            session: SessionSettings::default(),
+            agent_name: concat!("device-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
+        }
+    }
+}
+
+/// What the agent did, for logs, the simulator and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentEvent {
+    Registered(DeviceId),
+    MqttUp,
+    MqttDown(String),
+    DataUp,
+    DataDown(String),
+    HintReceived {
+        kind: HintKind,
+        seq: FeedSeq,
+    },
+    Synced {
+        cursor: FeedSeq,
+    },
+    JobStarted {
+        job_id: JobId,
+        attempt: u32,
+    },
+    JobFinished {
+        job_id: JobId,
+        attempt: u32,
+        outcome: JobOutcome,
+    },
+    JobReported {
+        job_id: JobId,
+    },
+    JobCanceled {
+        job_id: JobId,
+    },
+    StatusDelivered,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("registration refused: {0}")]
+    Registration(ErrorBody),
+    #[error("the device has no credentials and no enrollment token to register with")]
+    NoCredentials,
+    #[error("the agent has stopped")]
+    Stopped,
+}
+
+#[derive(Debug)]
+enum Command {
+    ReportStatus(DeviceStatus, oneshot::Sender<Result<(), AgentError>>),
+    PollNow,
+}
+
+/// Aborts a task when dropped, so a killed agent takes its MQTT link down with it.
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Controls a running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<AgentEvent>,
+    device_id: Arc<Mutex<Option<DeviceId>>>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), AgentError>>,
+}
+
+impl AgentHandle {
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn device_id(&self) -> Option<DeviceId> {
+        self.device_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records a status change (durably) and sends it as soon as the data channel allows.
+    pub async fn report_status(&self, status: DeviceStatus) -> Result<(), AgentError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::ReportStatus(status, tx))
+            .await
+            .map_err(|_| AgentError::Stopped)?;
+        rx.await.map_err(|_| AgentError::Stopped)?
+    }
+
+    pub async fn poll_now(&self) -> Result<(), AgentError> {
+        self.commands
+            .send(Command::PollNow)
+            .await
+            .map_err(|_| AgentError::Stopped)
+    }
+
+    /// Stops the agent cleanly (MQTT DISCONNECT, so no last will).
+    pub async fn stop(self) -> Result<(), AgentError> {
+        self.shutdown.cancel();
+        self.task.await.map_err(|_| AgentError::Stopped)?
+    }
+
+    /// Stops the agent as a crash would: no goodbye on any link, nothing saved beyond what
+    /// was already saved.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// Starts an agent.
+pub fn start(
+    config: AgentConfig,
+    executor: Arc<dyn JobExecutor>,
+    store: impl StateStore,
+) -> AgentHandle {
+    let (commands, commands_rx) = mpsc::channel(64);
+    let (events, _) = broadcast::channel(1024);
+    let device_id = Arc::new(Mutex::new(None));
+    let shutdown = CancellationToken::new();
+    let agent = Agent {
+        config,
+        executor,
+        store: Box::new(store),
+        state: AgentState::default(),
+        events: events.clone(),
+        device_id: device_id.clone(),
+        session: None,
+        skew_ms: 0,
+        mqtt_up: false,
+        backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(60)),
+        last_activity: Instant::now(),
+    };
+    let task = tokio::spawn(agent.run(commands_rx, shutdown.clone()));
+    AgentHandle {
+        commands,
+        events,
+        device_id,
+        shutdown,
+        task,
+    }
+}
+
+/// Most outcomes remembered; the oldest reported ones are forgotten first.
+const DONE_LIMIT: usize = 1024;
+
+struct Agent {
+    config: AgentConfig,
+    executor: Arc<dyn JobExecutor>,
+    store: Box<dyn StateStore>,
+    state: AgentState,
+    events: broadcast::Sender<AgentEvent>,
+    device_id: Arc<Mutex<Option<DeviceId>>>,
+    session: Option<DataSession>,
+    /// Server clock minus ours, from the last welcome.
+    skew_ms: i64,
+    mqtt_up: bool,
+    backoff: Backoff,
+    last_activity: Instant,
+}
+
+/// Why a round of work stopped early.
+#[derive(Debug)]
+enum WorkError {
+    Session(SessionError),
+    State(StateError),
+}
+
+impl From<SessionError> for WorkError {
+    fn from(e: SessionError) -> Self {
+        WorkError::Session(e)
+    }
+}
+
+impl From<StateError> for WorkError {
+    fn from(e: StateError) -> Self {
+        WorkError::State(e)
+    }
+}
+
+type LongPoll =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, SessionError>> + Send>>;
+
+impl Agent {
+    fn emit(&self, event: AgentEvent) {
+        let _ = self.events.send(event);
+    }
+
+    fn save(&mut self) -> Result<(), StateError> {
+        self.store.save(&self.state)
+    }
+
+    async fn run(
+        mut self,
+        commands: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
+    ) -> Result<(), AgentError> {
+        self.backoff = Backoff::new(self.config.backoff_min, self.config.slow_poll);
+        self.state = self.store.load()?.unwrap_or_default();
+        let credentials = match self.state.credentials.clone() {
+            Some(c) => c,
+            None => match self.register(&shutdown).await? {
+                Some(c) => c,
+                None => return Ok(()),
+            },
+        };
+        *self.device_id.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(credentials.device_id.clone());
+        let span = tracing::info_span!("agent", device = %credentials.device_id);
+        self.main_loop(credentials, commands, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    async fn main_loop(
+        mut self,
+        credentials: Credentials,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
+    ) -> Result<(), AgentError> {
+        let (link_tx, mut link_rx) = mpsc::channel(64);
+        let _mqtt = self.config.mqtt.clone().map(|(host, port)| {
+            let settings = MqttSettings {
+                host,
+                port,
+                keep_alive: self.config.mqtt_keep_alive,
+                backoff_min: self.config.backoff_min,
+                backoff_max: self.config.slow_poll,
+            };
+            AbortOnDrop(tokio::spawn(mqtt::run(
+                settings,
+                credentials.clone(),
+                link_tx,
+                shutdown.child_token(),
+            )))
+        });
+
+        let mut want_sync = true;
+        let mut retry_at: Option<Instant> = None;
+        let mut long_poll: Option<LongPoll> = None;
+        let mut poll_timer = tokio::time::interval_at(
+            Instant::now() + jitter(self.config.poll_interval),
+            self.config.poll_interval,
+        );
+        loop {
+            if want_sync && retry_at.is_none() {
+                match self.work().await {
+                    Ok(()) => {
+                        want_sync = false;
+                        self.backoff.reset();
+                    }
+                    Err(WorkError::State(e)) => return Err(e.into()),
+                    Err(WorkError::Session(e)) => {
+                        self.drop_session(e.to_string());
+                        let delay = self.backoff.next_delay();
+                        tracing::debug!(error = %e, ?delay, "cloud unreachable; retrying");
+                        retry_at = Some(Instant::now() + delay);
+                    }
+                }
+            }
+            // Long-poll only while MQTT is down and the data channel is up.
+            if long_poll.is_none()
+                && !self.mqtt_up
+                && retry_at.is_none()
+                && let Some(session) = self.session.clone()
+            {
+                let request = Request::Sync {
+                    after: self.state.cursor,
+                    wait_ms: u32::try_from(self.config.long_poll.as_millis()).unwrap_or(u32::MAX),
+                    limit: 1,
+                };
+                long_poll = Some(Box::pin(async move { session.request(request).await }));
+            }
+            let idle_close = (self.mqtt_up && self.session.is_some())
+                .then(|| self.last_activity + self.config.data_idle_close);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                command = commands.recv() => match command {
+                    None => break,
+                    Some(Command::ReportStatus(status, reply)) => {
+                        self.state.unsent_status = Some(status);
+                        let saved = self.save().map_err(AgentError::from);
+                        let _ = reply.send(saved);
+                        want_sync = true;
+                    }
+                    Some(Command::PollNow) => want_sync = true,
+                },
+                event = link_rx.recv(), if self.config.mqtt.is_some() => match event {
+                    Some(LinkEvent::Up) => {
+                        self.mqtt_up = true;
+                        long_poll = None;
+                        self.emit(AgentEvent::MqttUp);
+                    }
+                    Some(LinkEvent::Down(reason)) => {
+                        self.mqtt_up = false;
+                        self.emit(AgentEvent::MqttDown(reason));
+                        want_sync = true;
+                    }
+                    Some(LinkEvent::Hint(hint)) => {
+                        self.emit(AgentEvent::HintReceived { kind: hint.kind, seq: hint.seq });
+                        if hint.seq > self.state.cursor || hint.kind == HintKind::PollNow {
+                            want_sync = true;
+                            retry_at = None;
+                        }
+                    }
+                    None => {}
+                },
+                result = async { long_poll.as_mut().expect("guarded").await }, if long_poll.is_some() => {
+                    long_poll = None;
+                    match result {
+                        Ok(Response::Feed { entries, .. }) => {
+                            self.last_activity = Instant::now();
+                            if !entries.is_empty() {
+                                want_sync = true;
+                            }
+                        }
+                        Ok(_) => want_sync = true,
+                        Err(e) => {
+                            self.drop_session(e.to_string());
+                            want_sync = true;
+                        }
+                    }
+                }
+                _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                    retry_at = None;
+                    want_sync = true;
+                }
+                _ = poll_timer.tick() => want_sync = true,
+                _ = async { tokio::time::sleep_until(idle_close.expect("guarded")).await }, if idle_close.is_some() => {
+                    self.drop_session("idle while MQTT is up".into());
+                }
+            }
+        }
+        if let Some(session) = self.session.take() {
+            session.close();
+        }
+        Ok(())
+    }
+
+    fn drop_session(&mut self, reason: String) {
+        if let Some(session) = self.session.take() {
+            session.close();
+            self.emit(AgentEvent::DataDown(reason));
+        }
+    }
+
+    /// Registers with the enrollment token, retrying while the cloud is unreachable.
+    /// `None` means shutdown came first.
+    async fn register(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Credentials>, AgentError> {
+        let token = self
+            .config
+            .enrollment_token
+            .clone()
+            .ok_or(AgentError::NoCredentials)?;
+        let info = self.config.info.clone();
+        loop {
+            let auth = HelloAuth::Register(Registration {
+                enrollment_token: token.clone(),
+                serial: info.serial.clone(),
+                model: info.model.clone(),
+                destination: info.destination.clone(),
+                time_zone: info.time_zone.clone(),
+            });
+            let attempt = DataSession::connect(
+                &self.config.data_url,
+                auth,
+                &self.config.agent_name,
+                self.config.session.clone(),
+            )
+            .await;
+            match attempt {
+                Ok((session, welcome)) => {
+                    let Some(secret) = welcome.credentials else {
+                        return Err(AgentError::Registration(ErrorBody::new(
+                            ErrorCode::Internal,
+                            "welcome carried no credentials",
+                        )));
+                    };
+                    let credentials = Credentials {
+                        device_id: welcome.device_id.clone(),
+                        secret,
+                    };
+                    self.state.credentials = Some(credentials.clone());
+                    self.save()?;
+                    self.skew_ms = welcome.server_time.0 as i64 - UnixMillis::now().0 as i64;
+                    self.session = Some(session);
+                    tracing::info!(device = %welcome.device_id, "registered");
+                    self.emit(AgentEvent::Registered(welcome.device_id));
+                    self.emit(AgentEvent::DataUp);
+                    return Ok(Some(credentials));
+                }
+                Err(SessionError::Refused(body)) => return Err(AgentError::Registration(body)),
+                Err(e) => {
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(error = %e, ?delay, "cannot register yet; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return Ok(None),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self) -> Result<DataSession, SessionError> {
+        if let Some(s) = &self.session {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+            self.drop_session("connection ended".into());
+        }
+        let credentials = self
+            .state
+            .credentials
+            .clone()
+            .ok_or_else(|| SessionError::Closed("no credentials".into()))?;
+        let auth = HelloAuth::Device {
+            device_id: credentials.device_id,
+            secret: credentials.secret,
+        };
+        let (session, welcome) = DataSession::connect(
+            &self.config.data_url,
+            auth,
+            &self.config.agent_name,
+            self.config.session.clone(),
+        )
+        .await?;
+        self.skew_ms = welcome.server_time.0 as i64 - UnixMillis::now().0 as i64;
+        self.session = Some(session.clone());
+        self.emit(AgentEvent::DataUp);
+        Ok(session)
+    }
+
+    /// One round: report what is unreported, handle every new feed entry, send the status.
+    async fn work(&mut self) -> Result<(), WorkError> {
+        let session = self.session().await?;
+        self.last_activity = Instant::now();
+        let unreported: Vec<JobId> = self
+            .state
+            .done
+            .iter()
+            .filter(|d| !d.reported)
+            .map(|d| d.job_id.clone())
+            .collect();
+        for job_id in unreported {
+            self.report_outcome(&session, &job_id).await?;
+        }
+        loop {
+            let response = session
+                .request(Request::Sync {
+                    after: self.state.cursor,
+                    wait_ms: 0,
+                    limit: 64,
+                })
+                .await?;
+            let Response::Feed { entries, .. } = response else {
+                return Err(SessionError::Closed(format!(
+                    "unexpected answer to sync: {response:?}"
+                ))
+                .into());
+            };
+            if entries.is_empty() {
+                break;
+            }
+            for entry in entries {
+                self.handle_entry(&session, &entry).await?;
+                self.state.cursor = entry.seq;
+                self.save()?;
+            }
+            session
+                .request(Request::Ack {
+                    upto: self.state.cursor,
+                })
+                .await?;
+            self.emit(AgentEvent::Synced {
+                cursor: self.state.cursor,
+            });
+        }
+        if let Some(status) = self.state.unsent_status.clone() {
+            session.request(Request::ReportStatus { status }).await?;
+            self.state.unsent_status = None;
+            self.save()?;
+            self.emit(AgentEvent::StatusDelivered);
+        }
+        self.last_activity = Instant::now();
+        Ok(())
+    }
+
+    async fn handle_entry(
+        &mut self,
+        session: &DataSession,
+        entry: &FeedEntry,
+    ) -> Result<(), WorkError> {
+        match &entry.body {
+            FeedBody::JobOffered { job_id } => self.run_job(session, job_id).await,
+            // A cancel of a job not running now needs nothing: the cloud refuses to hand it out.
+            FeedBody::JobCanceled { .. } | FeedBody::Unknown => Ok(()),
+        }
+    }
+
+    async fn run_job(&mut self, session: &DataSession, job_id: &JobId) -> Result<(), WorkError> {
+        if let Some(done) = self.state.done.iter().find(|d| &d.job_id == job_id) {
+            if !done.reported {
+                self.report_outcome(session, job_id).await?;
+            }
+            return Ok(());
+        }
+        let offer = match session
+            .request(Request::FetchJob {
+                job_id: job_id.clone(),
+            })
+            .await
+        {
+            Ok(Response::Job(offer)) => offer,
+            Ok(other) => {
+                return Err(
+                    SessionError::Closed(format!("unexpected answer to fetch: {other:?}")).into(),
+                );
+            }
+            // Canceled, expired, finished: nothing to run.
+            Err(e) if is_final_refusal(&e) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let attempt = offer.attempt;
+        match session
+            .request(Request::JobUpdate {
+                job_id: job_id.clone(),
+                attempt,
+                update: JobUpdate::Started,
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_final_refusal(&e) || e.code() == Some(ErrorCode::LeaseLost) => {
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.emit(AgentEvent::JobStarted {
+            job_id: job_id.clone(),
+            attempt,
+        });
+        let Some(outcome) = self.execute(session, offer).await else {
+            self.emit(AgentEvent::JobCanceled {
+                job_id: job_id.clone(),
+            });
+            return Ok(());
+        };
+        let update = match &outcome {
+            JobOutcome::Succeeded { detail } => JobUpdate::Succeeded {
+                detail: detail.clone(),
+            },
+            JobOutcome::Failed { reason } => JobUpdate::Failed {
+                reason: reason.clone(),
+            },
+            JobOutcome::Rejected { reason } => JobUpdate::Rejected {
+                reason: reason.clone(),
+            },
+        };
+        self.state.done.push_back(DoneJob {
+            job_id: job_id.clone(),
+            attempt,
+            outcome: update,
+            reported: false,
+        });
+        while self.state.done.len() > DONE_LIMIT {
+            match self.state.done.iter().position(|d| d.reported) {
+                Some(i) => {
+                    self.state.done.remove(i);
+                }
+                None => break,
+            }
+        }
+        self.save()?;
+        self.emit(AgentEvent::JobFinished {
+            job_id: job_id.clone(),
+            attempt,
+            outcome,
+        });
+        self.report_outcome(session, job_id).await
+    }
+
+    /// Runs a job, renewing its lease; `None` if it was canceled or its lease lost meanwhile.
+    async fn execute(&self, session: &DataSession, offer: JobOffer) -> Option<JobOutcome> {
+        let server_now = UnixMillis::now().0 as i64 + self.skew_ms;
+        let remaining = (offer.lease_until.0 as i64 - server_now).max(300) as u64;
+        let renew_every = Duration::from_millis((remaining / 3).clamp(100, 20_000));
+        let job_id = offer.job_id.clone();
+        let attempt = offer.attempt;
+        let mut run = self.executor.run(offer);
+        let mut renew = tokio::time::interval_at(Instant::now() + renew_every, renew_every);
+        loop {
+            tokio::select! {
+                outcome = &mut run => return Some(outcome),
+                _ = renew.tick() => {
+                    let progress = Request::JobUpdate { job_id: job_id.clone(), attempt, update: JobUpdate::Progress { percent: 0 } };
+                    match session.request(progress).await {
+                        Ok(_) => {}
+                        Err(e) if is_final_refusal(&e) || e.code() == Some(ErrorCode::LeaseLost) => return None,
+                        // A network blip does not stop a print; the outcome is reported later.
+                        Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn report_outcome(
+        &mut self,
+        session: &DataSession,
+        job_id: &JobId,
+    ) -> Result<(), WorkError> {
+        let Some(done) = self
+            .state
+            .done
+            .iter()
+            .find(|d| &d.job_id == job_id)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let report = |attempt: u32| Request::JobUpdate {
+            job_id: job_id.clone(),
+            attempt,
+            update: done.outcome.clone(),
+        };
+        let result = match session.request(report(done.attempt)).await {
+            Err(e) if e.code() == Some(ErrorCode::LeaseLost) => {
+                // The lease ran out before we could report: take the job again, report the
+                // recorded outcome under the new attempt. It is not run again.
+                match session
+                    .request(Request::FetchJob {
+                        job_id: job_id.clone(),
+                    })
+                    .await
+                {
+                    Ok(Response::Job(offer)) => session.request(report(offer.attempt)).await,
+                    other => other,
+                }
+            }
+            other => other,
+        };
+        match result {
+            Ok(_) => {}
+            Err(e) if is_final_refusal(&e) => {
+                tracing::info!(%job_id, error = %e, "outcome no longer wanted")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(d) = self.state.done.iter_mut().find(|d| &d.job_id == job_id) {
+            d.reported = true;
+        }
+        self.save()?;
+        self.emit(AgentEvent::JobReported {
+            job_id: job_id.clone(),
+        });
+        Ok(())
+    }
+}
+
+/// Errors after which asking again cannot help.
+fn is_final_refusal(e: &SessionError) -> bool {
+    matches!(
+        e.code(),
+        Some(ErrorCode::InvalidState | ErrorCode::NotFound | ErrorCode::Forbidden)
+    )
+}

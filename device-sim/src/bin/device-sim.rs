@@ -1,0 +1,220 @@
+//! `device-sim`: one simulated device with readable logs (`device`), or many in one process
+//! (`run`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use device_sim::{
+    AgentConfig, AgentEvent, DeviceInfo, FileStateStore, MemoryStateStore, SimulatedExecutor,
+};
+use schemas::Secret;
+use schemas::data::{DeviceState, DeviceStatus};
+use tokio::sync::broadcast::error::RecvError;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Simulated printers and MFPs running the device agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// Data channel of the cloud bridge.
+    #[arg(
+        long,
+        env = "DEVICE_SIM_DATA_URL",
+        default_value = "ws://127.0.0.1:8081"
+    )]
+    data_url: String,
+    /// MQTT broker, host:port.
+    #[arg(long, env = "DEVICE_SIM_MQTT", default_value = "127.0.0.1:1883")]
+    mqtt: String,
+    /// Poll only; no MQTT notification channel.
+    #[arg(long)]
+    no_mqtt: bool,
+    /// Enrollment token for registration (needed until the device has credentials).
+    #[arg(long, env = "DEVICE_SIM_ENROLLMENT_TOKEN", hide_env_values = true)]
+    enrollment_token: Option<String>,
+    /// Device model.
+    #[arg(long, default_value = "MFP-4000")]
+    model: String,
+    #[arg(long, default_value = "EU")]
+    destination: String,
+    #[arg(long, default_value = "Europe/Berlin")]
+    time_zone: String,
+    /// Simulated time to run one job.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    job_time: Duration,
+    /// Long-poll wait while MQTT is down.
+    #[arg(long, default_value = "25s", value_parser = parse_duration)]
+    long_poll: Duration,
+    /// Regular poll interval.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    poll_interval: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one device whose state lives in --state-dir, with readable logs.
+    Device {
+        #[command(flatten)]
+        common: Common,
+        /// Directory of the device's state (credentials, cursor, outcomes).
+        #[arg(long, default_value = "device-state")]
+        state_dir: PathBuf,
+        #[arg(long, default_value = "SN-0001")]
+        serial: String,
+    },
+    /// Run N devices in this process, state in memory.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+        /// Devices started per second.
+        #[arg(long, default_value_t = 200)]
+        connect_rate: u32,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("bad duration unit in {s:?} (ms, s, m, h)")),
+    }
+}
+
+fn config(common: &Common, serial: String) -> anyhow::Result<AgentConfig> {
+    let mqtt = if common.no_mqtt {
+        None
+    } else {
+        let (host, port) = common
+            .mqtt
+            .rsplit_once(':')
+            .context("--mqtt must be host:port")?;
+        Some((host.to_owned(), port.parse().context("--mqtt port")?))
+    };
+    let info = DeviceInfo {
+        serial,
+        model: common.model.clone(),
+        destination: common.destination.clone(),
+        time_zone: common.time_zone.clone(),
+    };
+    let mut config = AgentConfig::new(common.data_url.clone(), mqtt, info);
+    config.enrollment_token = common.enrollment_token.clone().map(Secret::new);
+    config.long_poll = common.long_poll;
+    config.poll_interval = common.poll_interval;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttc=warn".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Device {
+            common,
+            state_dir,
+            serial,
+        } => {
+            let executor = Arc::new(SimulatedExecutor {
+                duration: common.job_time,
+                fail_ratio: 0.0,
+            });
+            let agent = device_sim::start(
+                config(&common, serial)?,
+                executor,
+                FileStateStore::new(state_dir),
+            );
+            let mut events = agent.subscribe();
+            let status = DeviceStatus {
+                state: DeviceState::Idle,
+                detail: "ready".into(),
+                observed_at: schemas::UnixMillis::now(),
+            };
+            agent.report_status(status).await?;
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    event = events.recv() => match event {
+                        Ok(event) => log_event(&event),
+                        Err(RecvError::Lagged(n)) => tracing::warn!(skipped = n, "event log fell behind"),
+                        Err(RecvError::Closed) => break,
+                    },
+                }
+            }
+            agent.stop().await?;
+        }
+        Command::Run {
+            common,
+            devices,
+            connect_rate,
+        } => {
+            let executor = Arc::new(SimulatedExecutor {
+                duration: common.job_time,
+                fail_ratio: 0.0,
+            });
+            let pause = Duration::from_secs_f64(1.0 / f64::from(connect_rate.max(1)));
+            let mut agents = Vec::with_capacity(devices);
+            for i in 0..devices {
+                let config = config(&common, format!("SIM-{i:06}"))?;
+                agents.push(device_sim::start(
+                    config,
+                    executor.clone(),
+                    MemoryStateStore::default(),
+                ));
+                // Pace connections: the embedded broker accepts about 1,000 per second.
+                tokio::time::sleep(pause).await;
+            }
+            println!("{devices} devices started; Ctrl-C to stop");
+            tokio::signal::ctrl_c().await?;
+            for agent in agents {
+                agent.stop().await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn log_event(event: &AgentEvent) {
+    match event {
+        AgentEvent::Registered(id) => tracing::info!(device = %id, "registered"),
+        AgentEvent::MqttUp => tracing::info!("notification channel up"),
+        AgentEvent::MqttDown(reason) => {
+            tracing::warn!(%reason, "notification channel down; long-polling the data channel")
+        }
+        AgentEvent::DataUp => tracing::info!("data channel up"),
+        AgentEvent::DataDown(reason) => tracing::info!(%reason, "data channel closed"),
+        AgentEvent::HintReceived { kind, seq } => tracing::info!(?kind, %seq, "hint received"),
+        AgentEvent::Synced { cursor } => tracing::info!(%cursor, "feed synced"),
+        AgentEvent::JobStarted { job_id, attempt } => {
+            tracing::info!(%job_id, attempt, "job started")
+        }
+        AgentEvent::JobFinished {
+            job_id, outcome, ..
+        } => tracing::info!(%job_id, ?outcome, "job finished"),
+        AgentEvent::JobReported { job_id } => tracing::info!(%job_id, "outcome reported"),
+        AgentEvent::JobCanceled { job_id } => tracing::warn!(%job_id, "job canceled while running"),
+        AgentEvent::StatusDelivered => tracing::info!("status delivered"),
+    }
+}

@@ -1,0 +1,277 @@
+//! The device side of the data channel: a cloneable [`DataSession`] handle and one task that
+//! owns the WebSocket. Requests go to the task over a bounded channel; each reply comes back on
+//! a oneshot, matched by request id, so many requests can be in flight at once.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use schemas::data::{
+    ClientFrame, ErrorBody, ErrorCode, Hello, HelloAuth, Request, Response, ServerEvent,
+    ServerFrame, Welcome,
+};
+use schemas::{PROTOCOL_VERSION, RequestId};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot connect to {url}: {detail}")]
+    Connect { url: String, detail: String },
+    /// The server refused the connection (bad credentials, disabled device, bad version...).
+    #[error("refused by the server: {0}")]
+    Refused(ErrorBody),
+    /// The server answered this request with an error.
+    #[error("request failed: {0}")]
+    Request(ErrorBody),
+    #[error("the data channel closed: {0}")]
+    Closed(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl SessionError {
+    /// The typed code, when the server gave one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            SessionError::Refused(b) | SessionError::Request(b) => Some(b.code),
+            _ => None,
+        }
+    }
+}
+
+/// Timeouts of the device side.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub connect_timeout: Duration,
+    /// Extra time allowed for a reply beyond the request's own long-poll wait.
+    pub reply_timeout: Duration,
+    pub ping_interval: Duration,
+    /// Nothing heard from the server for this long: the connection is dead.
+    pub idle_timeout: Duration,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            connect_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(15),
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Response, SessionError>>;
+
+#[derive(Debug)]
+struct Call {
+    body: Request,
+    reply: Reply,
+}
+
+/// A connected, authenticated data channel. Clone it freely; it closes when every clone is
+/// dropped, on [`DataSession::close`], or when the connection fails.
+#[derive(Debug, Clone)]
+pub struct DataSession {
+    calls: mpsc::Sender<Call>,
+    closed: CancellationToken,
+    settings: SessionSettings,
+}
+
+impl DataSession {
+    /// Connects, sends the hello, and waits for the welcome.
+    pub async fn connect(
+        url: &str,
+        auth: HelloAuth,
+        agent: &str,
+        settings: SessionSettings,
+    ) -> Result<(DataSession, Welcome), SessionError> {
+        let connect_err = |detail: String| SessionError::Connect {
+            url: url.to_owned(),
+            detail,
+        };
+        let config = WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
+            .write_buffer_size(0)
+            .max_message_size(Some(schemas::MAX_FRAME_BYTES))
+            .max_frame_size(Some(schemas::MAX_FRAME_BYTES));
+        let (mut ws, _) = tokio::time::timeout(
+            settings.connect_timeout,
+            tokio_tungstenite::connect_async_with_config(url, Some(config), true),
+        )
+        .await
+        .map_err(|_| connect_err("timed out".into()))?
+        .map_err(|e| connect_err(e.to_string()))?;
+
+        let hello = ClientFrame::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            auth,
+            agent: agent.to_owned(),
+        });
+        let bytes = schemas::encode(&hello).map_err(|e| connect_err(e.to_string()))?;
+        ws.send(Message::Binary(bytes.into()))
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        let welcome = tokio::time::timeout(settings.connect_timeout, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) => {
+                        return match schemas::decode::<ServerFrame>(&b) {
+                            Ok(ServerFrame::Welcome(w)) => Ok(w),
+                            Ok(ServerFrame::Error { error, .. }) => {
+                                Err(SessionError::Refused(error))
+                            }
+                            Ok(other) => Err(SessionError::Closed(format!(
+                                "expected a welcome, got {other:?}"
+                            ))),
+                            Err(e) => {
+                                Err(SessionError::Closed(format!("undecodable welcome: {e}")))
+                            }
+                        };
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        return Err(SessionError::Closed(format!(
+                            "closed before welcome: {frame:?}"
+                        )));
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(SessionError::Closed(e.to_string())),
+                    None => return Err(SessionError::Closed("closed before welcome".into())),
+                }
+            }
+        })
+        .await
+        .map_err(|_| SessionError::Timeout(settings.connect_timeout))??;
+
+        let (calls, rx) = mpsc::channel(64);
+        let closed = CancellationToken::new();
+        tokio::spawn(run(ws, rx, closed.clone(), settings.clone()));
+        Ok((
+            DataSession {
+                calls,
+                closed,
+                settings,
+            },
+            welcome,
+        ))
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn request(&self, body: Request) -> Result<Response, SessionError> {
+        let wait = match &body {
+            Request::Sync { wait_ms, .. } => Duration::from_millis(u64::from(*wait_ms)),
+            _ => Duration::ZERO,
+        };
+        let timeout = wait + self.settings.reply_timeout;
+        let (reply, rx) = oneshot::channel();
+        self.calls
+            .send(Call { body, reply })
+            .await
+            .map_err(|_| SessionError::Closed("session task ended".into()))?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(SessionError::Closed("session task ended".into())),
+            Err(_) => Err(SessionError::Timeout(timeout)),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Resolves when the connection has ended.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn run(
+    mut ws: Ws,
+    mut calls: mpsc::Receiver<Call>,
+    closed: CancellationToken,
+    settings: SessionSettings,
+) {
+    let mut pending: HashMap<RequestId, Reply> = HashMap::new();
+    let mut next_id = 0u32;
+    let mut ping = tokio::time::interval(settings.ping_interval);
+    ping.reset();
+    let mut last_heard = tokio::time::Instant::now();
+    let reason = loop {
+        tokio::select! {
+            _ = closed.cancelled() => break "closed by the device".to_owned(),
+            _ = tokio::time::sleep_until(last_heard + settings.idle_timeout) => {
+                break format!("nothing heard for {:?}", settings.idle_timeout);
+            }
+            _ = ping.tick() => {
+                if ws.send(Message::Ping(Default::default())).await.is_err() {
+                    break "ping failed".to_owned();
+                }
+            }
+            call = calls.recv() => {
+                let Some(Call { body, reply }) = call else { break "every handle dropped".to_owned() };
+                next_id = next_id.wrapping_add(1);
+                let id = RequestId(next_id);
+                let frame = ClientFrame::Request { id, body };
+                let bytes = match schemas::encode(&frame) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = reply.send(Err(SessionError::Closed(e.to_string())));
+                        continue;
+                    }
+                };
+                if let Err(e) = ws.send(Message::Binary(bytes.into())).await {
+                    let _ = reply.send(Err(SessionError::Closed(e.to_string())));
+                    break format!("write failed: {e}");
+                }
+                pending.insert(id, reply);
+            }
+            msg = ws.next() => {
+                last_heard = tokio::time::Instant::now();
+                let bytes = match msg {
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Close(frame))) => break format!("closed by the server: {frame:?}"),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "connection ended".to_owned(),
+                };
+                match schemas::decode::<ServerFrame>(&bytes) {
+                    Ok(ServerFrame::Response { id, body }) => {
+                        if let Some(reply) = pending.remove(&id) {
+                            let _ = reply.send(Ok(body));
+                        }
+                    }
+                    Ok(ServerFrame::Error { id: Some(id), error }) => {
+                        if let Some(reply) = pending.remove(&id) {
+                            let _ = reply.send(Err(SessionError::Request(error)));
+                        }
+                    }
+                    Ok(ServerFrame::Error { id: None, error }) => {
+                        for (_, reply) in pending.drain() {
+                            let _ = reply.send(Err(SessionError::Refused(error.clone())));
+                        }
+                        break format!("server error: {error}");
+                    }
+                    Ok(ServerFrame::Event(ServerEvent::Closing { reason })) => break format!("server closing: {reason}"),
+                    Ok(ServerFrame::Welcome(_)) => continue,
+                    Err(e) => break format!("undecodable frame from the server: {e}"),
+                }
+            }
+        }
+    };
+    tracing::debug!(%reason, "data channel closed");
+    closed.cancel();
+    for (_, reply) in pending.drain() {
+        let _ = reply.send(Err(SessionError::Closed(reason.clone())));
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+}

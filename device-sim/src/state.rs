@@ -1,0 +1,121 @@
+//! Where the agent keeps its [`AgentState`]: a file replaced atomically (write, fsync, rename,
+//! fsync the directory), or memory for large simulated fleets.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use schemas::agent::AgentState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid agent state: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+}
+
+/// Durable storage of the agent's state.
+pub trait StateStore: Send + Sync + 'static {
+    fn load(&mut self) -> Result<Option<AgentState>, StateError>;
+    fn save(&mut self, state: &AgentState) -> Result<(), StateError>;
+}
+
+/// One file, `agent-state.msgpack`, in a directory of its own.
+#[derive(Debug)]
+pub struct FileStateStore {
+    dir: PathBuf,
+}
+
+impl FileStateStore {
+    pub fn new(dir: impl Into<PathBuf>) -> FileStateStore {
+        FileStateStore { dir: dir.into() }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("agent-state.msgpack")
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl StateStore for FileStateStore {
+    fn load(&mut self) -> Result<Option<AgentState>, StateError> {
+        let path = self.path();
+        match std::fs::read(&path) {
+            Ok(bytes) => schemas::codec::decode_limited(&bytes, 64 * 1024 * 1024)
+                .map(Some)
+                .map_err(|e| StateError::Corrupt {
+                    path,
+                    detail: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    fn save(&mut self, state: &AgentState) -> Result<(), StateError> {
+        let path = self.path();
+        std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        let bytes = schemas::encode(state).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        file.write_all(&bytes).map_err(io_err(&tmp))?;
+        file.sync_data().map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))?;
+        Ok(())
+    }
+}
+
+/// State in memory, shared between clones: a test or the simulator can "restart" an agent by
+/// starting a new one on a clone.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStateStore {
+    state: Arc<Mutex<Option<AgentState>>>,
+}
+
+impl StateStore for MemoryStateStore {
+    fn load(&mut self) -> Result<Option<AgentState>, StateError> {
+        Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    fn save(&mut self, state: &AgentState) -> Result<(), StateError> {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::FeedSeq;
+
+    #[test]
+    fn file_store_round_trips_and_reports_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FileStateStore::new(dir.path());
+        assert!(store.load().unwrap().is_none());
+        let state = AgentState {
+            cursor: FeedSeq(42),
+            ..AgentState::default()
+        };
+        store.save(&state).unwrap();
+        assert_eq!(store.load().unwrap(), Some(state));
+        std::fs::write(dir.path().join("agent-state.msgpack"), b"\xc1garbage").unwrap();
+        assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
+    }
+}
