@@ -429,9 +429,14 @@ impl Bridge {
         }
     }
 
-    /// An [`broker::Authenticator`] backed by the registry.
-    pub fn mqtt_authenticator(&self) -> Arc<dyn broker::Authenticator> {
-        Arc::new(MqttAuth(self.clone()))
+    /// An [`broker::Authenticator`] backed by the registry. Devices log in with their id as
+    /// client id and username and their secret as password; operations tools log in as
+    /// [`OPS_USERNAME`] with the admin token, under any client id that is not a device id.
+    pub fn mqtt_authenticator(&self, ops_password: Secret) -> Arc<dyn broker::Authenticator> {
+        Arc::new(MqttAuth {
+            bridge: self.clone(),
+            ops_password,
+        })
     }
 
     // ---------------------------------------------------------------- leases and TTLs
@@ -463,11 +468,24 @@ impl Bridge {
     }
 }
 
+/// The MQTT username of operations tools (mosquitto_sub, dashboards).
+pub const OPS_USERNAME: &str = "ops";
+
 #[derive(Debug)]
-struct MqttAuth(Bridge);
+struct MqttAuth {
+    bridge: Bridge,
+    ops_password: Secret,
+}
 
 impl broker::Authenticator for MqttAuth {
     fn authenticate(&self, client_id: &str, username: &str, password: &str) -> bool {
-        client_id == username && self.0.authenticate(username, password).is_ok()
+        if username == OPS_USERNAME {
+            return DeviceId::parse(client_id).is_err()
+                && broker::constant_time_eq(
+                    password.as_bytes(),
+                    self.ops_password.expose().as_bytes(),
+                );
+        }
+        client_id == username && self.bridge.authenticate(username, password).is_ok()
     }
 }

@@ -11,6 +11,7 @@
 //! | [`client`] | a typed client of the admin API |
 //! | [`config`] | the configuration file and its defaults |
 //! | [`server`] | start-up, wiring, graceful shutdown |
+//! | [`cli`] | the `cloud-bridge` command line |
 //! | [`export`] | all data as JSON lines |
 //!
 //! The invariants this crate keeps: nothing is acknowledged before it is on disk; a hint is
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod bridge;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod core;

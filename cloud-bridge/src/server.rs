@@ -166,7 +166,7 @@ pub async fn start(
                 listen: config.broker.listen,
                 ..broker::BrokerSettings::default()
             };
-            let auth = bridge.mqtt_authenticator();
+            let auth = bridge.mqtt_authenticator(admin_token.clone());
             let (embedded, link) =
                 tokio::task::spawn_blocking(move || broker::EmbeddedBroker::start(&settings, auth))
                     .await

@@ -59,6 +59,9 @@ pub struct AgentConfig {
     pub slow_poll: Duration,
     /// Close an unused data channel after this long while MQTT is up.
     pub data_idle_close: Duration,
+    /// At start, how long to wait for MQTT (and the cloud's push on connect) before syncing
+    /// over the data channel anyway.
+    pub mqtt_grace: Duration,
     pub mqtt_keep_alive: Duration,
     pub backoff_min: Duration,
     pub session: SessionSettings,
@@ -80,6 +83,7 @@ impl AgentConfig {
             poll_interval: Duration::from_secs(15 * 60),
             slow_poll: Duration::from_secs(60),
             data_idle_close: Duration::from_secs(30),
+            mqtt_grace: Duration::from_secs(10),
             mqtt_keep_alive: Duration::from_secs(30),
             backoff_min: Duration::from_millis(250),
             session: SessionSettings::default(),
@@ -332,7 +336,17 @@ impl Agent {
             )))
         });
 
-        let mut want_sync = true;
+        // With a notification channel, a (re)started device does not poll: the cloud pushes on
+        // connect when it holds work. That keeps a fleet-wide reconnect off the data channel.
+        // It syncs at once only when it has something of its own to send, or without MQTT.
+        let has_own_work =
+            self.state.unsent_status.is_some() || self.state.done.iter().any(|d| !d.reported);
+        let mut want_sync = self.config.mqtt.is_none() || has_own_work;
+        let mut mqtt_grace = self
+            .config
+            .mqtt
+            .as_ref()
+            .map(|_| Instant::now() + self.config.mqtt_grace);
         let mut retry_at: Option<Instant> = None;
         let mut long_poll: Option<LongPoll> = None;
         let mut poll_timer = tokio::time::interval_at(
@@ -385,6 +399,7 @@ impl Agent {
                 event = link_rx.recv(), if self.config.mqtt.is_some() => match event {
                     Some(LinkEvent::Up) => {
                         self.mqtt_up = true;
+                        mqtt_grace = None;
                         long_poll = None;
                         self.emit(AgentEvent::MqttUp);
                     }
@@ -423,6 +438,11 @@ impl Agent {
                     want_sync = true;
                 }
                 _ = poll_timer.tick() => want_sync = true,
+                _ = async { tokio::time::sleep_until(mqtt_grace.expect("guarded")).await }, if mqtt_grace.is_some() => {
+                    // MQTT did not come up in time: work over the data channel (long-poll).
+                    mqtt_grace = None;
+                    want_sync = true;
+                }
                 _ = async { tokio::time::sleep_until(idle_close.expect("guarded")).await }, if idle_close.is_some() => {
                     self.drop_session("idle while MQTT is up".into());
                 }

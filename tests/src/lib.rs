@@ -1,1 +1,462 @@
-//! placeholder
+//! The end-to-end test harness.
+//!
+//! - [`BridgeProcess`]: the real `cloud-bridge serve` as a child process, on ports it picks;
+//!   killed on drop; `kill9` for crash tests.
+//! - [`InProcessBridge`]: the same bridge started in the test process (faster, for tests that
+//!   do not kill it).
+//! - [`TcpProxy`]: a proxy between a device and a server whose link a test can cut and restore.
+//! - [`OpsWatcher`]: an MQTT client on `fleet/events/#`, as operations would run.
+//! - [`wait_for_event`] and [`eventually`]: wait on events and conditions with a deadline.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use cloud_bridge::client::AdminClient;
+use device_sim::{AgentConfig, AgentEvent, DeviceInfo};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use schemas::Secret;
+use schemas::api::CreateEnrollmentToken;
+use schemas::ops::OpsEvent;
+use tokio::io::AsyncBufReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Generous bound for anything that should happen "soon" on a loaded 2-core machine.
+pub const SOON: Duration = Duration::from_secs(30);
+
+/// Logs to the test output, once per process; `RUST_LOG` picks the level.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .try_init();
+}
+
+/// Where a bridge can be reached.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub admin: String,
+    pub data_url: String,
+    pub mqtt: (String, u16),
+    pub admin_token: Secret,
+}
+
+impl Endpoints {
+    pub fn client(&self) -> AdminClient {
+        AdminClient::new(self.admin.clone(), self.admin_token.clone())
+    }
+
+    /// An agent config for a simulated device that registers with `token`.
+    pub fn agent_config(&self, token: &Secret, serial: &str) -> AgentConfig {
+        let mut config = AgentConfig::new(
+            self.data_url.clone(),
+            Some(self.mqtt.clone()),
+            device_info(serial),
+        );
+        config.enrollment_token = Some(token.clone());
+        config.backoff_min = Duration::from_millis(50);
+        config.slow_poll = Duration::from_secs(2);
+        config.long_poll = Duration::from_secs(2);
+        config
+    }
+
+    /// A fresh enrollment token for `uses` devices.
+    pub async fn enrollment_token(&self, uses: u32) -> Secret {
+        self.client()
+            .create_enrollment(&CreateEnrollmentToken {
+                customer: "acme".into(),
+                max_uses: Some(uses),
+                ttl_secs: None,
+            })
+            .await
+            .unwrap()
+            .token
+    }
+}
+
+pub fn device_info(serial: &str) -> DeviceInfo {
+    DeviceInfo {
+        serial: serial.into(),
+        model: "MFP-4000".into(),
+        destination: "EU".into(),
+        time_zone: "Europe/Berlin".into(),
+    }
+}
+
+fn split_host_port(s: &str) -> (String, u16) {
+    let (h, p) = s.rsplit_once(':').expect("host:port");
+    (h.to_owned(), p.parse().expect("port"))
+}
+
+/// A free port on loopback. The caller binds it right away; a race with another process shows
+/// up as a clear bind error.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `e2e-cloud-bridge` binary Cargo built for this package's integration tests: it sits in
+/// the target directory, one level above the test executable in `deps/`.
+fn bridge_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join(format!("e2e-cloud-bridge{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with cargo test",
+        bin.display()
+    );
+    bin
+}
+
+/// `cloud-bridge serve` as a child process.
+#[derive(Debug)]
+pub struct BridgeProcess {
+    child: Child,
+    pub endpoints: Endpoints,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+}
+
+impl BridgeProcess {
+    /// Starts a bridge with its data in `data_dir`, on fresh ports, plus `extra` flags.
+    pub async fn start(data_dir: &Path, extra: &[&str]) -> BridgeProcess {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--admin-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--data-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ];
+        if !extra.contains(&"--broker") {
+            args.push("--mqtt-listen".into());
+            args.push(format!("127.0.0.1:{}", free_port()));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(data_dir, args).await
+    }
+
+    async fn spawn(data_dir: &Path, args: Vec<String>) -> BridgeProcess {
+        let mut child = Command::new(bridge_binary())
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("BRIDGE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("cannot start the cloud-bridge binary");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(SOON, lines.next_line())
+            .await
+            .expect("cloud-bridge did not report ready in time")
+            .unwrap()
+            .expect("cloud-bridge exited before it was ready");
+        let ready: serde_json::Value = serde_json::from_str(&line).expect("ready line is JSON");
+        let token = std::fs::read_to_string(data_dir.join("admin-token")).unwrap();
+        let endpoints = Endpoints {
+            admin: ready["admin"].as_str().unwrap().to_owned(),
+            data_url: ready["data"].as_str().unwrap().to_owned(),
+            mqtt: split_host_port(ready["mqtt"].as_str().unwrap()),
+            admin_token: Secret::new(token.trim()),
+        };
+        // Keep reading stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        BridgeProcess {
+            child,
+            endpoints,
+            data_dir: data_dir.to_owned(),
+            args,
+        }
+    }
+
+    /// Starts the same bridge again (same data, same ports), e.g. after [`Self::kill9`].
+    pub async fn restart(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        let again = Self::spawn(&self.data_dir, self.args.clone()).await;
+        *self = again;
+    }
+
+    /// SIGKILL: no shutdown, no last flush.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Sends a signal with the system's `kill` command.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("cloud-bridge did not exit in time")
+            .unwrap()
+    }
+}
+
+/// The bridge running inside the test process.
+#[derive(Debug)]
+pub struct InProcessBridge {
+    pub endpoints: Endpoints,
+    pub running: Option<cloud_bridge::Running>,
+    pub dir: tempfile::TempDir,
+}
+
+impl InProcessBridge {
+    pub async fn start() -> InProcessBridge {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut cloud_bridge::Config)) -> InProcessBridge {
+        init_tracing();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = cloud_bridge::Config {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        };
+        config.listen.admin = "127.0.0.1:0".parse().unwrap();
+        config.listen.data = "127.0.0.1:0".parse().unwrap();
+        config.broker.listen = "127.0.0.1:0".parse().unwrap();
+        adjust(&mut config);
+        let listeners = cloud_bridge::Listeners::bind(&config).await.unwrap();
+        let running = cloud_bridge::start(config, listeners, CancellationToken::new())
+            .await
+            .unwrap();
+        let endpoints = Endpoints {
+            admin: format!("http://{}", running.admin_addr),
+            data_url: format!("ws://{}", running.data_addr),
+            mqtt: split_host_port(&running.mqtt_addr),
+            admin_token: running.admin_token.clone(),
+        };
+        InProcessBridge {
+            endpoints,
+            running: Some(running),
+            dir,
+        }
+    }
+}
+
+/// Waits until `events` yields an event for which `pick` returns `Some`.
+pub async fn wait_for_event<T>(
+    events: &mut broadcast::Receiver<AgentEvent>,
+    within: Duration,
+    mut pick: impl FnMut(&AgentEvent) -> Option<T>,
+) -> T {
+    tokio::time::timeout(within, async {
+        loop {
+            match events.recv().await {
+                Ok(e) => {
+                    if let Some(t) = pick(&e) {
+                        return t;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    panic!("test fell {n} events behind the agent")
+                }
+                Err(broadcast::error::RecvError::Closed) => panic!("agent stopped"),
+            }
+        }
+    })
+    .await
+    .expect("the awaited agent event did not happen in time")
+}
+
+/// Checks `condition` until it holds, for state only observable by asking (the admin API).
+/// Each check is a real request; the pause between checks only spaces them out.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP proxy whose link can be cut (existing connections closed, new ones refused) and
+/// restored.
+#[derive(Debug)]
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    generation: Arc<std::sync::Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl TcpProxy {
+    pub async fn start(target: SocketAddr) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let (c, g, s) = (cut.clone(), generation.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                    _ = s.cancelled() => return,
+                };
+                if c.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let token = g.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        TcpProxy {
+            addr,
+            cut,
+            generation,
+            stop,
+        }
+    }
+
+    /// Closes every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        let mut g = self.generation.lock().unwrap();
+        g.cancel();
+        *g = CancellationToken::new();
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.generation.lock().unwrap().cancel();
+    }
+}
+
+/// An MQTT client following `fleet/events/#` as operations would, logged in as `ops`.
+#[derive(Debug)]
+pub struct OpsWatcher {
+    pub events: mpsc::UnboundedReceiver<OpsEvent>,
+    stop: CancellationToken,
+}
+
+impl OpsWatcher {
+    pub async fn start(endpoints: &Endpoints) -> OpsWatcher {
+        let mut opts = MqttOptions::new(
+            format!("ops-watch-{}", free_port()),
+            endpoints.mqtt.0.clone(),
+            endpoints.mqtt.1,
+        );
+        opts.set_credentials("ops", endpoints.admin_token.expose());
+        opts.set_max_packet_size(64 * 1024, 64 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(opts, 10);
+        let (tx, events) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+        let mut subscribed_tx = Some(subscribed_tx);
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    e = eventloop.poll() => e,
+                    _ = s.cancelled() => return,
+                };
+                match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client
+                            .subscribe("fleet/events/#", QoS::AtLeastOnce)
+                            .await
+                            .unwrap();
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if let Ok(e) = serde_json::from_slice::<OpsEvent>(&p.payload) {
+                            let _ = tx.send(e);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("ops watcher lost the broker: {e}"),
+                }
+            }
+        });
+        tokio::time::timeout(SOON, subscribed)
+            .await
+            .expect("ops watcher did not subscribe in time")
+            .unwrap();
+        OpsWatcher { events, stop }
+    }
+
+    /// Waits for an ops event matching `pick`.
+    pub async fn wait_for<T>(
+        &mut self,
+        within: Duration,
+        mut pick: impl FnMut(&OpsEvent) -> Option<T>,
+    ) -> T {
+        tokio::time::timeout(within, async {
+            loop {
+                let e = self.events.recv().await.expect("ops watcher stopped");
+                if let Some(t) = pick(&e) {
+                    return t;
+                }
+            }
+        })
+        .await
+        .expect("the awaited ops event did not happen in time")
+    }
+}
+
+impl Drop for OpsWatcher {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

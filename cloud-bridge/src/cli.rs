@@ -1,0 +1,176 @@
+//! The `cloud-bridge` command line: parses flags and the config file, sets up logging, binds,
+//! and calls [`crate::start`]. `serve` runs everything with working defaults and no config file
+//! needed. It lives in the library so that the end-to-end tests run this very code as a child
+//! process they can kill.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::config::{BrokerMode, COMMENTED_DEFAULTS, Config, RedactedString};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Cloud side of the fleet event system")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker, data channel, admin API and notifier.
+    Serve(ServeArgs),
+    /// Print the configuration file with every default, commented.
+    Config,
+    /// Write every stored record as JSON lines to stdout (the bridge must be stopped).
+    Export {
+        #[arg(long, env = "CLOUD_BRIDGE_DATA_DIR", default_value = "data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file (see `cloud-bridge config`).
+    #[arg(long, env = "CLOUD_BRIDGE_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "CLOUD_BRIDGE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Admin API address.
+    #[arg(long, env = "CLOUD_BRIDGE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Data channel (WebSocket) address.
+    #[arg(long, env = "CLOUD_BRIDGE_DATA_LISTEN")]
+    data_listen: Option<SocketAddr>,
+    /// Embedded broker's MQTT address.
+    #[arg(long, env = "CLOUD_BRIDGE_MQTT_LISTEN")]
+    mqtt_listen: Option<SocketAddr>,
+    /// Use the embedded broker or an external one.
+    #[arg(long, env = "CLOUD_BRIDGE_BROKER", value_enum)]
+    broker: Option<BrokerMode>,
+    /// External broker, as mqtt://host:port.
+    #[arg(long, env = "CLOUD_BRIDGE_MQTT_URL")]
+    mqtt_url: Option<String>,
+    /// Admin API bearer token (default: generated into <data_dir>/admin-token).
+    #[arg(long, env = "CLOUD_BRIDGE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Job lease in seconds.
+    #[arg(long, env = "CLOUD_BRIDGE_LEASE_SECS")]
+    lease_secs: Option<u64>,
+}
+
+impl ServeArgs {
+    fn config(self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.data_dir {
+            config.data_dir = v;
+        }
+        if let Some(v) = self.admin_listen {
+            config.listen.admin = v;
+        }
+        if let Some(v) = self.data_listen {
+            config.listen.data = v;
+        }
+        if let Some(v) = self.mqtt_listen {
+            config.broker.listen = v;
+        }
+        if let Some(v) = self.broker {
+            config.broker.mode = v;
+        }
+        if let Some(v) = self.mqtt_url {
+            config.broker.url = v;
+        }
+        if let Some(v) = self.admin_token {
+            config.admin_token = RedactedString(v);
+        }
+        if let Some(v) = self.lease_secs {
+            config.jobs.lease_secs = v;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Runs the command line with the process's arguments.
+pub fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn,sled=warn".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Config => {
+            print!("{COMMENTED_DEFAULTS}");
+            Ok(())
+        }
+        Command::Export { data_dir } => {
+            let store = crate::store::SledStore::open(&data_dir.join("store"))
+                .context("opening the store (is the bridge still running?)")?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let lines = crate::export::export(&store, &mut out)?;
+            eprintln!("exported {lines} records");
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let config = args.config()?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let listeners = crate::Listeners::bind(&config).await?;
+    let shutdown = CancellationToken::new();
+    let running = crate::start(config, listeners, shutdown.clone()).await?;
+    // One machine-readable line on stdout, for scripts and the test harness.
+    println!(
+        "{}",
+        serde_json::json!({
+            "ready": true,
+            "admin": format!("http://{}", running.admin_addr),
+            "data": format!("ws://{}", running.data_addr),
+            "mqtt": running.mqtt_addr,
+            "admin_token_file": data_dir.join("admin-token"),
+        })
+    );
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
+    running.join().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,179 @@
+//! A job goes from submission to completion, by push while online and by push on connect
+//! while offline; its history records every transition with its time.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use device_sim::{AgentEvent, MemoryStateStore, SimulatedExecutor};
+use e2e_tests::{InProcessBridge, OpsWatcher, SOON, wait_for_event};
+use schemas::api::SubmitJob;
+use schemas::hint::HintKind;
+use schemas::job::JobState;
+use schemas::ops::OpsEvent;
+
+fn job(text: &str) -> SubmitJob {
+    SubmitJob {
+        payload: Some(text.into()),
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_device_is_hinted_and_completes_the_job() {
+    let bridge = InProcessBridge::start().await;
+    let ep = &bridge.endpoints;
+    let token = ep.enrollment_token(1).await;
+    let agent = device_sim::start(
+        ep.agent_config(&token, "SN-1"),
+        Arc::new(SimulatedExecutor::default()),
+        MemoryStateStore::default(),
+    );
+    let mut events = agent.subscribe();
+    wait_for_event(&mut events, SOON, |e| {
+        matches!(e, AgentEvent::MqttUp).then_some(())
+    })
+    .await;
+    let device = agent.device_id().unwrap();
+    let mut ops = OpsWatcher::start(ep).await;
+
+    let (submitted, created) = ep
+        .client()
+        .submit_job(&device, &job("hello"))
+        .await
+        .unwrap();
+    assert!(created);
+    wait_for_event(&mut events, SOON, |e| match e {
+        AgentEvent::HintReceived {
+            kind: HintKind::Feed,
+            seq,
+        } if seq.0 >= 1 => Some(()),
+        _ => None,
+    })
+    .await;
+    let done = wait_for_event(&mut events, SOON, |e| match e {
+        AgentEvent::JobReported { job_id } => Some(job_id.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(done, submitted.job_id);
+    let view = ep.client().job(&submitted.job_id).await.unwrap();
+    assert_eq!(view.state, JobState::Succeeded);
+
+    // Operations saw the transitions on MQTT.
+    ops.wait_for(SOON, |e| match e {
+        OpsEvent::JobTransition {
+            job_id,
+            to: JobState::Succeeded,
+            ..
+        } if *job_id == submitted.job_id => Some(()),
+        _ => None,
+    })
+    .await;
+    agent.stop().await.unwrap();
+}
+
+/// Registers a device, stops it, and submits a job while it is away. With `mqtt_before` false
+/// the device never had an MQTT session, so no broker has a hint queued for it.
+async fn job_for_offline_device(
+    ep: &e2e_tests::Endpoints,
+    serial: &str,
+    mqtt_before: bool,
+) -> (
+    device_sim::AgentConfig,
+    MemoryStateStore,
+    schemas::api::JobView,
+) {
+    let token = ep.enrollment_token(1).await;
+    let store = MemoryStateStore::default();
+    let mut config = ep.agent_config(&token, serial);
+    // Longer than the test's deadline: the device must be pushed, it will not poll.
+    config.mqtt_grace = std::time::Duration::from_secs(600);
+    let mut first = config.clone();
+    if !mqtt_before {
+        first.mqtt = None;
+    }
+    let agent = device_sim::start(first, Arc::new(SimulatedExecutor::default()), store.clone());
+    let mut events = agent.subscribe();
+    let ready = if mqtt_before {
+        AgentEvent::MqttUp
+    } else {
+        AgentEvent::DataUp
+    };
+    wait_for_event(&mut events, SOON, |e| (*e == ready).then_some(())).await;
+    let device = agent.device_id().unwrap();
+    agent.stop().await.unwrap();
+    let (submitted, _) = ep
+        .client()
+        .submit_job(&device, &job("while you were away"))
+        .await
+        .unwrap();
+    assert_eq!(submitted.state, JobState::Queued);
+    (config, store, submitted)
+}
+
+/// Waits for the job to be done and checks it was pushed: a hint came before the job started.
+async fn completes_after_hint(
+    events: &mut tokio::sync::broadcast::Receiver<AgentEvent>,
+    job_id: &schemas::JobId,
+    expected_kind: Option<HintKind>,
+) {
+    let mut hinted = false;
+    wait_for_event(events, SOON, |e| match e {
+        AgentEvent::HintReceived { kind, .. } if expected_kind.is_none_or(|k| k == *kind) => {
+            hinted = true;
+            None
+        }
+        AgentEvent::JobStarted { .. } => {
+            assert!(hinted, "job started before any hint: the device polled");
+            None
+        }
+        AgentEvent::JobReported { job_id: done } if done == job_id => Some(()),
+        _ => None,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_device_gets_its_job_pushed_on_connect() {
+    let bridge = InProcessBridge::start().await;
+    let ep = &bridge.endpoints;
+    let (config, store, submitted) = job_for_offline_device(ep, "SN-2", true).await;
+
+    // Back online: the hint queued in its persistent session arrives, and the job completes.
+    let agent = device_sim::start(config, Arc::new(SimulatedExecutor::default()), store);
+    let mut events = agent.subscribe();
+    completes_after_hint(&mut events, &submitted.job_id, None).await;
+
+    let view = ep.client().job(&submitted.job_id).await.unwrap();
+    let states: Vec<JobState> = view.history.iter().map(|t| t.to).collect();
+    assert_eq!(
+        states,
+        [
+            JobState::Queued,
+            JobState::Delivered,
+            JobState::InProgress,
+            JobState::Succeeded
+        ]
+    );
+    assert!(
+        view.history.windows(2).all(|w| w[0].at <= w[1].at),
+        "times go forward"
+    );
+    assert!(view.history.iter().all(|t| t.at.0 > 0));
+    assert_eq!(view.outcome.as_deref(), Some("printed 19 bytes"));
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_triggers_a_push_when_no_hint_was_queued() {
+    let bridge = InProcessBridge::start().await;
+    let ep = &bridge.endpoints;
+    let (config, store, submitted) = job_for_offline_device(ep, "SN-3", false).await;
+
+    // First MQTT connection ever: only the cloud's answer to its presence can tell it.
+    let agent = device_sim::start(config, Arc::new(SimulatedExecutor::default()), store);
+    let mut events = agent.subscribe();
+    completes_after_hint(&mut events, &submitted.job_id, Some(HintKind::Pending)).await;
+    agent.stop().await.unwrap();
+}
