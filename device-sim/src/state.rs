@@ -88,6 +88,13 @@ pub struct MemoryStateStore {
     state: Arc<Mutex<Option<AgentState>>>,
 }
 
+impl MemoryStateStore {
+    /// The state as last saved.
+    pub fn snapshot(&self) -> Option<AgentState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 impl StateStore for MemoryStateStore {
     fn load(&mut self) -> Result<Option<AgentState>, StateError> {
         Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()).clone())

@@ -1,0 +1,380 @@
+//! Bad input gets a clear typed error or close code, loses nothing, and does not disturb other
+//! devices: wrong credentials on MQTT and the data channel, another device's job, malformed
+//! frames, a wrong protocol version, an oversize frame, a silent connection, admin calls
+//! without a token.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use device_sim::session::{DataSession, SessionError, SessionSettings};
+use device_sim::{AgentEvent, MemoryStateStore, SimulatedExecutor};
+use e2e_tests::{Endpoints, InProcessBridge, SOON, wait_for_event};
+use futures_util::{SinkExt, StreamExt};
+use hyper::Method;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+use schemas::agent::Credentials;
+use schemas::api::SubmitJob;
+use schemas::data::{
+    CLOSE_BAD_FRAME, CLOSE_FORBIDDEN, CLOSE_TIMEOUT, CLOSE_TOO_LARGE, CLOSE_UNAUTHORIZED,
+    CLOSE_UNSUPPORTED_VERSION, ClientFrame, ErrorCode, Hello, HelloAuth, Request, ServerFrame,
+};
+use schemas::{PROTOCOL_VERSION, Secret};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Registers a device with a running agent and returns the agent and its credentials.
+async fn device(ep: &Endpoints, serial: &str) -> (device_sim::AgentHandle, Credentials) {
+    let token = ep.enrollment_token(1).await;
+    let store = MemoryStateStore::default();
+    let agent = device_sim::start(
+        ep.agent_config(&token, serial),
+        Arc::new(SimulatedExecutor::default()),
+        store.clone(),
+    );
+    let mut events = agent.subscribe();
+    wait_for_event(&mut events, SOON, |e| {
+        matches!(e, AgentEvent::MqttUp).then_some(())
+    })
+    .await;
+    (agent, store.snapshot().unwrap().credentials.unwrap())
+}
+
+/// Sends `frames` on a raw WebSocket and collects what the server says until it closes.
+async fn raw_exchange(url: &str, frames: Vec<Message>) -> (Vec<ServerFrame>, Option<u16>) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    for f in frames {
+        if ws.send(f).await.is_err() {
+            break;
+        }
+    }
+    let mut got = Vec::new();
+    let close = tokio::time::timeout(SOON, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => {
+                    got.push(schemas::decode::<ServerFrame>(&b).unwrap())
+                }
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the server never closed the connection");
+    (got, close)
+}
+
+fn hello(protocol: u16, auth: HelloAuth) -> Message {
+    let frame = ClientFrame::Hello(Hello {
+        protocol,
+        auth,
+        agent: "test".into(),
+    });
+    Message::Binary(schemas::encode(&frame).unwrap().into())
+}
+
+fn device_auth(c: &Credentials) -> HelloAuth {
+    HelloAuth::Device {
+        device_id: c.device_id.clone(),
+        secret: c.secret.clone(),
+    }
+}
+
+fn error_code(frames: &[ServerFrame]) -> Option<ErrorCode> {
+    frames.iter().find_map(|f| match f {
+        ServerFrame::Error { id: None, error } => Some(error.code),
+        _ => None,
+    })
+}
+
+async fn mqtt_connect(
+    ep: &Endpoints,
+    client_id: &str,
+    user: &str,
+    pass: &str,
+) -> Result<(), String> {
+    let mut opts = MqttOptions::new(client_id, ep.mqtt.0.clone(), ep.mqtt.1);
+    opts.set_credentials(user, pass);
+    let (_client, mut eventloop) = AsyncClient::new(opts, 10);
+    tokio::time::timeout(SOON, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .expect("no answer from the broker")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_other_devices_keep_working() {
+    let bridge = InProcessBridge::start_with(|c| c.data_channel.hello_timeout_ms = 300).await;
+    let ep = &bridge.endpoints;
+    let (healthy, healthy_creds) = device(ep, "SN-OK").await;
+    let (other, other_creds) = device(ep, "SN-OTHER").await;
+    other.stop().await.unwrap();
+    let mut events = healthy.subscribe();
+
+    // MQTT: right credentials pass; a wrong secret and a foreign client id do not.
+    let id = other_creds.device_id.as_str();
+    let secret = other_creds.secret.expose();
+    assert_eq!(mqtt_connect(ep, id, id, secret).await, Ok(()));
+    assert!(mqtt_connect(ep, id, id, "wrong").await.is_err());
+    assert!(mqtt_connect(ep, "someone-else", id, secret).await.is_err());
+    assert!(
+        mqtt_connect(ep, healthy_creds.device_id.as_str(), id, secret)
+            .await
+            .is_err()
+    );
+
+    // Data channel: a wrong secret.
+    let wrong = HelloAuth::Device {
+        device_id: other_creds.device_id.clone(),
+        secret: Secret::new("wrong"),
+    };
+    let (frames, close) =
+        raw_exchange(&ep.data_url, vec![hello(PROTOCOL_VERSION, wrong.clone())]).await;
+    assert_eq!(
+        (error_code(&frames), close),
+        (Some(ErrorCode::Unauthorized), Some(CLOSE_UNAUTHORIZED))
+    );
+    let refused = DataSession::connect(&ep.data_url, wrong, "t", SessionSettings::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, SessionError::Refused(ref b) if b.code == ErrorCode::Unauthorized),
+        "{refused}"
+    );
+
+    // Another device's job.
+    let (job, _) = ep
+        .client()
+        .submit_job(
+            &healthy_creds.device_id,
+            &SubmitJob {
+                payload: Some("mine".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (session, _) = DataSession::connect(
+        &ep.data_url,
+        device_auth(&other_creds),
+        "t",
+        SessionSettings::default(),
+    )
+    .await
+    .unwrap();
+    let err = session
+        .request(Request::FetchJob {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden), "{err}");
+    let err = session
+        .request(Request::JobUpdate {
+            job_id: job.job_id.clone(),
+            attempt: 1,
+            update: schemas::job::JobUpdate::Failed { reason: "x".into() },
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden), "{err}");
+    // An ack past the end of its own feed.
+    let err = session
+        .request(Request::Ack {
+            upto: schemas::FeedSeq(999),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest), "{err}");
+    session.close();
+
+    // Malformed MessagePack as the hello.
+    let (frames, close) = raw_exchange(
+        &ep.data_url,
+        vec![Message::Binary(vec![0xc1, 0xff, 0x00].into())],
+    )
+    .await;
+    assert_eq!(
+        (error_code(&frames), close),
+        (Some(ErrorCode::BadFrame), Some(CLOSE_BAD_FRAME))
+    );
+    // A text frame.
+    let (frames, close) =
+        raw_exchange(&ep.data_url, vec![Message::Text("{\"hello\":1}".into())]).await;
+    assert_eq!(
+        (error_code(&frames), close),
+        (Some(ErrorCode::BadFrame), Some(CLOSE_BAD_FRAME))
+    );
+    // A valid hello, then garbage.
+    let (frames, close) = raw_exchange(
+        &ep.data_url,
+        vec![
+            hello(PROTOCOL_VERSION, device_auth(&other_creds)),
+            Message::Binary(vec![0x93, 0x01].into()),
+        ],
+    )
+    .await;
+    assert!(matches!(frames.first(), Some(ServerFrame::Welcome(_))));
+    assert_eq!(
+        (error_code(&frames), close),
+        (Some(ErrorCode::BadFrame), Some(CLOSE_BAD_FRAME))
+    );
+    // An unknown protocol version.
+    let (frames, close) = raw_exchange(
+        &ep.data_url,
+        vec![hello(PROTOCOL_VERSION + 98, device_auth(&other_creds))],
+    )
+    .await;
+    assert_eq!(
+        (error_code(&frames), close),
+        (
+            Some(ErrorCode::UnsupportedVersion),
+            Some(CLOSE_UNSUPPORTED_VERSION)
+        )
+    );
+    // A frame over the limit.
+    let huge = Message::Binary(vec![0u8; schemas::MAX_FRAME_BYTES + 1].into());
+    let (_, close) = raw_exchange(&ep.data_url, vec![huge]).await;
+    assert_eq!(close, Some(CLOSE_TOO_LARGE));
+    // Silence after the upgrade.
+    let (frames, close) = raw_exchange(&ep.data_url, vec![]).await;
+    assert_eq!(
+        (error_code(&frames), close),
+        (Some(ErrorCode::HelloTimeout), Some(CLOSE_TIMEOUT))
+    );
+    // A bad enrollment token.
+    let register = HelloAuth::Register(schemas::data::Registration {
+        enrollment_token: Secret::new("not-a-token"),
+        serial: "SN-X".into(),
+        model: "m".into(),
+        destination: "EU".into(),
+        time_zone: "UTC".into(),
+    });
+    let (frames, close) = raw_exchange(&ep.data_url, vec![hello(PROTOCOL_VERSION, register)]).await;
+    assert_eq!(
+        (error_code(&frames), close),
+        (Some(ErrorCode::EnrollmentInvalid), Some(CLOSE_UNAUTHORIZED))
+    );
+
+    // Through all of that, the healthy device got its job and ran it.
+    wait_for_event(&mut events, SOON, |e| match e {
+        AgentEvent::JobReported { job_id } if *job_id == job.job_id => Some(()),
+        _ => None,
+    })
+    .await;
+
+    // A disabled device is refused everywhere.
+    ep.client()
+        .disable_device(&other_creds.device_id)
+        .await
+        .unwrap();
+    let (frames, close) = raw_exchange(
+        &ep.data_url,
+        vec![hello(PROTOCOL_VERSION, device_auth(&other_creds))],
+    )
+    .await;
+    assert_eq!(
+        (error_code(&frames), close),
+        (Some(ErrorCode::DeviceDisabled), Some(CLOSE_FORBIDDEN))
+    );
+    assert!(mqtt_connect(ep, id, id, secret).await.is_err());
+    let refused = ep
+        .client()
+        .submit_job(
+            &other_creds.device_id,
+            &SubmitJob {
+                payload: Some("x".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status().map(|s| s.as_u16()), Some(403));
+    healthy.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_refuses_missing_or_wrong_tokens_and_bad_bodies() {
+    let bridge = InProcessBridge::start().await;
+    let client = bridge.endpoints.client();
+    for token in [None, Some("wrong")] {
+        let (status, body) = client
+            .raw(Method::GET, "/v1/devices", None, token)
+            .await
+            .unwrap();
+        assert_eq!(status.as_u16(), 401);
+        let error: schemas::api::ApiError = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error.code, ErrorCode::Unauthorized);
+    }
+    let token = bridge.endpoints.admin_token.expose().to_owned();
+    let cases: [(&str, &str, Option<&str>, u16, ErrorCode); 5] = [
+        (
+            "POST",
+            "/v1/enrollment-tokens",
+            Some("{not json"),
+            400,
+            ErrorCode::BadRequest,
+        ),
+        (
+            "POST",
+            "/v1/enrollment-tokens",
+            Some("{\"customer\":\"a\",\"surprise\":1}"),
+            400,
+            ErrorCode::BadRequest,
+        ),
+        (
+            "GET",
+            "/v1/devices/dev-0000000000000000",
+            None,
+            404,
+            ErrorCode::NotFound,
+        ),
+        (
+            "GET",
+            "/v1/devices/not-an-id",
+            None,
+            400,
+            ErrorCode::BadRequest,
+        ),
+        (
+            "POST",
+            "/v1/devices/dev-0000000000000000/jobs",
+            Some("{\"payload\":\"x\"}"),
+            404,
+            ErrorCode::NotFound,
+        ),
+    ];
+    for (method, path, body, status, code) in cases {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let (got, bytes) = client
+            .raw(
+                method,
+                path,
+                body.map(|b| b.as_bytes().to_vec()),
+                Some(&token),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            got.as_u16(),
+            status,
+            "{path}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        let error: schemas::api::ApiError = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(error.code, code, "{path}");
+    }
+    // Health needs no token.
+    let (status, _) = client
+        .raw(Method::GET, "/v1/health", None, None)
+        .await
+        .unwrap();
+    assert_eq!(status.as_u16(), 200);
+}

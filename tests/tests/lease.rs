@@ -1,0 +1,130 @@
+//! A device that takes a job and dies gives it back when its lease runs out; the job runs
+//! again and completes; a job whose lease keeps running out fails at its attempt limit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use device_sim::session::{DataSession, SessionSettings};
+use device_sim::{AgentEvent, MemoryStateStore, SimulatedExecutor};
+use e2e_tests::{InProcessBridge, OpsWatcher, SOON, wait_for_event};
+use schemas::api::SubmitJob;
+use schemas::data::{HelloAuth, Request, Response};
+use schemas::job::JobState;
+use schemas::ops::OpsEvent;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_devices_job_comes_back_and_the_attempt_limit_holds() {
+    let bridge = InProcessBridge::start_with(|c| c.jobs.lease_secs = 1).await;
+    let ep = &bridge.endpoints;
+    let token = ep.enrollment_token(1).await;
+    let store = MemoryStateStore::default();
+    let config = ep.agent_config(&token, "SN-LEASE");
+
+    // Register the device, then stop its agent.
+    let agent = device_sim::start(
+        config.clone(),
+        Arc::new(SimulatedExecutor::default()),
+        store.clone(),
+    );
+    let mut events = agent.subscribe();
+    wait_for_event(&mut events, SOON, |e| {
+        matches!(e, AgentEvent::MqttUp).then_some(())
+    })
+    .await;
+    let device = agent.device_id().unwrap();
+    agent.stop().await.unwrap();
+    let credentials = store.snapshot().unwrap().credentials.unwrap();
+    let mut ops = OpsWatcher::start(ep).await;
+
+    let submit = |max_attempts| SubmitJob {
+        payload: Some("lease".into()),
+        max_attempts: Some(max_attempts),
+        ..Default::default()
+    };
+    let (retried, _) = ep.client().submit_job(&device, &submit(2)).await.unwrap();
+    let (doomed, _) = ep.client().submit_job(&device, &submit(1)).await.unwrap();
+
+    // The device takes both jobs and dies without a word.
+    let auth = HelloAuth::Device {
+        device_id: credentials.device_id.clone(),
+        secret: credentials.secret.clone(),
+    };
+    let (session, _) = DataSession::connect(
+        &ep.data_url,
+        auth,
+        "dying-device",
+        SessionSettings::default(),
+    )
+    .await
+    .unwrap();
+    for job in [&retried, &doomed] {
+        let Response::Job(offer) = session
+            .request(Request::FetchJob {
+                job_id: job.job_id.clone(),
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("expected a job");
+        };
+        assert_eq!(offer.attempt, 1);
+    }
+    session.close();
+
+    // Leases run out: one job goes back to the queue, the other has no attempts left.
+    ops.wait_for(SOON, |e| match e {
+        OpsEvent::JobTransition {
+            job_id,
+            to: JobState::Queued,
+            reason: Some(r),
+            ..
+        } if *job_id == retried.job_id && r.contains("lease") => Some(()),
+        _ => None,
+    })
+    .await;
+    ops.wait_for(SOON, |e| match e {
+        OpsEvent::JobTransition {
+            job_id,
+            to: JobState::Failed,
+            ..
+        } if *job_id == doomed.job_id => Some(()),
+        _ => None,
+    })
+    .await;
+    let failed = ep.client().job(&doomed.job_id).await.unwrap();
+    assert_eq!(failed.state, JobState::Failed);
+    assert!(failed.outcome.unwrap().contains("attempt 1 of 1"));
+
+    // The device comes back (its agent) and runs the returned job to completion.
+    let agent = device_sim::start(config, Arc::new(SimulatedExecutor::default()), store);
+    let mut events = agent.subscribe();
+    let attempt = wait_for_event(&mut events, SOON, |e| match e {
+        AgentEvent::JobStarted { job_id, attempt } if *job_id == retried.job_id => Some(*attempt),
+        AgentEvent::JobStarted { job_id, .. } if *job_id == doomed.job_id => {
+            panic!("a failed job was handed out")
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(attempt, 2);
+    wait_for_event(&mut events, SOON, |e| match e {
+        AgentEvent::JobReported { job_id } if *job_id == retried.job_id => Some(()),
+        _ => None,
+    })
+    .await;
+    let done = ep.client().job(&retried.job_id).await.unwrap();
+    assert_eq!(done.state, JobState::Succeeded);
+    let states: Vec<JobState> = done.history.iter().map(|t| t.to).collect();
+    assert_eq!(
+        states,
+        [
+            JobState::Queued,
+            JobState::Delivered,
+            JobState::Queued,
+            JobState::Delivered,
+            JobState::InProgress,
+            JobState::Succeeded
+        ]
+    );
+    agent.stop().await.unwrap();
+}
