@@ -102,7 +102,7 @@ pub fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn,sled=warn".into()),
+                .unwrap_or_else(|_| "info,rumqttd=error,sled=warn".into()),
         )
         .init();
     match Cli::parse().command {
