@@ -302,8 +302,8 @@ fn probe_once(addr: SocketAddr, probe: &ProbeIdentity) -> Result<(), String> {
         .read_exact(&mut connack)
         .map_err(|e| format!("no CONNACK (another process on this port?): {e}"))?;
     if connack == [0x20, 0x02, 0x00, 0x00] {
-        // DISCONNECT, so the probe leaves no session behind.
-        let _ = stream.write_all(&[0xe0, 0x00]);
+        // Just close: the probe's session is clean, so nothing is left behind. (A DISCONNECT
+        // racing the close makes rumqttd log a spurious "connection already gone" error.)
         Ok(())
     } else {
         Err(format!("unexpected CONNACK {connack:02x?}"))

@@ -53,6 +53,12 @@ struct ServeArgs {
     /// External broker, as mqtt://host:port.
     #[arg(long, env = "CLOUD_BRIDGE_MQTT_URL")]
     mqtt_url: Option<String>,
+    /// Username at the external broker.
+    #[arg(long, env = "CLOUD_BRIDGE_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    /// Password at the external broker (prefer the environment variable).
+    #[arg(long, env = "CLOUD_BRIDGE_MQTT_PASSWORD", hide_env_values = true)]
+    mqtt_password: Option<String>,
     /// Admin API bearer token (default: generated into <data_dir>/admin-token).
     #[arg(long, env = "CLOUD_BRIDGE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -85,6 +91,12 @@ impl ServeArgs {
         if let Some(v) = self.mqtt_url {
             config.broker.url = v;
         }
+        if let Some(v) = self.mqtt_username {
+            config.broker.username = v;
+        }
+        if let Some(v) = self.mqtt_password {
+            config.broker.password = RedactedString(v);
+        }
         if let Some(v) = self.admin_token {
             config.admin_token = RedactedString(v);
         }
@@ -101,8 +113,9 @@ pub fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=error,sled=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,rumqttd=error,rumqttd::server::broker=off,sled=warn".into()
+            }),
         )
         .init();
     match Cli::parse().command {

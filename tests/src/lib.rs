@@ -35,7 +35,8 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,rumqttd=error,rumqttd::server::broker=off".into()),
         )
         .try_init();
 }
@@ -154,7 +155,8 @@ impl BridgeProcess {
             .args(&args)
             .env(
                 "RUST_LOG",
-                std::env::var("BRIDGE_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("BRIDGE_LOG")
+                    .unwrap_or_else(|_| "warn,rumqttd=error,rumqttd::server::broker=off".into()),
             )
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
@@ -458,5 +460,110 @@ impl OpsWatcher {
 impl Drop for OpsWatcher {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// A Mosquitto broker configured as a production deployment would: no anonymous clients,
+/// a password file, client id = username, and ACLs that confine each device to its own topics.
+#[derive(Debug)]
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    passwords: PathBuf,
+}
+
+impl Mosquitto {
+    /// The ACL: the bridge publishes hints and events and reads presence; `ops` reads events;
+    /// a device reads only its own notify topic and writes only its own presence.
+    pub const ACL: &'static str = "user cloud-bridge\n\
+topic write devices/+/notify\n\
+topic read devices/+/presence\n\
+topic write fleet/events/#\n\
+user ops\n\
+topic read fleet/events/#\n\
+pattern read devices/%u/notify\n\
+pattern write devices/%u/presence\n";
+
+    fn binary(name: &str) -> PathBuf {
+        for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
+            let p = Path::new(dir).join(name);
+            if p.exists() {
+                return p;
+            }
+        }
+        panic!("{name} is not installed: apt-get install -y mosquitto (.ci/run does this)");
+    }
+
+    pub async fn start(dir: &Path, users: &[(&str, &str)]) -> Mosquitto {
+        let port = free_port();
+        let passwords = dir.join("passwords");
+        std::fs::write(&passwords, "").unwrap();
+        let acl = dir.join("acl");
+        std::fs::write(&acl, Self::ACL).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\n\
+                 use_username_as_clientid true\npersistence false\nlog_dest stderr\nlog_type error\n",
+                passwords.display(),
+                acl.display()
+            ),
+        )
+        .unwrap();
+        let mut m = Mosquitto {
+            port,
+            child: Command::new(Self::binary("mosquitto"))
+                .arg("-c")
+                .arg(&conf)
+                .kill_on_drop(true)
+                .spawn()
+                .expect("cannot start mosquitto"),
+            passwords,
+        };
+        for (user, pass) in users {
+            m.add_user_file_only(user, pass);
+        }
+        m.reload();
+        let deadline = tokio::time::Instant::now() + SOON;
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "mosquitto did not listen on {port}"
+            );
+            assert!(
+                m.child.try_wait().unwrap().is_none(),
+                "mosquitto exited; port {port} taken?"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        m
+    }
+
+    fn add_user_file_only(&mut self, user: &str, pass: &str) {
+        let status = std::process::Command::new(Self::binary("mosquitto_passwd"))
+            .arg("-b")
+            .arg(&self.passwords)
+            .arg(user)
+            .arg(pass)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mosquitto_passwd failed");
+    }
+
+    /// Adds a user and makes mosquitto reread its password file.
+    pub fn add_user(&mut self, user: &str, pass: &str) {
+        self.add_user_file_only(user, pass);
+        self.reload();
+    }
+
+    fn reload(&self) {
+        let pid = self.child.id().expect("mosquitto running");
+        let status = std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 }

@@ -39,9 +39,16 @@ async fn kill9_during_submissions_loses_no_acknowledged_job_and_runs_none_twice(
     let ep = bridge.endpoints.clone();
     let token = ep.enrollment_token(1).await;
     let counting = Counting::default();
-    let agent = device_sim::start(ep.agent_config(&token, "SN-CRASH"), Arc::new(counting.clone()), MemoryStateStore::default());
+    let agent = device_sim::start(
+        ep.agent_config(&token, "SN-CRASH"),
+        Arc::new(counting.clone()),
+        MemoryStateStore::default(),
+    );
     let mut events = agent.subscribe();
-    wait_for_event(&mut events, SOON, |e| matches!(e, AgentEvent::MqttUp).then_some(())).await;
+    wait_for_event(&mut events, SOON, |e| {
+        matches!(e, AgentEvent::MqttUp).then_some(())
+    })
+    .await;
     let device = agent.device_id().unwrap();
 
     // Eight submitters share the 1,000 submissions; each records the jobs that got a 2xx.
@@ -52,7 +59,12 @@ async fn kill9_during_submissions_loses_no_acknowledged_job_and_runs_none_twice(
     let kill_tx = Arc::new(Mutex::new(Some(kill_tx)));
     let mut submitters = Vec::new();
     for _ in 0..8 {
-        let (next, acked, refused, kill_tx) = (next.clone(), acked.clone(), refused.clone(), kill_tx.clone());
+        let (next, acked, refused, kill_tx) = (
+            next.clone(),
+            acked.clone(),
+            refused.clone(),
+            kill_tx.clone(),
+        );
         let client = ep.client().with_timeout(Duration::from_secs(5));
         let device = device.clone();
         submitters.push(tokio::spawn(async move {
@@ -93,26 +105,37 @@ async fn kill9_during_submissions_loses_no_acknowledged_job_and_runs_none_twice(
     let refused = refused.load(Ordering::SeqCst);
     assert_eq!(acked.len() + refused, JOBS);
     assert!(acked.len() >= KILL_AFTER);
-    eprintln!("{} submissions acknowledged, {refused} failed while the bridge was down", acked.len());
+    eprintln!(
+        "{} submissions acknowledged, {refused} failed while the bridge was down",
+        acked.len()
+    );
 
     // Every acknowledged job exists after the restart, and all of them complete.
     let client = ep.client();
     let acked_set: HashSet<JobId> = acked.iter().cloned().collect();
-    assert_eq!(acked_set.len(), acked.len(), "two submissions got the same job");
-    eventually(Duration::from_secs(120), "every acknowledged job succeeded", || {
-        let client = client.clone();
-        let acked_set = acked_set.clone();
-        let device = device.clone();
-        async move {
-            let jobs = client.device_jobs(&device).await.unwrap_or_default();
-            let done: HashSet<JobId> = jobs
-                .iter()
-                .filter(|j| j.state == JobState::Succeeded)
-                .map(|j| j.job_id.clone())
-                .collect();
-            acked_set.is_subset(&done)
-        }
-    })
+    assert_eq!(
+        acked_set.len(),
+        acked.len(),
+        "two submissions got the same job"
+    );
+    eventually(
+        Duration::from_secs(120),
+        "every acknowledged job succeeded",
+        || {
+            let client = client.clone();
+            let acked_set = acked_set.clone();
+            let device = device.clone();
+            async move {
+                let jobs = client.device_jobs(&device).await.unwrap_or_default();
+                let done: HashSet<JobId> = jobs
+                    .iter()
+                    .filter(|j| j.state == JobState::Succeeded)
+                    .map(|j| j.job_id.clone())
+                    .collect();
+                acked_set.is_subset(&done)
+            }
+        },
+    )
     .await;
     let jobs = client.device_jobs(&device).await.unwrap();
     let existing: HashSet<JobId> = jobs.iter().map(|j| j.job_id.clone()).collect();
@@ -121,12 +144,25 @@ async fn kill9_during_submissions_loses_no_acknowledged_job_and_runs_none_twice(
     // Exactly once on the device: every acknowledged job ran once, and nothing ran twice.
     let runs = counting.runs.lock().unwrap().clone();
     for id in &acked {
-        assert_eq!(runs.get(id), Some(&1), "job {id} ran {:?} times", runs.get(id));
+        assert_eq!(
+            runs.get(id),
+            Some(&1),
+            "job {id} ran {:?} times",
+            runs.get(id)
+        );
     }
     assert!(runs.values().all(|&n| n == 1), "a job ran twice: {runs:?}");
     for job in &jobs {
-        let succeeded = job.history.iter().filter(|t| t.to == JobState::Succeeded).count();
-        assert!(succeeded <= 1, "job {} succeeded {succeeded} times", job.job_id);
+        let succeeded = job
+            .history
+            .iter()
+            .filter(|t| t.to == JobState::Succeeded)
+            .count();
+        assert!(
+            succeeded <= 1,
+            "job {} succeeded {succeeded} times",
+            job.job_id
+        );
     }
     agent.stop().await.unwrap();
 }
