@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker, data channel, admin API and notifier.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the configuration file with every default, commented.
     Config,
     /// Write every stored record as JSON lines to stdout (the bridge must be stopped).
@@ -133,7 +133,7 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
-            let config = args.config()?;
+            let config = (*args).config()?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -144,6 +144,8 @@ pub fn main() -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
+    // Handlers first: a signal that arrives after "ready" must find them installed.
+    let signals = Signals::install()?;
     let listeners = crate::Listeners::bind(&config).await?;
     let shutdown = CancellationToken::new();
     let running = crate::start(config, listeners, shutdown.clone()).await?;
@@ -159,7 +161,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         })
     );
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.wait().await;
         tracing::info!("shutting down");
         shutdown.cancel();
     });
@@ -167,23 +169,39 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGINT and SIGTERM, registered when created.
+struct Signals {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {})
+    }
+
+    #[cfg(unix)]
+    async fn wait(mut self) {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
+
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async fn wait(self) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -527,7 +527,10 @@ impl Agent {
             if !s.is_closed() {
                 return Ok(s.clone());
             }
-            self.drop_session("connection ended".into());
+            let reason = s
+                .close_reason()
+                .unwrap_or_else(|| "connection ended".into());
+            self.drop_session(reason);
         }
         let credentials = self
             .state

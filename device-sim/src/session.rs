@@ -3,6 +3,7 @@
 //! a oneshot, matched by request id, so many requests can be in flight at once.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -78,6 +79,7 @@ struct Call {
 pub struct DataSession {
     calls: mpsc::Sender<Call>,
     closed: CancellationToken,
+    reason: Arc<Mutex<Option<String>>>,
     settings: SessionSettings,
 }
 
@@ -148,11 +150,19 @@ impl DataSession {
 
         let (calls, rx) = mpsc::channel(64);
         let closed = CancellationToken::new();
-        tokio::spawn(run(ws, rx, closed.clone(), settings.clone()));
+        let reason = Arc::new(Mutex::new(None));
+        tokio::spawn(run(
+            ws,
+            rx,
+            closed.clone(),
+            reason.clone(),
+            settings.clone(),
+        ));
         Ok((
             DataSession {
                 calls,
                 closed,
+                reason,
                 settings,
             },
             welcome,
@@ -178,6 +188,14 @@ impl DataSession {
         }
     }
 
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
     }
@@ -199,6 +217,7 @@ async fn run(
     mut ws: Ws,
     mut calls: mpsc::Receiver<Call>,
     closed: CancellationToken,
+    close_reason: Arc<Mutex<Option<String>>>,
     settings: SessionSettings,
 ) {
     let mut pending: HashMap<RequestId, Reply> = HashMap::new();
@@ -269,6 +288,7 @@ async fn run(
         }
     };
     tracing::debug!(%reason, "data channel closed");
+    *close_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
     closed.cancel();
     for (_, reply) in pending.drain() {
         let _ = reply.send(Err(SessionError::Closed(reason.clone())));

@@ -511,6 +511,10 @@ pattern write devices/%u/presence\n";
             ),
         )
         .unwrap();
+        // Users go in before the start: a SIGHUP before mosquitto installs its handler kills it.
+        for (user, pass) in users {
+            Self::passwd(&passwords, user, pass);
+        }
         let mut m = Mosquitto {
             port,
             child: Command::new(Self::binary("mosquitto"))
@@ -521,10 +525,6 @@ pattern write devices/%u/presence\n";
                 .expect("cannot start mosquitto"),
             passwords,
         };
-        for (user, pass) in users {
-            m.add_user_file_only(user, pass);
-        }
-        m.reload();
         let deadline = tokio::time::Instant::now() + SOON;
         while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             assert!(
@@ -540,10 +540,10 @@ pattern write devices/%u/presence\n";
         m
     }
 
-    fn add_user_file_only(&mut self, user: &str, pass: &str) {
+    fn passwd(file: &Path, user: &str, pass: &str) {
         let status = std::process::Command::new(Self::binary("mosquitto_passwd"))
             .arg("-b")
-            .arg(&self.passwords)
+            .arg(file)
             .arg(user)
             .arg(pass)
             .status()
@@ -553,7 +553,7 @@ pattern write devices/%u/presence\n";
 
     /// Adds a user and makes mosquitto reread its password file.
     pub fn add_user(&mut self, user: &str, pass: &str) {
-        self.add_user_file_only(user, pass);
+        Self::passwd(&self.passwords, user, pass);
         self.reload();
     }
 

@@ -82,10 +82,10 @@ async fn kill9_during_submissions_loses_no_acknowledged_job_and_runs_none_twice(
                     Ok((view, _)) => {
                         let mut acked = acked.lock().unwrap();
                         acked.push(view.job_id);
-                        if acked.len() == KILL_AFTER {
-                            if let Some(tx) = kill_tx.lock().unwrap().take() {
-                                let _ = tx.send(());
-                            }
+                        if acked.len() == KILL_AFTER
+                            && let Some(tx) = kill_tx.lock().unwrap().take()
+                        {
+                            let _ = tx.send(());
                         }
                     }
                     Err(_) => {

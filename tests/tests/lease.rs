@@ -72,23 +72,18 @@ async fn a_dead_devices_job_comes_back_and_the_attempt_limit_holds() {
     session.close();
 
     // Leases run out: one job goes back to the queue, the other has no attempts left.
-    ops.wait_for(SOON, |e| match e {
-        OpsEvent::JobTransition {
-            job_id,
-            to: JobState::Queued,
-            reason: Some(r),
-            ..
-        } if *job_id == retried.job_id && r.contains("lease") => Some(()),
-        _ => None,
-    })
-    .await;
-    ops.wait_for(SOON, |e| match e {
-        OpsEvent::JobTransition {
-            job_id,
-            to: JobState::Failed,
-            ..
-        } if *job_id == doomed.job_id => Some(()),
-        _ => None,
+    // Both leases run out in the same pass of the reaper, in either order.
+    let (mut requeued, mut exhausted) = (false, false);
+    ops.wait_for(SOON, |e| {
+        if let OpsEvent::JobTransition {
+            job_id, to, reason, ..
+        } = e
+        {
+            let lease = reason.as_deref().is_some_and(|r| r.contains("lease"));
+            requeued |= *job_id == retried.job_id && *to == JobState::Queued && lease;
+            exhausted |= *job_id == doomed.job_id && *to == JobState::Failed && lease;
+        }
+        (requeued && exhausted).then_some(())
     })
     .await;
     let failed = ep.client().job(&doomed.job_id).await.unwrap();
