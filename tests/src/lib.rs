@@ -109,7 +109,7 @@ pub fn free_port() -> u16 {
 
 /// The `e2e-cloud-bridge` binary Cargo built for this package's integration tests: it sits in
 /// the target directory, one level above the test executable in `deps/`.
-fn bridge_binary() -> PathBuf {
+pub fn bridge_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(|d| d.parent()).unwrap();
     let bin = dir.join(format!("e2e-cloud-bridge{}", std::env::consts::EXE_SUFFIX));

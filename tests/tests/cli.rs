@@ -1,0 +1,106 @@
+//! The `cloud-bridge` command line: `config` prints defaults that `serve --config` accepts;
+//! unknown keys and bad values stop the start with a message naming them; `export` writes every
+//! record as JSON lines.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use e2e_tests::{BridgeProcess, SOON, bridge_binary, init_tracing};
+use schemas::api::SubmitJob;
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(bridge_binary()).args(args).output().unwrap()
+}
+
+#[test]
+fn config_prints_defaults_and_bad_files_are_refused_by_name() {
+    let out = run(&["config"]);
+    assert!(out.status.success());
+    let defaults = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        cloud_bridge::Config::from_toml(&defaults).unwrap(),
+        cloud_bridge::Config::default()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    for (text, named) in [
+        ("[jobs]\nleas_secs = 5\n", "leas_secs"),
+        ("[jobs]\nlease_secs = 0\n", "lease_secs"),
+        ("[broker]\nmode = \"cluster\"\n", "cluster"),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let out = run(&[
+            "serve",
+            "--config",
+            bad.to_str().unwrap(),
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "{text} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(named),
+            "error for {text:?} does not name {named}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_writes_every_record_as_json_lines() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge = BridgeProcess::start(dir.path(), &[]).await;
+    let ep = bridge.endpoints.clone();
+    let token = ep.enrollment_token(1).await;
+    let (session, welcome) = device_sim::session::DataSession::connect(
+        &ep.data_url,
+        schemas::data::HelloAuth::Register(schemas::data::Registration {
+            enrollment_token: token,
+            serial: "SN-EXPORT".into(),
+            model: "m".into(),
+            destination: "EU".into(),
+            time_zone: "UTC".into(),
+        }),
+        "test",
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    session.close();
+    let job = SubmitJob {
+        payload_base64: Some("AAEC/w==".into()),
+        ..Default::default()
+    };
+    let (job, _) = ep
+        .client()
+        .submit_job(&welcome.device_id, &job)
+        .await
+        .unwrap();
+    bridge.signal("TERM");
+    assert!(bridge.wait_exit(SOON).await.success());
+
+    let out = run(&["export", "--data-dir", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |t: &str| lines.iter().filter(|l| l["type"] == t).count();
+    assert_eq!(
+        (of("device"), of("enrollment"), of("job"), of("feed")),
+        (1, 1, 1, 1)
+    );
+    let exported = lines.iter().find(|l| l["type"] == "job").unwrap();
+    assert_eq!(exported["job_id"], job.job_id.as_str());
+    assert_eq!(exported["payload_base64"], "AAEC/w==");
+    let device = lines.iter().find(|l| l["type"] == "device").unwrap();
+    assert!(
+        device.get("secret").is_none() && device["secret_sha256"].as_str().unwrap().len() == 64
+    );
+}
