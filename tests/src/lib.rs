@@ -16,11 +16,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cloud_bridge::client::AdminClient;
-use device_sim::{AgentConfig, AgentEvent, DeviceInfo};
+use device_sim::{
+    AgentConfig, AgentEvent, AgentHandle, DeviceInfo, JobExecutor, MemoryStateStore,
+    SimulatedExecutor,
+};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use schemas::Secret;
 use schemas::api::CreateEnrollmentToken;
 use schemas::ops::OpsEvent;
+use schemas::{DeviceId, JobId, Secret};
 use tokio::io::AsyncBufReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
@@ -69,6 +72,34 @@ impl Endpoints {
         config
     }
 
+    /// Registers a simulated device and waits until its MQTT link is up. `adjust` may change
+    /// its config first (`mqtt_grace`, `long_poll`, ...).
+    pub async fn online_device(
+        &self,
+        serial: &str,
+        executor: Arc<dyn JobExecutor>,
+        adjust: impl FnOnce(&mut AgentConfig),
+    ) -> Device {
+        let token = self.enrollment_token(1).await;
+        let mut config = self.agent_config(&token, serial);
+        adjust(&mut config);
+        let store = MemoryStateStore::default();
+        let agent = device_sim::start(config.clone(), executor, store.clone());
+        let mut events = agent.subscribe();
+        wait_for_event(&mut events, SOON, |e| {
+            matches!(e, AgentEvent::MqttUp).then_some(())
+        })
+        .await;
+        let id = agent.device_id().expect("registered");
+        Device {
+            agent,
+            events,
+            id,
+            store,
+            config,
+        }
+    }
+
     /// A fresh enrollment token for `uses` devices.
     pub async fn enrollment_token(&self, uses: u32) -> Secret {
         self.client()
@@ -81,6 +112,40 @@ impl Endpoints {
             .unwrap()
             .token
     }
+}
+
+/// A running simulated device, as [`Endpoints::online_device`] made it.
+#[derive(Debug)]
+pub struct Device {
+    pub agent: AgentHandle,
+    pub events: broadcast::Receiver<AgentEvent>,
+    pub id: DeviceId,
+    /// Its state; a new agent started on a clone continues where this one stopped.
+    pub store: MemoryStateStore,
+    pub config: AgentConfig,
+}
+
+impl Device {
+    /// The simulated executor: succeeds after a short time.
+    pub fn simulated() -> Arc<dyn JobExecutor> {
+        Arc::new(SimulatedExecutor::default())
+    }
+
+    pub fn credentials(&self) -> schemas::agent::Credentials {
+        self.store
+            .snapshot()
+            .and_then(|s| s.credentials)
+            .expect("registered")
+    }
+}
+
+/// Waits until the agent has reported the outcome of `job`.
+pub async fn wait_reported(events: &mut broadcast::Receiver<AgentEvent>, job: &JobId) {
+    wait_for_event(events, SOON, |e| match e {
+        AgentEvent::JobReported { job_id } if job_id == job => Some(()),
+        _ => None,
+    })
+    .await
 }
 
 pub fn device_info(serial: &str) -> DeviceInfo {

@@ -4,11 +4,8 @@
 //! without a token.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
-
 use device_sim::session::{DataSession, SessionError, SessionSettings};
-use device_sim::{AgentEvent, MemoryStateStore, SimulatedExecutor};
-use e2e_tests::{Endpoints, InProcessBridge, SOON, wait_for_event};
+use e2e_tests::{Device, Endpoints, InProcessBridge, SOON, wait_reported};
 use futures_util::{SinkExt, StreamExt};
 use hyper::Method;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
@@ -23,19 +20,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Registers a device with a running agent and returns the agent and its credentials.
 async fn device(ep: &Endpoints, serial: &str) -> (device_sim::AgentHandle, Credentials) {
-    let token = ep.enrollment_token(1).await;
-    let store = MemoryStateStore::default();
-    let agent = device_sim::start(
-        ep.agent_config(&token, serial),
-        Arc::new(SimulatedExecutor::default()),
-        store.clone(),
-    );
-    let mut events = agent.subscribe();
-    wait_for_event(&mut events, SOON, |e| {
-        matches!(e, AgentEvent::MqttUp).then_some(())
-    })
-    .await;
-    (agent, store.snapshot().unwrap().credentials.unwrap())
+    let device = ep.online_device(serial, Device::simulated(), |_| {}).await;
+    let credentials = device.credentials();
+    (device.agent, credentials)
 }
 
 /// Sends `frames` on a raw WebSocket and collects what the server says until it closes.
@@ -264,11 +251,7 @@ async fn bad_input_is_refused_and_other_devices_keep_working() {
     );
 
     // Through all of that, the healthy device got its job and ran it.
-    wait_for_event(&mut events, SOON, |e| match e {
-        AgentEvent::JobReported { job_id } if *job_id == job.job_id => Some(()),
-        _ => None,
-    })
-    .await;
+    wait_reported(&mut events, &job.job_id).await;
 
     // A disabled device is refused everywhere.
     ep.client()

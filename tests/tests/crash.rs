@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use device_sim::executor::{ExecFuture, JobExecutor, JobOutcome};
-use device_sim::{AgentEvent, MemoryStateStore};
-use e2e_tests::{BridgeProcess, SOON, eventually, init_tracing, wait_for_event};
+use e2e_tests::{BridgeProcess, Device, SOON, eventually, init_tracing};
 use schemas::JobId;
 use schemas::api::SubmitJob;
 use schemas::data::JobOffer;
@@ -37,19 +36,12 @@ async fn kill9_during_submissions_loses_no_acknowledged_job_and_runs_none_twice(
     let dir = tempfile::tempdir().unwrap();
     let mut bridge = BridgeProcess::start(dir.path(), &[]).await;
     let ep = bridge.endpoints.clone();
-    let token = ep.enrollment_token(1).await;
     let counting = Counting::default();
-    let agent = device_sim::start(
-        ep.agent_config(&token, "SN-CRASH"),
-        Arc::new(counting.clone()),
-        MemoryStateStore::default(),
-    );
-    let mut events = agent.subscribe();
-    wait_for_event(&mut events, SOON, |e| {
-        matches!(e, AgentEvent::MqttUp).then_some(())
-    })
-    .await;
-    let device = agent.device_id().unwrap();
+    let Device {
+        agent, id: device, ..
+    } = ep
+        .online_device("SN-CRASH", Arc::new(counting.clone()), |_| {})
+        .await;
 
     // Eight submitters share the 1,000 submissions; each records the jobs that got a 2xx.
     let next = Arc::new(AtomicUsize::new(0));

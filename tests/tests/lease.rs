@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use device_sim::session::{DataSession, SessionSettings};
-use device_sim::{AgentEvent, MemoryStateStore, SimulatedExecutor};
-use e2e_tests::{InProcessBridge, OpsWatcher, SOON, wait_for_event};
+use device_sim::{AgentEvent, SimulatedExecutor};
+use e2e_tests::{Device, InProcessBridge, OpsWatcher, SOON, wait_for_event, wait_reported};
 use schemas::api::SubmitJob;
 use schemas::data::{HelloAuth, Request, Response};
 use schemas::job::JobState;
@@ -16,24 +16,19 @@ use schemas::ops::OpsEvent;
 async fn a_dead_devices_job_comes_back_and_the_attempt_limit_holds() {
     let bridge = InProcessBridge::start_with(|c| c.jobs.lease_secs = 1).await;
     let ep = &bridge.endpoints;
-    let token = ep.enrollment_token(1).await;
-    let store = MemoryStateStore::default();
-    let config = ep.agent_config(&token, "SN-LEASE");
-
     // Register the device, then stop its agent.
-    let agent = device_sim::start(
-        config.clone(),
-        Arc::new(SimulatedExecutor::default()),
-        store.clone(),
-    );
-    let mut events = agent.subscribe();
-    wait_for_event(&mut events, SOON, |e| {
-        matches!(e, AgentEvent::MqttUp).then_some(())
-    })
-    .await;
-    let device = agent.device_id().unwrap();
+    let registered = ep
+        .online_device("SN-LEASE", Device::simulated(), |_| {})
+        .await;
+    let credentials = registered.credentials();
+    let Device {
+        agent,
+        id: device,
+        store,
+        config,
+        ..
+    } = registered;
     agent.stop().await.unwrap();
-    let credentials = store.snapshot().unwrap().credentials.unwrap();
     let mut ops = OpsWatcher::start(ep).await;
 
     let submit = |max_attempts| SubmitJob {
@@ -102,11 +97,7 @@ async fn a_dead_devices_job_comes_back_and_the_attempt_limit_holds() {
     })
     .await;
     assert_eq!(attempt, 2);
-    wait_for_event(&mut events, SOON, |e| match e {
-        AgentEvent::JobReported { job_id } if *job_id == retried.job_id => Some(()),
-        _ => None,
-    })
-    .await;
+    wait_reported(&mut events, &retried.job_id).await;
     let done = ep.client().job(&retried.job_id).await.unwrap();
     assert_eq!(done.state, JobState::Succeeded);
     let states: Vec<JobState> = done.history.iter().map(|t| t.to).collect();

@@ -2,11 +2,10 @@
 //! still reports status, over the data channel alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use device_sim::{AgentEvent, MemoryStateStore, SimulatedExecutor};
-use e2e_tests::{InProcessBridge, SOON, TcpProxy, wait_for_event};
+use device_sim::AgentEvent;
+use e2e_tests::{Device, InProcessBridge, SOON, TcpProxy, wait_for_event};
 use schemas::api::SubmitJob;
 use schemas::data::{DeviceState, DeviceStatus};
 use schemas::job::JobState;
@@ -18,22 +17,18 @@ async fn cut_mqtt_link_falls_back_to_long_poll() {
     let broker_addr = format!("{}:{}", ep.mqtt.0, ep.mqtt.1).parse().unwrap();
     let proxy = TcpProxy::start(broker_addr).await;
 
-    let token = ep.enrollment_token(1).await;
-    let mut config = ep.agent_config(&token, "SN-CUT");
-    config.mqtt = Some(("127.0.0.1".into(), proxy.addr.port()));
     let long_poll = Duration::from_secs(3);
-    config.long_poll = long_poll;
-    let agent = device_sim::start(
-        config,
-        Arc::new(SimulatedExecutor::default()),
-        MemoryStateStore::default(),
-    );
-    let mut events = agent.subscribe();
-    wait_for_event(&mut events, SOON, |e| {
-        matches!(e, AgentEvent::MqttUp).then_some(())
-    })
-    .await;
-    let device = agent.device_id().unwrap();
+    let Device {
+        agent,
+        mut events,
+        id: device,
+        ..
+    } = ep
+        .online_device("SN-CUT", Device::simulated(), |c| {
+            c.mqtt = Some(("127.0.0.1".into(), proxy.addr.port()));
+            c.long_poll = long_poll;
+        })
+        .await;
 
     proxy.cut();
     wait_for_event(&mut events, SOON, |e| {

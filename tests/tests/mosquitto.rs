@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use device_sim::{AgentEvent, MemoryStateStore, SimulatedExecutor};
-use e2e_tests::{BridgeProcess, Mosquitto, SOON, init_tracing, wait_for_event};
+use e2e_tests::{BridgeProcess, Mosquitto, SOON, init_tracing, wait_for_event, wait_reported};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use schemas::api::SubmitJob;
 use schemas::job::JobState;
@@ -112,11 +112,7 @@ async fn pipeline_works_through_mosquitto_with_acls() {
         _ => None,
     })
     .await;
-    wait_for_event(&mut events, SOON, |e| match e {
-        AgentEvent::JobReported { job_id } if *job_id == job.job_id => Some(()),
-        _ => None,
-    })
-    .await;
+    wait_reported(&mut events, &job.job_id).await;
     assert_eq!(
         ep.client().job(&job.job_id).await.unwrap().state,
         JobState::Succeeded

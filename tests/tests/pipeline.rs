@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use device_sim::{AgentEvent, MemoryStateStore, SimulatedExecutor};
-use e2e_tests::{InProcessBridge, OpsWatcher, SOON, wait_for_event};
+use e2e_tests::{Device, InProcessBridge, OpsWatcher, SOON, wait_for_event};
 use schemas::api::SubmitJob;
 use schemas::hint::HintKind;
 use schemas::job::JobState;
@@ -23,18 +23,12 @@ fn job(text: &str) -> SubmitJob {
 async fn online_device_is_hinted_and_completes_the_job() {
     let bridge = InProcessBridge::start().await;
     let ep = &bridge.endpoints;
-    let token = ep.enrollment_token(1).await;
-    let agent = device_sim::start(
-        ep.agent_config(&token, "SN-1"),
-        Arc::new(SimulatedExecutor::default()),
-        MemoryStateStore::default(),
-    );
-    let mut events = agent.subscribe();
-    wait_for_event(&mut events, SOON, |e| {
-        matches!(e, AgentEvent::MqttUp).then_some(())
-    })
-    .await;
-    let device = agent.device_id().unwrap();
+    let Device {
+        agent,
+        mut events,
+        id: device,
+        ..
+    } = ep.online_device("SN-1", Device::simulated(), |_| {}).await;
     let mut ops = OpsWatcher::start(ep).await;
 
     let (submitted, created) = ep

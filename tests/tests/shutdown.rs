@@ -2,10 +2,8 @@
 //! closing, the process exits 0, and everything is there after a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
-
-use device_sim::{AgentEvent, MemoryStateStore, SimulatedExecutor};
-use e2e_tests::{BridgeProcess, SOON, init_tracing, wait_for_event};
+use device_sim::AgentEvent;
+use e2e_tests::{BridgeProcess, Device, SOON, init_tracing, wait_for_event, wait_reported};
 use schemas::api::SubmitJob;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -14,21 +12,17 @@ async fn sigterm_closes_devices_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut bridge = BridgeProcess::start(dir.path(), &[]).await;
     let ep = bridge.endpoints.clone();
-    let token = ep.enrollment_token(1).await;
-    let mut config = ep.agent_config(&token, "SN-TERM");
     // Keep the data channel open so the shutdown has a connection to close.
-    config.data_idle_close = std::time::Duration::from_secs(600);
-    let agent = device_sim::start(
-        config,
-        Arc::new(SimulatedExecutor::default()),
-        MemoryStateStore::default(),
-    );
-    let mut events = agent.subscribe();
-    wait_for_event(&mut events, SOON, |e| {
-        matches!(e, AgentEvent::MqttUp).then_some(())
-    })
-    .await;
-    let device = agent.device_id().unwrap();
+    let Device {
+        agent,
+        mut events,
+        id: device,
+        ..
+    } = ep
+        .online_device("SN-TERM", Device::simulated(), |c| {
+            c.data_idle_close = std::time::Duration::from_secs(600)
+        })
+        .await;
     let (job, _) = ep
         .client()
         .submit_job(
@@ -40,11 +34,7 @@ async fn sigterm_closes_devices_and_exits_cleanly() {
         )
         .await
         .unwrap();
-    wait_for_event(&mut events, SOON, |e| match e {
-        AgentEvent::JobReported { job_id } if *job_id == job.job_id => Some(()),
-        _ => None,
-    })
-    .await;
+    wait_reported(&mut events, &job.job_id).await;
 
     bridge.signal("TERM");
     let reason = wait_for_event(&mut events, SOON, |e| match e {
