@@ -171,3 +171,60 @@ async fn presence_triggers_a_push_when_no_hint_was_queued() {
     completes_after_hint(&mut events, &submitted.job_id, Some(HintKind::Pending)).await;
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_job_and_a_dead_device_is_announced_offline() {
+    let bridge = InProcessBridge::start_with(|c| c.jobs.lease_secs = 2).await;
+    let ep = &bridge.endpoints;
+    // A long print: the agent renews its lease every ~0.6 s while it runs.
+    let slow = Arc::new(SimulatedExecutor {
+        duration: std::time::Duration::from_secs(120),
+        fail_ratio: 0.0,
+    });
+    let Device {
+        agent,
+        mut events,
+        id: device,
+        ..
+    } = ep.online_device("SN-CANCEL", slow, |_| {}).await;
+    let mut ops = OpsWatcher::start(ep).await;
+
+    let (submitted, _) = ep.client().submit_job(&device, &job("long")).await.unwrap();
+    wait_for_event(&mut events, SOON, |e| match e {
+        AgentEvent::JobStarted { job_id, .. } if *job_id == submitted.job_id => Some(()),
+        _ => None,
+    })
+    .await;
+    let canceled = ep
+        .client()
+        .cancel_job(&submitted.job_id, Some("wrong document".into()))
+        .await
+        .unwrap();
+    assert_eq!(canceled.state, JobState::Canceled);
+    assert_eq!(canceled.outcome.as_deref(), Some("wrong document"));
+    wait_for_event(&mut events, SOON, |e| match e {
+        AgentEvent::JobCanceled { job_id } if *job_id == submitted.job_id => Some(()),
+        AgentEvent::JobFinished { .. } => panic!("a canceled job ran to the end"),
+        _ => None,
+    })
+    .await;
+    // Canceling twice is refused with a clear code.
+    let again = ep
+        .client()
+        .cancel_job(&submitted.job_id, None)
+        .await
+        .unwrap_err();
+    assert_eq!(again.status().map(|s| s.as_u16()), Some(409));
+
+    // The device dies without a goodbye: its last will tells operations.
+    agent.kill();
+    ops.wait_for(SOON, |e| match e {
+        OpsEvent::DeviceOffline {
+            device_id,
+            channel: schemas::ops::Channel::Mqtt,
+            ..
+        } if *device_id == device => Some(()),
+        _ => None,
+    })
+    .await;
+}
