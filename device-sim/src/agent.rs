@@ -51,7 +51,8 @@ pub struct AgentConfig {
     /// Needed only until the device has registered.
     pub enrollment_token: Option<Secret>,
     pub info: DeviceInfo,
-    /// How long one long-poll waits while MQTT is down.
+    /// How long one long-poll waits while MQTT is down. Zero: never long-poll (poll-only
+    /// devices then sync every `poll_interval` and close the data channel in between).
     pub long_poll: Duration,
     /// Regular poll, even while MQTT is up (catches anything a lost hint would have said).
     pub poll_interval: Duration,
@@ -106,6 +107,10 @@ pub enum AgentEvent {
     },
     Synced {
         cursor: FeedSeq,
+    },
+    JobFetched {
+        job_id: JobId,
+        attempt: u32,
     },
     JobStarted {
         job_id: JobId,
@@ -371,6 +376,7 @@ impl Agent {
             }
             // Long-poll only while MQTT is down and the data channel is up.
             if long_poll.is_none()
+                && !self.config.long_poll.is_zero()
                 && !self.mqtt_up
                 && retry_at.is_none()
                 && let Some(session) = self.session.clone()
@@ -382,7 +388,8 @@ impl Agent {
                 };
                 long_poll = Some(Box::pin(async move { session.request(request).await }));
             }
-            let idle_close = (self.mqtt_up && self.session.is_some())
+            let quiet = self.mqtt_up || self.config.long_poll.is_zero();
+            let idle_close = (quiet && self.session.is_some())
                 .then(|| self.last_activity + self.config.data_idle_close);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -645,6 +652,10 @@ impl Agent {
             Err(e) => return Err(e.into()),
         };
         let attempt = offer.attempt;
+        self.emit(AgentEvent::JobFetched {
+            job_id: job_id.clone(),
+            attempt,
+        });
         match session
             .request(Request::JobUpdate {
                 job_id: job_id.clone(),

@@ -7,12 +7,16 @@
 //! - [`state`]: where the agent keeps its state (a file, or memory for large fleets).
 //! - [`executor`]: how a job is run; [`executor::SimulatedExecutor`] for the simulator.
 //! - [`backoff`]: exponential backoff with jitter.
+//! - `fleet` (feature `fleet`, on by default): many devices in one process, a job generator,
+//!   faults, and a latency and throughput report.
 //!
 //! The `device-sim` binary runs one device (`device-sim device`) or many (`device-sim run`).
 
 pub mod agent;
 pub mod backoff;
 pub mod executor;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 pub mod mqtt;
 pub mod session;
 pub mod state;

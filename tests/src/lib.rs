@@ -4,15 +4,13 @@
 //!   killed on drop; `kill9` for crash tests.
 //! - [`InProcessBridge`]: the same bridge started in the test process (faster, for tests that
 //!   do not kill it).
-//! - [`TcpProxy`]: a proxy between a device and a server whose link a test can cut and restore.
+//! - [`TcpProxy`]: the simulator's cuttable proxy, between a device and a server.
 //! - [`OpsWatcher`]: an MQTT client on `fleet/events/#`, as operations would run.
 //! - [`wait_for_event`] and [`eventually`]: wait on events and conditions with a deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cloud_bridge::client::AdminClient;
@@ -25,7 +23,7 @@ use schemas::api::CreateEnrollmentToken;
 use schemas::ops::OpsEvent;
 use schemas::{DeviceId, JobId, Secret};
 use tokio::io::AsyncBufReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -376,75 +374,7 @@ where
     }
 }
 
-/// A TCP proxy whose link can be cut (existing connections closed, new ones refused) and
-/// restored.
-#[derive(Debug)]
-pub struct TcpProxy {
-    pub addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    generation: Arc<std::sync::Mutex<CancellationToken>>,
-    stop: CancellationToken,
-}
-
-impl TcpProxy {
-    pub async fn start(target: SocketAddr) -> TcpProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
-        let stop = CancellationToken::new();
-        let (c, g, s) = (cut.clone(), generation.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let (mut inbound, _) = tokio::select! {
-                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-                    _ = s.cancelled() => return,
-                };
-                if c.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let token = g.lock().unwrap().clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    let _ = inbound.set_nodelay(true);
-                    let _ = outbound.set_nodelay(true);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = token.cancelled() => {}
-                    }
-                });
-            }
-        });
-        TcpProxy {
-            addr,
-            cut,
-            generation,
-            stop,
-        }
-    }
-
-    /// Closes every proxied connection and refuses new ones.
-    pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        let mut g = self.generation.lock().unwrap();
-        g.cancel();
-        *g = CancellationToken::new();
-    }
-
-    pub fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for TcpProxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        self.generation.lock().unwrap().cancel();
-    }
-}
+pub use device_sim::fleet::proxy::CutProxy as TcpProxy;
 
 /// An MQTT client following `fleet/events/#` as operations would, logged in as `ops`.
 #[derive(Debug)]

@@ -15,7 +15,7 @@ async fn cut_mqtt_link_falls_back_to_long_poll() {
     let bridge = InProcessBridge::start().await;
     let ep = &bridge.endpoints;
     let broker_addr = format!("{}:{}", ep.mqtt.0, ep.mqtt.1).parse().unwrap();
-    let proxy = TcpProxy::start(broker_addr).await;
+    let proxy = TcpProxy::start(broker_addr).await.unwrap();
 
     let long_poll = Duration::from_secs(3);
     let Device {

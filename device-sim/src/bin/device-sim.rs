@@ -72,6 +72,8 @@ enum Command {
         #[arg(long, default_value = "SN-0001")]
         serial: String,
     },
+    /// Run N devices with a job generator and faults, and report latency and throughput.
+    Fleet(Box<FleetArgs>),
     /// Run N devices in this process, state in memory.
     Run {
         #[command(flatten)]
@@ -82,6 +84,133 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         connect_rate: u32,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct FleetArgs {
+    /// Name of the run in the report and the file names.
+    #[arg(long, default_value = "fleet")]
+    label: String,
+    /// Admin API of the cloud bridge.
+    #[arg(
+        long,
+        env = "DEVICE_SIM_ADMIN_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    admin_url: String,
+    /// File holding the admin token (as `cloud-bridge serve` writes it).
+    #[arg(long, default_value = "data/admin-token")]
+    admin_token_file: PathBuf,
+    /// The admin token itself (instead of the file).
+    #[arg(long, env = "DEVICE_SIM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    #[arg(
+        long,
+        env = "DEVICE_SIM_DATA_URL",
+        default_value = "ws://127.0.0.1:8081"
+    )]
+    data_url: String,
+    #[arg(long, env = "DEVICE_SIM_MQTT", default_value = "127.0.0.1:1883")]
+    mqtt: String,
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Jobs per second.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Devices started per second.
+    #[arg(long, default_value_t = 500)]
+    connect_rate: u32,
+    /// Simulated print time per job.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    job_time: Duration,
+    /// Poll only, every this often (no MQTT, no long-poll).
+    #[arg(long, value_parser = parse_duration)]
+    poll_only: Option<Duration>,
+    /// Cut the MQTT link of this share of devices (0.1 = 10 %) ...
+    #[arg(long)]
+    cut_mqtt: Option<f64>,
+    /// ... this long into the run ...
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    cut_at: Duration,
+    /// ... for this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    cut_for: Duration,
+    /// Kill this share of devices, at --cut-at, and restart them after --cut-for.
+    #[arg(long)]
+    restart_devices: Option<f64>,
+    /// The cloud bridge's process id, for its CPU and memory figures.
+    #[arg(long)]
+    bridge_pid: Option<u32>,
+    /// Where to write <label>.json, <label>.md and <label>.svg.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+async fn fleet(args: FleetArgs) -> anyhow::Result<()> {
+    use device_sim::fleet::{Fault, FleetConfig};
+    let token = match args.admin_token {
+        Some(t) => t,
+        None => std::fs::read_to_string(&args.admin_token_file)
+            .with_context(|| {
+                format!(
+                    "reading the admin token from {}",
+                    args.admin_token_file.display()
+                )
+            })?
+            .trim()
+            .to_owned(),
+    };
+    let mqtt = match args.poll_only {
+        Some(_) => None,
+        None => {
+            let (host, port) = args
+                .mqtt
+                .rsplit_once(':')
+                .context("--mqtt must be host:port")?;
+            Some((host.to_owned(), port.parse().context("--mqtt port")?))
+        }
+    };
+    let mut cfg = FleetConfig::new(&args.admin_url, Secret::new(token), &args.data_url, mqtt);
+    cfg.label = args.label.clone();
+    cfg.devices = args.devices;
+    cfg.rate = args.rate;
+    cfg.duration = args.duration;
+    cfg.connect_rate = args.connect_rate;
+    cfg.job_time = args.job_time;
+    if let Some(interval) = args.poll_only {
+        cfg.poll_interval = interval;
+    }
+    let fault = |share| Fault {
+        share,
+        at: args.cut_at,
+        length: args.cut_for,
+    };
+    cfg.cut_mqtt = args.cut_mqtt.map(fault);
+    cfg.restart_devices = args.restart_devices.map(fault);
+    cfg.bridge_pid = args.bridge_pid;
+    cfg.progress = true;
+    let report = device_sim::fleet::run(cfg).await?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let base = args.out.join(&args.label);
+    std::fs::write(
+        base.with_extension("json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    std::fs::write(base.with_extension("md"), report.to_markdown())?;
+    std::fs::write(base.with_extension("svg"), report.to_svg())?;
+    println!("{}", report.to_markdown());
+    eprintln!("report written to {}.{{json,md,svg}}", base.display());
+    if report.jobs_lost > 0 || report.jobs_duplicated > 0 {
+        anyhow::bail!(
+            "{} jobs lost, {} run twice",
+            report.jobs_lost,
+            report.jobs_duplicated
+        );
+    }
+    Ok(())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -124,14 +253,20 @@ fn config(common: &Common, serial: String) -> anyhow::Result<AgentConfig> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // A fleet's thousands of agents would drown the log at info.
+    let default_filter = match cli.command {
+        Command::Fleet(_) => "warn,device_sim::fleet=info",
+        _ => "info,rumqttc=warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttc=warn".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Device {
             common,
             state_dir,
@@ -165,6 +300,7 @@ async fn main() -> anyhow::Result<()> {
             }
             agent.stop().await?;
         }
+        Command::Fleet(args) => fleet(*args).await?,
         Command::Run {
             common,
             devices,
@@ -207,6 +343,9 @@ fn log_event(event: &AgentEvent) {
         AgentEvent::DataDown(reason) => tracing::info!(%reason, "data channel closed"),
         AgentEvent::HintReceived { kind, seq } => tracing::info!(?kind, %seq, "hint received"),
         AgentEvent::Synced { cursor } => tracing::info!(%cursor, "feed synced"),
+        AgentEvent::JobFetched { job_id, attempt } => {
+            tracing::info!(%job_id, attempt, "job fetched")
+        }
         AgentEvent::JobStarted { job_id, attempt } => {
             tracing::info!(%job_id, attempt, "job started")
         }

@@ -1,0 +1,309 @@
+//! The fleet run's report: JSON for machines, a Markdown table for people, an SVG plot of
+//! latency over time.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::procstat::ProcUsage;
+
+/// Percentiles of one latency, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    pub fn from_histogram(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Latency {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.50)),
+            p90_ms: ms(h.value_at_quantile(0.90)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+/// A histogram of microseconds up to an hour, three significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid")
+}
+
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+    h.saturating_record(us);
+}
+
+/// CPU and memory of one process over the run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ProcessReport {
+    pub name: String,
+    pub pid: u32,
+    pub cpu_secs: f64,
+    /// CPU seconds per second of the run: 1.0 is one core busy.
+    pub cpu_cores: f64,
+    pub peak_rss_mb: f64,
+    pub rss_mb: f64,
+}
+
+impl ProcessReport {
+    pub fn new(
+        name: &str,
+        pid: u32,
+        before: &ProcUsage,
+        after: &ProcUsage,
+        wall: Duration,
+    ) -> ProcessReport {
+        let cpu = after.cpu_since(before);
+        ProcessReport {
+            name: name.to_owned(),
+            pid,
+            cpu_secs: cpu,
+            cpu_cores: cpu / wall.as_secs_f64().max(1e-9),
+            peak_rss_mb: after.peak_rss_bytes as f64 / 1e6,
+            rss_mb: after.rss_bytes as f64 / 1e6,
+        }
+    }
+}
+
+/// One second of the run: jobs submitted in it and their completion latency.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Second {
+    pub second: u64,
+    pub submitted: u64,
+    pub completion_p50_ms: f64,
+    pub completion_p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct FleetReport {
+    pub label: String,
+    pub mode: String,
+    pub devices: usize,
+    pub devices_connected: usize,
+    pub target_rate: f64,
+    pub duration_secs: f64,
+    pub jobs_submitted: u64,
+    pub jobs_acknowledged: u64,
+    pub jobs_refused: u64,
+    pub jobs_completed: u64,
+    /// Completed jobs per second, first submission to last completion.
+    pub jobs_per_sec: f64,
+    pub submit_to_hint: Latency,
+    pub submit_to_fetch: Latency,
+    pub submit_to_complete: Latency,
+    /// Share of jobs fetched while their device's MQTT link was down: they came by long-poll
+    /// or poll over the data channel.
+    pub fallback_share: f64,
+    /// Acknowledged jobs the cloud does not show as succeeded at the end.
+    pub jobs_lost: u64,
+    /// Jobs a device printed to the end more than once, or that the cloud recorded as
+    /// completed more than once.
+    pub jobs_duplicated: u64,
+    /// Jobs started again after their device was killed mid-job (not duplicates: the first
+    /// run never finished).
+    pub jobs_rerun_after_crash: u64,
+    /// Data-channel requests the bridge served, per device-hour.
+    pub server_requests_per_device_hour: f64,
+    pub hints_dropped: u64,
+    pub events_lagged: u64,
+    pub faults: Vec<String>,
+    pub processes: Vec<ProcessReport>,
+    pub per_second: Vec<Second>,
+}
+
+impl FleetReport {
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "### {} ({})\n", self.label, self.mode);
+        let _ = writeln!(s, "| measure | value |\n|---|---|");
+        let row = |s: &mut String, k: &str, v: String| {
+            let _ = writeln!(s, "| {k} | {v} |");
+        };
+        row(
+            &mut s,
+            "devices connected",
+            format!("{} of {}", self.devices_connected, self.devices),
+        );
+        row(
+            &mut s,
+            "target rate",
+            format!(
+                "{:.0} jobs/s for {:.0} s",
+                self.target_rate, self.duration_secs
+            ),
+        );
+        row(
+            &mut s,
+            "jobs submitted / acknowledged / completed",
+            format!(
+                "{} / {} / {}",
+                self.jobs_submitted, self.jobs_acknowledged, self.jobs_completed
+            ),
+        );
+        row(
+            &mut s,
+            "sustained",
+            format!("{:.1} jobs/s", self.jobs_per_sec),
+        );
+        row(
+            &mut s,
+            "jobs lost / run twice",
+            format!("{} / {}", self.jobs_lost, self.jobs_duplicated),
+        );
+        row(
+            &mut s,
+            "fetched with MQTT down (data-channel fallback)",
+            format!("{:.1} %", self.fallback_share * 100.0),
+        );
+        row(
+            &mut s,
+            "server requests per device-hour",
+            format!("{:.0}", self.server_requests_per_device_hour),
+        );
+        if self.jobs_rerun_after_crash > 0 {
+            row(
+                &mut s,
+                "re-run after a device crash",
+                self.jobs_rerun_after_crash.to_string(),
+            );
+        }
+        if self.hints_dropped > 0 || self.events_lagged > 0 {
+            row(
+                &mut s,
+                "hints dropped / events lagged",
+                format!("{} / {}", self.hints_dropped, self.events_lagged),
+            );
+        }
+        for f in &self.faults {
+            row(&mut s, "fault", f.clone());
+        }
+        let _ = writeln!(
+            s,
+            "\n| latency (ms) | count | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|"
+        );
+        for (name, l) in [
+            ("submission → hint", &self.submit_to_hint),
+            ("submission → payload fetched", &self.submit_to_fetch),
+            ("submission → completion recorded", &self.submit_to_complete),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+            );
+        }
+        if !self.processes.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n| process | CPU s | cores | peak RSS MB | RSS MB |\n|---|---|---|---|---|"
+            );
+            for p in &self.processes {
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.1} | {:.2} | {:.1} | {:.1} |",
+                    p.name, p.cpu_secs, p.cpu_cores, p.peak_rss_mb, p.rss_mb
+                );
+            }
+        }
+        s
+    }
+
+    /// p50 and p99 of completion latency per second of submission time.
+    pub fn to_svg(&self) -> String {
+        let (w, h, pad) = (800.0, 320.0, 50.0);
+        let max_x = self.per_second.len().max(1) as f64;
+        let max_y = self
+            .per_second
+            .iter()
+            .map(|s| s.completion_p99_ms)
+            .fold(1.0_f64, f64::max)
+            * 1.1;
+        let point = |i: usize, v: f64| {
+            let x = pad + (i as f64 / max_x) * (w - 2.0 * pad);
+            let y = h - pad - (v / max_y) * (h - 2.0 * pad);
+            format!("{x:.1},{y:.1}")
+        };
+        let line = |f: &dyn Fn(&Second) -> f64| {
+            self.per_second
+                .iter()
+                .enumerate()
+                .map(|(i, s)| point(i, f(s)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        format!(
+            r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{pad}" y="20">{title}: submission → completion latency per second (ms)</text>
+<line x1="{pad}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="black"/>
+<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{y0}" stroke="black"/>
+<text x="5" y="{ytop}">{max_y:.1}</text><text x="5" y="{y0}">0</text>
+<text x="{x1}" y="{ylab}" text-anchor="end">{secs} s</text>
+<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{p50}"/>
+<polyline fill="none" stroke="#d62728" stroke-width="1.5" points="{p99}"/>
+<text x="{legend}" y="40" fill="#1f77b4">p50</text><text x="{legend2}" y="40" fill="#d62728">p99</text>
+</svg>
+"##,
+            title = self.label,
+            y0 = h - pad,
+            x1 = w - pad,
+            ytop = pad + 4.0,
+            ylab = h - pad + 20.0,
+            secs = self.per_second.len(),
+            p50 = line(&|s| s.completion_p50_ms),
+            p99 = line(&|s| s.completion_p99_ms),
+            legend = w - 150.0,
+            legend2 = w - 110.0,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_percentiles_come_from_the_histogram() {
+        let mut h = histogram();
+        for ms in 1..=100u64 {
+            record(&mut h, Duration::from_millis(ms));
+        }
+        let l = Latency::from_histogram(&h);
+        assert_eq!(l.count, 100);
+        assert!((l.p50_ms - 50.0).abs() < 0.5, "{l:?}");
+        assert!((l.p99_ms - 99.0).abs() < 0.5, "{l:?}");
+        assert!((l.max_ms - 100.0).abs() < 0.5, "{l:?}");
+    }
+
+    #[test]
+    fn markdown_and_svg_render() {
+        let report = FleetReport {
+            label: "t".into(),
+            per_second: vec![Second {
+                second: 0,
+                submitted: 1,
+                completion_p50_ms: 1.0,
+                completion_p99_ms: 2.0,
+            }],
+            ..Default::default()
+        };
+        assert!(
+            report
+                .to_markdown()
+                .contains("| jobs lost / run twice | 0 / 0 |")
+        );
+        assert!(report.to_svg().starts_with("<svg"));
+    }
+}
