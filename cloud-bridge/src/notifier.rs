@@ -155,18 +155,24 @@ pub async fn run_embedded(
             }
         }
     });
-    loop {
-        let out = tokio::select! {
-            out = rx.recv() => out,
-            _ = shutdown.cancelled() => None,
-        };
-        let Some(out) = out else { break };
-        // try_publish never blocks the runtime; a full router channel drops the publish.
-        match link_tx.try_publish(out.topic, out.payload) {
-            Ok(_) => stats.published.fetch_add(1, Ordering::Relaxed),
-            Err(_) => stats.publish_failed.fetch_add(1, Ordering::Relaxed),
-        };
+    // rumqttd's publish blocks while its router is busy. Run it on a thread of its own: the
+    // router's backpressure then holds up only this thread, our bounded queue absorbs bursts,
+    // and only an overflow of that queue drops (and counts) anything.
+    let writer_stats = stats.clone();
+    let writer = std::thread::Builder::new()
+        .name("hint-publisher".into())
+        .spawn(move || {
+            while let Some(out) = rx.blocking_recv() {
+                match link_tx.publish(out.topic, out.payload) {
+                    Ok(_) => writer_stats.published.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => writer_stats.publish_failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        });
+    if let Err(e) = writer {
+        tracing::error!(error = %e, "cannot start the hint publisher thread");
     }
+    shutdown.cancelled().await;
     reader.abort();
 }
 
