@@ -143,6 +143,12 @@ struct FleetArgs {
     /// The cloud bridge's process id, for its CPU and memory figures.
     #[arg(long)]
     bridge_pid: Option<u32>,
+    /// Another process to measure, as name=pid (repeatable), e.g. mosquitto=1234.
+    #[arg(long, value_parser = parse_watch)]
+    watch_pid: Vec<(String, u32)>,
+    /// Close an idle data channel after this long while MQTT is up.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    data_idle_close: Duration,
     /// Where to write <label>.json, <label>.md and <label>.svg.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -189,7 +195,11 @@ async fn fleet(args: FleetArgs) -> anyhow::Result<()> {
     };
     cfg.cut_mqtt = args.cut_mqtt.map(fault);
     cfg.restart_devices = args.restart_devices.map(fault);
-    cfg.bridge_pid = args.bridge_pid;
+    cfg.watch = args.watch_pid.clone();
+    if let Some(pid) = args.bridge_pid {
+        cfg.watch.insert(0, ("cloud-bridge".to_owned(), pid));
+    }
+    cfg.data_idle_close = args.data_idle_close;
     cfg.progress = true;
     let report = device_sim::fleet::run(cfg).await?;
     std::fs::create_dir_all(&args.out)
@@ -211,6 +221,14 @@ async fn fleet(args: FleetArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn parse_watch(s: &str) -> Result<(String, u32), String> {
+    let (name, pid) = s.split_once('=').ok_or("expected name=pid")?;
+    Ok((
+        name.to_owned(),
+        pid.parse().map_err(|_| format!("bad pid in {s:?}"))?,
+    ))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

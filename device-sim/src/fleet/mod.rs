@@ -70,8 +70,11 @@ pub struct FleetConfig {
     pub cut_mqtt: Option<Fault>,
     /// Kill a share of the devices and start them again after `length`.
     pub restart_devices: Option<Fault>,
-    /// The bridge's process, for its CPU and memory figures.
-    pub bridge_pid: Option<u32>,
+    /// Processes whose CPU and memory go in the report (the bridge, an external broker).
+    pub watch: Vec<(String, u32)>,
+    /// Devices close an idle data channel after this long (MQTT up). Large fleets need it
+    /// short: each open channel is a file descriptor in the bridge.
+    pub data_idle_close: Duration,
     pub progress: bool,
 }
 
@@ -100,7 +103,8 @@ impl FleetConfig {
             max_in_flight: 256,
             cut_mqtt: None,
             restart_devices: None,
-            bridge_pid: None,
+            watch: Vec::new(),
+            data_idle_close: Duration::from_secs(5),
             progress: false,
         }
     }
@@ -302,6 +306,7 @@ fn agent_config(
     config.long_poll = cfg.long_poll;
     config.backoff_min = Duration::from_millis(250);
     config.slow_poll = Duration::from_secs(30);
+    config.data_idle_close = cfg.data_idle_close;
     if mqtt.is_none() {
         config.poll_interval = cfg.poll_interval;
         config.long_poll = Duration::ZERO;
@@ -360,7 +365,11 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
     let poll_only = cfg.mqtt.is_none();
 
     let sim_before = ProcUsage::current().unwrap_or_default();
-    let bridge_before = cfg.bridge_pid.and_then(ProcUsage::of).unwrap_or_default();
+    let watched_before: Vec<ProcUsage> = cfg
+        .watch
+        .iter()
+        .map(|(_, pid)| ProcUsage::of(*pid).unwrap_or_default())
+        .collect();
     let metrics_before = client.metrics().await?;
 
     // Start the devices at the connect rate.
@@ -578,7 +587,11 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
     }
     let metrics_after = client.metrics().await?;
     let sim_after = ProcUsage::current().unwrap_or_default();
-    let bridge_after = cfg.bridge_pid.and_then(ProcUsage::of);
+    let watched_after: Vec<Option<ProcUsage>> = cfg
+        .watch
+        .iter()
+        .map(|(_, pid)| ProcUsage::of(*pid))
+        .collect();
 
     // Stop the devices.
     let mut stops = tokio::task::JoinSet::new();
@@ -644,9 +657,20 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
             _ => lost += 1,
         }
     }
+    let mut completions: Vec<Instant> = state.jobs.iter().filter_map(|t| t.completed).collect();
+    completions.sort();
+    let longest_gap = completions
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
     let metric = |m: &serde_json::Value, k: &str| m.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-    let requests = metric(&metrics_after, "data_requests")
-        .saturating_sub(metric(&metrics_before, "data_requests"));
+    let (requests_before, requests_after) = (
+        metric(&metrics_before, "data_requests"),
+        metric(&metrics_after, "data_requests"),
+    );
+    let restarted = requests_after < requests_before;
+    let requests = requests_after.saturating_sub(requests_before);
     let hints_dropped = metric(&metrics_after, "hints_dropped")
         .saturating_sub(metric(&metrics_before, "hints_dropped"));
     let device_hours = cfg.devices as f64 * wall.as_secs_f64() / 3600.0;
@@ -661,14 +685,11 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
         &sim_after,
         wall,
     )];
-    if let (Some(pid), Some(after)) = (cfg.bridge_pid, bridge_after) {
-        processes.push(ProcessReport::new(
-            "cloud-bridge (with broker)",
-            pid,
-            &bridge_before,
-            &after,
-            wall,
-        ));
+    for (((name, pid), before), after) in cfg.watch.iter().zip(&watched_before).zip(&watched_after)
+    {
+        if let Some(after) = after {
+            processes.push(ProcessReport::new(name, *pid, before, after, wall));
+        }
     }
     let mode = match &cfg.mqtt {
         None => format!("poll-only every {:?}", cfg.poll_interval),
@@ -701,11 +722,9 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
         jobs_lost: lost,
         jobs_duplicated: duplicated,
         jobs_rerun_after_crash: rerun,
-        server_requests_per_device_hour: if device_hours > 0.0 {
-            requests as f64 / device_hours
-        } else {
-            0.0
-        },
+        longest_completion_gap_ms: longest_gap.as_secs_f64() * 1000.0,
+        server_requests_per_device_hour: (!restarted && device_hours > 0.0)
+            .then(|| requests as f64 / device_hours),
         hints_dropped,
         events_lagged: shared.lagged.load(Ordering::Relaxed),
         faults,

@@ -114,8 +114,12 @@ pub struct FleetReport {
     /// Jobs started again after their device was killed mid-job (not duplicates: the first
     /// run never finished).
     pub jobs_rerun_after_crash: u64,
-    /// Data-channel requests the bridge served, per device-hour.
-    pub server_requests_per_device_hour: f64,
+    /// Longest stretch without a completion while jobs were outstanding, in ms: the time to
+    /// recover from a fault.
+    pub longest_completion_gap_ms: f64,
+    /// Data-channel requests the bridge served, per device-hour; `None` when the bridge
+    /// restarted during the run (its counters start again at zero).
+    pub server_requests_per_device_hour: Option<f64>,
     pub hints_dropped: u64,
     pub events_lagged: u64,
     pub faults: Vec<String>,
@@ -170,8 +174,18 @@ impl FleetReport {
         row(
             &mut s,
             "server requests per device-hour",
-            format!("{:.0}", self.server_requests_per_device_hour),
+            self.server_requests_per_device_hour.map_or_else(
+                || "n/a (bridge restarted)".to_owned(),
+                |r| format!("{r:.0}"),
+            ),
         );
+        if self.jobs_refused > 0 {
+            row(
+                &mut s,
+                "submissions refused (bridge down)",
+                self.jobs_refused.to_string(),
+            );
+        }
         if self.jobs_rerun_after_crash > 0 {
             row(
                 &mut s,

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# The benchmark scenarios, one command each and one for all:
+#
+#   bench/run.sh scale | throughput | poll | brokers | faults | all
+#
+# Each scenario starts its own release-built cloud bridge (and Mosquitto where needed) on free
+# loopback ports, drives it with `device-sim fleet` in a separate process, and writes one report
+# per run to bench/results/<scenario>/<run>.{json,md,svg}. `all` also writes
+# bench/results/latest.md: the machine, the commit, and every table.
+#
+# QUICK=1 shrinks fleets and durations for a smoke run of the script itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=${QUICK:-0}
+OUT=${OUT:-bench/results}
+q() { if [ "$QUICK" = 1 ]; then echo "$2"; else echo "$1"; fi; }
+
+# A process may hold at most 20,000 descriptors here; take them all.
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+cargo build --release --locked -q -p cloud-bridge -p device-sim
+BRIDGE=target/release/cloud-bridge
+SIM=target/release/device-sim
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# start_bridge NAME [extra serve flags]: sets BRIDGE_PID, DIR, ADMIN_PORT, DATA_PORT, MQTT_ADDR.
+start_bridge() {
+    DIR=$WORK/$1
+    shift
+    mkdir -p "$DIR"
+    ADMIN_PORT=$(free_port)
+    DATA_PORT=$(free_port)
+    local mqtt_port
+    mqtt_port=$(free_port)
+    BRIDGE_ARGS=(serve --data-dir "$DIR/data" --admin-listen "127.0.0.1:$ADMIN_PORT"
+        --data-listen "127.0.0.1:$DATA_PORT" --mqtt-listen "127.0.0.1:$mqtt_port" "$@")
+    launch_bridge
+}
+
+launch_bridge() {
+    : > "$DIR/ready"
+    "$BRIDGE" "${BRIDGE_ARGS[@]}" > "$DIR/ready" 2>> "$DIR/bridge.log" &
+    BRIDGE_PID=$!
+    PIDS+=("$BRIDGE_PID")
+    for _ in $(seq 300); do
+        if grep -q '"ready"' "$DIR/ready"; then
+            MQTT_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$DIR/ready")
+            return 0
+        fi
+        kill -0 "$BRIDGE_PID" 2>/dev/null || { cat "$DIR/bridge.log" >&2; return 1; }
+        sleep 0.1
+    done
+    echo "cloud-bridge did not become ready" >&2
+    return 1
+}
+
+stop_bridge() {
+    kill -TERM "$BRIDGE_PID" 2>/dev/null || true
+    wait "$BRIDGE_PID" 2>/dev/null || true
+}
+
+# fleet SCENARIO LABEL [fleet flags]
+fleet() {
+    local scenario=$1 label=$2
+    shift 2
+    "$SIM" fleet --label "$label" --out "$OUT/$scenario" \
+        --admin-url "http://127.0.0.1:$ADMIN_PORT" --admin-token-file "$DIR/data/admin-token" \
+        --data-url "ws://127.0.0.1:$DATA_PORT" --mqtt "$MQTT_ADDR" --bridge-pid "$BRIDGE_PID" \
+        --connect-rate 1000 "$@"
+}
+
+p99_complete() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["submit_to_complete"]["p99_ms"])' "$1"; }
+
+scenario_scale() {
+    echo "== scale: latency and memory per device as the fleet grows" >&2
+    for n in $(q "1000 5000 9000" "100 300"); do
+        start_bridge "scale-$n"
+        fleet scale "scale-$n" --devices "$n" --rate "$(q 1000 100)" --duration "$(q 60s 10s)"
+        stop_bridge
+    done
+}
+
+scenario_throughput() {
+    echo "== throughput: highest rate with p99 submission→completion under 100 ms, 1,000 devices" >&2
+    start_bridge throughput
+    for rate in $(q "250 500 750 1000 1250 1500 2000 3000 5000" "50 100 200"); do
+        fleet throughput "rate-$rate" --devices "$(q 1000 100)" --rate "$rate" --duration "$(q 20s 5s)"
+        p99=$(p99_complete "$OUT/throughput/rate-$rate.json")
+        echo "rate $rate: p99 $p99 ms" >&2
+        if python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) > 100 else 1)' "$p99"; then
+            break
+        fi
+    done
+    stop_bridge
+}
+
+scenario_poll() {
+    echo "== push against polling: same fleet and job stream" >&2
+    local devices rate duration
+    devices=$(q 1000 100)
+    rate=$(q 20 10)
+    duration=$(q 120s 15s)
+    start_bridge poll
+    fleet poll push --devices "$devices" --rate "$rate" --duration "$duration"
+    fleet poll poll-30s --devices "$devices" --rate "$rate" --duration "$duration" --poll-only 30s
+    fleet poll poll-5s --devices "$devices" --rate "$rate" --duration "$duration" --poll-only 5s
+    stop_bridge
+}
+
+scenario_brokers() {
+    echo "== brokers side by side: embedded rumqttd against Mosquitto" >&2
+    local devices rate duration port conf
+    devices=$(q 1000 100)
+    rate=$(q 300 50)
+    duration=$(q 30s 10s)
+    start_bridge brokers-embedded
+    fleet brokers embedded --devices "$devices" --rate "$rate" --duration "$duration"
+    stop_bridge
+
+    port=$(free_port)
+    conf=$WORK/mosquitto.conf
+    # Anonymous on loopback, for the benchmark only: authentication is not what is compared.
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_connections -1\nlog_type error\n' "$port" > "$conf"
+    local mosquitto=mosquitto
+    command -v mosquitto >/dev/null || mosquitto=/usr/sbin/mosquitto
+    "$mosquitto" -c "$conf" 2> "$WORK/mosquitto.log" &
+    local mpid=$!
+    PIDS+=("$mpid")
+    start_bridge brokers-mosquitto --broker external --mqtt-url "mqtt://127.0.0.1:$port"
+    fleet brokers mosquitto --devices "$devices" --rate "$rate" --duration "$duration" --watch-pid "mosquitto=$mpid"
+    stop_bridge
+    kill -TERM "$mpid"
+}
+
+scenario_faults() {
+    echo "== faults: 10 % of MQTT links cut for a minute, and a cloud-bridge restart, under load" >&2
+    start_bridge faults
+    fleet faults cut-mqtt --devices "$(q 1000 100)" --rate "$(q 200 50)" --duration "$(q 90s 15s)" \
+        --cut-mqtt 0.1 --cut-at "$(q 10s 3s)" --cut-for "$(q 60s 5s)"
+    # The bridge is killed (SIGKILL) mid-run and started again on the same data and ports.
+    fleet faults bridge-restart --devices "$(q 1000 100)" --rate "$(q 200 50)" --duration "$(q 60s 15s)" &
+    local fpid=$!
+    sleep "$(q 25 8)"
+    kill -9 "$BRIDGE_PID"
+    wait "$BRIDGE_PID" 2>/dev/null || true
+    launch_bridge
+    wait "$fpid"
+    stop_bridge
+}
+
+summary() {
+    local file=$OUT/latest.md
+    {
+        echo "# Benchmark run"
+        echo
+        echo "- date: $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD)"
+        echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr)"
+        echo "- command: bench/run.sh all${QUICK:+ (QUICK=$QUICK)}"
+        for scenario in scale throughput poll brokers faults; do
+            [ -d "$OUT/$scenario" ] || continue
+            echo
+            echo "## $scenario"
+            # In the order they ran.
+            for md in $(ls -tr "$OUT/$scenario"/*.md); do
+                echo
+                sed 's/^### /#### /' "$md"
+            done
+        done
+    } > "$file"
+    echo "summary: $file" >&2
+}
+
+case "${1:-all}" in
+    scale) scenario_scale ;;
+    throughput) scenario_throughput ;;
+    poll) scenario_poll ;;
+    brokers) scenario_brokers ;;
+    faults) scenario_faults ;;
+    all)
+        rm -rf "${OUT:?}"/{scale,throughput,poll,brokers,faults}
+        scenario_scale
+        scenario_throughput
+        scenario_poll
+        scenario_brokers
+        scenario_faults
+        summary
+        ;;
+    *)
+        echo "usage: bench/run.sh scale|throughput|poll|brokers|faults|all" >&2
+        exit 2
+        ;;
+esac
