@@ -68,14 +68,19 @@ stop_bridge() {
     wait "$BRIDGE_PID" 2>/dev/null || true
 }
 
-# fleet SCENARIO LABEL [fleet flags]
+FAILED=()
+
+# fleet SCENARIO LABEL [fleet flags]. A run that loses or repeats jobs (or cannot run) is
+# recorded and the scenarios go on; the script fails at the end.
 fleet() {
     local scenario=$1 label=$2
     shift 2
-    "$SIM" fleet --label "$label" --out "$OUT/$scenario" \
+    if ! "$SIM" fleet --label "$label" --out "$OUT/$scenario" \
         --admin-url "http://127.0.0.1:$ADMIN_PORT" --admin-token-file "$DIR/data/admin-token" \
         --data-url "ws://127.0.0.1:$DATA_PORT" --mqtt "$MQTT_ADDR" --bridge-pid "$BRIDGE_PID" \
-        --connect-rate 1000 "$@"
+        --connect-rate 1000 "$@"; then
+        FAILED+=("$scenario/$label")
+    fi
 }
 
 p99_complete() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["submit_to_complete"]["p99_ms"])' "$1"; }
@@ -94,6 +99,7 @@ scenario_throughput() {
     start_bridge throughput
     for rate in $(q "250 500 750 1000 1250 1500 2000 3000 5000" "50 100 200"); do
         fleet throughput "rate-$rate" --devices "$(q 1000 100)" --rate "$rate" --duration "$(q 20s 5s)"
+        [ -f "$OUT/throughput/rate-$rate.json" ] || break
         p99=$(p99_complete "$OUT/throughput/rate-$rate.json")
         echo "rate $rate: p99 $p99 ms" >&2
         if python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) > 100 else 1)' "$p99"; then
@@ -154,6 +160,8 @@ scenario_faults() {
     wait "$BRIDGE_PID" 2>/dev/null || true
     launch_bridge
     wait "$fpid"
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); sys.exit(r["jobs_lost"] + r["jobs_duplicated"] > 0)' \
+        "$OUT/faults/bridge-restart.json" || FAILED+=("faults/bridge-restart")
     stop_bridge
 }
 
@@ -199,3 +207,8 @@ case "${1:-all}" in
         exit 2
         ;;
 esac
+
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    echo "runs that lost or repeated jobs, or did not run: ${FAILED[*]}" >&2
+    exit 1
+fi

@@ -40,7 +40,8 @@ url = "mqtt://127.0.0.1:1883"
 client_id = "cloud-bridge"
 username = ""
 password = ""
-# Bounded queue of hints and ops events waiting to be published; overflow is dropped and counted.
+# Ops events waiting to be published; an overflow is dropped and counted. (Hints never queue
+# up: at most one waits per device, the newest.)
 queue = 65536
 
 [jobs]

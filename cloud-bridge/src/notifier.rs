@@ -1,21 +1,26 @@
 //! The notifier: hints and ops events out to MQTT, presence announcements in.
 //!
-//! [`Notifier`] is a handle over a bounded queue. Overflow policy: **drop and count**. A hint
-//! is never the only copy of anything (the device catches up by cursor), and an ops event is
-//! an observation; neither may hold up a job submission.
+//! Hints are **coalesced, never dropped**: a hint only says "your feed now reaches seq N", so
+//! the [`Outbox`] keeps at most one pending hint per device (the newest) and publishes devices in
+//! the order they became dirty. Memory is bounded by the number of devices, and under overload
+//! hints merge instead of piling up. Ops events are observations: they wait in a bounded queue,
+//! and an overflow is **dropped and counted**.
 //!
-//! Two backends drain the queue: the embedded broker's in-process link, or any MQTT 3.1.1
-//! broker through rumqttc. Both also deliver presence announcements to the bridge.
+//! Two backends drain the outbox: the embedded broker's in-process link (on a thread of its
+//! own, since rumqttd's publish blocks while its router is busy), or any MQTT 3.1.1 broker
+//! through rumqttc. Both also deliver presence announcements to the bridge.
 
-use std::sync::Arc;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use schemas::hint::{Hint, HintKind, MAX_HINT_BYTES, Presence};
 use schemas::ops::OpsEvent;
 use schemas::{DeviceId, FeedSeq, topics};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::Bridge;
@@ -32,7 +37,8 @@ pub struct Outgoing {
 #[derive(Debug, Default)]
 pub struct NotifierStats {
     pub hints_queued: AtomicU64,
-    pub hints_dropped: AtomicU64,
+    /// Hints merged into one already waiting for the same device.
+    pub hints_coalesced: AtomicU64,
     pub events_queued: AtomicU64,
     pub events_dropped: AtomicU64,
     pub published: AtomicU64,
@@ -41,56 +47,182 @@ pub struct NotifierStats {
     pub presence_dropped: AtomicU64,
 }
 
+#[derive(Debug, Default)]
+struct Queue {
+    hints: HashMap<DeviceId, Hint>,
+    dirty: VecDeque<DeviceId>,
+    events: VecDeque<Outgoing>,
+    closed: bool,
+}
+
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.dirty.is_empty() && self.events.is_empty()
+    }
+
+    /// Up to `max` publishes: waiting events first, then the oldest dirty devices' hints.
+    fn take(&mut self, max: usize) -> Vec<Outgoing> {
+        let mut out = Vec::with_capacity(max.min(self.events.len() + self.dirty.len()));
+        while out.len() < max {
+            let Some(event) = self.events.pop_front() else {
+                break;
+            };
+            out.push(event);
+        }
+        while out.len() < max {
+            let Some(device) = self.dirty.pop_front() else {
+                break;
+            };
+            let Some(hint) = self.hints.remove(&device) else {
+                continue;
+            };
+            let Ok(payload) = schemas::encode(&hint) else {
+                continue;
+            };
+            debug_assert!(payload.len() <= MAX_HINT_BYTES);
+            out.push(Outgoing {
+                topic: topics::notify(&device),
+                payload,
+                qos1: true,
+            });
+        }
+        out
+    }
+}
+
+/// What waits to be published.
+#[derive(Debug)]
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    ready_async: Notify,
+    event_capacity: usize,
+    stats: NotifierStats,
+}
+
+/// Publishes taken from the outbox at once.
+const BATCH: usize = 256;
+
+impl Outbox {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake(&self) {
+        self.ready.notify_one();
+        self.ready_async.notify_one();
+    }
+
+    fn push_hint(&self, device: &DeviceId, hint: Hint) {
+        let mut q = self.lock();
+        let Queue { hints, dirty, .. } = &mut *q;
+        match hints.entry(device.clone()) {
+            Entry::Occupied(mut waiting) => {
+                if hint.seq >= waiting.get().seq {
+                    waiting.insert(hint);
+                }
+                self.stats.hints_coalesced.fetch_add(1, Ordering::Relaxed);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(hint);
+                dirty.push_back(device.clone());
+                self.stats.hints_queued.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        drop(q);
+        self.wake();
+    }
+
+    fn push_event(&self, out: Outgoing) {
+        let mut q = self.lock();
+        if q.events.len() >= self.event_capacity {
+            self.stats.events_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.events.push_back(out);
+        self.stats.events_queued.fetch_add(1, Ordering::Relaxed);
+        drop(q);
+        self.wake();
+    }
+
+    /// Waits on this thread for publishes; `None` once closed and empty.
+    pub fn next_blocking(&self) -> Option<Vec<Outgoing>> {
+        let mut q = self.lock();
+        loop {
+            if !q.is_empty() {
+                return Some(q.take(BATCH));
+            }
+            if q.closed {
+                return None;
+            }
+            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits for publishes; `None` once closed and empty.
+    pub async fn next(&self) -> Option<Vec<Outgoing>> {
+        loop {
+            let notified = self.ready_async.notified();
+            {
+                let mut q = self.lock();
+                if !q.is_empty() {
+                    return Some(q.take(BATCH));
+                }
+                if q.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Wakes the consumers to finish: what is queued is still handed out, then `None`.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+        self.ready_async.notify_waiters();
+        self.ready_async.notify_one();
+    }
+}
+
+/// A cheap handle to the outbox.
 #[derive(Debug, Clone)]
 pub struct Notifier {
-    tx: mpsc::Sender<Outgoing>,
-    stats: Arc<NotifierStats>,
+    outbox: Arc<Outbox>,
 }
 
 impl Notifier {
-    pub fn channel(capacity: usize) -> (Notifier, mpsc::Receiver<Outgoing>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (
-            Notifier {
-                tx,
-                stats: Arc::new(NotifierStats::default()),
-            },
-            rx,
-        )
+    /// `event_capacity` bounds the ops events waiting to be published.
+    pub fn new(event_capacity: usize) -> Notifier {
+        Notifier {
+            outbox: Arc::new(Outbox {
+                queue: Mutex::new(Queue::default()),
+                ready: Condvar::new(),
+                ready_async: Notify::new(),
+                event_capacity,
+                stats: NotifierStats::default(),
+            }),
+        }
+    }
+
+    pub fn outbox(&self) -> Arc<Outbox> {
+        self.outbox.clone()
     }
 
     pub fn stats(&self) -> &NotifierStats {
-        &self.stats
+        &self.outbox.stats
     }
 
     pub fn hint(&self, device: &DeviceId, kind: HintKind, seq: FeedSeq) {
-        let Ok(payload) = schemas::encode(&Hint::new(kind, seq)) else {
-            return;
-        };
-        debug_assert!(payload.len() <= MAX_HINT_BYTES);
-        let out = Outgoing {
-            topic: topics::notify(device),
-            payload,
-            qos1: true,
-        };
-        if self.tx.try_send(out).is_ok() {
-            self.stats.hints_queued.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.stats.hints_dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        self.outbox.push_hint(device, Hint::new(kind, seq));
     }
 
     pub fn ops(&self, event: &OpsEvent) {
-        let out = Outgoing {
+        self.outbox.push_event(Outgoing {
             topic: event.topic(),
             payload: event.to_json(),
             qos1: false,
-        };
-        if self.tx.try_send(out).is_ok() {
-            self.stats.events_queued.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.stats.events_dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        });
     }
 }
 
@@ -111,23 +243,18 @@ fn deliver_presence(bridge: &Bridge, stats: &NotifierStats, topic: &[u8], payloa
     }
 }
 
-/// Drains the queue into the embedded broker and reads presence from it.
-pub async fn run_embedded(
-    link: broker::BridgeLink,
-    mut rx: mpsc::Receiver<Outgoing>,
-    bridge: Bridge,
-    shutdown: CancellationToken,
-) {
+/// Drains the outbox into the embedded broker and reads presence from it.
+pub async fn run_embedded(link: broker::BridgeLink, bridge: Bridge, shutdown: CancellationToken) {
     let broker::BridgeLink {
         tx: mut link_tx,
         rx: mut link_rx,
     } = link;
-    let stats = bridge.notifier().stats.clone();
+    let outbox = bridge.notifier().outbox();
     if let Err(e) = link_tx.try_subscribe(topics::PRESENCE_FILTER) {
         tracing::error!(error = %e, "cannot subscribe to presence on the embedded broker");
     }
     let reader_bridge = bridge.clone();
-    let reader_stats = stats.clone();
+    let reader_outbox = outbox.clone();
     let reader_shutdown = shutdown.clone();
     let reader = tokio::spawn(async move {
         loop {
@@ -138,7 +265,7 @@ pub async fn run_embedded(
             match next {
                 Ok(Some(broker::Notification::Forward(f))) => deliver_presence(
                     &reader_bridge,
-                    &reader_stats,
+                    &reader_outbox.stats,
                     &f.publish.topic,
                     &f.publish.payload,
                 ),
@@ -156,23 +283,26 @@ pub async fn run_embedded(
         }
     });
     // rumqttd's publish blocks while its router is busy. Run it on a thread of its own: the
-    // router's backpressure then holds up only this thread, our bounded queue absorbs bursts,
-    // and only an overflow of that queue drops (and counts) anything.
-    let writer_stats = stats.clone();
+    // router's backpressure then holds up only this thread while hints coalesce in the outbox.
+    let writer_outbox = outbox.clone();
     let writer = std::thread::Builder::new()
         .name("hint-publisher".into())
         .spawn(move || {
-            while let Some(out) = rx.blocking_recv() {
-                match link_tx.publish(out.topic, out.payload) {
-                    Ok(_) => writer_stats.published.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => writer_stats.publish_failed.fetch_add(1, Ordering::Relaxed),
-                };
+            while let Some(batch) = writer_outbox.next_blocking() {
+                for out in batch {
+                    let counter = match link_tx.publish(out.topic, out.payload) {
+                        Ok(_) => &writer_outbox.stats.published,
+                        Err(_) => &writer_outbox.stats.publish_failed,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
             }
         });
     if let Err(e) = writer {
         tracing::error!(error = %e, "cannot start the hint publisher thread");
     }
     shutdown.cancelled().await;
+    outbox.close();
     reader.abort();
 }
 
@@ -186,15 +316,10 @@ pub struct ExternalBroker {
     pub password: Option<schemas::Secret>,
 }
 
-/// Drains the queue into an external MQTT broker and reads presence from it. Reconnects with
+/// Drains the outbox into an external MQTT broker and reads presence from it. Reconnects with
 /// exponential backoff and jitter (rumqttc alone would retry at once, in a tight loop).
-pub async fn run_external(
-    cfg: ExternalBroker,
-    mut rx: mpsc::Receiver<Outgoing>,
-    bridge: Bridge,
-    shutdown: CancellationToken,
-) {
-    let stats = bridge.notifier().stats.clone();
+pub async fn run_external(cfg: ExternalBroker, bridge: Bridge, shutdown: CancellationToken) {
+    let outbox = bridge.notifier().outbox();
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(true);
@@ -215,7 +340,7 @@ pub async fn run_external(
 
     let driver_shutdown = shutdown.clone();
     let driver_client = client.clone();
-    let driver_stats = stats.clone();
+    let driver_outbox = outbox.clone();
     let driver = tokio::spawn(async move {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
@@ -235,7 +360,12 @@ pub async fn run_external(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    deliver_presence(&bridge, &driver_stats, p.topic.as_bytes(), &p.payload);
+                    deliver_presence(
+                        &bridge,
+                        &driver_outbox.stats,
+                        p.topic.as_bytes(),
+                        &p.payload,
+                    );
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -249,23 +379,30 @@ pub async fn run_external(
             }
         }
     });
-    loop {
-        let out = tokio::select! {
-            out = rx.recv() => out,
+    // While the broker is unreachable rumqttc's request queue fills and `publish` waits; hints
+    // meanwhile coalesce in the outbox, one per device.
+    'publishing: loop {
+        let batch = tokio::select! {
+            batch = outbox.next() => batch,
             _ = shutdown.cancelled() => None,
         };
-        let Some(out) = out else { break };
-        let qos = if out.qos1 {
-            QoS::AtLeastOnce
-        } else {
-            QoS::AtMostOnce
-        };
-        // try_publish: while the broker is unreachable rumqttc's request queue fills, and we
-        // drop (hints are not the only copy) rather than let the queue back up.
-        match client.try_publish(out.topic, qos, false, out.payload) {
-            Ok(()) => stats.published.fetch_add(1, Ordering::Relaxed),
-            Err(_) => stats.publish_failed.fetch_add(1, Ordering::Relaxed),
-        };
+        let Some(batch) = batch else { break };
+        for out in batch {
+            let qos = if out.qos1 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            };
+            let published = tokio::select! {
+                r = client.publish(out.topic, qos, false, out.payload) => r,
+                _ = shutdown.cancelled() => break 'publishing,
+            };
+            let counter = match published {
+                Ok(()) => &outbox.stats.published,
+                Err(_) => &outbox.stats.publish_failed,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
     let _ = client.try_disconnect();
     driver.abort();
@@ -298,5 +435,69 @@ impl Backoff {
         let cap = exp.min(self.max);
         let millis = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX).max(1);
         Duration::from_millis(rand::random_range(millis / 2..=millis))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(n: u8) -> DeviceId {
+        DeviceId::from_random([n; 8])
+    }
+
+    fn decode(out: &Outgoing) -> Hint {
+        schemas::decode(&out.payload).unwrap()
+    }
+
+    #[test]
+    fn hints_for_one_device_coalesce_to_the_newest_in_dirty_order() {
+        let notifier = Notifier::new(10);
+        let (a, b) = (device(1), device(2));
+        notifier.hint(&a, HintKind::Feed, FeedSeq(1));
+        notifier.hint(&b, HintKind::Feed, FeedSeq(7));
+        notifier.hint(&a, HintKind::Feed, FeedSeq(3));
+        notifier.hint(&a, HintKind::Pending, FeedSeq(2));
+        let batch = notifier.outbox().next_blocking().unwrap();
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[0].topic, topics::notify(&a));
+        assert_eq!(
+            decode(&batch[0]).seq,
+            FeedSeq(3),
+            "the newest sequence number wins"
+        );
+        assert_eq!(decode(&batch[1]).seq, FeedSeq(7));
+        assert_eq!(notifier.stats().hints_coalesced.load(Ordering::Relaxed), 2);
+        // Published hints are gone; a new one dirties the device again.
+        notifier.hint(&a, HintKind::Feed, FeedSeq(4));
+        assert_eq!(notifier.outbox().next_blocking().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn events_are_bounded_and_overflow_is_counted() {
+        let notifier = Notifier::new(2);
+        let event = OpsEvent::DeviceDisabled {
+            device_id: device(1),
+            at: schemas::UnixMillis(0),
+        };
+        for _ in 0..5 {
+            notifier.ops(&event);
+        }
+        assert_eq!(notifier.stats().events_dropped.load(Ordering::Relaxed), 3);
+        notifier.hint(&device(9), HintKind::Feed, FeedSeq(1));
+        let batch = notifier.outbox().next_blocking().unwrap();
+        assert_eq!(batch.len(), 3, "two events, then the hint");
+        assert!(!batch[0].qos1 && batch[2].qos1);
+    }
+
+    #[tokio::test]
+    async fn close_hands_out_what_is_left_then_ends() {
+        let notifier = Notifier::new(4);
+        notifier.hint(&device(1), HintKind::Feed, FeedSeq(1));
+        let outbox = notifier.outbox();
+        outbox.close();
+        assert_eq!(outbox.next().await.map(|b| b.len()), Some(1));
+        assert!(outbox.next().await.is_none());
+        assert!(outbox.next_blocking().is_none());
     }
 }

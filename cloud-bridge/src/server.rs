@@ -149,7 +149,7 @@ pub async fn start(
         .map_err(|e| StoreError::Open(e.to_string()))??;
     let committer = Committer::new(Arc::new(store));
     let core = Core::load(committer.clone(), config.job_policy())?;
-    let (notifier, outgoing) = Notifier::channel(config.broker.queue);
+    let notifier = Notifier::new(config.broker.queue);
     let mode = match config.broker.mode {
         BrokerMode::Embedded => "embedded",
         BrokerMode::External => "external",
@@ -175,7 +175,6 @@ pub async fn start(
                     })??;
             tracker.spawn(notifier::run_embedded(
                 link,
-                outgoing,
                 bridge.clone(),
                 shutdown.clone(),
             ));
@@ -194,7 +193,6 @@ pub async fn start(
             };
             tracker.spawn(notifier::run_external(
                 external,
-                outgoing,
                 bridge.clone(),
                 shutdown.clone(),
             ));

@@ -120,7 +120,8 @@ pub struct FleetReport {
     /// Data-channel requests the bridge served, per device-hour; `None` when the bridge
     /// restarted during the run (its counters start again at zero).
     pub server_requests_per_device_hour: Option<f64>,
-    pub hints_dropped: u64,
+    /// Hints merged into one already waiting for the same device (the bridge was busy).
+    pub hints_coalesced: u64,
     pub events_lagged: u64,
     pub faults: Vec<String>,
     pub processes: Vec<ProcessReport>,
@@ -193,11 +194,11 @@ impl FleetReport {
                 self.jobs_rerun_after_crash.to_string(),
             );
         }
-        if self.hints_dropped > 0 || self.events_lagged > 0 {
+        if self.hints_coalesced > 0 || self.events_lagged > 0 {
             row(
                 &mut s,
-                "hints dropped / events lagged",
-                format!("{} / {}", self.hints_dropped, self.events_lagged),
+                "hints coalesced / events lagged",
+                format!("{} / {}", self.hints_coalesced, self.events_lagged),
             );
         }
         for f in &self.faults {
