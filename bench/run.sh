@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark scenarios, one command each and one for all:
 #
-#   bench/run.sh scale | throughput | poll | brokers | faults | all
+#   bench/run.sh scale | throughput | poll | brokers | faults | all   (summary: rewrite latest.md)
 #
 # Each scenario starts its own release-built cloud bridge (and Mosquitto where needed) on free
 # loopback ports, drives it with `device-sim fleet` in a separate process, and writes one report
@@ -172,7 +172,7 @@ summary() {
         echo
         echo "- date: $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD)"
         echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr)"
-        echo "- command: bench/run.sh all${QUICK:+ (QUICK=$QUICK)}"
+        if [ "$QUICK" = 1 ]; then echo "- command: QUICK=1 bench/run.sh all"; else echo "- command: bench/run.sh all"; fi
         for scenario in scale throughput poll brokers faults; do
             [ -d "$OUT/$scenario" ] || continue
             echo
@@ -193,6 +193,7 @@ case "${1:-all}" in
     poll) scenario_poll ;;
     brokers) scenario_brokers ;;
     faults) scenario_faults ;;
+    summary) summary ;;
     all)
         rm -rf "${OUT:?}"/{scale,throughput,poll,brokers,faults}
         scenario_scale
@@ -203,7 +204,7 @@ case "${1:-all}" in
         summary
         ;;
     *)
-        echo "usage: bench/run.sh scale|throughput|poll|brokers|faults|all" >&2
+        echo "usage: bench/run.sh scale|throughput|poll|brokers|faults|all|summary" >&2
         exit 2
         ;;
 esac

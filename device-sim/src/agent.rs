@@ -463,6 +463,8 @@ impl Agent {
 
     fn drop_session(&mut self, reason: String) {
         if let Some(session) = self.session.take() {
+            // The connection's own account, when it has ended, says more than the caller's.
+            let reason = session.close_reason().unwrap_or(reason);
             session.close();
             self.emit(AgentEvent::DataDown(reason));
         }

@@ -177,13 +177,20 @@ impl DataSession {
         };
         let timeout = wait + self.settings.reply_timeout;
         let (reply, rx) = oneshot::channel();
+        // If the connection has ended, say why it ended rather than that it did.
+        let ended = || {
+            SessionError::Closed(
+                self.close_reason()
+                    .unwrap_or_else(|| "session task ended".into()),
+            )
+        };
         self.calls
             .send(Call { body, reply })
             .await
-            .map_err(|_| SessionError::Closed("session task ended".into()))?;
+            .map_err(|_| ended())?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(SessionError::Closed("session task ended".into())),
+            Ok(Err(_)) => Err(ended()),
             Err(_) => Err(SessionError::Timeout(timeout)),
         }
     }

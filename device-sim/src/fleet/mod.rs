@@ -671,6 +671,8 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
     );
     let restarted = requests_after < requests_before;
     let requests = requests_after.saturating_sub(requests_before);
+    let connections = metric(&metrics_after, "data_connections_total")
+        .saturating_sub(metric(&metrics_before, "data_connections_total"));
     let hints_coalesced = metric(&metrics_after, "hints_coalesced")
         .saturating_sub(metric(&metrics_before, "hints_coalesced"));
     let device_hours = cfg.devices as f64 * wall.as_secs_f64() / 3600.0;
@@ -725,6 +727,8 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
         longest_completion_gap_ms: longest_gap.as_secs_f64() * 1000.0,
         server_requests_per_device_hour: (!restarted && device_hours > 0.0)
             .then(|| requests as f64 / device_hours),
+        server_connections_per_device_hour: (!restarted && device_hours > 0.0)
+            .then(|| connections as f64 / device_hours),
         hints_coalesced,
         events_lagged: shared.lagged.load(Ordering::Relaxed),
         faults,

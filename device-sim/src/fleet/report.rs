@@ -120,6 +120,8 @@ pub struct FleetReport {
     /// Data-channel requests the bridge served, per device-hour; `None` when the bridge
     /// restarted during the run (its counters start again at zero).
     pub server_requests_per_device_hour: Option<f64>,
+    /// Data-channel connections (TCP + WebSocket handshake + authentication) per device-hour.
+    pub server_connections_per_device_hour: Option<f64>,
     /// Hints merged into one already waiting for the same device (the bridge was busy).
     pub hints_coalesced: u64,
     pub events_lagged: u64,
@@ -176,6 +178,14 @@ impl FleetReport {
             &mut s,
             "server requests per device-hour",
             self.server_requests_per_device_hour.map_or_else(
+                || "n/a (bridge restarted)".to_owned(),
+                |r| format!("{r:.0}"),
+            ),
+        );
+        row(
+            &mut s,
+            "server connections per device-hour",
+            self.server_connections_per_device_hour.map_or_else(
                 || "n/a (bridge restarted)".to_owned(),
                 |r| format!("{r:.0}"),
             ),
