@@ -49,3 +49,39 @@ async fn fifty_devices_with_cut_links_lose_nothing_and_run_nothing_twice() {
     assert!(report.submit_to_complete.count > 0 && report.submit_to_complete.p50_ms > 0.0);
     assert_eq!(report.faults.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_restarted_devices_lose_nothing_and_print_nothing_twice() {
+    // A short lease, so jobs held by killed devices come back within the drain window.
+    let bridge = InProcessBridge::start_with(|c| c.jobs.lease_secs = 2).await;
+    let ep = &bridge.endpoints;
+    let mut cfg = FleetConfig::new(
+        &ep.admin,
+        ep.admin_token.clone(),
+        &ep.data_url,
+        Some(ep.mqtt.clone()),
+    );
+    cfg.label = "test-restart".into();
+    cfg.devices = 30;
+    cfg.rate = 30.0;
+    cfg.duration = Duration::from_secs(5);
+    cfg.drain = Duration::from_secs(40);
+    // Long enough that a kill lands in the middle of some prints.
+    cfg.job_time = Duration::from_millis(300);
+    cfg.restart_devices = Some(Fault {
+        share: 0.3,
+        at: Duration::from_secs(2),
+        length: Duration::from_secs(1),
+    });
+    let report = device_sim::fleet::run(cfg).await.unwrap();
+    eprintln!("{}", report.to_markdown());
+
+    assert_eq!(report.jobs_lost, 0);
+    assert_eq!(report.jobs_duplicated, 0);
+    assert_eq!(report.jobs_completed, report.jobs_acknowledged);
+    assert!(
+        report.faults.iter().any(|f| f.contains("9 devices killed")),
+        "{:?}",
+        report.faults
+    );
+}
