@@ -8,27 +8,39 @@ use std::time::Duration;
 use device_sim::fleet::{Fault, FleetConfig};
 use e2e_tests::InProcessBridge;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_devices_with_cut_links_lose_nothing_and_run_nothing_twice() {
-    let bridge = InProcessBridge::start().await;
-    let ep = &bridge.endpoints;
+/// A small fleet against `ep`; `adjust` sets the run's size and fault.
+fn fleet(
+    ep: &e2e_tests::Endpoints,
+    label: &str,
+    adjust: impl FnOnce(&mut FleetConfig),
+) -> FleetConfig {
     let mut cfg = FleetConfig::new(
         &ep.admin,
         ep.admin_token.clone(),
         &ep.data_url,
         Some(ep.mqtt.clone()),
     );
-    cfg.label = "test-fleet".into();
-    cfg.devices = 50;
-    cfg.rate = 40.0;
-    cfg.duration = Duration::from_secs(6);
-    cfg.drain = Duration::from_secs(30);
-    cfg.job_time = Duration::from_millis(20);
-    cfg.long_poll = Duration::from_secs(2);
-    cfg.cut_mqtt = Some(Fault {
-        share: 0.2,
-        at: Duration::from_secs(1),
-        length: Duration::from_secs(3),
+    cfg.label = label.into();
+    cfg.drain = Duration::from_secs(40);
+    adjust(&mut cfg);
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_devices_with_cut_links_lose_nothing_and_run_nothing_twice() {
+    let bridge = InProcessBridge::start().await;
+    let ep = &bridge.endpoints;
+    let cfg = fleet(ep, "test-fleet", |cfg| {
+        cfg.devices = 50;
+        cfg.rate = 40.0;
+        cfg.duration = Duration::from_secs(6);
+        cfg.job_time = Duration::from_millis(20);
+        cfg.long_poll = Duration::from_secs(2);
+        cfg.cut_mqtt = Some(Fault {
+            share: 0.2,
+            at: Duration::from_secs(1),
+            length: Duration::from_secs(3),
+        });
     });
     let report = device_sim::fleet::run(cfg).await.unwrap();
     eprintln!("{}", report.to_markdown());
@@ -55,23 +67,17 @@ async fn killed_and_restarted_devices_lose_nothing_and_print_nothing_twice() {
     // A short lease, so jobs held by killed devices come back within the drain window.
     let bridge = InProcessBridge::start_with(|c| c.jobs.lease_secs = 2).await;
     let ep = &bridge.endpoints;
-    let mut cfg = FleetConfig::new(
-        &ep.admin,
-        ep.admin_token.clone(),
-        &ep.data_url,
-        Some(ep.mqtt.clone()),
-    );
-    cfg.label = "test-restart".into();
-    cfg.devices = 30;
-    cfg.rate = 30.0;
-    cfg.duration = Duration::from_secs(5);
-    cfg.drain = Duration::from_secs(40);
-    // Long enough that a kill lands in the middle of some prints.
-    cfg.job_time = Duration::from_millis(300);
-    cfg.restart_devices = Some(Fault {
-        share: 0.3,
-        at: Duration::from_secs(2),
-        length: Duration::from_secs(1),
+    let cfg = fleet(ep, "test-restart", |cfg| {
+        cfg.devices = 30;
+        cfg.rate = 30.0;
+        cfg.duration = Duration::from_secs(5);
+        // Long enough that a kill lands in the middle of some prints.
+        cfg.job_time = Duration::from_millis(300);
+        cfg.restart_devices = Some(Fault {
+            share: 0.3,
+            at: Duration::from_secs(2),
+            length: Duration::from_secs(1),
+        });
     });
     let report = device_sim::fleet::run(cfg).await.unwrap();
     eprintln!("{}", report.to_markdown());
