@@ -87,9 +87,11 @@ p99_complete() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))
 
 scenario_scale() {
     echo "== scale: latency and memory per device as the fleet grows" >&2
-    for n in $(q "1000 5000 9000" "100 300"); do
+    # One simulator process per 8,000 devices: a process may hold 20,000 descriptors.
+    for n in ${SCALE_SIZES:-$(q "1000 5000 10000 15000" "100 300")}; do
         start_bridge "scale-$n"
-        fleet scale "scale-$n" --devices "$n" --rate "$(q 1000 100)" --duration "$(q 60s 10s)"
+        fleet scale "scale-$n" --devices "$n" --rate "$(q 1000 100)" --duration "$(q 60s 10s)" \
+            --processes $(((n + 7999) / 8000))
         stop_bridge
     done
 }

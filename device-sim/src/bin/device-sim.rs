@@ -152,11 +152,123 @@ struct FleetArgs {
     /// Where to write <label>.json, <label>.md and <label>.svg.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    /// Spread the devices and the rate over this many processes (a process holds at most
+    /// ~9,000 devices under a 20,000 file-descriptor limit); their reports are merged.
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// Internal: this process is one part of a multi-process run.
+    #[arg(long, hide = true)]
+    part: bool,
+}
+
+/// The command line of part `i` of `k`: its share of devices and rate, no progress bar, no
+/// watched processes (the parent measures those over the whole run).
+fn part_args(args: &FleetArgs, token: &str, i: usize, k: usize) -> Vec<String> {
+    let devices = args.devices / k + usize::from(i < args.devices % k);
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let mut v: Vec<String> = vec![
+        "fleet".into(),
+        "--part".into(),
+        "--label".into(),
+        format!("{}-part-{i}", args.label),
+        "--admin-url".into(),
+        args.admin_url.clone(),
+        "--admin-token".into(),
+        token.to_owned(),
+        "--data-url".into(),
+        args.data_url.clone(),
+        "--mqtt".into(),
+        args.mqtt.clone(),
+        "--devices".into(),
+        devices.to_string(),
+        "--rate".into(),
+        (args.rate / k as f64).to_string(),
+        "--duration".into(),
+        ms(args.duration),
+        "--connect-rate".into(),
+        (args.connect_rate / k as u32).max(1).to_string(),
+        "--job-time".into(),
+        ms(args.job_time),
+        "--cut-at".into(),
+        ms(args.cut_at),
+        "--cut-for".into(),
+        ms(args.cut_for),
+        "--data-idle-close".into(),
+        ms(args.data_idle_close),
+        "--out".into(),
+        args.out.display().to_string(),
+    ];
+    if let Some(p) = args.poll_only {
+        v.extend(["--poll-only".into(), ms(p)]);
+    }
+    if let Some(c) = args.cut_mqtt {
+        v.extend(["--cut-mqtt".into(), c.to_string()]);
+    }
+    if let Some(r) = args.restart_devices {
+        v.extend(["--restart-devices".into(), r.to_string()]);
+    }
+    v
+}
+
+/// Runs `args.processes` parts as child processes and merges their reports.
+async fn fleet_processes(
+    args: &FleetArgs,
+    token: &str,
+) -> anyhow::Result<device_sim::fleet::report::FleetReport> {
+    use device_sim::fleet::procstat::ProcUsage;
+    use device_sim::fleet::report::{FleetReport, ProcessReport};
+    let k = args.processes;
+    let mut watch: Vec<(String, u32)> = args.watch_pid.clone();
+    if let Some(pid) = args.bridge_pid {
+        watch.insert(0, ("cloud-bridge".to_owned(), pid));
+    }
+    let before: Vec<ProcUsage> = watch
+        .iter()
+        .map(|(_, p)| ProcUsage::of(*p).unwrap_or_default())
+        .collect();
+    let started = std::time::Instant::now();
+    let exe = std::env::current_exe().context("locating device-sim")?;
+    let mut children = Vec::with_capacity(k);
+    for i in 0..k {
+        children.push(
+            tokio::process::Command::new(&exe)
+                .args(part_args(args, token, i, k))
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting a fleet process")?,
+        );
+    }
+    let mut parts = Vec::with_capacity(k);
+    for (i, mut child) in children.into_iter().enumerate() {
+        let status = child.wait().await?;
+        let path = args.out.join(format!("{}-part-{i}.json", args.label));
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("part {i} wrote no report ({status})"))?;
+        let mut part: FleetReport = serde_json::from_slice(&bytes)?;
+        for p in &mut part.processes {
+            p.name = format!("{} (part {i})", p.name);
+        }
+        parts.push(part);
+        for ext in ["json", "md", "svg"] {
+            let _ = std::fs::remove_file(path.with_extension(ext));
+        }
+    }
+    let mut report = FleetReport::merge(&args.label, &parts);
+    let wall = started.elapsed();
+    for ((name, pid), before) in watch.iter().zip(&before) {
+        if let Some(after) = ProcUsage::of(*pid) {
+            report
+                .processes
+                .push(ProcessReport::new(name, *pid, before, &after, wall));
+        }
+    }
+    Ok(report)
 }
 
 async fn fleet(args: FleetArgs) -> anyhow::Result<()> {
     use device_sim::fleet::{Fault, FleetConfig};
-    let token = match args.admin_token {
+    let token = match args.admin_token.clone() {
         Some(t) => t,
         None => std::fs::read_to_string(&args.admin_token_file)
             .with_context(|| {
@@ -168,6 +280,10 @@ async fn fleet(args: FleetArgs) -> anyhow::Result<()> {
             .trim()
             .to_owned(),
     };
+    if args.processes > 1 {
+        let report = fleet_processes(&args, &token).await?;
+        return write_report(&args, &report);
+    }
     let mqtt = match args.poll_only {
         Some(_) => None,
         None => {
@@ -200,14 +316,22 @@ async fn fleet(args: FleetArgs) -> anyhow::Result<()> {
         cfg.watch.insert(0, ("cloud-bridge".to_owned(), pid));
     }
     cfg.data_idle_close = args.data_idle_close;
-    cfg.progress = true;
+    cfg.progress = !args.part;
+    cfg.keep_samples = args.part;
     let report = device_sim::fleet::run(cfg).await?;
+    write_report(&args, &report)
+}
+
+fn write_report(
+    args: &FleetArgs,
+    report: &device_sim::fleet::report::FleetReport,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let base = args.out.join(&args.label);
     std::fs::write(
         base.with_extension("json"),
-        serde_json::to_vec_pretty(&report)?,
+        serde_json::to_vec_pretty(report)?,
     )?;
     std::fs::write(base.with_extension("md"), report.to_markdown())?;
     std::fs::write(base.with_extension("svg"), report.to_svg())?;

@@ -76,6 +76,8 @@ pub struct FleetConfig {
     /// short: each open channel is a file descriptor in the bridge.
     pub data_idle_close: Duration,
     pub progress: bool,
+    /// Keep every job's timings in the report, for merging the parts of a multi-process run.
+    pub keep_samples: bool,
 }
 
 impl FleetConfig {
@@ -106,6 +108,7 @@ impl FleetConfig {
             watch: Vec::new(),
             data_idle_close: Duration::from_secs(5),
             progress: false,
+            keep_samples: false,
         }
     }
 }
@@ -617,8 +620,21 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
         mut fetched_total,
     ) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut last_completion: Option<Instant> = None;
+    let mut samples = Vec::new();
     for t in &state.jobs {
         let second = t.submitted.saturating_duration_since(gen_start).as_secs() as usize;
+        if cfg.keep_samples {
+            let us = |at: Option<Instant>| {
+                at.map(|a| u64::try_from((a - t.submitted).as_micros()).unwrap_or(u64::MAX))
+            };
+            samples.push(report::Sample {
+                second: u32::try_from(second).unwrap_or(u32::MAX),
+                hint_us: us(t.hinted),
+                fetch_us: us(t.fetched),
+                complete_us: us(t.completed),
+                via_fallback: t.via_fallback,
+            });
+        }
         if per_second.len() <= second {
             per_second.resize_with(second + 1, report::histogram);
             submitted_per_second.resize(second + 1, 0);
@@ -752,5 +768,6 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
                 },
             })
             .collect(),
+        samples,
     })
 }

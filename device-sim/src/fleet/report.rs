@@ -5,12 +5,12 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::procstat::ProcUsage;
 
 /// Percentiles of one latency, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     pub count: u64,
     pub p50_ms: f64,
@@ -46,7 +46,7 @@ pub fn record(h: &mut Histogram<u64>, d: Duration) {
 }
 
 /// CPU and memory of one process over the run.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProcessReport {
     pub name: String,
     pub pid: u32,
@@ -78,7 +78,7 @@ impl ProcessReport {
 }
 
 /// One second of the run: jobs submitted in it and their completion latency.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Second {
     pub second: u64,
     pub submitted: u64,
@@ -86,7 +86,7 @@ pub struct Second {
     pub completion_p99_ms: f64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FleetReport {
     pub label: String,
     pub mode: String,
@@ -128,6 +128,122 @@ pub struct FleetReport {
     pub faults: Vec<String>,
     pub processes: Vec<ProcessReport>,
     pub per_second: Vec<Second>,
+    /// Per-job timings, kept only when asked (a part of a multi-process run), for merging.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<Sample>,
+}
+
+/// One job's timings, in microseconds from its submission.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Second of the run in which the job was submitted.
+    pub second: u32,
+    pub hint_us: Option<u64>,
+    pub fetch_us: Option<u64>,
+    pub complete_us: Option<u64>,
+    pub via_fallback: bool,
+}
+
+impl FleetReport {
+    /// One report from the reports of the processes of one run (each with its samples).
+    /// Bridge-wide figures that every part measured over the same window (requests,
+    /// connections, coalesced hints) are counted once.
+    pub fn merge(label: &str, parts: &[FleetReport]) -> FleetReport {
+        let k = parts.len().max(1) as f64;
+        let devices: usize = parts.iter().map(|p| p.devices).sum();
+        let sum = |f: fn(&FleetReport) -> u64| parts.iter().map(f).sum::<u64>();
+        let per_device_hour = |f: fn(&FleetReport) -> Option<f64>| -> Option<f64> {
+            let mut total = 0.0;
+            for p in parts {
+                total += f(p)? * p.devices as f64;
+            }
+            Some(total / (devices.max(1) as f64) / k)
+        };
+        let (mut hint, mut fetch, mut complete) = (histogram(), histogram(), histogram());
+        let mut seconds: Vec<(u64, Histogram<u64>)> = Vec::new();
+        let (mut fetched, mut fallback) = (0u64, 0u64);
+        for s in parts.iter().flat_map(|p| &p.samples) {
+            let us = |v: u64| Duration::from_micros(v);
+            if let Some(v) = s.hint_us {
+                record(&mut hint, us(v));
+            }
+            if let Some(v) = s.fetch_us {
+                record(&mut fetch, us(v));
+                fetched += 1;
+                fallback += u64::from(s.via_fallback);
+            }
+            let i = s.second as usize;
+            if seconds.len() <= i {
+                seconds.resize_with(i + 1, || (0, histogram()));
+            }
+            seconds[i].0 += 1;
+            if let Some(v) = s.complete_us {
+                record(&mut complete, us(v));
+                record(&mut seconds[i].1, us(v));
+            }
+        }
+        let mut faults: Vec<String> = parts.iter().flat_map(|p| p.faults.clone()).collect();
+        faults.dedup();
+        FleetReport {
+            label: label.to_owned(),
+            mode: parts
+                .first()
+                .map(|p| format!("{}, {} processes", p.mode, parts.len()))
+                .unwrap_or_default(),
+            devices,
+            devices_connected: parts.iter().map(|p| p.devices_connected).sum(),
+            target_rate: parts.iter().map(|p| p.target_rate).sum(),
+            duration_secs: parts.iter().map(|p| p.duration_secs).fold(0.0, f64::max),
+            jobs_submitted: sum(|p| p.jobs_submitted),
+            jobs_acknowledged: sum(|p| p.jobs_acknowledged),
+            jobs_refused: sum(|p| p.jobs_refused),
+            jobs_completed: sum(|p| p.jobs_completed),
+            jobs_per_sec: parts.iter().map(|p| p.jobs_per_sec).sum(),
+            submit_to_hint: Latency::from_histogram(&hint),
+            submit_to_fetch: Latency::from_histogram(&fetch),
+            submit_to_complete: Latency::from_histogram(&complete),
+            fallback_share: if fetched > 0 {
+                fallback as f64 / fetched as f64
+            } else {
+                0.0
+            },
+            jobs_lost: sum(|p| p.jobs_lost),
+            jobs_duplicated: sum(|p| p.jobs_duplicated),
+            jobs_rerun_after_crash: sum(|p| p.jobs_rerun_after_crash),
+            // Each part sees only its own completions: the longest of their gaps bounds the run's.
+            longest_completion_gap_ms: parts
+                .iter()
+                .map(|p| p.longest_completion_gap_ms)
+                .fold(0.0, f64::max),
+            server_requests_per_device_hour: per_device_hour(|p| p.server_requests_per_device_hour),
+            server_connections_per_device_hour: per_device_hour(|p| {
+                p.server_connections_per_device_hour
+            }),
+            hints_coalesced: (sum(|p| p.hints_coalesced) as f64 / k) as u64,
+            events_lagged: sum(|p| p.events_lagged),
+            faults,
+            processes: parts.iter().flat_map(|p| p.processes.clone()).collect(),
+            per_second: seconds
+                .iter()
+                .enumerate()
+                .map(|(i, (n, h))| Second {
+                    second: i as u64,
+                    submitted: *n,
+                    completion_p50_ms: if h.is_empty() {
+                        0.0
+                    } else {
+                        h.value_at_quantile(0.5) as f64 / 1000.0
+                    },
+                    completion_p99_ms: if h.is_empty() {
+                        0.0
+                    } else {
+                        h.value_at_quantile(0.99) as f64 / 1000.0
+                    },
+                })
+                .collect(),
+            samples: Vec::new(),
+        }
+    }
 }
 
 impl FleetReport {
@@ -310,6 +426,43 @@ mod tests {
         assert!((l.p50_ms - 50.0).abs() < 0.5, "{l:?}");
         assert!((l.p99_ms - 99.0).abs() < 0.5, "{l:?}");
         assert!((l.max_ms - 100.0).abs() < 0.5, "{l:?}");
+    }
+
+    #[test]
+    fn merged_reports_count_jobs_once_and_latencies_from_all_samples() {
+        let part = |us: u64, devices: usize| FleetReport {
+            devices,
+            devices_connected: devices,
+            jobs_acknowledged: 2,
+            jobs_completed: 2,
+            server_requests_per_device_hour: Some(100.0),
+            samples: vec![
+                Sample {
+                    second: 0,
+                    hint_us: Some(us),
+                    fetch_us: Some(us),
+                    complete_us: Some(us),
+                    via_fallback: false,
+                },
+                Sample {
+                    second: 1,
+                    hint_us: None,
+                    fetch_us: Some(us),
+                    complete_us: Some(us),
+                    via_fallback: true,
+                },
+            ],
+            ..Default::default()
+        };
+        let merged = FleetReport::merge("m", &[part(1_000, 10), part(9_000, 10)]);
+        assert_eq!((merged.devices, merged.jobs_completed), (20, 4));
+        assert_eq!(merged.submit_to_complete.count, 4);
+        assert!((merged.submit_to_complete.max_ms - 9.0).abs() < 0.01);
+        assert!((merged.fallback_share - 0.5).abs() < 1e-9);
+        assert_eq!(merged.per_second.len(), 2);
+        // Both parts measured the whole bridge: 100 per device-hour each is 50 for the run.
+        assert_eq!(merged.server_requests_per_device_hour, Some(50.0));
+        assert!(merged.samples.is_empty());
     }
 
     #[test]
