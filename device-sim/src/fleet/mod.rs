@@ -644,6 +644,7 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
         mut fetched_total,
     ) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut last_completion: Option<Instant> = None;
+    let mut unfinished = 0u64;
     let mut samples = Vec::new();
     for t in &state.jobs {
         let second = t.submitted.saturating_duration_since(gen_start).as_secs() as usize;
@@ -694,6 +695,9 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
                     duplicated += 1;
                 }
             }
+            // Still queued or running when the drain window closed: backlog, not loss.
+            Some((state, _)) if !state.is_terminal() => unfinished += 1,
+            // Missing from the cloud's records, or ended without being done.
             _ => lost += 1,
         }
     }
@@ -762,6 +766,7 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
             0.0
         },
         jobs_lost: lost,
+        jobs_unfinished: unfinished,
         jobs_duplicated: duplicated,
         jobs_rerun_after_crash: rerun,
         longest_completion_gap_ms: longest_gap.as_secs_f64() * 1000.0,

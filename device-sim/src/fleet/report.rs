@@ -106,8 +106,13 @@ pub struct FleetReport {
     /// Share of jobs fetched while their device's MQTT link was down: they came by long-poll
     /// or poll over the data channel.
     pub fallback_share: f64,
-    /// Acknowledged jobs the cloud does not show as succeeded at the end.
+    /// Acknowledged jobs missing from the cloud's records, or that ended without being done
+    /// (failed, expired, rejected, canceled).
     pub jobs_lost: u64,
+    /// Acknowledged jobs still queued or running in the cloud when the drain window closed:
+    /// an overload's backlog, kept durably, not lost.
+    #[serde(default)]
+    pub jobs_unfinished: u64,
     /// Jobs a device printed to the end more than once, or that the cloud recorded as
     /// completed more than once.
     pub jobs_duplicated: u64,
@@ -208,6 +213,7 @@ impl FleetReport {
                 0.0
             },
             jobs_lost: sum(|p| p.jobs_lost),
+            jobs_unfinished: sum(|p| p.jobs_unfinished),
             jobs_duplicated: sum(|p| p.jobs_duplicated),
             jobs_rerun_after_crash: sum(|p| p.jobs_rerun_after_crash),
             // Each part sees only its own completions: the longest of their gaps bounds the run's.
@@ -285,6 +291,13 @@ impl FleetReport {
             "jobs lost / run twice",
             format!("{} / {}", self.jobs_lost, self.jobs_duplicated),
         );
+        if self.jobs_unfinished > 0 {
+            row(
+                &mut s,
+                "still queued or running when the drain ended (kept, not lost)",
+                self.jobs_unfinished.to_string(),
+            );
+        }
         row(
             &mut s,
             "fetched with MQTT down (data-channel fallback)",
