@@ -514,6 +514,9 @@ impl Agent {
                     self.skew_ms = welcome.server_time.0 as i64 - UnixMillis::now().0 as i64;
                     self.session = Some(session);
                     tracing::info!(device = %welcome.device_id, "registered");
+                    // Known before any event says the device exists.
+                    *self.device_id.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(welcome.device_id.clone());
                     self.emit(AgentEvent::Registered(welcome.device_id));
                     self.emit(AgentEvent::DataUp);
                     return Ok(Some(credentials));
