@@ -84,13 +84,6 @@ pub struct Effects {
     pub events: Vec<OpsEvent>,
 }
 
-impl Effects {
-    fn merge(&mut self, other: Effects) {
-        self.feed_grew.extend(other.feed_grew);
-        self.events.extend(other.events);
-    }
-}
-
 /// A new job as the core sees it (the admin API has decoded and checked the request).
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -989,11 +982,6 @@ impl Core {
         }
         let ticket = self.commit(batch)?;
         Ok((Some(ticket), effects))
-    }
-
-    /// Merges effects, for callers that combine several operations.
-    pub fn merge(into: &mut Effects, other: Effects) {
-        into.merge(other);
     }
 }
 

@@ -782,20 +782,7 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
             .iter()
             .zip(&submitted_per_second)
             .enumerate()
-            .map(|(i, (h, &n))| Second {
-                second: i as u64,
-                submitted: n,
-                completion_p50_ms: if h.is_empty() {
-                    0.0
-                } else {
-                    h.value_at_quantile(0.5) as f64 / 1000.0
-                },
-                completion_p99_ms: if h.is_empty() {
-                    0.0
-                } else {
-                    h.value_at_quantile(0.99) as f64 / 1000.0
-                },
-            })
+            .map(|(i, (h, &n))| Second::from_histogram(i, n, h))
             .collect(),
         samples,
     })

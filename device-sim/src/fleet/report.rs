@@ -86,6 +86,25 @@ pub struct Second {
     pub completion_p99_ms: f64,
 }
 
+impl Second {
+    /// Second `second`, with `submitted` jobs whose completion latencies are in `h`.
+    pub fn from_histogram(second: usize, submitted: u64, h: &Histogram<u64>) -> Second {
+        let ms = |q: f64| {
+            if h.is_empty() {
+                0.0
+            } else {
+                h.value_at_quantile(q) as f64 / 1000.0
+            }
+        };
+        Second {
+            second: second as u64,
+            submitted,
+            completion_p50_ms: ms(0.5),
+            completion_p99_ms: ms(0.99),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FleetReport {
     pub label: String,
@@ -232,20 +251,7 @@ impl FleetReport {
             per_second: seconds
                 .iter()
                 .enumerate()
-                .map(|(i, (n, h))| Second {
-                    second: i as u64,
-                    submitted: *n,
-                    completion_p50_ms: if h.is_empty() {
-                        0.0
-                    } else {
-                        h.value_at_quantile(0.5) as f64 / 1000.0
-                    },
-                    completion_p99_ms: if h.is_empty() {
-                        0.0
-                    } else {
-                        h.value_at_quantile(0.99) as f64 / 1000.0
-                    },
-                })
+                .map(|(i, (n, h))| Second::from_histogram(i, *n, h))
                 .collect(),
             samples: Vec::new(),
         }
