@@ -6,6 +6,10 @@
 //! grows). When even the data channel cannot be reached, it retries with exponential backoff
 //! and jitter up to `slow_poll` (slow polling).
 //!
+//! A hint is written to disk when it arrives and cleared when a sync has reached the end of
+//! the feed, so a device that restarts in between fetches at once instead of waiting for
+//! another hint or its regular poll.
+//!
 //! Exactly once on the device: a job's outcome is written to disk before it is reported, and a
 //! job found in that list is never run again; an unreported outcome is reported again instead
 //! (taking the job again first if its lease was lost meanwhile).
@@ -344,8 +348,9 @@ impl Agent {
         // With a notification channel, a (re)started device does not poll: the cloud pushes on
         // connect when it holds work. That keeps a fleet-wide reconnect off the data channel.
         // It syncs at once only when it has something of its own to send, or without MQTT.
-        let has_own_work =
-            self.state.unsent_status.is_some() || self.state.done.iter().any(|d| !d.reported);
+        let has_own_work = self.state.unsent_status.is_some()
+            || self.state.done.iter().any(|d| !d.reported)
+            || self.state.hinted.is_some_and(|seq| seq > self.state.cursor);
         let mut want_sync = self.config.mqtt.is_none() || has_own_work;
         let mut mqtt_grace = self
             .config
@@ -416,6 +421,12 @@ impl Agent {
                         want_sync = true;
                     }
                     Some(LinkEvent::Hint(hint)) => {
+                        if hint.seq > self.state.cursor && self.state.hinted < Some(hint.seq) {
+                            // Noted on disk before acting: a reboot before the fetch still
+                            // fetches.
+                            self.state.hinted = Some(hint.seq);
+                            self.save()?;
+                        }
                         self.emit(AgentEvent::HintReceived { kind: hint.kind, seq: hint.seq });
                         if hint.seq > self.state.cursor || hint.kind == HintKind::PollNow {
                             want_sync = true;
@@ -610,6 +621,10 @@ impl Agent {
             self.emit(AgentEvent::Synced {
                 cursor: self.state.cursor,
             });
+        }
+        if self.state.hinted.take().is_some() {
+            // Everything the hint announced has been fetched (the sync reached the end).
+            self.save()?;
         }
         if let Some(status) = self.state.unsent_status.clone() {
             session.request(Request::ReportStatus { status }).await?;

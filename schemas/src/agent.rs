@@ -24,6 +24,11 @@ pub struct AgentState {
     /// The newest status not yet accepted by the cloud (newest wins).
     #[serde(default)]
     pub unsent_status: Option<DeviceStatus>,
+    /// The newest feed entry a hint announced and the device has not yet fetched up to:
+    /// recorded when the hint arrives, so a device that restarts before fetching still
+    /// fetches, without waiting for another hint.
+    #[serde(default)]
+    pub hinted: Option<FeedSeq>,
 }
 
 impl Default for AgentState {
@@ -34,6 +39,7 @@ impl Default for AgentState {
             cursor: FeedSeq::ZERO,
             done: VecDeque::new(),
             unsent_status: None,
+            hinted: None,
         }
     }
 }
