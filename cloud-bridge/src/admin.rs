@@ -8,6 +8,8 @@
 //! | `GET /v1/devices` | list devices |
 //! | `GET /v1/devices/{id}` | one device |
 //! | `POST /v1/devices/{id}/disable` | refuse the device everywhere from now on |
+//! | `GET /v1/devices/{id}/requests?after=N&limit=M` | requests from the device's outbox |
+//! | `POST /v1/devices/{id}/consent-query` | ask the device to report its consent setting |
 //! | `POST /v1/devices/{id}/jobs` | submit a job (201 new, 200 same idempotency key) |
 //! | `GET /v1/devices/{id}/jobs` | the device's jobs |
 //! | `GET /v1/jobs/{id}` | a job with its history |
@@ -19,13 +21,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use schemas::api::{ApiError, CancelJob, CreateEnrollmentToken, Health, SubmitJob};
+use schemas::api::{ApiError, CancelJob, CreateEnrollmentToken, Health, RequestsQuery, SubmitJob};
 use schemas::data::ErrorCode;
 use schemas::{DeviceId, JobId, Secret};
 use serde::Serialize;
@@ -51,6 +53,8 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/:id", get(get_device))
         .route("/v1/devices/:id/disable", post(disable_device))
+        .route("/v1/devices/:id/requests", get(device_requests))
+        .route("/v1/devices/:id/consent-query", post(query_consent))
         .route("/v1/devices/:id/jobs", post(submit_job).get(list_jobs))
         .route("/v1/jobs/:id", get(get_job))
         .route("/v1/jobs/:id/cancel", post(cancel_job))
@@ -249,6 +253,30 @@ async fn disable_device(
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(state.bridge.disable_device(&device_id(&id)?).await?))
+}
+
+async fn device_requests(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<RequestsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(query) = query.map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e.body_text()))?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let after = schemas::outbox::RequestNo(query.after.unwrap_or(0));
+    Ok(Json(
+        state
+            .bridge
+            .device_requests(&device_id(&id)?, after, limit)
+            .await?,
+    ))
+}
+
+async fn query_consent(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    state.bridge.query_consent(&device_id(&id)?).await?;
+    Ok(StatusCode::ACCEPTED)
 }
 
 async fn submit_job(

@@ -16,7 +16,8 @@ use schemas::data::{
 };
 use schemas::hint::{HintKind, Presence};
 use schemas::ops::{Channel, OpsEvent};
-use schemas::records::DeviceRecord;
+use schemas::outbox::RequestNo;
+use schemas::records::{DeviceRecord, DeviceRequestRecord};
 use schemas::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -198,6 +199,27 @@ impl Bridge {
         Ok(DeviceView::from(&device))
     }
 
+    /// Requests accepted from a device's outbox after `after`, oldest first.
+    pub async fn device_requests(
+        &self,
+        id: &DeviceId,
+        after: RequestNo,
+        limit: usize,
+    ) -> CoreResult<Vec<DeviceRequestRecord>> {
+        let (list, ticket) = {
+            let core = self.core();
+            (core.device_requests(id, after, limit)?, core.read_ticket())
+        };
+        self.durable_read(ticket).await?;
+        Ok(list)
+    }
+
+    /// Asks a device to report its consent setting (answered through its outbox).
+    pub async fn query_consent(&self, id: &DeviceId) -> CoreResult<()> {
+        let (ticket, effects) = self.core().query_consent(id, UnixMillis::now())?;
+        self.finish(ticket, effects).await
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         let core = self.core();
         (core.device_count(), core.job_count())
@@ -329,6 +351,11 @@ impl Bridge {
                 let (ticket, effects) = self.core().report_status(device, status, now)?;
                 self.finish(ticket, effects).await?;
                 Ok(Response::StatusAccepted { at: now })
+            }
+            Request::Deliver { items } => {
+                let (upto, refused, ticket, effects) = self.core().deliver(device, items, now)?;
+                self.finish(ticket, effects).await?;
+                Ok(Response::Delivered { upto, refused })
             }
         }
     }

@@ -13,6 +13,7 @@ use schemas::api::{
     ApiError, CancelJob, CreateEnrollmentToken, DeviceView, EnrollmentTokenCreated, Health,
     JobView, SubmitJob,
 };
+use schemas::records::DeviceRequestRecord;
 use schemas::{DeviceId, JobId, Secret};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -172,6 +173,57 @@ impl AdminClient {
             )
             .await?
             .1)
+    }
+
+    /// Requests accepted from the device's outbox after number `after`, oldest first.
+    pub async fn device_requests(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeviceRequestRecord>, ClientError> {
+        Ok(self
+            .call(
+                Method::GET,
+                &format!("/v1/devices/{device}/requests?after={after}&limit={limit}"),
+                None::<&()>,
+            )
+            .await?
+            .1)
+    }
+
+    /// Every request accepted from the device's outbox, oldest first.
+    pub async fn all_device_requests(
+        &self,
+        device: &DeviceId,
+    ) -> Result<Vec<DeviceRequestRecord>, ClientError> {
+        let mut all: Vec<DeviceRequestRecord> = Vec::new();
+        loop {
+            let after = all.last().map_or(0, |r| r.no.0);
+            let page = self.device_requests(device, after, 1000).await?;
+            if page.is_empty() {
+                return Ok(all);
+            }
+            all.extend(page);
+        }
+    }
+
+    /// Asks the device to report its consent setting through its outbox.
+    pub async fn query_consent(&self, device: &DeviceId) -> Result<(), ClientError> {
+        let (status, bytes) = self
+            .raw(
+                Method::POST,
+                &format!("/v1/devices/{device}/consent-query"),
+                None,
+                Some(self.token.expose()),
+            )
+            .await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        let error = serde_json::from_slice::<ApiError>(&bytes)
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        Err(ClientError::Api { status, error })
     }
 
     /// Submits a job; the flag is false when an earlier job with the same idempotency key was

@@ -10,6 +10,11 @@
 //! the feed, so a device that restarts in between fetches at once instead of waiting for
 //! another hint or its regular poll.
 //!
+//! Requests the device makes on its own (status, consent changes, panel job requests) go to a
+//! durable outbox ([`crate::outbox`]) and are delivered in order whenever the data channel is
+//! up; the cloud acts on each number once. Device information leaves only with the user's
+//! consent, which is kept on the device and can be changed offline.
+//!
 //! Exactly once on the device: a job's outcome is written to disk before it is reported, and a
 //! job found in that list is never run again; an unreported outcome is reported again instead
 //! (taking the job again first if its lease was lost meanwhile).
@@ -24,6 +29,7 @@ use schemas::data::{
 use schemas::feed::{FeedBody, FeedEntry};
 use schemas::hint::HintKind;
 use schemas::job::JobUpdate;
+use schemas::outbox::{Consent, DeviceRequest, MAX_DELIVER_ITEMS};
 use schemas::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -34,6 +40,7 @@ use tracing::Instrument;
 use crate::backoff::{Backoff, jitter};
 use crate::executor::{JobExecutor, JobOutcome};
 use crate::mqtt::{self, LinkEvent, MqttSettings};
+use crate::outbox::{self, OutboxFull, Submitted};
 use crate::session::{DataSession, SessionError, SessionSettings};
 use crate::state::{StateError, StateStore};
 
@@ -69,6 +76,11 @@ pub struct AgentConfig {
     pub mqtt_grace: Duration,
     pub mqtt_keep_alive: Duration,
     pub backoff_min: Duration,
+    /// The consent to send device information the device starts with, on its very first
+    /// start (the set-up screen); afterwards only the user changes it.
+    pub consent_at_setup: bool,
+    /// Most requests the outbox holds (see [`crate::outbox`] for what happens when full).
+    pub outbox_limit: usize,
     pub session: SessionSettings,
     pub agent_name: String,
 }
@@ -91,6 +103,8 @@ impl AgentConfig {
             mqtt_grace: Duration::from_secs(10),
             mqtt_keep_alive: Duration::from_secs(30),
             backoff_min: Duration::from_millis(250),
+            consent_at_setup: false,
+            outbox_limit: 1000,
             session: SessionSettings::default(),
             agent_name: concat!("device-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
         }
@@ -131,7 +145,17 @@ pub enum AgentEvent {
     JobCanceled {
         job_id: JobId,
     },
-    StatusDelivered,
+    /// The cloud has handled a request from the outbox (`kind` as in
+    /// [`DeviceRequest::kind`]).
+    RequestDelivered {
+        no: schemas::outbox::RequestNo,
+        kind: &'static str,
+    },
+    /// The cloud refused a request from the outbox; it is not sent again.
+    RequestRefused {
+        no: schemas::outbox::RequestNo,
+        error: ErrorBody,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,13 +166,19 @@ pub enum AgentError {
     Registration(ErrorBody),
     #[error("the device has no credentials and no enrollment token to register with")]
     NoCredentials,
+    #[error(transparent)]
+    OutboxFull(#[from] OutboxFull),
     #[error("the agent has stopped")]
     Stopped,
 }
 
+type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
+
 #[derive(Debug)]
 enum Command {
-    ReportStatus(DeviceStatus, oneshot::Sender<Result<(), AgentError>>),
+    Submit(DeviceRequest, Reply<Submitted>),
+    SetConsent(bool, Reply<Consent>),
+    GetConsent(Reply<Option<Consent>>),
     PollNow,
 }
 
@@ -184,14 +214,44 @@ impl AgentHandle {
             .clone()
     }
 
-    /// Records a status change (durably) and sends it as soon as the data channel allows.
-    pub async fn report_status(&self, status: DeviceStatus) -> Result<(), AgentError> {
+    async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, AgentError> {
         let (tx, rx) = oneshot::channel();
         self.commands
-            .send(Command::ReportStatus(status, tx))
+            .send(command(tx))
             .await
             .map_err(|_| AgentError::Stopped)?;
         rx.await.map_err(|_| AgentError::Stopped)?
+    }
+
+    /// Queues a status report (durably) for the outbox; it is sent as soon as the data
+    /// channel allows. Without the user's consent it is dropped: [`Submitted::Withheld`].
+    pub async fn report_status(&self, status: DeviceStatus) -> Result<Submitted, AgentError> {
+        self.ask(|r| Command::Submit(DeviceRequest::Status { status }, r))
+            .await
+    }
+
+    /// Queues a job request made at the panel ("scan_to_cloud", "print_held_jobs", ...).
+    pub async fn panel_request(
+        &self,
+        action: impl Into<String>,
+        params: std::collections::BTreeMap<String, String>,
+    ) -> Result<Submitted, AgentError> {
+        let body = DeviceRequest::PanelJob {
+            action: action.into(),
+            params,
+        };
+        self.ask(|r| Command::Submit(body, r)).await
+    }
+
+    /// The user gives or withdraws consent to send device information, at the panel; works
+    /// offline. The change itself is reported to the cloud through the outbox.
+    pub async fn set_consent(&self, granted: bool) -> Result<Consent, AgentError> {
+        self.ask(|r| Command::SetConsent(granted, r)).await
+    }
+
+    /// The consent setting as the device holds it.
+    pub async fn consent(&self) -> Result<Option<Consent>, AgentError> {
+        self.ask(Command::GetConsent).await
     }
 
     pub async fn poll_now(&self) -> Result<(), AgentError> {
@@ -307,6 +367,17 @@ impl Agent {
     ) -> Result<(), AgentError> {
         self.backoff = Backoff::new(self.config.backoff_min, self.config.slow_poll);
         self.state = self.store.load()?.unwrap_or_default();
+        if self.state.consent.is_none() {
+            // First start: the set-up screen's choice, reported to the cloud once registered.
+            let limit = self.config.outbox_limit;
+            outbox::set_consent(
+                &mut self.state,
+                self.config.consent_at_setup,
+                UnixMillis::now(),
+                limit,
+            );
+            self.save()?;
+        }
         let credentials = match self.state.credentials.clone() {
             Some(c) => c,
             None => match self.register(&shutdown).await? {
@@ -348,7 +419,7 @@ impl Agent {
         // With a notification channel, a (re)started device does not poll: the cloud pushes on
         // connect when it holds work. That keeps a fleet-wide reconnect off the data channel.
         // It syncs at once only when it has something of its own to send, or without MQTT.
-        let has_own_work = self.state.unsent_status.is_some()
+        let has_own_work = !self.state.outbox.is_empty()
             || self.state.done.iter().any(|d| !d.reported)
             || self.state.hinted.is_some_and(|seq| seq > self.state.cursor);
         let mut want_sync = self.config.mqtt.is_none() || has_own_work;
@@ -400,11 +471,22 @@ impl Agent {
                 _ = shutdown.cancelled() => break,
                 command = commands.recv() => match command {
                     None => break,
-                    Some(Command::ReportStatus(status, reply)) => {
-                        self.state.unsent_status = Some(status);
-                        let saved = self.save().map_err(AgentError::from);
-                        let _ = reply.send(saved);
+                    Some(Command::Submit(body, reply)) => {
+                        let result = self.submit(body);
+                        if matches!(result, Ok(Submitted::Queued(_))) {
+                            want_sync = true;
+                        }
+                        let _ = reply.send(result);
+                    }
+                    Some(Command::SetConsent(granted, reply)) => {
+                        let limit = self.config.outbox_limit;
+                        let consent =
+                            outbox::set_consent(&mut self.state, granted, UnixMillis::now(), limit);
+                        let _ = reply.send(self.save().map(|()| consent).map_err(AgentError::from));
                         want_sync = true;
+                    }
+                    Some(Command::GetConsent(reply)) => {
+                        let _ = reply.send(Ok(self.state.consent));
                     }
                     Some(Command::PollNow) => want_sync = true,
                 },
@@ -470,6 +552,16 @@ impl Agent {
             session.close();
         }
         Ok(())
+    }
+
+    /// Queues a request in the outbox, durably.
+    fn submit(&mut self, body: DeviceRequest) -> Result<Submitted, AgentError> {
+        let limit = self.config.outbox_limit;
+        let submitted = outbox::admit(&mut self.state, body, UnixMillis::now(), limit)?;
+        if let Submitted::Queued(_) = submitted {
+            self.save()?;
+        }
+        Ok(submitted)
     }
 
     fn drop_session(&mut self, reason: String) {
@@ -591,6 +683,7 @@ impl Agent {
         for job_id in unreported {
             self.report_outcome(&session, &job_id).await?;
         }
+        self.deliver_outbox(&session).await?;
         loop {
             let response = session
                 .request(Request::Sync {
@@ -626,13 +719,58 @@ impl Agent {
             // Everything the hint announced has been fetched (the sync reached the end).
             self.save()?;
         }
-        if let Some(status) = self.state.unsent_status.clone() {
-            session.request(Request::ReportStatus { status }).await?;
-            self.state.unsent_status = None;
-            self.save()?;
-            self.emit(AgentEvent::StatusDelivered);
-        }
+        // The feed may have asked for something (a consent report).
+        self.deliver_outbox(&session).await?;
         self.last_activity = Instant::now();
+        Ok(())
+    }
+
+    /// Sends the outbox, oldest first, until it is empty.
+    async fn deliver_outbox(&mut self, session: &DataSession) -> Result<(), WorkError> {
+        while !self.state.outbox.is_empty() {
+            let items: Vec<_> = self
+                .state
+                .outbox
+                .iter()
+                .take(MAX_DELIVER_ITEMS)
+                .cloned()
+                .collect();
+            let response = session.request(Request::Deliver { items }).await?;
+            let Response::Delivered { upto, refused } = response else {
+                return Err(SessionError::Closed(format!(
+                    "unexpected answer to deliver: {response:?}"
+                ))
+                .into());
+            };
+            let mut handled = Vec::new();
+            while self.state.outbox.front().is_some_and(|i| i.no <= upto) {
+                if let Some(item) = self.state.outbox.pop_front() {
+                    handled.push(item);
+                }
+            }
+            if handled.is_empty() {
+                return Err(SessionError::Closed(format!(
+                    "the cloud handled none of the outbox (upto {upto})"
+                ))
+                .into());
+            }
+            self.save()?;
+            for item in handled {
+                match refused.iter().find(|r| r.no == item.no) {
+                    Some(r) => {
+                        tracing::warn!(no = %item.no, kind = item.body.kind(), error = %r.error, "request refused");
+                        self.emit(AgentEvent::RequestRefused {
+                            no: item.no,
+                            error: r.error.clone(),
+                        });
+                    }
+                    None => self.emit(AgentEvent::RequestDelivered {
+                        no: item.no,
+                        kind: item.body.kind(),
+                    }),
+                }
+            }
+        }
         Ok(())
     }
 
@@ -643,6 +781,11 @@ impl Agent {
     ) -> Result<(), WorkError> {
         match &entry.body {
             FeedBody::JobOffered { job_id } => self.run_job(session, job_id).await,
+            FeedBody::ConsentQuery => {
+                let limit = self.config.outbox_limit;
+                outbox::report_consent(&mut self.state, UnixMillis::now(), limit);
+                Ok(())
+            }
             // A cancel of a job not running now needs nothing: the cloud refuses to hand it out.
             FeedBody::JobCanceled { .. } | FeedBody::Unknown => Ok(()),
         }

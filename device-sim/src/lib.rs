@@ -4,6 +4,7 @@
 //!   link, the data channel, long-poll and slow-poll fallbacks, exactly-once job execution.
 //! - [`session`]: the data-channel client (a handle plus one task owning the WebSocket).
 //! - [`mqtt`]: the notification link (rumqttc).
+//! - [`outbox`]: store-and-forward of the device's own requests, and the consent rules.
 //! - [`state`]: where the agent keeps its state (a file, or memory for large fleets).
 //! - [`executor`]: how a job is run; [`executor::SimulatedExecutor`] for the simulator.
 //! - [`backoff`]: exponential backoff with jitter.
@@ -18,9 +19,11 @@ pub mod executor;
 #[cfg(feature = "fleet")]
 pub mod fleet;
 pub mod mqtt;
+pub mod outbox;
 pub mod session;
 pub mod state;
 
 pub use agent::{AgentConfig, AgentError, AgentEvent, AgentHandle, DeviceInfo, start};
 pub use executor::{JobExecutor, JobOutcome, SimulatedExecutor};
+pub use outbox::{OutboxFull, Submitted};
 pub use state::{FileStateStore, MemoryStateStore, StateStore};

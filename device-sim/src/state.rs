@@ -89,6 +89,13 @@ pub struct MemoryStateStore {
 }
 
 impl MemoryStateStore {
+    /// A store holding `state`, as a device whose disk holds it would start.
+    pub fn from_state(state: AgentState) -> MemoryStateStore {
+        MemoryStateStore {
+            state: Arc::new(Mutex::new(Some(state))),
+        }
+    }
+
     /// The state as last saved.
     pub fn snapshot(&self) -> Option<AgentState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()

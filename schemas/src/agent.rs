@@ -4,8 +4,8 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::DeviceStatus;
 use crate::job::JobUpdate;
+use crate::outbox::{Consent, OutboxItem, RequestNo};
 use crate::{DeviceId, FeedSeq, JobId, Secret};
 
 /// Version of the agent's state file.
@@ -21,9 +21,15 @@ pub struct AgentState {
     /// an outcome not yet `reported` is sent again instead.
     #[serde(default)]
     pub done: VecDeque<DoneJob>,
-    /// The newest status not yet accepted by the cloud (newest wins).
+    /// Requests made on the device and not yet delivered, oldest first.
     #[serde(default)]
-    pub unsent_status: Option<DeviceStatus>,
+    pub outbox: VecDeque<OutboxItem>,
+    /// The number given to the newest request made (delivered or not).
+    #[serde(default)]
+    pub last_request: RequestNo,
+    /// The user's permission to send device information; `None` until first set (at set-up).
+    #[serde(default)]
+    pub consent: Option<Consent>,
     /// The newest feed entry a hint announced and the device has not yet fetched up to:
     /// recorded when the hint arrives, so a device that restarts before fetching still
     /// fetches, without waiting for another hint.
@@ -38,7 +44,9 @@ impl Default for AgentState {
             credentials: None,
             cursor: FeedSeq::ZERO,
             done: VecDeque::new(),
-            unsent_status: None,
+            outbox: VecDeque::new(),
+            last_request: RequestNo::ZERO,
+            consent: None,
             hinted: None,
         }
     }

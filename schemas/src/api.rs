@@ -4,7 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{DeviceStatus, ErrorCode};
 use crate::job::{JobState, Transition};
-use crate::records::{DeviceRecord, JobRecord};
+use crate::outbox::RequestNo;
+use crate::records::{ConsentRecord, DeviceRecord, JobRecord};
 use crate::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +49,10 @@ pub struct DeviceView {
     pub feed_acked: FeedSeq,
     pub last_status: Option<DeviceStatus>,
     pub last_status_at: Option<UnixMillis>,
+    /// Highest outbox request number accepted from the device.
+    pub requests_delivered: RequestNo,
+    pub consent: Option<ConsentRecord>,
+    pub consent_changes: Vec<ConsentRecord>,
 }
 
 impl From<&DeviceRecord> for DeviceView {
@@ -65,6 +70,9 @@ impl From<&DeviceRecord> for DeviceView {
             feed_acked: d.acked,
             last_status: d.last_status.clone(),
             last_status_at: d.last_status_at,
+            requests_delivered: d.delivered,
+            consent: d.consent,
+            consent_changes: d.consent_changes.clone(),
         }
     }
 }
@@ -127,6 +135,18 @@ impl From<&JobRecord> for JobView {
             history: j.history.clone(),
         }
     }
+}
+
+/// Query of `GET /v1/devices/{id}/requests`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestsQuery {
+    /// Only requests numbered above this (default 0: from the first).
+    #[serde(default)]
+    pub after: Option<u64>,
+    /// At most this many (default 100, at most 1000).
+    #[serde(default)]
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::feed::FeedEntry;
 use crate::job::{JobState, JobUpdate};
+use crate::outbox::{OutboxItem, RequestNo};
 use crate::{DeviceId, FeedSeq, JobId, RequestId, Secret, UnixMillis};
 
 /// WebSocket close code: the frame could not be decoded.
@@ -85,8 +86,12 @@ pub enum Request {
         attempt: u32,
         update: JobUpdate,
     },
-    /// The device's current status.
+    /// The device's current status. Device information: refused while the device's last
+    /// reported consent withholds it. Devices with an outbox send [`Request::Deliver`] instead.
     ReportStatus { status: DeviceStatus },
+    /// The oldest requests of the device's outbox, in order, at most
+    /// [`crate::outbox::MAX_DELIVER_ITEMS`].
+    Deliver { items: Vec<OutboxItem> },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +140,19 @@ pub enum Response {
     StatusAccepted {
         at: UnixMillis,
     },
+    /// Every request up to `upto` is handled (accepted now, accepted before, or refused as
+    /// listed); the device drops them from its outbox.
+    Delivered {
+        upto: RequestNo,
+        refused: Vec<Refusal>,
+    },
+}
+
+/// A delivered request the cloud will not act on, and why. Final: sending it again cannot help.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub no: RequestNo,
+    pub error: ErrorBody,
 }
 
 /// A taken job: its payload and the lease under which the device runs it.
@@ -232,6 +250,8 @@ pub enum ErrorCode {
     Overloaded,
     ShuttingDown,
     Internal,
+    /// Device information from a device whose user has not permitted sending it.
+    ConsentWithheld,
     #[serde(other)]
     Unknown,
 }
@@ -255,6 +275,7 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
+            ErrorCode::ConsentWithheld => "consent_withheld",
             ErrorCode::Unknown => "unknown",
         }
     }

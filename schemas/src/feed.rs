@@ -18,6 +18,9 @@ pub enum FeedBody {
     JobOffered { job_id: JobId },
     /// A job was canceled; stop it if it is running.
     JobCanceled { job_id: JobId },
+    /// The cloud asks for the device's consent setting; the device answers with a
+    /// [`crate::outbox::DeviceRequest::Consent`] through its outbox.
+    ConsentQuery,
     /// An entry kind this version does not know; the device acknowledges and skips it.
     #[serde(other)]
     Unknown,

@@ -7,6 +7,7 @@
 //!   sequence number; never a payload, never a secret.
 //! - [`data`]: the WebSocket data channel's frames, error codes and close codes.
 //! - [`feed`], [`job`]: feed entries and the job lifecycle shared by the cloud and the device.
+//! - [`outbox`]: requests a device makes on its own, delivered in order from a durable outbox.
 //! - [`records`]: what the cloud bridge stores on disk.
 //! - [`ops`]: fleet events for operations (JSON, so any MQTT client can read them).
 //! - [`api`]: the admin HTTP API's JSON bodies.
@@ -20,6 +21,7 @@ pub mod hint;
 pub mod ids;
 pub mod job;
 pub mod ops;
+pub mod outbox;
 pub mod records;
 pub mod topics;
 

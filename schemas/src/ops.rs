@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::DeviceStatus;
 use crate::job::JobState;
+use crate::outbox::RequestNo;
 use crate::{DeviceId, JobId, UnixMillis, topics};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +43,21 @@ pub enum OpsEvent {
         device_id: DeviceId,
         at: UnixMillis,
     },
+    /// A device's consent to send device information changed (or was reported again).
+    DeviceConsent {
+        device_id: DeviceId,
+        granted: bool,
+        changed_at: UnixMillis,
+        at: UnixMillis,
+    },
+    /// A device asked for a job at its panel; services that handle `action` pick it up from
+    /// `GET /v1/devices/{id}/requests`.
+    DeviceRequest {
+        device_id: DeviceId,
+        no: RequestNo,
+        action: String,
+        at: UnixMillis,
+    },
     JobTransition {
         device_id: DeviceId,
         job_id: JobId,
@@ -63,6 +79,8 @@ impl OpsEvent {
             OpsEvent::DeviceOffline { device_id, .. } => topics::ops_device(device_id, "offline"),
             OpsEvent::DeviceStatus { device_id, .. } => topics::ops_device(device_id, "status"),
             OpsEvent::DeviceDisabled { device_id, .. } => topics::ops_device(device_id, "disabled"),
+            OpsEvent::DeviceConsent { device_id, .. } => topics::ops_device(device_id, "consent"),
+            OpsEvent::DeviceRequest { device_id, .. } => topics::ops_device(device_id, "request"),
             OpsEvent::JobTransition { device_id, to, .. } => {
                 topics::ops_job(device_id, to.as_str())
             }

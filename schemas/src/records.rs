@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::DeviceStatus;
 use crate::job::{JobState, Transition};
+use crate::outbox::{DeviceRequest, RequestNo};
 use crate::{DeviceId, FeedSeq, JobId, UnixMillis};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +26,39 @@ pub struct DeviceRecord {
     pub acked: FeedSeq,
     pub last_status: Option<DeviceStatus>,
     pub last_status_at: Option<UnixMillis>,
+    /// Highest outbox request number accepted from the device; anything at or below it is a
+    /// duplicate.
+    #[serde(default)]
+    pub delivered: RequestNo,
+    /// The device's last reported consent; `None` until it reports one.
+    #[serde(default)]
+    pub consent: Option<ConsentRecord>,
+    /// Every reported change of consent, oldest first (the newest [`CONSENT_HISTORY`]).
+    #[serde(default)]
+    pub consent_changes: Vec<ConsentRecord>,
+}
+
+/// How many consent changes a device record keeps.
+pub const CONSENT_HISTORY: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsentRecord {
+    pub granted: bool,
+    /// When the user changed it, on the device's clock.
+    pub changed_at: UnixMillis,
+    /// When the cloud learned of it.
+    pub recorded_at: UnixMillis,
+}
+
+/// A request from a device's outbox that the cloud accepted, kept at
+/// `r/{device_id}/{no as 16 hex digits}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRequestRecord {
+    pub device_id: DeviceId,
+    pub no: RequestNo,
+    pub made_at: UnixMillis,
+    pub received_at: UnixMillis,
+    pub body: DeviceRequest,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

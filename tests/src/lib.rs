@@ -64,6 +64,8 @@ impl Endpoints {
             device_info(serial),
         );
         config.enrollment_token = Some(token.clone());
+        // Tests of device information opt out explicitly.
+        config.consent_at_setup = true;
         config.backoff_min = Duration::from_millis(50);
         config.slow_poll = Duration::from_secs(2);
         config.long_poll = Duration::from_secs(2);
@@ -153,6 +155,13 @@ pub fn device_info(serial: &str) -> DeviceInfo {
         destination: "EU".into(),
         time_zone: "Europe/Berlin".into(),
     }
+}
+
+/// The socket address of a `ws://host:port` URL with a numeric host.
+pub fn socket_addr(url: &str) -> std::net::SocketAddr {
+    url.trim_start_matches("ws://")
+        .parse()
+        .expect("ws://ip:port")
 }
 
 fn split_host_port(s: &str) -> (String, u16) {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use device_sim::AgentEvent;
+use device_sim::{AgentEvent, Submitted};
 use e2e_tests::{Device, InProcessBridge, SOON, TcpProxy, wait_for_event};
 use schemas::api::SubmitJob;
 use schemas::data::{DeviceState, DeviceStatus};
@@ -64,9 +64,13 @@ async fn cut_mqtt_link_falls_back_to_long_poll() {
         detail: "paper jam in tray 2".into(),
         observed_at: schemas::UnixMillis::now(),
     };
-    agent.report_status(status.clone()).await.unwrap();
-    wait_for_event(&mut events, SOON, |e| {
-        matches!(e, AgentEvent::StatusDelivered).then_some(())
+    let submitted = agent.report_status(status.clone()).await.unwrap();
+    let Submitted::Queued(no) = submitted else {
+        panic!("the device has consent; the status must be queued, got {submitted:?}")
+    };
+    wait_for_event(&mut events, SOON, |e| match e {
+        AgentEvent::RequestDelivered { no: n, .. } if *n == no => Some(()),
+        _ => None,
     })
     .await;
     let view = ep.client().device(&device).await.unwrap();

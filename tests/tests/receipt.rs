@@ -2,17 +2,12 @@
 //! the fetch fetches after it restarts, without waiting for another hint.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use device_sim::AgentEvent;
-use e2e_tests::{Device, InProcessBridge, SOON, TcpProxy, wait_for_event};
+use e2e_tests::{Device, InProcessBridge, SOON, TcpProxy, socket_addr, wait_for_event};
 use schemas::api::SubmitJob;
 use schemas::job::JobState;
-
-fn socket_addr(url: &str) -> SocketAddr {
-    url.trim_start_matches("ws://").parse().unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_killed_after_hint_fetches_after_restart() {

@@ -12,6 +12,7 @@ use device_sim::{
 };
 use schemas::Secret;
 use schemas::data::{DeviceState, DeviceStatus};
+use tokio::io::AsyncBufReadExt;
 use tokio::sync::broadcast::error::RecvError;
 
 #[derive(Debug, Parser)]
@@ -62,15 +63,20 @@ struct Common {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run one device whose state lives in --state-dir, with readable logs.
+    /// Run one device whose state lives in --state-dir, with readable logs. Its panel reads
+    /// commands from standard input (type `help`).
     Device {
         #[command(flatten)]
         common: Common,
-        /// Directory of the device's state (credentials, cursor, outcomes).
+        /// Directory of the device's state (credentials, cursor, outcomes, outbox, consent).
         #[arg(long, default_value = "device-state")]
         state_dir: PathBuf,
         #[arg(long, default_value = "SN-0001")]
         serial: String,
+        /// Permission to send device information chosen at set-up (first start only; change
+        /// it later at the panel with `consent on|off`).
+        #[arg(long, default_value = "off", value_parser = parse_on_off)]
+        consent: bool,
     },
     /// Run N devices with a job generator and faults, and report latency and throughput.
     Fleet(Box<FleetArgs>),
@@ -413,16 +419,15 @@ async fn main() -> anyhow::Result<()> {
             common,
             state_dir,
             serial,
+            consent,
         } => {
             let executor = Arc::new(SimulatedExecutor {
                 duration: common.job_time,
                 fail_ratio: 0.0,
             });
-            let agent = device_sim::start(
-                config(&common, serial)?,
-                executor,
-                FileStateStore::new(state_dir),
-            );
+            let mut config = config(&common, serial)?;
+            config.consent_at_setup = consent;
+            let agent = device_sim::start(config, executor, FileStateStore::new(state_dir));
             let mut events = agent.subscribe();
             let status = DeviceStatus {
                 state: DeviceState::Idle,
@@ -430,9 +435,15 @@ async fn main() -> anyhow::Result<()> {
                 observed_at: schemas::UnixMillis::now(),
             };
             agent.report_status(status).await?;
+            let mut panel = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+            let mut panel_open = true;
             loop {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => break,
+                    line = panel.next_line(), if panel_open => match line {
+                        Ok(Some(line)) => panel_command(&agent, &line).await,
+                        Ok(None) | Err(_) => panel_open = false,
+                    },
                     event = events.recv() => match event {
                         Ok(event) => log_event(&event),
                         Err(RecvError::Lagged(n)) => tracing::warn!(skipped = n, "event log fell behind"),
@@ -474,6 +485,78 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One command typed at the simulated panel.
+async fn panel_command(agent: &device_sim::AgentHandle, line: &str) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let result = match words.as_slice() {
+        [] => return,
+        ["consent"] => agent.consent().await.map(|c| match c {
+            Some(c) => format!(
+                "consent {} since {} (unix ms)",
+                if c.granted { "on" } else { "off" },
+                c.changed_at.0
+            ),
+            None => "consent not set".into(),
+        }),
+        ["consent", value] => match parse_on_off(value) {
+            Ok(granted) => agent
+                .set_consent(granted)
+                .await
+                .map(|c| format!("consent {}", if c.granted { "on" } else { "off" })),
+            Err(e) => Ok(e),
+        },
+        ["status", state, detail @ ..] => {
+            let state = match *state {
+                "idle" => DeviceState::Idle,
+                "busy" => DeviceState::Busy,
+                "error" => DeviceState::Error,
+                "sleeping" => DeviceState::Sleeping,
+                other => {
+                    println!("unknown state {other:?}: idle, busy, error or sleeping");
+                    return;
+                }
+            };
+            let status = DeviceStatus {
+                state,
+                detail: detail.join(" "),
+                observed_at: schemas::UnixMillis::now(),
+            };
+            agent.report_status(status).await.map(|s| format!("{s:?}"))
+        }
+        ["request", action, params @ ..] => {
+            let params = params
+                .iter()
+                .map(|p| match p.split_once('=') {
+                    Some((k, v)) => (k.to_owned(), v.to_owned()),
+                    None => (p.to_string(), String::new()),
+                })
+                .collect();
+            agent
+                .panel_request(*action, params)
+                .await
+                .map(|s| format!("{s:?}"))
+        }
+        ["poll"] => agent.poll_now().await.map(|()| "polling".into()),
+        _ => Ok(
+            "commands: consent [on|off] | status idle|busy|error|sleeping [detail] | \
+                 request <action> [key=value ...] | poll"
+                .into(),
+        ),
+    };
+    match result {
+        Ok(answer) => println!("{answer}"),
+        Err(e) => println!("error: {e}"),
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        other => Err(format!("{other:?}: expected on or off")),
+    }
+}
+
 fn log_event(event: &AgentEvent) {
     match event {
         AgentEvent::Registered(id) => tracing::info!(device = %id, "registered"),
@@ -496,6 +579,7 @@ fn log_event(event: &AgentEvent) {
         } => tracing::info!(%job_id, ?outcome, "job finished"),
         AgentEvent::JobReported { job_id } => tracing::info!(%job_id, "outcome reported"),
         AgentEvent::JobCanceled { job_id } => tracing::warn!(%job_id, "job canceled while running"),
-        AgentEvent::StatusDelivered => tracing::info!("status delivered"),
+        AgentEvent::RequestDelivered { no, kind } => tracing::info!(%no, kind, "request delivered"),
+        AgentEvent::RequestRefused { no, error } => tracing::warn!(%no, %error, "request refused"),
     }
 }

@@ -11,6 +11,10 @@
 //! - `j/{job_id}` → [`JobRecord`]
 //! - `p/{job_id}` → the job's payload bytes
 //! - `f/{device_id}/{seq as 16 hex digits}` → [`FeedEntry`]
+//! - `r/{device_id}/{request no as 16 hex digits}` → [`schemas::records::DeviceRequestRecord`]
+//!
+//! The rules live in submodules by topic: [`requests`] (a device's outbox: status, consent,
+//! panel jobs).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -24,6 +28,8 @@ use schemas::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
 use sha2::{Digest, Sha256};
 
 use crate::store::{Batch, Committer, StoreError, Ticket};
+
+mod requests;
 
 /// Why a domain operation was refused. Each maps to a stable [`ErrorCode`].
 #[derive(Debug, thiserror::Error)]
@@ -319,6 +325,9 @@ impl Core {
             acked: FeedSeq::ZERO,
             last_status: None,
             last_status_at: None,
+            delivered: Default::default(),
+            consent: None,
+            consent_changes: Vec::new(),
         };
         let mut enrollment = enrollment;
         enrollment.uses_left -= 1;
@@ -413,6 +422,7 @@ impl Core {
             ));
         }
         let mut device = self.active_device(id)?.clone();
+        requests::check_consent(&device)?;
         device.last_status = Some(status.clone());
         device.last_status_at = Some(now);
         let mut batch = Batch::default();
@@ -1010,13 +1020,13 @@ fn transition_event(job: &JobRecord) -> OpsEvent {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::MemStore;
 
     const T0: UnixMillis = UnixMillis(1_000_000);
 
-    fn core() -> Core {
+    pub(crate) fn core() -> Core {
         let committer = Committer::new(Arc::new(MemStore::default()));
         Core::load(
             committer,
@@ -1030,7 +1040,7 @@ mod tests {
         .unwrap()
     }
 
-    fn registered(core: &mut Core, n: u8) -> DeviceId {
+    pub(crate) fn registered(core: &mut Core, n: u8) -> DeviceId {
         let token = Secret::new(format!("token-{n}"));
         core.create_enrollment(token.clone(), "acme".into(), 1, 60_000, T0)
             .unwrap();
