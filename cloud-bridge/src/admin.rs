@@ -1,8 +1,22 @@
-//! The admin HTTP API: JSON over HTTP/1.1, every route behind `Authorization: Bearer <token>`.
+//! The HTTP API: JSON over HTTP/1.1, every route but health behind
+//! `Authorization: Bearer <token>`. The token says who calls ([`Principal`]): the admin token
+//! opens every route; an owner's or a companion's token opens only the routes marked so below,
+//! and only for their own devices and jobs (see [`crate::core`]'s `principals`).
+//!
+//! | method and path | does | who |
+//! |---|---|---|
+//! | `GET /v1/health` | liveness, counts (no token needed) | anyone |
+//! | `POST /v1/devices/{id}/jobs` | submit a job (201 new, 200 same idempotency key) | admin, owner, linked companion |
+//! | `GET /v1/jobs/{id}` | a job with its history | admin, device owner, submitting companion |
+//! | `POST /v1/owners` | create an owner and its API token | admin |
+//! | `POST /v1/companions` | create a companion (phone, PC) and its token | owner |
+//! | `GET /v1/companions/{id}` | a companion and its linked devices | admin, owner, itself |
+//! | `PUT`/`DELETE /v1/companions/{id}/devices/{device}` | link / unlink a device | owner |
+//!
+//! Everything else needs the admin token:
 //!
 //! | method and path | does |
 //! |---|---|
-//! | `GET /v1/health` | liveness, counts (no token needed) |
 //! | `GET /v1/metrics` | counters |
 //! | `POST /v1/enrollment-tokens` | create a token devices register with |
 //! | `GET /v1/devices` | list devices |
@@ -10,9 +24,7 @@
 //! | `POST /v1/devices/{id}/disable` | refuse the device everywhere from now on |
 //! | `GET /v1/devices/{id}/requests?after=N&limit=M` | requests from the device's outbox |
 //! | `POST /v1/devices/{id}/consent-query` | ask the device to report its consent setting |
-//! | `POST /v1/devices/{id}/jobs` | submit a job (201 new, 200 same idempotency key) |
 //! | `GET /v1/devices/{id}/jobs` | the device's jobs |
-//! | `GET /v1/jobs/{id}` | a job with its history |
 //! | `POST /v1/jobs/{id}/cancel` | cancel a job |
 //!
 //! Errors are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
@@ -25,15 +37,18 @@ use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use schemas::api::{ApiError, CancelJob, CreateEnrollmentToken, Health, RequestsQuery, SubmitJob};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use schemas::api::{
+    ApiError, CancelJob, CreateCompanion, CreateEnrollmentToken, CreateOwner, Health,
+    RequestsQuery, SubmitJob,
+};
 use schemas::data::ErrorCode;
-use schemas::{DeviceId, JobId, Secret};
+use schemas::{CompanionId, DeviceId, JobId, OwnerId, Secret};
 use serde::Serialize;
 
 use crate::bridge::Bridge;
-use crate::core::CoreError;
+use crate::core::{CoreError, Principal};
 
 #[derive(Debug, Clone)]
 struct AppState {
@@ -47,18 +62,30 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
         bridge,
         token: Arc::new(admin_token),
     };
-    let protected = Router::new()
+    let admin_only = Router::new()
         .route("/v1/metrics", get(metrics))
+        .route("/v1/owners", post(create_owner))
         .route("/v1/enrollment-tokens", post(create_enrollment))
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/:id", get(get_device))
         .route("/v1/devices/:id/disable", post(disable_device))
         .route("/v1/devices/:id/requests", get(device_requests))
         .route("/v1/devices/:id/consent-query", post(query_consent))
-        .route("/v1/devices/:id/jobs", post(submit_job).get(list_jobs))
-        .route("/v1/jobs/:id", get(get_job))
+        .route("/v1/devices/:id/jobs", get(list_jobs))
         .route("/v1/jobs/:id/cancel", post(cancel_job))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn(require_admin));
+    let shared = Router::new()
+        .route("/v1/devices/:id/jobs", post(submit_job))
+        .route("/v1/jobs/:id", get(get_job))
+        .route("/v1/companions", post(create_companion))
+        .route("/v1/companions/:id", get(get_companion))
+        .route(
+            "/v1/companions/:id/devices/:device",
+            put(link_companion).delete(unlink_companion),
+        );
+    let protected = admin_only
+        .merge(shared)
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/v1/health", get(health))
         .merge(protected)
@@ -95,9 +122,11 @@ fn status_for(code: ErrorCode) -> StatusCode {
             StatusCode::FORBIDDEN
         }
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
-        ErrorCode::InvalidState | ErrorCode::Conflict | ErrorCode::LeaseLost => {
-            StatusCode::CONFLICT
-        }
+        ErrorCode::InvalidState
+        | ErrorCode::Conflict
+        | ErrorCode::LeaseLost
+        | ErrorCode::RegistrationIncomplete => StatusCode::CONFLICT,
+        ErrorCode::ConsentWithheld => StatusCode::FORBIDDEN,
         ErrorCode::Overloaded | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -144,25 +173,61 @@ where
 
 type ApiResult<T> = Result<T, ApiFailure>;
 
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Finds who the bearer token belongs to and hands it to the handler as a [`Principal`].
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let presented = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
+    let principal = match presented {
         Some(token)
             if broker::constant_time_eq(token.as_bytes(), state.token.expose().as_bytes()) =>
         {
-            next.run(request).await
+            Principal::Admin
         }
-        Some(_) => ApiFailure::new(ErrorCode::Unauthorized, "wrong admin token").into_response(),
-        None => ApiFailure::new(
-            ErrorCode::Unauthorized,
-            "missing `Authorization: Bearer <admin token>`",
-        )
-        .into_response(),
+        Some(token) => match state.bridge.principal(token) {
+            Some(p) => p,
+            None => {
+                return ApiFailure::new(ErrorCode::Unauthorized, "unknown token").into_response();
+            }
+        },
+        None => {
+            return ApiFailure::new(
+                ErrorCode::Unauthorized,
+                "missing `Authorization: Bearer <token>`",
+            )
+            .into_response();
+        }
+    };
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+async fn require_admin(
+    Extension(principal): Extension<Principal>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if principal != Principal::Admin {
+        return ApiFailure::new(ErrorCode::Forbidden, "this route needs the admin token")
+            .into_response();
     }
+    next.run(request).await
+}
+
+fn owner_of(principal: &Principal) -> ApiResult<&OwnerId> {
+    match principal {
+        Principal::Owner(id) => Ok(id),
+        _ => Err(ApiFailure::new(
+            ErrorCode::Forbidden,
+            "this route needs an owner's token",
+        )),
+    }
+}
+
+fn companion_id(raw: &str) -> ApiResult<CompanionId> {
+    CompanionId::parse(raw).map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e.to_string()))
 }
 
 async fn not_found() -> ApiFailure {
@@ -279,12 +344,73 @@ async fn query_consent(
     Ok(StatusCode::ACCEPTED)
 }
 
+async fn create_owner(
+    State(state): State<AppState>,
+    Body(req): Body<CreateOwner>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.bridge.create_owner(req).await?),
+    ))
+}
+
+async fn create_companion(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Body(req): Body<CreateCompanion>,
+) -> ApiResult<impl IntoResponse> {
+    let owner = owner_of(&principal)?;
+    let created = state.bridge.create_companion(owner, req).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+async fn get_companion(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        state
+            .bridge
+            .companion(&principal, &companion_id(&id)?)
+            .await?,
+    ))
+}
+
+async fn link_companion(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((id, device)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    let view = state
+        .bridge
+        .link_companion(&principal, &companion_id(&id)?, &device_id(&device)?, true)
+        .await?;
+    Ok(Json(view))
+}
+
+async fn unlink_companion(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((id, device)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    let view = state
+        .bridge
+        .link_companion(&principal, &companion_id(&id)?, &device_id(&device)?, false)
+        .await?;
+    Ok(Json(view))
+}
+
 async fn submit_job(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     Body(req): Body<SubmitJob>,
 ) -> ApiResult<impl IntoResponse> {
-    let (job, created) = state.bridge.submit_job(&device_id(&id)?, req).await?;
+    let (job, created) = state
+        .bridge
+        .submit_job(&principal, &device_id(&id)?, req)
+        .await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -302,9 +428,10 @@ async fn list_jobs(
 
 async fn get_job(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(state.bridge.job(&job_id(&id)?).await?))
+    Ok(Json(state.bridge.job(&principal, &job_id(&id)?).await?))
 }
 
 async fn cancel_job(

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use schemas::api::{CreateEnrollmentToken, DeviceView, EnrollmentTokenCreated, JobView, SubmitJob};
+use schemas::api::{
+    CompanionCreated, CompanionView, CreateCompanion, CreateEnrollmentToken, CreateOwner,
+    DeviceView, EnrollmentTokenCreated, JobView, OwnerCreated, SubmitJob,
+};
 use schemas::data::{
     ErrorCode, MAX_SYNC_ENTRIES, MAX_SYNC_WAIT_MS, Registration, Request, Response,
 };
@@ -18,11 +21,11 @@ use schemas::hint::{HintKind, Presence};
 use schemas::ops::{Channel, OpsEvent};
 use schemas::outbox::RequestNo;
 use schemas::records::{DeviceRecord, DeviceRequestRecord};
-use schemas::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
+use schemas::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{AuthFailure, Core, CoreError, CoreResult, Effects, NewJob};
+use crate::core::{AuthFailure, Core, CoreError, CoreResult, Effects, NewJob, Principal};
 use crate::notifier::Notifier;
 use crate::store::{Committer, Ticket};
 
@@ -220,6 +223,76 @@ impl Bridge {
         self.finish(ticket, effects).await
     }
 
+    // ---------------------------------------------------------------- owners and companions
+
+    /// Who an API token (other than the admin token) belongs to.
+    pub fn principal(&self, token: &str) -> Option<Principal> {
+        self.core().principal(token)
+    }
+
+    pub async fn create_owner(&self, req: CreateOwner) -> CoreResult<OwnerCreated> {
+        let token = Secret::from_random(rand::random());
+        let id = OwnerId::from_random(rand::random());
+        let (record, ticket) = self
+            .core()
+            .create_owner(id, req.name, &token, UnixMillis::now())?;
+        self.finish(ticket, Effects::default()).await?;
+        Ok(OwnerCreated {
+            owner_id: record.owner_id,
+            name: record.name,
+            token,
+        })
+    }
+
+    pub async fn create_companion(
+        &self,
+        owner: &OwnerId,
+        req: CreateCompanion,
+    ) -> CoreResult<CompanionCreated> {
+        let token = Secret::from_random(rand::random());
+        let id = CompanionId::from_random(rand::random());
+        let (record, ticket) =
+            self.core()
+                .create_companion(owner, id, req.name, &token, UnixMillis::now())?;
+        self.finish(ticket, Effects::default()).await?;
+        Ok(CompanionCreated {
+            companion_id: record.companion_id,
+            owner_id: record.owner_id,
+            name: record.name,
+            token,
+        })
+    }
+
+    pub async fn companion(
+        &self,
+        principal: &Principal,
+        id: &CompanionId,
+    ) -> CoreResult<CompanionView> {
+        let (view, ticket) = {
+            let core = self.core();
+            (
+                CompanionView::from(core.companion(principal, id)?),
+                core.read_ticket(),
+            )
+        };
+        self.durable_read(ticket).await?;
+        Ok(view)
+    }
+
+    pub async fn link_companion(
+        &self,
+        principal: &Principal,
+        companion: &CompanionId,
+        device: &DeviceId,
+        linked: bool,
+    ) -> CoreResult<CompanionView> {
+        let (record, ticket) = self
+            .core()
+            .link_companion(principal, companion, device, linked)?;
+        self.finish(ticket, Effects::default()).await?;
+        Ok(CompanionView::from(&record))
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         let core = self.core();
         (core.device_count(), core.job_count())
@@ -227,8 +300,10 @@ impl Bridge {
 
     // ---------------------------------------------------------------- jobs
 
+    /// Submits a job for `principal`, if it may submit to `device`.
     pub async fn submit_job(
         &self,
+        principal: &Principal,
         device: &DeviceId,
         req: SubmitJob,
     ) -> CoreResult<(JobView, bool)> {
@@ -255,11 +330,14 @@ impl Bridge {
             ttl_ms: req.ttl_secs.map(|s| s.saturating_mul(1000)),
             max_attempts: req.max_attempts,
             idempotency_key: req.idempotency_key,
+            submitted_by: Some(principal.label()),
         };
         let job_id = JobId::from_random(rand::random());
-        let (job, created, ticket, effects) =
-            self.core()
-                .submit_job(device, job_id, new, UnixMillis::now())?;
+        let (job, created, ticket, effects) = {
+            let mut core = self.core();
+            core.authorize_submit(principal, device)?;
+            core.submit_job(device, job_id, new, UnixMillis::now())?
+        };
         self.finish(ticket, effects).await?;
         if created {
             self.inner
@@ -270,9 +348,10 @@ impl Bridge {
         Ok((JobView::from(&job), created))
     }
 
-    pub async fn job(&self, id: &JobId) -> CoreResult<JobView> {
+    pub async fn job(&self, principal: &Principal, id: &JobId) -> CoreResult<JobView> {
         let (view, ticket) = {
             let core = self.core();
+            core.authorize_job_read(principal, id)?;
             (JobView::from(core.job(id)?), core.read_ticket())
         };
         self.durable_read(ticket).await?;
@@ -351,6 +430,11 @@ impl Bridge {
                 let (ticket, effects) = self.core().report_status(device, status, now)?;
                 self.finish(ticket, effects).await?;
                 Ok(Response::StatusAccepted { at: now })
+            }
+            Request::CompleteRegistration => {
+                let (at, ticket) = self.core().complete_registration(device, now)?;
+                self.durable_read(ticket).await?;
+                Ok(Response::RegistrationCompleted { at })
             }
             Request::Deliver { items } => {
                 let (upto, refused, ticket, effects) = self.core().deliver(device, items, now)?;

@@ -10,11 +10,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use schemas::api::{
-    ApiError, CancelJob, CreateEnrollmentToken, DeviceView, EnrollmentTokenCreated, Health,
-    JobView, SubmitJob,
+    ApiError, CancelJob, CompanionCreated, CompanionView, CreateCompanion, CreateEnrollmentToken,
+    CreateOwner, DeviceView, EnrollmentTokenCreated, Health, JobView, OwnerCreated, SubmitJob,
 };
 use schemas::records::DeviceRequestRecord;
-use schemas::{DeviceId, JobId, Secret};
+use schemas::{CompanionId, DeviceId, JobId, Secret};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -60,6 +60,14 @@ impl AdminClient {
             token,
             http: Client::builder(TokioExecutor::new()).build(connector),
             timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The same API as another caller: an owner's or a companion's token.
+    pub fn with_token(&self, token: Secret) -> AdminClient {
+        AdminClient {
+            token,
+            ..self.clone()
         }
     }
 
@@ -169,6 +177,45 @@ impl AdminClient {
             .call(
                 Method::POST,
                 &format!("/v1/devices/{id}/disable"),
+                None::<&()>,
+            )
+            .await?
+            .1)
+    }
+
+    pub async fn create_owner(&self, name: &str) -> Result<OwnerCreated, ClientError> {
+        let req = CreateOwner { name: name.into() };
+        Ok(self.call(Method::POST, "/v1/owners", Some(&req)).await?.1)
+    }
+
+    /// Creates a companion of the calling owner.
+    pub async fn create_companion(&self, name: &str) -> Result<CompanionCreated, ClientError> {
+        let req = CreateCompanion { name: name.into() };
+        Ok(self
+            .call(Method::POST, "/v1/companions", Some(&req))
+            .await?
+            .1)
+    }
+
+    pub async fn companion(&self, id: &CompanionId) -> Result<CompanionView, ClientError> {
+        Ok(self
+            .call(Method::GET, &format!("/v1/companions/{id}"), None::<&()>)
+            .await?
+            .1)
+    }
+
+    /// Links (or unlinks) a companion and a device of the calling owner.
+    pub async fn link_companion(
+        &self,
+        id: &CompanionId,
+        device: &DeviceId,
+        linked: bool,
+    ) -> Result<CompanionView, ClientError> {
+        let method = if linked { Method::PUT } else { Method::DELETE };
+        Ok(self
+            .call(
+                method,
+                &format!("/v1/companions/{id}/devices/{device}"),
                 None::<&()>,
             )
             .await?

@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use schemas::agent::{AgentState, Credentials, DoneJob};
 use schemas::data::{
-    DeviceStatus, ErrorBody, ErrorCode, HelloAuth, JobOffer, Registration, Request, Response,
+    DeviceStatus, ErrorBody, ErrorCode, HelloAuth, JobOffer, OwnerClaim, Registration, Request,
+    Response,
 };
 use schemas::feed::{FeedBody, FeedEntry};
 use schemas::hint::HintKind;
@@ -62,6 +63,8 @@ pub struct AgentConfig {
     /// Needed only until the device has registered.
     pub enrollment_token: Option<Secret>,
     pub info: DeviceInfo,
+    /// Owner information entered at set-up, bound to the device id at registration.
+    pub owner: Option<OwnerClaim>,
     /// How long one long-poll waits while MQTT is down. Zero: never long-poll (poll-only
     /// devices then sync every `poll_interval` and close the data channel in between).
     pub long_poll: Duration,
@@ -96,6 +99,7 @@ impl AgentConfig {
             mqtt,
             enrollment_token: None,
             info,
+            owner: None,
             long_poll: Duration::from_secs(25),
             poll_interval: Duration::from_secs(15 * 60),
             slow_poll: Duration::from_secs(60),
@@ -420,6 +424,7 @@ impl Agent {
         // connect when it holds work. That keeps a fleet-wide reconnect off the data channel.
         // It syncs at once only when it has something of its own to send, or without MQTT.
         let has_own_work = !self.state.outbox.is_empty()
+            || !self.state.registration_completed
             || self.state.done.iter().any(|d| !d.reported)
             || self.state.hinted.is_some_and(|seq| seq > self.state.cursor);
         let mut want_sync = self.config.mqtt.is_none() || has_own_work;
@@ -592,6 +597,7 @@ impl Agent {
                 model: info.model.clone(),
                 destination: info.destination.clone(),
                 time_zone: info.time_zone.clone(),
+                owner: self.config.owner.clone(),
             });
             let attempt = DataSession::connect(
                 &self.config.data_url,
@@ -673,6 +679,13 @@ impl Agent {
     async fn work(&mut self) -> Result<(), WorkError> {
         let session = self.session().await?;
         self.last_activity = Instant::now();
+        if !self.state.registration_completed {
+            // The credentials are on disk: tell the cloud, which only then lets companions
+            // send jobs to this device.
+            session.request(Request::CompleteRegistration).await?;
+            self.state.registration_completed = true;
+            self.save()?;
+        }
         let unreported: Vec<JobId> = self
             .state
             .done

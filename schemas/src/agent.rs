@@ -30,6 +30,9 @@ pub struct AgentState {
     /// The user's permission to send device information; `None` until first set (at set-up).
     #[serde(default)]
     pub consent: Option<Consent>,
+    /// The cloud knows the credentials are stored (the registration is complete).
+    #[serde(default)]
+    pub registration_completed: bool,
     /// The newest feed entry a hint announced and the device has not yet fetched up to:
     /// recorded when the hint arrives, so a device that restarts before fetching still
     /// fetches, without waiting for another hint.
@@ -47,6 +50,7 @@ impl Default for AgentState {
             outbox: VecDeque::new(),
             last_request: RequestNo::ZERO,
             consent: None,
+            registration_completed: false,
             hinted: None,
         }
     }

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::data::{DeviceStatus, ErrorCode};
 use crate::job::{JobState, Transition};
 use crate::outbox::RequestNo;
-use crate::records::{ConsentRecord, DeviceRecord, JobRecord};
-use crate::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
+use crate::records::{CompanionRecord, ConsentRecord, DeviceRecord, JobRecord};
+use crate::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
@@ -53,6 +53,9 @@ pub struct DeviceView {
     pub requests_delivered: RequestNo,
     pub consent: Option<ConsentRecord>,
     pub consent_changes: Vec<ConsentRecord>,
+    pub owner_id: Option<OwnerId>,
+    /// `None` until the device confirmed it stored its credentials.
+    pub registration_completed_at: Option<UnixMillis>,
 }
 
 impl From<&DeviceRecord> for DeviceView {
@@ -73,6 +76,8 @@ impl From<&DeviceRecord> for DeviceView {
             requests_delivered: d.delivered,
             consent: d.consent,
             consent_changes: d.consent_changes.clone(),
+            owner_id: d.owner.as_ref().map(|o| o.owner_id.clone()),
+            registration_completed_at: d.registration_completed_at,
         }
     }
 }
@@ -115,6 +120,7 @@ pub struct JobView {
     pub payload_len: u64,
     pub outcome: Option<String>,
     pub history: Vec<Transition>,
+    pub submitted_by: Option<String>,
 }
 
 impl From<&JobRecord> for JobView {
@@ -133,6 +139,58 @@ impl From<&JobRecord> for JobView {
             payload_len: j.payload_len,
             outcome: j.outcome.clone(),
             history: j.history.clone(),
+            submitted_by: j.submitted_by.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOwner {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OwnerCreated {
+    pub owner_id: OwnerId,
+    pub name: String,
+    /// The owner's API token. Shown once; only its hash is stored.
+    pub token: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCompanion {
+    /// "Anna's phone".
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompanionCreated {
+    pub companion_id: CompanionId,
+    pub owner_id: OwnerId,
+    pub name: String,
+    /// The companion's API token. Shown once; only its hash is stored.
+    pub token: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompanionView {
+    pub companion_id: CompanionId,
+    pub owner_id: OwnerId,
+    pub name: String,
+    pub created_at: UnixMillis,
+    pub devices: Vec<DeviceId>,
+}
+
+impl From<&CompanionRecord> for CompanionView {
+    fn from(c: &CompanionRecord) -> CompanionView {
+        CompanionView {
+            companion_id: c.companion_id.clone(),
+            owner_id: c.owner_id.clone(),
+            name: c.name.clone(),
+            created_at: c.created_at,
+            devices: c.devices.clone(),
         }
     }
 }

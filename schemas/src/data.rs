@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::feed::FeedEntry;
 use crate::job::{JobState, JobUpdate};
 use crate::outbox::{OutboxItem, RequestNo};
-use crate::{DeviceId, FeedSeq, JobId, RequestId, Secret, UnixMillis};
+use crate::{DeviceId, FeedSeq, JobId, OwnerId, RequestId, Secret, UnixMillis};
 
 /// WebSocket close code: the frame could not be decoded.
 pub const CLOSE_BAD_FRAME: u16 = 4400;
@@ -65,6 +65,18 @@ pub struct Registration {
     pub destination: String,
     /// IANA time zone, e.g. "Europe/Berlin".
     pub time_zone: String,
+    /// The owner as entered at the panel during set-up; bound to the device id. Asked for
+    /// again when the device is reset or moved.
+    #[serde(default)]
+    pub owner: Option<OwnerClaim>,
+}
+
+/// Owner information entered at the panel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnerClaim {
+    pub owner_id: OwnerId,
+    /// Chosen at set-up, 4 to 64 characters; only its hash is kept.
+    pub pin: Secret,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +104,9 @@ pub enum Request {
     /// The oldest requests of the device's outbox, in order, at most
     /// [`crate::outbox::MAX_DELIVER_ITEMS`].
     Deliver { items: Vec<OutboxItem> },
+    /// The device has stored the credentials of its registration: from now on it may be
+    /// given jobs by companions. Idempotent.
+    CompleteRegistration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,6 +160,9 @@ pub enum Response {
     Delivered {
         upto: RequestNo,
         refused: Vec<Refusal>,
+    },
+    RegistrationCompleted {
+        at: UnixMillis,
     },
 }
 
@@ -252,6 +270,8 @@ pub enum ErrorCode {
     Internal,
     /// Device information from a device whose user has not permitted sending it.
     ConsentWithheld,
+    /// The device has not finished registering (it never confirmed storing its credentials).
+    RegistrationIncomplete,
     #[serde(other)]
     Unknown,
 }
@@ -276,6 +296,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
             ErrorCode::ConsentWithheld => "consent_withheld",
+            ErrorCode::RegistrationIncomplete => "registration_incomplete",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -105,6 +105,14 @@ prefixed_id!(
     /// A job, unique across all devices.
     JobId, "job-", "job id"
 );
+prefixed_id!(
+    /// The person or organisation a device belongs to; bound to the device at registration.
+    OwnerId, "own-", "owner id"
+);
+prefixed_id!(
+    /// A phone or PC an owner has allowed to submit jobs to some of their devices.
+    CompanionId, "cmp-", "companion id"
+);
 
 /// Position in a device's feed. The first entry has sequence 1; 0 means "nothing yet".
 #[derive(

@@ -26,7 +26,9 @@ pub mod records;
 pub mod topics;
 
 pub use codec::{DecodeError, EncodeError, decode, encode};
-pub use ids::{DeviceId, FeedSeq, IdError, JobId, RequestId, Secret, UnixMillis};
+pub use ids::{
+    CompanionId, DeviceId, FeedSeq, IdError, JobId, OwnerId, RequestId, Secret, UnixMillis,
+};
 
 /// Version of the data-channel protocol, checked in the hello.
 pub const PROTOCOL_VERSION: u16 = 1;

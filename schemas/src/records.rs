@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::DeviceStatus;
 use crate::job::{JobState, Transition};
 use crate::outbox::{DeviceRequest, RequestNo};
-use crate::{DeviceId, FeedSeq, JobId, UnixMillis};
+use crate::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, UnixMillis};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -36,6 +36,43 @@ pub struct DeviceRecord {
     /// Every reported change of consent, oldest first (the newest [`CONSENT_HISTORY`]).
     #[serde(default)]
     pub consent_changes: Vec<ConsentRecord>,
+    /// The owner bound at registration.
+    #[serde(default)]
+    pub owner: Option<OwnerBinding>,
+    /// When the device confirmed it stored its credentials; until then companions may not
+    /// send it jobs.
+    #[serde(default)]
+    pub registration_completed_at: Option<UnixMillis>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerBinding {
+    pub owner_id: OwnerId,
+    /// SHA-256 of `{device_id}:{pin}`, hex.
+    pub pin_sha256: String,
+}
+
+/// `o/{owner_id}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    pub owner_id: OwnerId,
+    pub name: String,
+    /// SHA-256 of the owner's API token, hex.
+    pub token_sha256: String,
+    pub created_at: UnixMillis,
+}
+
+/// `c/{companion_id}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompanionRecord {
+    pub companion_id: CompanionId,
+    pub owner_id: OwnerId,
+    pub name: String,
+    /// SHA-256 of the companion's API token, hex.
+    pub token_sha256: String,
+    pub created_at: UnixMillis,
+    /// Devices it may submit jobs to.
+    pub devices: Vec<DeviceId>,
 }
 
 /// How many consent changes a device record keeps.
@@ -89,4 +126,7 @@ pub struct JobRecord {
     /// The device's detail on success, or the reason of a failure, rejection or cancel.
     pub outcome: Option<String>,
     pub history: Vec<Transition>,
+    /// Who submitted it: `admin`, `owner:{id}` or `companion:{id}`.
+    #[serde(default)]
+    pub submitted_by: Option<String>,
 }

@@ -243,6 +243,7 @@ async fn bad_input_is_refused_and_other_devices_keep_working() {
         model: "m".into(),
         destination: "EU".into(),
         time_zone: "UTC".into(),
+        owner: None,
     });
     let (frames, close) = raw_exchange(&ep.data_url, vec![hello(PROTOCOL_VERSION, register)]).await;
     assert_eq!(

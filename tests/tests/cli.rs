@@ -61,6 +61,7 @@ async fn export_writes_every_record_as_json_lines() {
             model: "m".into(),
             destination: "EU".into(),
             time_zone: "UTC".into(),
+            owner: None,
         }),
         "test",
         Default::default(),

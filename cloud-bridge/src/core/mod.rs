@@ -12,9 +12,10 @@
 //! - `p/{job_id}` → the job's payload bytes
 //! - `f/{device_id}/{seq as 16 hex digits}` → [`FeedEntry`]
 //! - `r/{device_id}/{request no as 16 hex digits}` → [`schemas::records::DeviceRequestRecord`]
+//! - `o/{owner_id}` → [`OwnerRecord`], `c/{companion_id}` → [`CompanionRecord`]
 //!
-//! The rules live in submodules by topic: [`requests`] (a device's outbox: status, consent,
-//! panel jobs).
+//! Rules by topic live in submodules: [`requests`] (a device's outbox: status, consent,
+//! panel jobs), [`principals`] (owners, companions, who may submit to which device).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -23,13 +24,18 @@ use schemas::data::{DeviceStatus, ErrorBody, ErrorCode, JobOffer, Registration};
 use schemas::feed::{FeedBody, FeedEntry};
 use schemas::job::{JobState, JobUpdate, Transition};
 use schemas::ops::OpsEvent;
-use schemas::records::{DeviceRecord, EnrollmentRecord, JobRecord};
-use schemas::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
+use schemas::records::{
+    CompanionRecord, DeviceRecord, EnrollmentRecord, JobRecord, OwnerBinding, OwnerRecord,
+};
+use schemas::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis};
 use sha2::{Digest, Sha256};
 
 use crate::store::{Batch, Committer, StoreError, Ticket};
 
+mod principals;
 mod requests;
+
+pub use principals::Principal;
 
 /// Why a domain operation was refused. Each maps to a stable [`ErrorCode`].
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +104,8 @@ pub struct NewJob {
     pub ttl_ms: Option<u64>,
     pub max_attempts: Option<u32>,
     pub idempotency_key: Option<String>,
+    /// [`Principal::label`] of the submitter.
+    pub submitted_by: Option<String>,
 }
 
 /// The outcome of authenticating a device.
@@ -113,6 +121,11 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// What the cloud keeps of an owner PIN: salted with the device id.
+fn owner_pin_hash(device_id: &DeviceId, pin: &str) -> String {
+    sha256_hex(format!("{device_id}:{pin}").as_bytes())
 }
 
 fn key(prefix: &str, id: &str) -> Vec<u8> {
@@ -148,6 +161,10 @@ pub struct Core {
     leases: BTreeSet<(UnixMillis, JobId)>,
     /// (expires_at, job) for every job not yet started.
     expiries: BTreeSet<(UnixMillis, JobId)>,
+    owners: HashMap<OwnerId, OwnerRecord>,
+    companions: HashMap<CompanionId, CompanionRecord>,
+    /// SHA-256 of an owner's or companion's API token → who it is.
+    tokens: HashMap<String, Principal>,
 }
 
 impl Core {
@@ -164,7 +181,24 @@ impl Core {
             idempotency: HashMap::new(),
             leases: BTreeSet::new(),
             expiries: BTreeSet::new(),
+            owners: HashMap::new(),
+            companions: HashMap::new(),
+            tokens: HashMap::new(),
         };
+        for (k, v) in store.scan_prefix(b"o/")? {
+            let o: OwnerRecord = decode(&k, &v)?;
+            core.tokens
+                .insert(o.token_sha256.clone(), Principal::Owner(o.owner_id.clone()));
+            core.owners.insert(o.owner_id.clone(), o);
+        }
+        for (k, v) in store.scan_prefix(b"c/")? {
+            let c: CompanionRecord = decode(&k, &v)?;
+            core.tokens.insert(
+                c.token_sha256.clone(),
+                Principal::Companion(c.companion_id.clone()),
+            );
+            core.companions.insert(c.companion_id.clone(), c);
+        }
         for (k, v) in store.scan_prefix(b"d/")? {
             let d: DeviceRecord = decode(&k, &v)?;
             core.devices.insert(d.device_id.clone(), d);
@@ -311,6 +345,28 @@ impl Core {
                 "device id collision; retry",
             ));
         }
+        let owner = match &reg.owner {
+            None => None,
+            Some(claim) => {
+                if !self.owners.contains_key(&claim.owner_id) {
+                    return Err(CoreError::new(
+                        ErrorCode::EnrollmentInvalid,
+                        format!("unknown owner {}", claim.owner_id),
+                    ));
+                }
+                let pin = claim.pin.expose();
+                if pin.len() < 4 || pin.len() > 64 {
+                    return Err(CoreError::new(
+                        ErrorCode::BadRequest,
+                        "owner PIN must be 4 to 64 characters",
+                    ));
+                }
+                Some(OwnerBinding {
+                    owner_id: claim.owner_id.clone(),
+                    pin_sha256: owner_pin_hash(&device_id, pin),
+                })
+            }
+        };
         let device = DeviceRecord {
             device_id: device_id.clone(),
             serial: reg.serial.clone(),
@@ -328,6 +384,8 @@ impl Core {
             delivered: Default::default(),
             consent: None,
             consent_changes: Vec::new(),
+            owner,
+            registration_completed_at: None,
         };
         let mut enrollment = enrollment;
         enrollment.uses_left -= 1;
@@ -603,6 +661,7 @@ impl Core {
             content_type: new.content_type,
             payload_len: new.payload.len() as u64,
             outcome: None,
+            submitted_by: new.submitted_by,
             history: vec![Transition {
                 from: None,
                 to: JobState::Queued,
@@ -1050,6 +1109,7 @@ pub(crate) mod tests {
             model: "MFP-1".into(),
             destination: "EU".into(),
             time_zone: "Europe/Berlin".into(),
+            owner: None,
         };
         let id = DeviceId::from_random([n; 8]);
         core.register(&reg, id.clone(), &Secret::new("secret"), T0)
@@ -1068,6 +1128,7 @@ pub(crate) mod tests {
                 ttl_ms: None,
                 max_attempts: None,
                 idempotency_key: None,
+                submitted_by: None,
             },
             T0,
         )
@@ -1085,6 +1146,7 @@ pub(crate) mod tests {
             model: "m".into(),
             destination: "EU".into(),
             time_zone: "UTC".into(),
+            owner: None,
         };
         let err = core
             .register(&reg, DeviceId::from_random([2; 8]), &Secret::new("s"), T0)
@@ -1232,6 +1294,7 @@ pub(crate) mod tests {
             ttl_ms: None,
             max_attempts: None,
             idempotency_key: Some("order-7".into()),
+            submitted_by: None,
         };
         let (first, created, ..) = core
             .submit_job(&dev, JobId::from_random([1; 8]), new.clone(), T0)

@@ -1,0 +1,272 @@
+//! Who may call the API, and for which devices: owners, and the companions (phones, PCs) an
+//! owner links to their devices.
+//!
+//! - The administrator (the admin token) may do everything.
+//! - An owner (created by the administrator) may create companions, link them to devices the
+//!   owner was bound to at registration, and submit jobs to those devices.
+//! - A companion may submit jobs to the devices it is linked to, once the device has completed
+//!   its registration, and read the jobs it submitted.
+
+use schemas::data::ErrorCode;
+use schemas::records::{CompanionRecord, OwnerRecord};
+use schemas::{CompanionId, DeviceId, OwnerId, Secret, UnixMillis};
+
+use super::{Core, CoreError, CoreResult, encode, key, sha256_hex};
+use crate::store::{Batch, Ticket};
+
+/// The caller of an API request, as its bearer token identifies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Admin,
+    Owner(OwnerId),
+    Companion(CompanionId),
+}
+
+impl Principal {
+    /// How jobs record who submitted them.
+    pub fn label(&self) -> String {
+        match self {
+            Principal::Admin => "admin".into(),
+            Principal::Owner(id) => format!("owner:{id}"),
+            Principal::Companion(id) => format!("companion:{id}"),
+        }
+    }
+}
+
+fn check_name(name: &str) -> CoreResult<()> {
+    if name.trim().is_empty() || name.len() > 128 {
+        return Err(CoreError::new(
+            ErrorCode::BadRequest,
+            "name must be 1 to 128 characters",
+        ));
+    }
+    Ok(())
+}
+
+impl Core {
+    /// The principal a bearer token (not the admin token) belongs to.
+    pub fn principal(&self, token: &str) -> Option<Principal> {
+        self.tokens.get(&sha256_hex(token.as_bytes())).cloned()
+    }
+
+    pub fn create_owner(
+        &mut self,
+        owner_id: OwnerId,
+        name: String,
+        token: &Secret,
+        now: UnixMillis,
+    ) -> CoreResult<(OwnerRecord, Ticket)> {
+        check_name(&name)?;
+        if self.owners.contains_key(&owner_id) {
+            return Err(CoreError::new(
+                ErrorCode::Conflict,
+                "owner id collision; retry",
+            ));
+        }
+        let record = OwnerRecord {
+            owner_id: owner_id.clone(),
+            name,
+            token_sha256: sha256_hex(token.expose().as_bytes()),
+            created_at: now,
+        };
+        let mut batch = Batch::default();
+        batch.put(key("o", owner_id.as_str()), encode(&record)?);
+        let ticket = self.commit(batch)?;
+        self.tokens.insert(
+            record.token_sha256.clone(),
+            Principal::Owner(owner_id.clone()),
+        );
+        self.owners.insert(owner_id, record.clone());
+        Ok((record, ticket))
+    }
+
+    pub fn owner_exists(&self, owner_id: &OwnerId) -> bool {
+        self.owners.contains_key(owner_id)
+    }
+
+    pub fn create_companion(
+        &mut self,
+        owner_id: &OwnerId,
+        companion_id: CompanionId,
+        name: String,
+        token: &Secret,
+        now: UnixMillis,
+    ) -> CoreResult<(CompanionRecord, Ticket)> {
+        check_name(&name)?;
+        if !self.owner_exists(owner_id) {
+            return Err(CoreError::new(
+                ErrorCode::NotFound,
+                format!("no owner {owner_id}"),
+            ));
+        }
+        if self.companions.contains_key(&companion_id) {
+            return Err(CoreError::new(
+                ErrorCode::Conflict,
+                "companion id collision; retry",
+            ));
+        }
+        let record = CompanionRecord {
+            companion_id: companion_id.clone(),
+            owner_id: owner_id.clone(),
+            name,
+            token_sha256: sha256_hex(token.expose().as_bytes()),
+            created_at: now,
+            devices: Vec::new(),
+        };
+        let mut batch = Batch::default();
+        batch.put(key("c", companion_id.as_str()), encode(&record)?);
+        let ticket = self.commit(batch)?;
+        self.tokens.insert(
+            record.token_sha256.clone(),
+            Principal::Companion(companion_id.clone()),
+        );
+        self.companions.insert(companion_id, record.clone());
+        Ok((record, ticket))
+    }
+
+    /// The companion, if `principal` may see it (the administrator, its owner, itself).
+    pub fn companion(
+        &self,
+        principal: &Principal,
+        id: &CompanionId,
+    ) -> CoreResult<&CompanionRecord> {
+        let companion = self
+            .companions
+            .get(id)
+            .ok_or_else(|| CoreError::new(ErrorCode::NotFound, format!("no companion {id}")))?;
+        match principal {
+            Principal::Admin => Ok(companion),
+            Principal::Owner(o) if *o == companion.owner_id => Ok(companion),
+            Principal::Companion(c) if c == id => Ok(companion),
+            _ => Err(CoreError::new(
+                ErrorCode::Forbidden,
+                format!("companion {id} belongs to another owner"),
+            )),
+        }
+    }
+
+    /// Links (or, with `linked` false, unlinks) a companion and a device of the same owner.
+    pub fn link_companion(
+        &mut self,
+        principal: &Principal,
+        companion_id: &CompanionId,
+        device_id: &DeviceId,
+        linked: bool,
+    ) -> CoreResult<(CompanionRecord, Ticket)> {
+        let mut companion = self.companion(principal, companion_id)?.clone();
+        if let Principal::Companion(_) = principal {
+            return Err(CoreError::new(
+                ErrorCode::Forbidden,
+                "only the owner links companions to devices",
+            ));
+        }
+        let device = self.device(device_id)?;
+        let owned = device
+            .owner
+            .as_ref()
+            .is_some_and(|o| o.owner_id == companion.owner_id);
+        if !owned {
+            return Err(CoreError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "device {device_id} is not bound to owner {}",
+                    companion.owner_id
+                ),
+            ));
+        }
+        let present = companion.devices.contains(device_id);
+        if present == linked {
+            return Ok((companion, self.read_ticket()));
+        }
+        if linked {
+            companion.devices.push(device_id.clone());
+        } else {
+            companion.devices.retain(|d| d != device_id);
+        }
+        let mut batch = Batch::default();
+        batch.put(key("c", companion_id.as_str()), encode(&companion)?);
+        let ticket = self.commit(batch)?;
+        self.companions
+            .insert(companion_id.clone(), companion.clone());
+        Ok((companion, ticket))
+    }
+
+    /// Whether `principal` may submit a job to `device_id`; a clear refusal if not.
+    pub fn authorize_submit(&self, principal: &Principal, device_id: &DeviceId) -> CoreResult<()> {
+        let device = self.device(device_id)?;
+        let owner = match principal {
+            Principal::Admin => return Ok(()),
+            Principal::Owner(owner) => owner.clone(),
+            Principal::Companion(id) => {
+                let companion = self.companion(principal, id)?;
+                if !companion.devices.contains(device_id) {
+                    return Err(CoreError::new(
+                        ErrorCode::Forbidden,
+                        format!("companion {id} is not linked to device {device_id}"),
+                    ));
+                }
+                companion.owner_id.clone()
+            }
+        };
+        if device.owner.as_ref().is_none_or(|o| o.owner_id != owner) {
+            return Err(CoreError::new(
+                ErrorCode::Forbidden,
+                format!("device {device_id} is not bound to owner {owner}"),
+            ));
+        }
+        if device.registration_completed_at.is_none() {
+            return Err(CoreError::new(
+                ErrorCode::RegistrationIncomplete,
+                format!(
+                    "device {device_id} has not completed its registration; jobs from \
+                     companions are accepted once it has"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `principal` may read `job_id` (the administrator, the device's owner, or the
+    /// companion that submitted it).
+    pub fn authorize_job_read(
+        &self,
+        principal: &Principal,
+        job_id: &schemas::JobId,
+    ) -> CoreResult<()> {
+        let job = self.job(job_id)?;
+        let allowed = match principal {
+            Principal::Admin => true,
+            Principal::Owner(owner) => self
+                .device(&job.device_id)
+                .is_ok_and(|d| d.owner.as_ref().is_some_and(|o| o.owner_id == *owner)),
+            Principal::Companion(_) => job.submitted_by.as_deref() == Some(&principal.label()),
+        };
+        if !allowed {
+            // The same answer as for a job that does not exist: ids are not probed.
+            return Err(CoreError::new(
+                ErrorCode::NotFound,
+                format!("no job {job_id}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The device has stored its credentials. Idempotent.
+    pub fn complete_registration(
+        &mut self,
+        device_id: &DeviceId,
+        now: UnixMillis,
+    ) -> CoreResult<(UnixMillis, Ticket)> {
+        let device = self.active_device(device_id)?;
+        if let Some(at) = device.registration_completed_at {
+            return Ok((at, self.read_ticket()));
+        }
+        let mut device = device.clone();
+        device.registration_completed_at = Some(now);
+        let mut batch = Batch::default();
+        batch.put(key("d", device_id.as_str()), encode(&device)?);
+        let ticket = self.commit(batch)?;
+        self.devices.insert(device_id.clone(), device);
+        Ok((now, ticket))
+    }
+}
