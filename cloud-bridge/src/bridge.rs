@@ -25,7 +25,9 @@ use schemas::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{AuthFailure, Core, CoreError, CoreResult, Effects, NewJob, Principal};
+use crate::core::{
+    AuthFailure, Core, CoreError, CoreResult, Effects, NewJob, OwnerVerdict, Principal,
+};
 use crate::notifier::Notifier;
 use crate::store::{Committer, Ticket};
 
@@ -112,6 +114,16 @@ impl Bridge {
             self.inner.notifier.hint(&device, HintKind::Feed, seq);
         }
         for event in effects.events {
+            if let OpsEvent::DeviceInvalidated { device_id, .. } = &event {
+                // Tell the device now, so it stops and registers again: its next request is
+                // refused with the reason. Its long-polls wake too.
+                let watch = self.feed_watch(device_id);
+                watch.send_modify(|_| {});
+                let newest = *watch.borrow();
+                self.inner
+                    .notifier
+                    .hint(device_id, HintKind::PollNow, newest);
+            }
             self.inner.notifier.ops(&event);
         }
         self.inner.reaper.notify_one();
@@ -430,6 +442,23 @@ impl Bridge {
                 let (ticket, effects) = self.core().report_status(device, status, now)?;
                 self.finish(ticket, effects).await?;
                 Ok(Response::StatusAccepted { at: now })
+            }
+            Request::OwnerCheck { reason } => {
+                let (deadline, ticket, effects) =
+                    self.core().start_owner_check(device, &reason, now)?;
+                self.finish(ticket, effects).await?;
+                Ok(Response::OwnerCheck { deadline })
+            }
+            Request::ConfirmOwner { owner } => {
+                let (verdict, ticket, effects) = self.core().confirm_owner(device, &owner, now)?;
+                self.finish(ticket, effects).await?;
+                match verdict {
+                    OwnerVerdict::Confirmed => Ok(Response::OwnerConfirmed),
+                    OwnerVerdict::Invalidated(reason) => Err(CoreError::new(
+                        ErrorCode::DeviceInvalidated,
+                        format!("device id {device} was invalidated: {reason}"),
+                    )),
+                }
             }
             Request::CompleteRegistration => {
                 let (at, ticket) = self.core().complete_registration(device, now)?;

@@ -51,6 +51,11 @@ lease_secs = 60
 default_ttl_secs = 86400
 default_max_attempts = 3
 
+[devices]
+# After a reset or relocation the owner must confirm at the panel within this time, or the
+# device id is invalidated.
+owner_check_window_secs = 600
+
 [data_channel]
 hello_timeout_ms = 5000
 ping_interval_secs = 15
@@ -69,6 +74,7 @@ pub struct Config {
     pub listen: Listen,
     pub broker: BrokerConfig,
     pub jobs: Jobs,
+    pub devices: Devices,
     pub data_channel: DataChannel,
 }
 
@@ -80,6 +86,7 @@ impl Default for Config {
             listen: Listen::default(),
             broker: BrokerConfig::default(),
             jobs: Jobs::default(),
+            devices: Devices::default(),
             data_channel: DataChannel::default(),
         }
     }
@@ -169,6 +176,20 @@ impl Default for Jobs {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct Devices {
+    pub owner_check_window_secs: u64,
+}
+
+impl Default for Devices {
+    fn default() -> Self {
+        Devices {
+            owner_check_window_secs: 600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DataChannel {
     pub hello_timeout_ms: u64,
     pub ping_interval_secs: u64,
@@ -221,6 +242,9 @@ impl Config {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.devices.owner_check_window_secs == 0 {
+            return bad("devices.owner_check_window_secs must be at least 1");
+        }
         if self.jobs.lease_secs == 0 {
             return bad("jobs.lease_secs must be at least 1");
         }
@@ -277,6 +301,7 @@ impl Config {
 
     pub fn job_policy(&self) -> JobPolicy {
         JobPolicy {
+            owner_check_ms: self.devices.owner_check_window_secs.saturating_mul(1000),
             lease_ms: self.jobs.lease_secs.saturating_mul(1000),
             default_ttl_ms: self.jobs.default_ttl_secs.saturating_mul(1000),
             default_max_attempts: self.jobs.default_max_attempts,

@@ -133,7 +133,9 @@ fn close_code_for(code: ErrorCode) -> u16 {
     match code {
         ErrorCode::BadFrame | ErrorCode::BadRequest => CLOSE_BAD_FRAME,
         ErrorCode::Unauthorized | ErrorCode::EnrollmentInvalid => CLOSE_UNAUTHORIZED,
-        ErrorCode::DeviceDisabled | ErrorCode::Forbidden => CLOSE_FORBIDDEN,
+        ErrorCode::DeviceDisabled | ErrorCode::DeviceInvalidated | ErrorCode::Forbidden => {
+            CLOSE_FORBIDDEN
+        }
         ErrorCode::HelloTimeout => CLOSE_TIMEOUT,
         ErrorCode::FrameTooLarge => CLOSE_TOO_LARGE,
         ErrorCode::UnsupportedVersion => CLOSE_UNSUPPORTED_VERSION,
@@ -289,6 +291,12 @@ impl Connection {
                     .authenticate(device_id.as_str(), secret.expose())
                 {
                     Ok(d) => (d, None),
+                    Err(AuthFailure::Invalidated) => {
+                        return Err(ErrorBody::new(
+                            ErrorCode::DeviceInvalidated,
+                            "device id was invalidated; register again",
+                        ));
+                    }
                     Err(AuthFailure::Disabled) => {
                         return Err(ErrorBody::new(
                             ErrorCode::DeviceDisabled,

@@ -22,10 +22,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use schemas::agent::{AgentState, Credentials, DoneJob};
+use schemas::agent::{AgentState, Credentials, DoneJob, PendingOwnerCheck};
 use schemas::data::{
-    DeviceStatus, ErrorBody, ErrorCode, HelloAuth, JobOffer, OwnerClaim, Registration, Request,
-    Response,
+    DeviceStatus, ErrorBody, ErrorCode, HelloAuth, JobOffer, OwnerCheckReason, OwnerClaim,
+    Registration, Request, Response,
 };
 use schemas::feed::{FeedBody, FeedEntry};
 use schemas::hint::HintKind;
@@ -155,6 +155,15 @@ pub enum AgentEvent {
         no: schemas::outbox::RequestNo,
         kind: &'static str,
     },
+    /// The owner must confirm at the panel by `deadline` (`None`: no owner bound).
+    OwnerCheckStarted {
+        deadline: Option<UnixMillis>,
+    },
+    OwnerConfirmed,
+    /// The cloud invalidated the device id; the agent forgot it and registers again.
+    Invalidated {
+        reason: String,
+    },
     /// The cloud refused a request from the outbox; it is not sent again.
     RequestRefused {
         no: schemas::outbox::RequestNo,
@@ -172,6 +181,12 @@ pub enum AgentError {
     NoCredentials,
     #[error(transparent)]
     OutboxFull(#[from] OutboxFull),
+    #[error("the device id was invalidated: {0}")]
+    Invalidated(String),
+    #[error("this needs the cloud, which cannot be reached now: {0}")]
+    Offline(String),
+    #[error("the cloud refused: {0}")]
+    Refused(ErrorBody),
     #[error("the agent has stopped")]
     Stopped,
 }
@@ -183,7 +198,15 @@ enum Command {
     Submit(DeviceRequest, Reply<Submitted>),
     SetConsent(bool, Reply<Consent>),
     GetConsent(Reply<Option<Consent>>),
+    OwnerCheck(OwnerCheckReason, Reply<()>),
+    ConfirmOwner(OwnerClaim, Reply<()>),
     PollNow,
+}
+
+/// Why the main loop ended.
+enum Exit {
+    Stopped,
+    Invalidated(String),
 }
 
 /// Aborts a task when dropped, so a killed agent takes its MQTT link down with it.
@@ -251,6 +274,20 @@ impl AgentHandle {
     /// offline. The change itself is reported to the cloud through the outbox.
     pub async fn set_consent(&self, granted: bool) -> Result<Consent, AgentError> {
         self.ask(|r| Command::SetConsent(granted, r)).await
+    }
+
+    /// The device's state met a condition that calls for the owner (factory reset, new time
+    /// zone, new network): no jobs run until the owner confirms with [`Self::confirm_owner`].
+    /// Works offline; the cloud is told as soon as it can be reached.
+    pub async fn owner_check_required(&self, reason: OwnerCheckReason) -> Result<(), AgentError> {
+        self.ask(|r| Command::OwnerCheck(reason, r)).await
+    }
+
+    /// Owner information entered at the panel, checked by the cloud (needs the data channel).
+    /// Wrong information invalidates the device id: [`AgentError::Invalidated`], and the agent
+    /// registers again if it has an enrollment token.
+    pub async fn confirm_owner(&self, owner: OwnerClaim) -> Result<(), AgentError> {
+        self.ask(|r| Command::ConfirmOwner(owner, r)).await
     }
 
     /// The consent setting as the device holds it.
@@ -382,27 +419,47 @@ impl Agent {
             );
             self.save()?;
         }
-        let credentials = match self.state.credentials.clone() {
-            Some(c) => c,
-            None => match self.register(&shutdown).await? {
+        let mut commands = commands;
+        loop {
+            let credentials = match self.state.credentials.clone() {
                 Some(c) => c,
-                None => return Ok(()),
-            },
-        };
-        *self.device_id.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(credentials.device_id.clone());
-        let span = tracing::info_span!("agent", device = %credentials.device_id);
-        self.main_loop(credentials, commands, shutdown)
-            .instrument(span)
-            .await
+                None => match self.register(&shutdown).await? {
+                    Some(c) => c,
+                    None => return Ok(()),
+                },
+            };
+            *self.device_id.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(credentials.device_id.clone());
+            let span = tracing::info_span!("agent", device = %credentials.device_id);
+            let exit = self
+                .main_loop(credentials, &mut commands, shutdown.clone())
+                .instrument(span)
+                .await?;
+            match exit {
+                Exit::Stopped => return Ok(()),
+                Exit::Invalidated(reason) => {
+                    tracing::warn!(%reason, "device id invalidated; registering again");
+                    self.drop_session("device id invalidated".into());
+                    self.state.forget_identity();
+                    self.save()?;
+                    self.mqtt_up = false;
+                    self.emit(AgentEvent::Invalidated {
+                        reason: reason.clone(),
+                    });
+                    if self.config.enrollment_token.is_none() {
+                        return Err(AgentError::Invalidated(reason));
+                    }
+                }
+            }
+        }
     }
 
     async fn main_loop(
-        mut self,
+        &mut self,
         credentials: Credentials,
-        mut commands: mpsc::Receiver<Command>,
+        commands: &mut mpsc::Receiver<Command>,
         shutdown: CancellationToken,
-    ) -> Result<(), AgentError> {
+    ) -> Result<Exit, AgentError> {
         let (link_tx, mut link_rx) = mpsc::channel(64);
         let _mqtt = self.config.mqtt.clone().map(|(host, port)| {
             let settings = MqttSettings {
@@ -447,6 +504,11 @@ impl Agent {
                         self.backoff.reset();
                     }
                     Err(WorkError::State(e)) => return Err(e.into()),
+                    Err(WorkError::Session(e))
+                        if e.code() == Some(ErrorCode::DeviceInvalidated) =>
+                    {
+                        return Ok(Exit::Invalidated(e.to_string()));
+                    }
                     Err(WorkError::Session(e)) => {
                         self.drop_session(e.to_string());
                         let delay = self.backoff.next_delay();
@@ -460,6 +522,7 @@ impl Agent {
                 && !self.config.long_poll.is_zero()
                 && !self.mqtt_up
                 && retry_at.is_none()
+                && self.state.owner_check.is_none()
                 && let Some(session) = self.session.clone()
             {
                 let request = Request::Sync {
@@ -492,6 +555,29 @@ impl Agent {
                     }
                     Some(Command::GetConsent(reply)) => {
                         let _ = reply.send(Ok(self.state.consent));
+                    }
+                    Some(Command::OwnerCheck(reason, reply)) => {
+                        if self.state.owner_check.is_none() {
+                            self.state.owner_check = Some(PendingOwnerCheck {
+                                reason,
+                                since: UnixMillis::now(),
+                                reported: false,
+                            });
+                        }
+                        let _ = reply.send(self.save().map_err(AgentError::from));
+                        want_sync = true;
+                    }
+                    Some(Command::ConfirmOwner(owner, reply)) => {
+                        let result = self.confirm_owner(owner).await;
+                        let invalidated = match &result {
+                            Err(AgentError::Invalidated(reason)) => Some(reason.clone()),
+                            _ => None,
+                        };
+                        let _ = reply.send(result);
+                        if let Some(reason) = invalidated {
+                            return Ok(Exit::Invalidated(reason));
+                        }
+                        want_sync = true;
                     }
                     Some(Command::PollNow) => want_sync = true,
                 },
@@ -556,7 +642,28 @@ impl Agent {
         if let Some(session) = self.session.take() {
             session.close();
         }
-        Ok(())
+        Ok(Exit::Stopped)
+    }
+
+    /// Sends owner information entered at the panel to the cloud.
+    async fn confirm_owner(&mut self, owner: OwnerClaim) -> Result<(), AgentError> {
+        let session = self
+            .session()
+            .await
+            .map_err(|e| AgentError::Offline(e.to_string()))?;
+        match session.request(Request::ConfirmOwner { owner }).await {
+            Ok(_) => {
+                self.state.owner_check = None;
+                self.save()?;
+                self.emit(AgentEvent::OwnerConfirmed);
+                Ok(())
+            }
+            Err(SessionError::Request(body)) if body.code == ErrorCode::DeviceInvalidated => {
+                Err(AgentError::Invalidated(body.message))
+            }
+            Err(SessionError::Request(body)) => Err(AgentError::Refused(body)),
+            Err(e) => Err(AgentError::Offline(e.to_string())),
+        }
     }
 
     /// Queues a request in the outbox, durably.
@@ -686,6 +793,30 @@ impl Agent {
             self.state.registration_completed = true;
             self.save()?;
         }
+        if let Some(check) = &self.state.owner_check {
+            // Sent again while waiting for the owner: it also tells whether the cloud has
+            // given up waiting (the id is then invalidated and this request refused).
+            let reason = check.reason.clone();
+            let response = session.request(Request::OwnerCheck { reason }).await?;
+            let deadline = match response {
+                Response::OwnerCheck { deadline } => deadline,
+                _ => None,
+            };
+            let first = self.state.owner_check.as_ref().is_some_and(|c| !c.reported);
+            match deadline {
+                // No owner bound: nothing to confirm.
+                None => self.state.owner_check = None,
+                Some(_) => {
+                    if let Some(check) = self.state.owner_check.as_mut() {
+                        check.reported = true;
+                    }
+                }
+            }
+            if first {
+                self.save()?;
+                self.emit(AgentEvent::OwnerCheckStarted { deadline });
+            }
+        }
         let unreported: Vec<JobId> = self
             .state
             .done
@@ -697,7 +828,8 @@ impl Agent {
             self.report_outcome(&session, &job_id).await?;
         }
         self.deliver_outbox(&session).await?;
-        loop {
+        // While the owner has not confirmed, jobs wait (the cloud would not hand them out).
+        while self.state.owner_check.is_none() {
             let response = session
                 .request(Request::Sync {
                     after: self.state.cursor,
@@ -728,7 +860,7 @@ impl Agent {
                 cursor: self.state.cursor,
             });
         }
-        if self.state.hinted.take().is_some() {
+        if self.state.owner_check.is_none() && self.state.hinted.take().is_some() {
             // Everything the hint announced has been fetched (the sync reached the end).
             self.save()?;
         }

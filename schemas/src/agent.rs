@@ -4,9 +4,10 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::OwnerCheckReason;
 use crate::job::JobUpdate;
 use crate::outbox::{Consent, OutboxItem, RequestNo};
-use crate::{DeviceId, FeedSeq, JobId, Secret};
+use crate::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
 
 /// Version of the agent's state file.
 pub const AGENT_STATE_VERSION: u8 = 1;
@@ -33,6 +34,9 @@ pub struct AgentState {
     /// The cloud knows the credentials are stored (the registration is complete).
     #[serde(default)]
     pub registration_completed: bool,
+    /// The owner must confirm at the panel (after a reset or relocation); no jobs until then.
+    #[serde(default)]
+    pub owner_check: Option<PendingOwnerCheck>,
     /// The newest feed entry a hint announced and the device has not yet fetched up to:
     /// recorded when the hint arrives, so a device that restarts before fetching still
     /// fetches, without waiting for another hint.
@@ -51,8 +55,30 @@ impl Default for AgentState {
             last_request: RequestNo::ZERO,
             consent: None,
             registration_completed: false,
+            owner_check: None,
             hinted: None,
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingOwnerCheck {
+    pub reason: OwnerCheckReason,
+    pub since: UnixMillis,
+    /// The cloud has been told (and stops handing out jobs until the owner confirms).
+    pub reported: bool,
+}
+
+impl AgentState {
+    /// Forgets the device's identity after the cloud invalidated it, keeping what belongs
+    /// to the device and its user (consent, the outbox, request numbering).
+    pub fn forget_identity(&mut self) {
+        self.credentials = None;
+        self.cursor = FeedSeq::ZERO;
+        self.done.clear();
+        self.hinted = None;
+        self.registration_completed = false;
+        self.owner_check = None;
     }
 }
 

@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 use crate::data::{DeviceStatus, ErrorCode};
 use crate::job::{JobState, Transition};
 use crate::outbox::RequestNo;
-use crate::records::{CompanionRecord, ConsentRecord, DeviceRecord, JobRecord};
+use crate::records::{
+    CompanionRecord, ConsentRecord, DeviceRecord, Invalidation, JobRecord, OwnerCheckState,
+};
 use crate::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +58,8 @@ pub struct DeviceView {
     pub owner_id: Option<OwnerId>,
     /// `None` until the device confirmed it stored its credentials.
     pub registration_completed_at: Option<UnixMillis>,
+    pub owner_check: Option<OwnerCheckState>,
+    pub invalidated: Option<Invalidation>,
 }
 
 impl From<&DeviceRecord> for DeviceView {
@@ -78,6 +82,8 @@ impl From<&DeviceRecord> for DeviceView {
             consent_changes: d.consent_changes.clone(),
             owner_id: d.owner.as_ref().map(|o| o.owner_id.clone()),
             registration_completed_at: d.registration_completed_at,
+            owner_check: d.owner_check.clone(),
+            invalidated: d.invalidated.clone(),
         }
     }
 }

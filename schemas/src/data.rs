@@ -107,6 +107,42 @@ pub enum Request {
     /// The device has stored the credentials of its registration: from now on it may be
     /// given jobs by companions. Idempotent.
     CompleteRegistration,
+    /// The device's state met a condition that calls for the owner to confirm (reset,
+    /// relocation). Until confirmed, the cloud hands it no jobs; unconfirmed by the deadline,
+    /// its id is invalidated.
+    OwnerCheck { reason: OwnerCheckReason },
+    /// Owner information entered at the panel. Right: the check ends. Wrong: the device id is
+    /// invalidated at once (error [`ErrorCode::DeviceInvalidated`]).
+    ConfirmOwner { owner: OwnerClaim },
+}
+
+/// Why a device asks its owner to confirm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OwnerCheckReason {
+    FactoryReset,
+    /// The device's time zone changed: it may have moved.
+    TimeZoneChanged {
+        time_zone: String,
+    },
+    /// The device joined a network it has not been on before.
+    NetworkChanged {
+        network: String,
+    },
+}
+
+impl std::fmt::Display for OwnerCheckReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OwnerCheckReason::FactoryReset => write!(f, "factory reset"),
+            OwnerCheckReason::TimeZoneChanged { time_zone } => {
+                write!(f, "time zone changed to {time_zone}")
+            }
+            OwnerCheckReason::NetworkChanged { network } => {
+                write!(f, "network changed to {network}")
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -164,6 +200,11 @@ pub enum Response {
     RegistrationCompleted {
         at: UnixMillis,
     },
+    /// The owner must confirm by `deadline`; `None`: no owner is bound, nothing to confirm.
+    OwnerCheck {
+        deadline: Option<UnixMillis>,
+    },
+    OwnerConfirmed,
 }
 
 /// A delivered request the cloud will not act on, and why. Final: sending it again cannot help.
@@ -272,6 +313,10 @@ pub enum ErrorCode {
     ConsentWithheld,
     /// The device has not finished registering (it never confirmed storing its credentials).
     RegistrationIncomplete,
+    /// The device id was invalidated (owner not confirmed): register again.
+    DeviceInvalidated,
+    /// The owner has not yet confirmed after a reset or relocation; try again later.
+    OwnerCheckPending,
     #[serde(other)]
     Unknown,
 }
@@ -297,6 +342,8 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::ConsentWithheld => "consent_withheld",
             ErrorCode::RegistrationIncomplete => "registration_incomplete",
+            ErrorCode::DeviceInvalidated => "device_invalidated",
+            ErrorCode::OwnerCheckPending => "owner_check_pending",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -5,6 +5,7 @@
 //!   ▲                   │                       │
 //!   └──── lease lost (attempt counted) ◀────────┘      any non-terminal ──▶ canceled
 //! queued | delivered ──ttl──▶ expired                  attempts exhausted ──▶ failed
+//! any non-terminal ──device id invalidated──▶ rejected
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -41,7 +42,7 @@ impl JobState {
         use JobState::*;
         matches!(
             (self, to),
-            (Queued, Delivered | Canceled | Expired | Failed)
+            (Queued, Delivered | Canceled | Expired | Failed | Rejected)
                 | (
                     Delivered,
                     InProgress | Succeeded | Failed | Rejected | Queued | Canceled | Expired

@@ -43,6 +43,23 @@ pub enum OpsEvent {
         device_id: DeviceId,
         at: UnixMillis,
     },
+    /// The owner of a device must confirm (reset, relocation) by `deadline`.
+    OwnerCheckStarted {
+        device_id: DeviceId,
+        reason: String,
+        deadline: UnixMillis,
+        at: UnixMillis,
+    },
+    OwnerConfirmed {
+        device_id: DeviceId,
+        at: UnixMillis,
+    },
+    /// The device id is no longer valid; its jobs were rejected.
+    DeviceInvalidated {
+        device_id: DeviceId,
+        reason: String,
+        at: UnixMillis,
+    },
     /// A device's consent to send device information changed (or was reported again).
     DeviceConsent {
         device_id: DeviceId,
@@ -80,6 +97,15 @@ impl OpsEvent {
             OpsEvent::DeviceStatus { device_id, .. } => topics::ops_device(device_id, "status"),
             OpsEvent::DeviceDisabled { device_id, .. } => topics::ops_device(device_id, "disabled"),
             OpsEvent::DeviceConsent { device_id, .. } => topics::ops_device(device_id, "consent"),
+            OpsEvent::OwnerCheckStarted { device_id, .. } => {
+                topics::ops_device(device_id, "owner_check")
+            }
+            OpsEvent::OwnerConfirmed { device_id, .. } => {
+                topics::ops_device(device_id, "owner_confirmed")
+            }
+            OpsEvent::DeviceInvalidated { device_id, .. } => {
+                topics::ops_device(device_id, "invalidated")
+            }
             OpsEvent::DeviceRequest { device_id, .. } => topics::ops_device(device_id, "request"),
             OpsEvent::JobTransition { device_id, to, .. } => {
                 topics::ops_job(device_id, to.as_str())

@@ -43,6 +43,25 @@ pub struct DeviceRecord {
     /// send it jobs.
     #[serde(default)]
     pub registration_completed_at: Option<UnixMillis>,
+    /// The owner must confirm (after a reset or relocation) by the deadline.
+    #[serde(default)]
+    pub owner_check: Option<OwnerCheckState>,
+    /// Set when the device id was invalidated; the device must register again.
+    #[serde(default)]
+    pub invalidated: Option<Invalidation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerCheckState {
+    pub reason: String,
+    pub started_at: UnixMillis,
+    pub deadline: UnixMillis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invalidation {
+    pub reason: String,
+    pub at: UnixMillis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -157,6 +157,30 @@ pub fn device_info(serial: &str) -> DeviceInfo {
     }
 }
 
+/// Connects to the bridge's broker with these credentials: `Ok` on a CONNACK, the error
+/// otherwise (a refused login shows up as an error).
+pub async fn mqtt_connect(
+    ep: &Endpoints,
+    client_id: &str,
+    user: &str,
+    pass: &str,
+) -> Result<(), String> {
+    let mut opts = MqttOptions::new(client_id, ep.mqtt.0.clone(), ep.mqtt.1);
+    opts.set_credentials(user, pass);
+    let (_client, mut eventloop) = AsyncClient::new(opts, 10);
+    tokio::time::timeout(SOON, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .expect("no answer from the broker")
+}
+
 /// The socket address of a `ws://host:port` URL with a numeric host.
 pub fn socket_addr(url: &str) -> std::net::SocketAddr {
     url.trim_start_matches("ws://")

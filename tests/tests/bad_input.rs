@@ -5,10 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use device_sim::session::{DataSession, SessionError, SessionSettings};
-use e2e_tests::{Device, Endpoints, InProcessBridge, SOON, wait_reported};
+use e2e_tests::{Device, Endpoints, InProcessBridge, SOON, mqtt_connect, wait_reported};
 use futures_util::{SinkExt, StreamExt};
 use hyper::Method;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use schemas::agent::Credentials;
 use schemas::api::SubmitJob;
 use schemas::data::{
@@ -72,28 +71,6 @@ fn error_code(frames: &[ServerFrame]) -> Option<ErrorCode> {
         ServerFrame::Error { id: None, error } => Some(error.code),
         _ => None,
     })
-}
-
-async fn mqtt_connect(
-    ep: &Endpoints,
-    client_id: &str,
-    user: &str,
-    pass: &str,
-) -> Result<(), String> {
-    let mut opts = MqttOptions::new(client_id, ep.mqtt.0.clone(), ep.mqtt.1);
-    opts.set_credentials(user, pass);
-    let (_client, mut eventloop) = AsyncClient::new(opts, 10);
-    tokio::time::timeout(SOON, async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    })
-    .await
-    .expect("no answer from the broker")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

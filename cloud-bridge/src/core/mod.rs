@@ -15,7 +15,8 @@
 //! - `o/{owner_id}` → [`OwnerRecord`], `c/{companion_id}` → [`CompanionRecord`]
 //!
 //! Rules by topic live in submodules: [`requests`] (a device's outbox: status, consent,
-//! panel jobs), [`principals`] (owners, companions, who may submit to which device).
+//! panel jobs), [`principals`] (owners, companions, who may submit to which device),
+//! [`owner`] (owner confirmation after a reset or relocation, and invalidation).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -32,9 +33,11 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{Batch, Committer, StoreError, Ticket};
 
+mod owner;
 mod principals;
 mod requests;
 
+pub use owner::OwnerVerdict;
 pub use principals::Principal;
 
 /// Why a domain operation was refused. Each maps to a stable [`ErrorCode`].
@@ -68,9 +71,11 @@ impl CoreError {
 
 pub type CoreResult<T> = Result<T, CoreError>;
 
-/// Policy numbers of the job lifecycle.
+/// Policy numbers of the job lifecycle (and of the owner check, which stops jobs).
 #[derive(Debug, Clone)]
 pub struct JobPolicy {
+    /// How long an owner has to confirm after a device's reset or relocation.
+    pub owner_check_ms: u64,
     pub lease_ms: u64,
     pub default_ttl_ms: u64,
     pub default_max_attempts: u32,
@@ -80,6 +85,7 @@ pub struct JobPolicy {
 impl Default for JobPolicy {
     fn default() -> Self {
         JobPolicy {
+            owner_check_ms: 10 * 60_000,
             lease_ms: 60_000,
             default_ttl_ms: 24 * 3600 * 1000,
             default_max_attempts: 3,
@@ -114,6 +120,7 @@ pub enum AuthFailure {
     UnknownDevice,
     WrongSecret,
     Disabled,
+    Invalidated,
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -161,6 +168,8 @@ pub struct Core {
     leases: BTreeSet<(UnixMillis, JobId)>,
     /// (expires_at, job) for every job not yet started.
     expiries: BTreeSet<(UnixMillis, JobId)>,
+    /// (deadline, device) for every owner check under way.
+    owner_checks: BTreeSet<(UnixMillis, DeviceId)>,
     owners: HashMap<OwnerId, OwnerRecord>,
     companions: HashMap<CompanionId, CompanionRecord>,
     /// SHA-256 of an owner's or companion's API token → who it is.
@@ -181,6 +190,7 @@ impl Core {
             idempotency: HashMap::new(),
             leases: BTreeSet::new(),
             expiries: BTreeSet::new(),
+            owner_checks: BTreeSet::new(),
             owners: HashMap::new(),
             companions: HashMap::new(),
             tokens: HashMap::new(),
@@ -201,6 +211,10 @@ impl Core {
         }
         for (k, v) in store.scan_prefix(b"d/")? {
             let d: DeviceRecord = decode(&k, &v)?;
+            if let Some(check) = &d.owner_check {
+                core.owner_checks
+                    .insert((check.deadline, d.device_id.clone()));
+            }
             core.devices.insert(d.device_id.clone(), d);
         }
         for (k, v) in store.scan_prefix(b"e/")? {
@@ -386,6 +400,8 @@ impl Core {
             consent_changes: Vec::new(),
             owner,
             registration_completed_at: None,
+            owner_check: None,
+            invalidated: None,
         };
         let mut enrollment = enrollment;
         enrollment.uses_left -= 1;
@@ -418,6 +434,9 @@ impl Core {
         let actual = sha256_hex(secret.as_bytes());
         if !broker::constant_time_eq(actual.as_bytes(), device.secret_sha256.as_bytes()) {
             return Err(AuthFailure::WrongSecret);
+        }
+        if device.invalidated.is_some() {
+            return Err(AuthFailure::Invalidated);
         }
         if device.disabled {
             return Err(AuthFailure::Disabled);
@@ -500,6 +519,12 @@ impl Core {
 
     fn active_device(&self, id: &DeviceId) -> CoreResult<&DeviceRecord> {
         let device = self.device(id)?;
+        if let Some(inv) = &device.invalidated {
+            return Err(CoreError::new(
+                ErrorCode::DeviceInvalidated,
+                format!("device id {id} was invalidated: {}", inv.reason),
+            ));
+        }
         if device.disabled {
             return Err(CoreError::new(
                 ErrorCode::DeviceDisabled,
@@ -769,7 +794,15 @@ impl Core {
         job_id: &JobId,
         now: UnixMillis,
     ) -> CoreResult<(JobOffer, Ticket, Effects)> {
-        self.active_device(device_id)?;
+        if let Some(check) = &self.active_device(device_id)?.owner_check {
+            return Err(CoreError::new(
+                ErrorCode::OwnerCheckPending,
+                format!(
+                    "the owner has not yet confirmed ({}); no jobs until then",
+                    check.reason
+                ),
+            ));
+        }
         let mut job = self.own_job(device_id, job_id)?.clone();
         let mut effects = Effects::default();
         let mut batch = Batch::default();
@@ -967,14 +1000,12 @@ impl Core {
         Ok((job, ticket, effects))
     }
 
-    /// When the next lease or TTL falls due, if any.
+    /// When the next lease, TTL or owner check falls due, if any.
     pub fn next_deadline(&self) -> Option<UnixMillis> {
         let lease = self.leases.first().map(|(t, _)| *t);
         let expiry = self.expiries.first().map(|(t, _)| *t);
-        match (lease, expiry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let check = self.owner_checks.first().map(|(t, _)| *t);
+        [lease, expiry, check].into_iter().flatten().min()
     }
 
     /// Applies every lease and TTL that has fallen due by `now`.
@@ -1046,6 +1077,7 @@ impl Core {
             }
             self.store_job(job);
         }
+        self.expire_owner_checks(&mut batch, now, &mut effects)?;
         if batch.is_empty() {
             return Ok((None, effects));
         }
@@ -1083,13 +1115,14 @@ pub(crate) mod tests {
     use super::*;
     use crate::store::MemStore;
 
-    const T0: UnixMillis = UnixMillis(1_000_000);
+    pub(crate) const T0: UnixMillis = UnixMillis(1_000_000);
 
     pub(crate) fn core() -> Core {
         let committer = Committer::new(Arc::new(MemStore::default()));
         Core::load(
             committer,
             JobPolicy {
+                owner_check_ms: 5000,
                 lease_ms: 1000,
                 default_ttl_ms: 10_000,
                 default_max_attempts: 2,
@@ -1117,7 +1150,7 @@ pub(crate) mod tests {
         id
     }
 
-    fn job(core: &mut Core, device: &DeviceId, n: u8) -> JobId {
+    pub(crate) fn job(core: &mut Core, device: &DeviceId, n: u8) -> JobId {
         let id = JobId::from_random([n; 8]);
         core.submit_job(
             device,

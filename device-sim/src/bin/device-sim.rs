@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand};
 use device_sim::{
     AgentConfig, AgentEvent, DeviceInfo, FileStateStore, MemoryStateStore, SimulatedExecutor,
 };
-use schemas::Secret;
-use schemas::data::{DeviceState, DeviceStatus};
+use schemas::data::{DeviceState, DeviceStatus, OwnerCheckReason, OwnerClaim};
+use schemas::{OwnerId, Secret};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -73,6 +73,12 @@ enum Command {
         state_dir: PathBuf,
         #[arg(long, default_value = "SN-0001")]
         serial: String,
+        /// Owner bound at registration (with --owner-pin).
+        #[arg(long, requires = "owner_pin")]
+        owner_id: Option<OwnerId>,
+        /// The owner's PIN, asked again after a reset or relocation.
+        #[arg(long, env = "DEVICE_SIM_OWNER_PIN", hide_env_values = true)]
+        owner_pin: Option<String>,
         /// Permission to send device information chosen at set-up (first start only; change
         /// it later at the panel with `consent on|off`).
         #[arg(long, default_value = "off", value_parser = parse_on_off)]
@@ -420,6 +426,8 @@ async fn main() -> anyhow::Result<()> {
             state_dir,
             serial,
             consent,
+            owner_id,
+            owner_pin,
         } => {
             let executor = Arc::new(SimulatedExecutor {
                 duration: common.job_time,
@@ -427,6 +435,10 @@ async fn main() -> anyhow::Result<()> {
             });
             let mut config = config(&common, serial)?;
             config.consent_at_setup = consent;
+            config.owner = owner_id.zip(owner_pin).map(|(owner_id, pin)| OwnerClaim {
+                owner_id,
+                pin: Secret::new(pin),
+            });
             let agent = device_sim::start(config, executor, FileStateStore::new(state_dir));
             let mut events = agent.subscribe();
             let status = DeviceStatus {
@@ -537,9 +549,36 @@ async fn panel_command(agent: &device_sim::AgentHandle, line: &str) {
                 .map(|s| format!("{s:?}"))
         }
         ["poll"] => agent.poll_now().await.map(|()| "polling".into()),
+        ["reset"] => agent
+            .owner_check_required(OwnerCheckReason::FactoryReset)
+            .await
+            .map(|()| "reset: the owner must confirm (`owner <owner id> <pin>`)".into()),
+        ["timezone", tz] => agent
+            .owner_check_required(OwnerCheckReason::TimeZoneChanged {
+                time_zone: tz.to_string(),
+            })
+            .await
+            .map(|()| "time zone changed: the owner must confirm".into()),
+        ["network", name] => agent
+            .owner_check_required(OwnerCheckReason::NetworkChanged {
+                network: name.to_string(),
+            })
+            .await
+            .map(|()| "network changed: the owner must confirm".into()),
+        ["owner", id, pin] => match OwnerId::parse(id) {
+            Ok(owner_id) => agent
+                .confirm_owner(OwnerClaim {
+                    owner_id,
+                    pin: Secret::new(*pin),
+                })
+                .await
+                .map(|()| "owner confirmed".into()),
+            Err(e) => Ok(e.to_string()),
+        },
         _ => Ok(
             "commands: consent [on|off] | status idle|busy|error|sleeping [detail] | \
-                 request <action> [key=value ...] | poll"
+                 request <action> [key=value ...] | poll | reset | timezone <tz> | \
+                 network <name> | owner <owner id> <pin>"
                 .into(),
         ),
     };
@@ -579,6 +618,17 @@ fn log_event(event: &AgentEvent) {
         } => tracing::info!(%job_id, ?outcome, "job finished"),
         AgentEvent::JobReported { job_id } => tracing::info!(%job_id, "outcome reported"),
         AgentEvent::JobCanceled { job_id } => tracing::warn!(%job_id, "job canceled while running"),
+        AgentEvent::OwnerCheckStarted { deadline: Some(d) } => tracing::warn!(
+            deadline = d.0,
+            "owner must confirm at the panel (`owner <owner id> <pin>`)"
+        ),
+        AgentEvent::OwnerCheckStarted { deadline: None } => {
+            tracing::info!("no owner bound; nothing to confirm")
+        }
+        AgentEvent::OwnerConfirmed => tracing::info!("owner confirmed"),
+        AgentEvent::Invalidated { reason } => {
+            tracing::error!(%reason, "device id invalidated; registering again")
+        }
         AgentEvent::RequestDelivered { no, kind } => tracing::info!(%no, kind, "request delivered"),
         AgentEvent::RequestRefused { no, error } => tracing::warn!(%no, %error, "request refused"),
     }
