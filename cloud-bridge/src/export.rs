@@ -1,12 +1,14 @@
 //! `cloud-bridge export`: every record as JSON lines, so data can be inspected, backed up, or
 //! moved to another store. One object per line, with a `"type"` of `device`, `enrollment`,
-//! `job` (with `payload_base64`) or `feed`.
+//! `job` (with `payload_base64`), `feed`, `device_request`, `owner` or `companion`.
 
 use std::io::Write;
 
 use base64::Engine as _;
 use schemas::feed::FeedEntry;
-use schemas::records::{DeviceRecord, EnrollmentRecord, JobRecord};
+use schemas::records::{
+    CompanionRecord, DeviceRecord, DeviceRequestRecord, EnrollmentRecord, JobRecord, OwnerRecord,
+};
 use serde::Serialize;
 
 use crate::store::{Store, StoreError};
@@ -34,6 +36,9 @@ enum Line<'a> {
         #[serde(flatten)]
         entry: &'a FeedEntry,
     },
+    DeviceRequest(&'a DeviceRequestRecord),
+    Owner(&'a OwnerRecord),
+    Companion(&'a CompanionRecord),
 }
 
 fn decode<T: serde::de::DeserializeOwned>(k: &[u8], v: &[u8]) -> Result<T, StoreError> {
@@ -86,6 +91,18 @@ pub fn export(store: &dyn Store, out: &mut impl Write) -> Result<u64, ExportErro
                 entry: &entry,
             },
         )?;
+        lines += 1;
+    }
+    for (k, v) in store.scan_prefix(b"r/")? {
+        write_line(out, &Line::DeviceRequest(&decode(&k, &v)?))?;
+        lines += 1;
+    }
+    for (k, v) in store.scan_prefix(b"o/")? {
+        write_line(out, &Line::Owner(&decode(&k, &v)?))?;
+        lines += 1;
+    }
+    for (k, v) in store.scan_prefix(b"c/")? {
+        write_line(out, &Line::Companion(&decode(&k, &v)?))?;
         lines += 1;
     }
     out.flush()?;

@@ -78,6 +78,12 @@ async fn export_writes_every_record_as_json_lines() {
         .submit_job(&welcome.device_id, &job)
         .await
         .unwrap();
+    let owner = ep.client().create_owner("Anna").await.unwrap();
+    ep.client()
+        .with_token(owner.token)
+        .create_companion("Anna's phone")
+        .await
+        .unwrap();
     bridge.signal("TERM");
     assert!(bridge.wait_exit(SOON).await.success());
 
@@ -97,6 +103,9 @@ async fn export_writes_every_record_as_json_lines() {
         (of("device"), of("enrollment"), of("job"), of("feed")),
         (1, 1, 1, 1)
     );
+    assert_eq!((of("owner"), of("companion")), (1, 1));
+    let companion = lines.iter().find(|l| l["type"] == "companion").unwrap();
+    assert!(companion.get("token").is_none() && companion["token_sha256"].is_string());
     let exported = lines.iter().find(|l| l["type"] == "job").unwrap();
     assert_eq!(exported["job_id"], job.job_id.as_str());
     assert_eq!(exported["payload_base64"], "AAEC/w==");
