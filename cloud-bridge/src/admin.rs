@@ -378,25 +378,35 @@ async fn get_companion(
 }
 
 async fn link_companion(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path((id, device)): Path<(String, String)>,
+    state: State<AppState>,
+    principal: Extension<Principal>,
+    path: Path<(String, String)>,
 ) -> ApiResult<impl IntoResponse> {
-    let view = state
-        .bridge
-        .link_companion(&principal, &companion_id(&id)?, &device_id(&device)?, true)
-        .await?;
-    Ok(Json(view))
+    set_link(state, principal, path, true).await
 }
 
 async fn unlink_companion(
+    state: State<AppState>,
+    principal: Extension<Principal>,
+    path: Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    set_link(state, principal, path, false).await
+}
+
+async fn set_link(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((id, device)): Path<(String, String)>,
-) -> ApiResult<impl IntoResponse> {
+    linked: bool,
+) -> ApiResult<Json<schemas::api::CompanionView>> {
     let view = state
         .bridge
-        .link_companion(&principal, &companion_id(&id)?, &device_id(&device)?, false)
+        .link_companion(
+            &principal,
+            &companion_id(&id)?,
+            &device_id(&device)?,
+            linked,
+        )
         .await?;
     Ok(Json(view))
 }

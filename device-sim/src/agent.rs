@@ -403,7 +403,7 @@ impl Agent {
 
     async fn run(
         mut self,
-        commands: mpsc::Receiver<Command>,
+        mut commands: mpsc::Receiver<Command>,
         shutdown: CancellationToken,
     ) -> Result<(), AgentError> {
         self.backoff = Backoff::new(self.config.backoff_min, self.config.slow_poll);
@@ -419,7 +419,6 @@ impl Agent {
             );
             self.save()?;
         }
-        let mut commands = commands;
         loop {
             let credentials = match self.state.credentials.clone() {
                 Some(c) => c,
@@ -798,9 +797,11 @@ impl Agent {
             // given up waiting (the id is then invalidated and this request refused).
             let reason = check.reason.clone();
             let response = session.request(Request::OwnerCheck { reason }).await?;
-            let deadline = match response {
-                Response::OwnerCheck { deadline } => deadline,
-                _ => None,
+            let Response::OwnerCheck { deadline } = response else {
+                return Err(SessionError::Closed(format!(
+                    "unexpected answer to owner_check: {response:?}"
+                ))
+                .into());
             };
             let first = self.state.owner_check.as_ref().is_some_and(|c| !c.reported);
             match deadline {

@@ -8,8 +8,6 @@
 //!   [`OutboxFull`] so the panel can tell the user; a consent report is always kept, replacing
 //!   an older one still waiting.
 
-use std::collections::VecDeque;
-
 use schemas::UnixMillis;
 use schemas::agent::AgentState;
 use schemas::outbox::{Consent, DeviceRequest, OutboxItem, RequestNo};
@@ -50,9 +48,12 @@ pub fn admit(
             outbox.retain(|i| !matches!(i.body, DeviceRequest::Consent { .. }));
         }
         _ if outbox.len() >= limit => {
-            let oldest_status = matches!(body, DeviceRequest::Status { .. })
-                .then(|| position(outbox, |b| matches!(b, DeviceRequest::Status { .. })))
-                .flatten();
+            let is_status = |b: &DeviceRequest| matches!(b, DeviceRequest::Status { .. });
+            let oldest_status = if is_status(&body) {
+                outbox.iter().position(|i| is_status(&i.body))
+            } else {
+                None
+            };
             match oldest_status {
                 Some(i) => {
                     outbox.remove(i);
@@ -70,10 +71,6 @@ pub fn admit(
         body,
     });
     Ok(Submitted::Queued(no))
-}
-
-fn position(outbox: &VecDeque<OutboxItem>, pick: impl Fn(&DeviceRequest) -> bool) -> Option<usize> {
-    outbox.iter().position(|i| pick(&i.body))
 }
 
 /// Records a change of consent made at the panel (online or not) and queues its report.

@@ -492,27 +492,17 @@ impl Core {
         status: DeviceStatus,
         now: UnixMillis,
     ) -> CoreResult<(Ticket, Effects)> {
-        if status.detail.len() > 1024 {
-            return Err(CoreError::new(
-                ErrorCode::BadRequest,
-                "status detail longer than 1024 bytes",
-            ));
-        }
+        requests::check_status(&status).map_err(CoreError::Refused)?;
         let mut device = self.active_device(id)?.clone();
         requests::check_consent(&device)?;
-        device.last_status = Some(status.clone());
-        device.last_status_at = Some(now);
+        let event = requests::apply_status(&mut device, status, now);
         let mut batch = Batch::default();
         batch.put(key("d", id.as_str()), encode(&device)?);
         let ticket = self.commit(batch)?;
         self.devices.insert(id.clone(), device);
         let effects = Effects {
             feed_grew: vec![],
-            events: vec![OpsEvent::DeviceStatus {
-                device_id: id.clone(),
-                status,
-                at: now,
-            }],
+            events: vec![event],
         };
         Ok((ticket, effects))
     }

@@ -4,7 +4,7 @@
 //! Deduplication needs one number per device: requests are numbered by the device and
 //! delivered in order, so anything at or below the highest number accepted is a resend.
 
-use schemas::data::{ErrorBody, ErrorCode, Refusal};
+use schemas::data::{DeviceStatus, ErrorBody, ErrorCode, Refusal};
 use schemas::feed::FeedBody;
 use schemas::ops::OpsEvent;
 use schemas::outbox::{DeviceRequest, MAX_DELIVER_ITEMS, OutboxItem, RequestNo};
@@ -32,13 +32,37 @@ pub(super) fn check_consent(device: &DeviceRecord) -> CoreResult<()> {
     }
 }
 
+/// Checks a status report, however it arrived.
+pub(super) fn check_status(status: &DeviceStatus) -> Result<(), ErrorBody> {
+    if status.detail.len() > 1024 {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            "status detail longer than 1024 bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// Records a device's status; returns the ops event announcing it.
+pub(super) fn apply_status(
+    device: &mut DeviceRecord,
+    status: DeviceStatus,
+    now: UnixMillis,
+) -> OpsEvent {
+    device.last_status = Some(status.clone());
+    device.last_status_at = Some(now);
+    OpsEvent::DeviceStatus {
+        device_id: device.device_id.clone(),
+        status,
+        at: now,
+    }
+}
+
 /// Checks a request's contents; `Err` is the refusal sent back.
 fn validate(body: &DeviceRequest) -> Result<(), ErrorBody> {
     let bad = |m: String| Err(ErrorBody::new(ErrorCode::BadRequest, m));
     match body {
-        DeviceRequest::Status { status } if status.detail.len() > 1024 => {
-            bad("status detail longer than 1024 bytes".into())
-        }
+        DeviceRequest::Status { status } => check_status(status),
         DeviceRequest::PanelJob { action, params } => {
             if action.is_empty() || action.len() > 64 {
                 return bad("action must be 1 to 64 bytes".into());
@@ -54,7 +78,7 @@ fn validate(body: &DeviceRequest) -> Result<(), ErrorBody> {
             Ok(())
         }
         DeviceRequest::Unknown => bad("unknown request kind".into()),
-        DeviceRequest::Status { .. } | DeviceRequest::Consent { .. } => Ok(()),
+        DeviceRequest::Consent { .. } => Ok(()),
     }
 }
 
@@ -105,13 +129,8 @@ impl Core {
             }
             match &item.body {
                 DeviceRequest::Status { status } => {
-                    device.last_status = Some(status.clone());
-                    device.last_status_at = Some(now);
-                    effects.events.push(OpsEvent::DeviceStatus {
-                        device_id: device_id.clone(),
-                        status: status.clone(),
-                        at: now,
-                    });
+                    let event = apply_status(&mut device, status.clone(), now);
+                    effects.events.push(event);
                 }
                 DeviceRequest::Consent {
                     granted,
