@@ -12,6 +12,8 @@
 //! | `POST /v1/companions` | create a companion (phone, PC) and its token | owner |
 //! | `GET /v1/companions/{id}` | a companion and its linked devices | admin, owner, itself |
 //! | `PUT`/`DELETE /v1/companions/{id}/devices/{device}` | link / unlink a device | owner |
+//! | `GET /v1/devices/{id}/settings` | server settings as set and as the device reports them | admin, device owner |
+//! | `PUT /v1/devices/{id}/settings` | set the endpoints the device uses (through its feed) | admin, device owner |
 //!
 //! Everything else needs the admin token:
 //!
@@ -40,7 +42,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use schemas::api::{
-    ApiError, CancelJob, CreateCompanion, CreateEnrollmentToken, CreateOwner, Health,
+    ApiError, CancelJob, CreateCompanion, CreateEnrollmentToken, CreateOwner, Health, PutSettings,
     RequestsQuery, SubmitJob,
 };
 use schemas::data::ErrorCode;
@@ -77,6 +79,10 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
     let shared = Router::new()
         .route("/v1/devices/:id/jobs", post(submit_job))
         .route("/v1/jobs/:id", get(get_job))
+        .route(
+            "/v1/devices/:id/settings",
+            get(get_settings).put(put_settings),
+        )
         .route("/v1/companions", post(create_companion))
         .route("/v1/companions/:id", get(get_companion))
         .route(
@@ -342,6 +348,33 @@ async fn query_consent(
 ) -> ApiResult<impl IntoResponse> {
     state.bridge.query_consent(&device_id(&id)?).await?;
     Ok(StatusCode::ACCEPTED)
+}
+
+async fn get_settings(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        state.bridge.settings(&principal, &device_id(&id)?).await?,
+    ))
+}
+
+async fn put_settings(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+    Body(req): Body<PutSettings>,
+) -> ApiResult<impl IntoResponse> {
+    let settings = schemas::settings::DeviceSettings {
+        endpoints: req.endpoints,
+    };
+    Ok(Json(
+        state
+            .bridge
+            .set_settings(&principal, &device_id(&id)?, settings)
+            .await?,
+    ))
 }
 
 async fn create_owner(

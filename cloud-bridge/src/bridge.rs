@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use schemas::api::{
     CompanionCreated, CompanionView, CreateCompanion, CreateEnrollmentToken, CreateOwner,
-    DeviceView, EnrollmentTokenCreated, JobView, OwnerCreated, SubmitJob,
+    DeviceView, EnrollmentTokenCreated, JobView, OwnerCreated, SettingsView, SubmitJob,
 };
 use schemas::data::{
     ErrorCode, MAX_SYNC_ENTRIES, MAX_SYNC_WAIT_MS, Registration, Request, Response,
@@ -21,6 +21,7 @@ use schemas::hint::{HintKind, Presence};
 use schemas::ops::{Channel, OpsEvent};
 use schemas::outbox::RequestNo;
 use schemas::records::{DeviceRecord, DeviceRequestRecord};
+use schemas::settings::DeviceSettings;
 use schemas::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -233,6 +234,34 @@ impl Bridge {
     pub async fn query_consent(&self, id: &DeviceId) -> CoreResult<()> {
         let (ticket, effects) = self.core().query_consent(id, UnixMillis::now())?;
         self.finish(ticket, effects).await
+    }
+
+    /// Sets a device's server settings (a new revision in its feed).
+    pub async fn set_settings(
+        &self,
+        principal: &Principal,
+        id: &DeviceId,
+        settings: DeviceSettings,
+    ) -> CoreResult<SettingsView> {
+        let (view, ticket, effects) = {
+            let mut core = self.core();
+            let (_, ticket, effects) =
+                core.set_settings(principal, id, settings, UnixMillis::now())?;
+            (SettingsView::from(core.device(id)?), ticket, effects)
+        };
+        self.finish(ticket, effects).await?;
+        Ok(view)
+    }
+
+    /// A device's settings, as set and as reported.
+    pub async fn settings(&self, principal: &Principal, id: &DeviceId) -> CoreResult<SettingsView> {
+        let (view, ticket) = {
+            let core = self.core();
+            core.authorize_settings(principal, id)?;
+            (SettingsView::from(core.device(id)?), core.read_ticket())
+        };
+        self.durable_read(ticket).await?;
+        Ok(view)
     }
 
     // ---------------------------------------------------------------- owners and companions
@@ -469,6 +498,11 @@ impl Bridge {
                 let (upto, refused, ticket, effects) = self.core().deliver(device, items, now)?;
                 self.finish(ticket, effects).await?;
                 Ok(Response::Delivered { upto, refused })
+            }
+            Request::ReportSettings { report } => {
+                let (ticket, effects) = self.core().report_settings(device, report, now)?;
+                self.finish(ticket, effects).await?;
+                Ok(Response::SettingsRecorded { at: now })
             }
         }
     }

@@ -11,9 +11,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use schemas::api::{
     ApiError, CancelJob, CompanionCreated, CompanionView, CreateCompanion, CreateEnrollmentToken,
-    CreateOwner, DeviceView, EnrollmentTokenCreated, Health, JobView, OwnerCreated, SubmitJob,
+    CreateOwner, DeviceView, EnrollmentTokenCreated, Health, JobView, OwnerCreated, PutSettings,
+    SettingsView, SubmitJob,
 };
 use schemas::records::DeviceRequestRecord;
+use schemas::settings::Endpoints;
 use schemas::{CompanionId, DeviceId, JobId, Secret};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -216,6 +218,37 @@ impl AdminClient {
             .call(
                 method,
                 &format!("/v1/companions/{id}/devices/{device}"),
+                None::<&()>,
+            )
+            .await?
+            .1)
+    }
+
+    /// Sets the endpoints a device uses (admin or the device's owner).
+    pub async fn set_settings(
+        &self,
+        device: &DeviceId,
+        endpoints: &Endpoints,
+    ) -> Result<SettingsView, ClientError> {
+        let body = PutSettings {
+            endpoints: endpoints.clone(),
+        };
+        Ok(self
+            .call(
+                Method::PUT,
+                &format!("/v1/devices/{device}/settings"),
+                Some(&body),
+            )
+            .await?
+            .1)
+    }
+
+    /// A device's settings as set and as the device reports them.
+    pub async fn settings(&self, device: &DeviceId) -> Result<SettingsView, ClientError> {
+        Ok(self
+            .call(
+                Method::GET,
+                &format!("/v1/devices/{device}/settings"),
                 None::<&()>,
             )
             .await?

@@ -22,15 +22,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use schemas::agent::{AgentState, Credentials, DoneJob, PendingOwnerCheck};
+use schemas::agent::{AgentState, AppliedSettings, Credentials, DoneJob, PendingOwnerCheck};
 use schemas::data::{
     DeviceStatus, ErrorBody, ErrorCode, HelloAuth, JobOffer, OwnerCheckReason, OwnerClaim,
-    Registration, Request, Response,
+    Registration, Request, Response, Welcome,
 };
 use schemas::feed::{FeedBody, FeedEntry};
 use schemas::hint::HintKind;
 use schemas::job::JobUpdate;
 use schemas::outbox::{Consent, DeviceRequest, MAX_DELIVER_ITEMS};
+use schemas::settings::{DeviceSettings, Endpoints, SettingsReport};
 use schemas::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -56,10 +57,13 @@ pub struct DeviceInfo {
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The data channel, `ws://host:port`.
-    pub data_url: String,
-    /// The notification channel, `host:port`; `None` runs the agent by polling only.
-    pub mqtt: Option<(String, u16)>,
+    /// The factory endpoints, best first: data channel URLs (`ws://host:port`) and MQTT
+    /// brokers (`host:port`; none runs the agent by polling only). Settings pushed by the
+    /// cloud replace them and are kept on disk.
+    pub endpoints: Endpoints,
+    /// While a channel works through any endpoint but its best, how often to try the better
+    /// ones again (in the background; the channel moves over when one answers).
+    pub probe_interval: Duration,
     /// Needed only until the device has registered.
     pub enrollment_token: Option<Secret>,
     pub info: DeviceInfo,
@@ -94,9 +98,19 @@ impl AgentConfig {
         mqtt: Option<(String, u16)>,
         info: DeviceInfo,
     ) -> AgentConfig {
+        let mqtt = mqtt.map(|(host, port)| {
+            if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            }
+        });
         AgentConfig {
-            data_url: data_url.into(),
-            mqtt,
+            endpoints: Endpoints {
+                data: vec![data_url.into()],
+                mqtt: mqtt.into_iter().collect(),
+            },
+            probe_interval: Duration::from_secs(60),
             enrollment_token: None,
             info,
             owner: None,
@@ -119,10 +133,24 @@ impl AgentConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentEvent {
     Registered(DeviceId),
-    MqttUp,
+    /// The notification channel is connected (or moved) to `endpoint`.
+    MqttUp {
+        endpoint: String,
+    },
     MqttDown(String),
-    DataUp,
+    /// The data channel is connected (or moved) to `endpoint`.
+    DataUp {
+        endpoint: String,
+    },
     DataDown(String),
+    /// Server settings from the cloud are applied and kept; the links restart with them.
+    SettingsApplied {
+        revision: u64,
+    },
+    /// The cloud has the settings the device uses now.
+    SettingsReported {
+        revision: u64,
+    },
     HintReceived {
         kind: HintKind,
         seq: FeedSeq,
@@ -209,15 +237,53 @@ enum Exit {
     Invalidated(String),
 }
 
-/// Aborts a task when dropped, so a killed agent takes its MQTT link down with it.
+/// Aborts a task when dropped, so a killed agent takes its links down with it.
 #[derive(Debug)]
-struct AbortOnDrop(JoinHandle<()>);
+struct AbortOnDrop<T>(Option<JoinHandle<T>>);
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+impl<T> AbortOnDrop<T> {
+    fn new(task: JoinHandle<T>) -> Self {
+        AbortOnDrop(Some(task))
+    }
+
+    /// Lets the task run on by itself.
+    fn detach(mut self) {
+        self.0 = None;
+    }
+
+    async fn join(&mut self) -> Option<T> {
+        match self.0.as_mut() {
+            Some(task) => task.await.ok(),
+            None => std::future::pending().await,
+        }
     }
 }
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// The running notification link.
+struct MqttLink {
+    events: mpsc::Receiver<LinkEvent>,
+    stop: CancellationToken,
+    task: AbortOnDrop<()>,
+}
+
+impl MqttLink {
+    /// Stops the link cleanly (DISCONNECT, so no last will) without waiting for it.
+    fn retire(self) {
+        self.stop.cancel();
+        self.task.detach();
+    }
+}
+
+/// A data channel connection found by a background probe of better endpoints.
+type DataProbe = AbortOnDrop<Option<(DataSession, Welcome, String)>>;
 
 /// Controls a running agent.
 #[derive(Debug)]
@@ -341,6 +407,12 @@ pub fn start(
         mqtt_up: false,
         backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(60)),
         last_activity: Instant::now(),
+        data_endpoint: None,
+        data_last_good: None,
+        retry_better_at: None,
+        mqtt_endpoint: None,
+        last_report: None,
+        relink: false,
     };
     let task = tokio::spawn(agent.run(commands_rx, shutdown.clone()));
     AgentHandle {
@@ -368,6 +440,18 @@ struct Agent {
     mqtt_up: bool,
     backoff: Backoff,
     last_activity: Instant,
+    /// The data channel endpoint of the open session.
+    data_endpoint: Option<String>,
+    /// The data channel endpoint that answered last.
+    data_last_good: Option<String>,
+    /// Working through a worse data endpoint: when to try the better ones again.
+    retry_better_at: Option<Instant>,
+    /// The broker the notification channel is connected to.
+    mqtt_endpoint: Option<String>,
+    /// The settings report the cloud has (in this run).
+    last_report: Option<SettingsReport>,
+    /// New settings were applied: restart the links with them after this round.
+    relink: bool,
 }
 
 /// Why a round of work stopped early.
@@ -459,22 +543,7 @@ impl Agent {
         commands: &mut mpsc::Receiver<Command>,
         shutdown: CancellationToken,
     ) -> Result<Exit, AgentError> {
-        let (link_tx, mut link_rx) = mpsc::channel(64);
-        let _mqtt = self.config.mqtt.clone().map(|(host, port)| {
-            let settings = MqttSettings {
-                host,
-                port,
-                keep_alive: self.config.mqtt_keep_alive,
-                backoff_min: self.config.backoff_min,
-                backoff_max: self.config.slow_poll,
-            };
-            AbortOnDrop(tokio::spawn(mqtt::run(
-                settings,
-                credentials.clone(),
-                link_tx,
-                shutdown.child_token(),
-            )))
-        });
+        let mut mqtt = self.start_mqtt(&credentials, &shutdown);
 
         // With a notification channel, a (re)started device does not poll: the cloud pushes on
         // connect when it holds work. That keeps a fleet-wide reconnect off the data channel.
@@ -482,15 +551,15 @@ impl Agent {
         let has_own_work = !self.state.outbox.is_empty()
             || !self.state.registration_completed
             || self.state.done.iter().any(|d| !d.reported)
-            || self.state.hinted.is_some_and(|seq| seq > self.state.cursor);
-        let mut want_sync = self.config.mqtt.is_none() || has_own_work;
-        let mut mqtt_grace = self
-            .config
-            .mqtt
+            || self.state.hinted.is_some_and(|seq| seq > self.state.cursor)
+            || self.state.settings.as_ref().is_some_and(|s| !s.reported);
+        let mut want_sync = mqtt.is_none() || has_own_work;
+        let mut mqtt_grace = mqtt
             .as_ref()
             .map(|_| Instant::now() + self.config.mqtt_grace);
         let mut retry_at: Option<Instant> = None;
         let mut long_poll: Option<LongPoll> = None;
+        let mut data_probe: Option<DataProbe> = None;
         let mut poll_timer = tokio::time::interval_at(
             Instant::now() + jitter(self.config.poll_interval),
             self.config.poll_interval,
@@ -515,6 +584,27 @@ impl Agent {
                         retry_at = Some(Instant::now() + delay);
                     }
                 }
+            }
+            if std::mem::take(&mut self.relink) {
+                // New settings: both channels start again from the best of the new endpoints.
+                if let Some(old) = mqtt.take() {
+                    old.retire();
+                }
+                if self.mqtt_up {
+                    self.mqtt_up = false;
+                    self.mqtt_endpoint = None;
+                    self.emit(AgentEvent::MqttDown("new server settings".into()));
+                }
+                mqtt = self.start_mqtt(&credentials, &shutdown);
+                long_poll = None;
+                data_probe = None;
+                self.drop_session("new server settings".into());
+                self.data_last_good = None;
+                self.retry_better_at = None;
+                retry_at = None;
+                // Report the settings, through the new endpoints.
+                want_sync = true;
+                continue;
             }
             // Long-poll only while MQTT is down and the data channel is up.
             if long_poll.is_none()
@@ -580,15 +670,23 @@ impl Agent {
                     }
                     Some(Command::PollNow) => want_sync = true,
                 },
-                event = link_rx.recv(), if self.config.mqtt.is_some() => match event {
-                    Some(LinkEvent::Up) => {
+                event = async { mqtt.as_mut().expect("guarded").events.recv().await }, if mqtt.is_some() => match event {
+                    Some(LinkEvent::Up { endpoint }) => {
                         self.mqtt_up = true;
                         mqtt_grace = None;
                         long_poll = None;
-                        self.emit(AgentEvent::MqttUp);
+                        if let Some(s) = self.state.settings.as_mut()
+                            && s.endpoints.mqtt.contains(&endpoint)
+                        {
+                            // One of the new brokers answered; saved with the next change.
+                            s.previous.mqtt.clear();
+                        }
+                        self.mqtt_endpoint = Some(endpoint.clone());
+                        self.emit(AgentEvent::MqttUp { endpoint });
                     }
                     Some(LinkEvent::Down(reason)) => {
                         self.mqtt_up = false;
+                        self.mqtt_endpoint = None;
                         self.emit(AgentEvent::MqttDown(reason));
                         want_sync = true;
                     }
@@ -636,12 +734,131 @@ impl Agent {
                 _ = async { tokio::time::sleep_until(idle_close.expect("guarded")).await }, if idle_close.is_some() => {
                     self.drop_session("idle while MQTT is up".into());
                 }
+                _ = async { tokio::time::sleep_until(self.retry_better_at.expect("guarded")).await },
+                    if self.retry_better_at.is_some() && self.session.is_some() && data_probe.is_none() => {
+                    self.retry_better_at = None;
+                    data_probe = self.probe_better_data();
+                }
+                found = async { data_probe.as_mut().expect("guarded").join().await }, if data_probe.is_some() => {
+                    data_probe = None;
+                    match found.flatten() {
+                        Some((session, welcome, endpoint)) => {
+                            // A better endpoint answers again: move over. The long-poll on the
+                            // old connection goes with it.
+                            long_poll = None;
+                            self.drop_session(format!("moving to {endpoint}"));
+                            let rank = self.endpoints().data.iter().position(|e| *e == endpoint).unwrap_or(0);
+                            self.data_connected(&endpoint, rank);
+                            self.skew_ms = welcome.server_time.0 as i64 - UnixMillis::now().0 as i64;
+                            self.session = Some(session);
+                            self.last_activity = Instant::now();
+                            self.emit_data_up();
+                            tracing::info!(%endpoint, "data channel back on a better endpoint");
+                            // The cloud learns which endpoint the device uses now.
+                            want_sync = true;
+                        }
+                        None => {
+                            self.retry_better_at = Some(Instant::now() + jitter(self.config.probe_interval));
+                        }
+                    }
+                }
             }
         }
         if let Some(session) = self.session.take() {
             session.close();
         }
         Ok(Exit::Stopped)
+    }
+
+    /// Starts the notification link on the current brokers; `None` without any.
+    fn start_mqtt(
+        &self,
+        credentials: &Credentials,
+        shutdown: &CancellationToken,
+    ) -> Option<MqttLink> {
+        let endpoints = self.endpoints().mqtt;
+        if endpoints.is_empty() {
+            return None;
+        }
+        let settings = MqttSettings {
+            endpoints,
+            keep_alive: self.config.mqtt_keep_alive,
+            backoff_min: self.config.backoff_min,
+            backoff_max: self.config.slow_poll,
+            probe_interval: self.config.probe_interval,
+        };
+        let (tx, events) = mpsc::channel(64);
+        let stop = shutdown.child_token();
+        let task = tokio::spawn(mqtt::run(settings, credentials.clone(), tx, stop.clone()));
+        Some(MqttLink {
+            events,
+            stop,
+            task: AbortOnDrop::new(task),
+        })
+    }
+
+    /// Applies settings from the feed: kept on disk, used from the end of this round on.
+    fn apply_settings(&mut self, revision: u64, settings: &DeviceSettings) {
+        let applied = self.state.settings.as_ref().map_or(0, |s| s.revision);
+        if revision <= applied {
+            return;
+        }
+        if let Err(e) = settings.endpoints.validate() {
+            // The cloud checks before sending; this is a version mismatch. The report keeps
+            // saying the old revision.
+            tracing::warn!(revision, error = %e, "server settings not applied");
+            return;
+        }
+        let before = self.endpoints();
+        let previous = Endpoints {
+            data: before
+                .data
+                .into_iter()
+                .filter(|e| !settings.endpoints.data.contains(e))
+                .collect(),
+            mqtt: before
+                .mqtt
+                .into_iter()
+                .filter(|e| !settings.endpoints.mqtt.contains(e))
+                .collect(),
+        };
+        tracing::info!(revision, endpoints = ?settings.endpoints, "server settings applied");
+        self.state.settings = Some(AppliedSettings {
+            revision,
+            endpoints: settings.endpoints.clone(),
+            previous,
+            reported: false,
+        });
+        self.relink = true;
+        self.emit(AgentEvent::SettingsApplied { revision });
+    }
+
+    /// Tells the cloud the settings in use, when they differ from what it was last told.
+    async fn report_settings(&mut self, session: &DataSession) -> Result<(), WorkError> {
+        let report = SettingsReport {
+            revision: self.state.settings.as_ref().map_or(0, |s| s.revision),
+            endpoints: self.endpoints(),
+            data_in_use: self.data_endpoint.clone(),
+            mqtt_in_use: self.mqtt_endpoint.clone(),
+        };
+        if self.last_report.as_ref() == Some(&report) {
+            return Ok(());
+        }
+        let revision = report.revision;
+        session
+            .request(Request::ReportSettings {
+                report: report.clone(),
+            })
+            .await?;
+        self.last_report = Some(report);
+        if let Some(s) = self.state.settings.as_mut()
+            && !s.reported
+        {
+            s.reported = true;
+            self.save()?;
+        }
+        self.emit(AgentEvent::SettingsReported { revision });
+        Ok(())
     }
 
     /// Sends owner information entered at the panel to the cloud.
@@ -676,6 +893,7 @@ impl Agent {
     }
 
     fn drop_session(&mut self, reason: String) {
+        self.data_endpoint = None;
         if let Some(session) = self.session.take() {
             // The connection's own account, when it has ended, says more than the caller's.
             let reason = session.close_reason().unwrap_or(reason);
@@ -705,14 +923,7 @@ impl Agent {
                 time_zone: info.time_zone.clone(),
                 owner: self.config.owner.clone(),
             });
-            let attempt = DataSession::connect(
-                &self.config.data_url,
-                auth,
-                &self.config.agent_name,
-                self.config.session.clone(),
-            )
-            .await;
-            match attempt {
+            match self.connect_data(auth).await {
                 Ok((session, welcome)) => {
                     let Some(secret) = welcome.credentials else {
                         return Err(AgentError::Registration(ErrorBody::new(
@@ -733,7 +944,7 @@ impl Agent {
                     *self.device_id.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(welcome.device_id.clone());
                     self.emit(AgentEvent::Registered(welcome.device_id));
-                    self.emit(AgentEvent::DataUp);
+                    self.emit_data_up();
                     return Ok(Some(credentials));
                 }
                 Err(SessionError::Refused(body)) => return Err(AgentError::Registration(body)),
@@ -768,17 +979,109 @@ impl Agent {
             device_id: credentials.device_id,
             secret: credentials.secret,
         };
-        let (session, welcome) = DataSession::connect(
-            &self.config.data_url,
-            auth,
-            &self.config.agent_name,
-            self.config.session.clone(),
-        )
-        .await?;
+        let (session, welcome) = self.connect_data(auth).await?;
         self.skew_ms = welcome.server_time.0 as i64 - UnixMillis::now().0 as i64;
         self.session = Some(session.clone());
-        self.emit(AgentEvent::DataUp);
+        self.emit_data_up();
         Ok(session)
+    }
+
+    fn emit_data_up(&self) {
+        if let Some(endpoint) = self.data_endpoint.clone() {
+            self.emit(AgentEvent::DataUp { endpoint });
+        }
+    }
+
+    /// The endpoints the agent works from, best first: the applied settings (followed by the
+    /// ones used before them, until one of the new ones answers), or the factory ones.
+    fn endpoints(&self) -> Endpoints {
+        match &self.state.settings {
+            Some(s) => s.effective(),
+            None => self.config.endpoints.clone(),
+        }
+    }
+
+    /// Connects the data channel through the first endpoint that answers, best first; while
+    /// a worse endpoint works and it is not yet time to try the better ones, from that one.
+    async fn connect_data(
+        &mut self,
+        auth: HelloAuth,
+    ) -> Result<(DataSession, Welcome), SessionError> {
+        let list = self.endpoints().data;
+        let now = Instant::now();
+        let start = match (&self.data_last_good, self.retry_better_at) {
+            (Some(good), Some(at)) if at > now => list.iter().position(|e| e == good).unwrap_or(0),
+            _ => 0,
+        };
+        let mut last_error = None;
+        for rank in (start..list.len()).chain(0..start) {
+            let url = &list[rank];
+            let attempt = DataSession::connect(
+                url,
+                auth.clone(),
+                &self.config.agent_name,
+                self.config.session.clone(),
+            )
+            .await;
+            match attempt {
+                Ok((session, welcome)) => {
+                    self.data_connected(url, rank);
+                    return Ok((session, welcome));
+                }
+                // A server that answered has spoken for the service; another would not differ.
+                Err(e @ SessionError::Refused(_)) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(endpoint = %url, error = %e, "data endpoint unreachable");
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| SessionError::Closed("no data channel endpoint configured".into())))
+    }
+
+    /// Notes that `endpoint`, `rank`th best, answered.
+    fn data_connected(&mut self, endpoint: &str, rank: usize) {
+        self.data_endpoint = Some(endpoint.to_owned());
+        self.data_last_good = Some(endpoint.to_owned());
+        let now = Instant::now();
+        if rank == 0 {
+            self.retry_better_at = None;
+        } else if self.retry_better_at.is_none_or(|at| at <= now) {
+            self.retry_better_at = Some(now + jitter(self.config.probe_interval));
+        }
+        // One of the new endpoints answered: the ones used before are no longer needed
+        // (saved with the next change of state).
+        if let Some(s) = self.state.settings.as_mut()
+            && s.endpoints.data.iter().any(|e| e == endpoint)
+        {
+            s.previous.data.clear();
+        }
+    }
+
+    /// Connects to the first data endpoint better than the one in use, in the background.
+    fn probe_better_data(&self) -> Option<DataProbe> {
+        let list = self.endpoints().data;
+        let current = self.data_endpoint.as_ref()?;
+        let rank = list.iter().position(|e| e == current)?;
+        let credentials = self.state.credentials.clone()?;
+        let better: Vec<String> = list[..rank].to_vec();
+        let agent = self.config.agent_name.clone();
+        let settings = self.config.session.clone();
+        Some(AbortOnDrop::new(tokio::spawn(async move {
+            for url in better {
+                let auth = HelloAuth::Device {
+                    device_id: credentials.device_id.clone(),
+                    secret: credentials.secret.clone(),
+                };
+                if let Ok((session, welcome)) =
+                    DataSession::connect(&url, auth, &agent, settings.clone()).await
+                {
+                    return Some((session, welcome, url));
+                }
+            }
+            None
+        })))
     }
 
     /// One round: report what is unreported, handle every new feed entry, send the status.
@@ -867,6 +1170,9 @@ impl Agent {
         }
         // The feed may have asked for something (a consent report).
         self.deliver_outbox(&session).await?;
+        if !self.relink {
+            self.report_settings(&session).await?;
+        }
         self.last_activity = Instant::now();
         Ok(())
     }
@@ -930,6 +1236,10 @@ impl Agent {
             FeedBody::ConsentQuery => {
                 let limit = self.config.outbox_limit;
                 outbox::report_consent(&mut self.state, UnixMillis::now(), limit);
+                Ok(())
+            }
+            FeedBody::Settings { revision, settings } => {
+                self.apply_settings(*revision, settings);
                 Ok(())
             }
             // A cancel of a job not running now needs nothing: the cloud refuses to hand it out.

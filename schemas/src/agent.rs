@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::OwnerCheckReason;
 use crate::job::JobUpdate;
 use crate::outbox::{Consent, OutboxItem, RequestNo};
+use crate::settings::Endpoints;
 use crate::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
 
 /// Version of the agent's state file.
@@ -42,6 +43,10 @@ pub struct AgentState {
     /// fetches, without waiting for another hint.
     #[serde(default)]
     pub hinted: Option<FeedSeq>,
+    /// Server settings given from outside; `None`: the factory settings (the agent's
+    /// configuration).
+    #[serde(default)]
+    pub settings: Option<AppliedSettings>,
 }
 
 impl Default for AgentState {
@@ -57,7 +62,28 @@ impl Default for AgentState {
             registration_completed: false,
             owner_check: None,
             hinted: None,
+            settings: None,
         }
+    }
+}
+
+/// Server settings the device applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedSettings {
+    /// The revision applied; a feed entry with this revision or an older one is skipped.
+    pub revision: u64,
+    pub endpoints: Endpoints,
+    /// The endpoints used before, tried after the new ones until one of the new ones has
+    /// answered (each channel on its own): a mistyped setting cannot cut the device off.
+    pub previous: Endpoints,
+    /// The cloud has been told this revision is applied.
+    pub reported: bool,
+}
+
+impl AppliedSettings {
+    /// The lists the device tries, best first.
+    pub fn effective(&self) -> Endpoints {
+        self.endpoints.followed_by(&self.previous)
     }
 }
 
@@ -79,6 +105,12 @@ impl AgentState {
         self.hinted = None;
         self.registration_completed = false;
         self.owner_check = None;
+        // The endpoints stay (they say where the service is); the revision numbering belongs
+        // to the old id's record, and the new one starts again from 1.
+        if let Some(s) = self.settings.as_mut() {
+            s.revision = 0;
+            s.reported = false;
+        }
     }
 }
 

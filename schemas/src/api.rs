@@ -8,6 +8,7 @@ use crate::outbox::RequestNo;
 use crate::records::{
     CompanionRecord, ConsentRecord, DeviceRecord, Invalidation, JobRecord, OwnerCheckState,
 };
+use crate::settings::{Endpoints, ReportedSettings, SettingsRecord};
 use crate::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +85,40 @@ impl From<&DeviceRecord> for DeviceView {
             registration_completed_at: d.registration_completed_at,
             owner_check: d.owner_check.clone(),
             invalidated: d.invalidated.clone(),
+        }
+    }
+}
+
+/// `PUT /v1/devices/{id}/settings`: replaces the device's server settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutSettings {
+    pub endpoints: Endpoints,
+}
+
+/// A device's server settings: as set from outside, and as the device reports using them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SettingsView {
+    pub device_id: DeviceId,
+    /// `None`: never set from outside; the device runs on its factory settings.
+    pub desired: Option<SettingsRecord>,
+    pub reported: Option<ReportedSettings>,
+    /// The device has reported the newest revision (or nothing was ever set).
+    pub applied: bool,
+}
+
+impl From<&DeviceRecord> for SettingsView {
+    fn from(d: &DeviceRecord) -> SettingsView {
+        let wanted = d.settings.as_ref().map_or(0, |s| s.revision);
+        let got = d
+            .settings_reported
+            .as_ref()
+            .map_or(0, |r| r.report.revision);
+        SettingsView {
+            device_id: d.device_id.clone(),
+            desired: d.settings.clone(),
+            reported: d.settings_reported.clone(),
+            applied: got >= wanted,
         }
     }
 }

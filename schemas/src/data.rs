@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::feed::FeedEntry;
 use crate::job::{JobState, JobUpdate};
 use crate::outbox::{OutboxItem, RequestNo};
+use crate::settings::SettingsReport;
 use crate::{DeviceId, FeedSeq, JobId, OwnerId, RequestId, Secret, UnixMillis};
 
 /// WebSocket close code: the frame could not be decoded.
@@ -114,6 +115,9 @@ pub enum Request {
     /// Owner information entered at the panel. Right: the check ends. Wrong: the device id is
     /// invalidated at once (error [`ErrorCode::DeviceInvalidated`]).
     ConfirmOwner { owner: OwnerClaim },
+    /// The settings the device uses now: sent when they changed (a new revision applied, or
+    /// another endpoint in use after a fallback).
+    ReportSettings { report: SettingsReport },
 }
 
 /// Why a device asks its owner to confirm.
@@ -205,6 +209,9 @@ pub enum Response {
         deadline: Option<UnixMillis>,
     },
     OwnerConfirmed,
+    SettingsRecorded {
+        at: UnixMillis,
+    },
 }
 
 /// A delivered request the cloud will not act on, and why. Final: sending it again cannot help.

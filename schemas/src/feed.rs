@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::settings::DeviceSettings;
 use crate::{FeedSeq, JobId, UnixMillis};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +22,12 @@ pub enum FeedBody {
     /// The cloud asks for the device's consent setting; the device answers with a
     /// [`crate::outbox::DeviceRequest::Consent`] through its outbox.
     ConsentQuery,
+    /// New server settings from the owner or an administrator. The device applies a revision
+    /// once, keeps it on disk and answers with [`crate::data::Request::ReportSettings`].
+    Settings {
+        revision: u64,
+        settings: DeviceSettings,
+    },
     /// An entry kind this version does not know; the device acknowledges and skips it.
     #[serde(other)]
     Unknown,

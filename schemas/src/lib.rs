@@ -9,6 +9,7 @@
 //! - [`feed`], [`job`]: feed entries and the job lifecycle shared by the cloud and the device.
 //! - [`outbox`]: requests a device makes on its own, delivered in order from a durable outbox.
 //! - [`records`]: what the cloud bridge stores on disk.
+//! - [`settings`]: server settings (endpoints) given to a device from outside, and its report.
 //! - [`ops`]: fleet events for operations (JSON, so any MQTT client can read them).
 //! - [`api`]: the admin HTTP API's JSON bodies.
 
@@ -23,6 +24,7 @@ pub mod job;
 pub mod ops;
 pub mod outbox;
 pub mod records;
+pub mod settings;
 pub mod topics;
 
 pub use codec::{DecodeError, EncodeError, decode, encode};

@@ -75,6 +75,14 @@ pub enum OpsEvent {
         action: String,
         at: UnixMillis,
     },
+    /// A device reported the settings it uses (after a change, or another endpoint in use).
+    DeviceSettings {
+        device_id: DeviceId,
+        revision: u64,
+        data_in_use: Option<String>,
+        mqtt_in_use: Option<String>,
+        at: UnixMillis,
+    },
     JobTransition {
         device_id: DeviceId,
         job_id: JobId,
@@ -107,6 +115,7 @@ impl OpsEvent {
                 topics::ops_device(device_id, "invalidated")
             }
             OpsEvent::DeviceRequest { device_id, .. } => topics::ops_device(device_id, "request"),
+            OpsEvent::DeviceSettings { device_id, .. } => topics::ops_device(device_id, "settings"),
             OpsEvent::JobTransition { device_id, to, .. } => {
                 topics::ops_job(device_id, to.as_str())
             }

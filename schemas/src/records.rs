@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::DeviceStatus;
 use crate::job::{JobState, Transition};
 use crate::outbox::{DeviceRequest, RequestNo};
+use crate::settings::{ReportedSettings, SettingsRecord};
 use crate::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, UnixMillis};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +50,12 @@ pub struct DeviceRecord {
     /// Set when the device id was invalidated; the device must register again.
     #[serde(default)]
     pub invalidated: Option<Invalidation>,
+    /// Server settings set from outside (the newest revision).
+    #[serde(default)]
+    pub settings: Option<SettingsRecord>,
+    /// What the device last reported it uses.
+    #[serde(default)]
+    pub settings_reported: Option<ReportedSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

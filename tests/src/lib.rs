@@ -87,7 +87,7 @@ impl Endpoints {
         let agent = device_sim::start(config.clone(), executor, store.clone());
         let mut events = agent.subscribe();
         wait_for_event(&mut events, SOON, |e| {
-            matches!(e, AgentEvent::MqttUp).then_some(())
+            matches!(e, AgentEvent::MqttUp { .. }).then_some(())
         })
         .await;
         let id = agent.device_id().expect("registered");

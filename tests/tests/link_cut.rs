@@ -25,7 +25,7 @@ async fn cut_mqtt_link_falls_back_to_long_poll() {
         ..
     } = ep
         .online_device("SN-CUT", Device::simulated(), |c| {
-            c.mqtt = Some(("127.0.0.1".into(), proxy.addr.port()));
+            c.endpoints.mqtt = vec![proxy.addr.to_string()];
             c.long_poll = long_poll;
         })
         .await;
@@ -79,7 +79,7 @@ async fn cut_mqtt_link_falls_back_to_long_poll() {
     // And when the link comes back, hints flow again.
     proxy.restore();
     wait_for_event(&mut events, SOON, |e| {
-        matches!(e, AgentEvent::MqttUp).then_some(())
+        matches!(e, AgentEvent::MqttUp { .. }).then_some(())
     })
     .await;
     let (second, _) = ep.client().submit_job(&device, &job).await.unwrap();

@@ -58,7 +58,7 @@ async fn pipeline_works_through_mosquitto_with_acls() {
         let creds = store.snapshot().unwrap().credentials.unwrap();
         mosquitto.add_user(creds.device_id.as_str(), creds.secret.expose());
         wait_for_event(&mut events, SOON, |e| {
-            matches!(e, AgentEvent::MqttUp).then_some(())
+            matches!(e, AgentEvent::MqttUp { .. }).then_some(())
         })
         .await;
         devices.push((agent, config, store, creds));

@@ -35,8 +35,8 @@ impl Links {
 
     fn adjust(&self) -> impl FnOnce(&mut device_sim::AgentConfig) + '_ {
         move |c| {
-            c.data_url = format!("ws://{}", self.data.addr);
-            c.mqtt = Some(("127.0.0.1".into(), self.mqtt.addr.port()));
+            c.endpoints.data = vec![format!("ws://{}", self.data.addr)];
+            c.endpoints.mqtt = vec![self.mqtt.addr.to_string()];
         }
     }
 

@@ -85,16 +85,16 @@ async fn job_for_offline_device(
     config.mqtt_grace = std::time::Duration::from_secs(600);
     let mut first = config.clone();
     if !mqtt_before {
-        first.mqtt = None;
+        first.endpoints.mqtt.clear();
     }
     let agent = device_sim::start(first, Arc::new(SimulatedExecutor::default()), store.clone());
     let mut events = agent.subscribe();
-    let ready = if mqtt_before {
-        AgentEvent::MqttUp
-    } else {
-        AgentEvent::DataUp
-    };
-    wait_for_event(&mut events, SOON, |e| (*e == ready).then_some(())).await;
+    wait_for_event(&mut events, SOON, |e| match e {
+        AgentEvent::MqttUp { .. } if mqtt_before => Some(()),
+        AgentEvent::DataUp { .. } if !mqtt_before => Some(()),
+        _ => None,
+    })
+    .await;
     let device = agent.device_id().unwrap();
     agent.stop().await.unwrap();
     let (submitted, _) = ep

@@ -22,7 +22,7 @@ async fn device_killed_after_hint_fetches_after_restart() {
         mut config,
     } = ep
         .online_device("SN-RECEIPT", Device::simulated(), |c| {
-            c.data_url = format!("ws://{}", data_proxy.addr);
+            c.endpoints.data = vec![format!("ws://{}", data_proxy.addr)];
         })
         .await;
 
@@ -50,7 +50,7 @@ async fn device_killed_after_hint_fetches_after_restart() {
     data_proxy.restore();
     let dead_broker = TcpProxy::start(socket_addr(&ep.data_url)).await.unwrap();
     dead_broker.cut();
-    config.mqtt = Some(("127.0.0.1".into(), dead_broker.addr.port()));
+    config.endpoints.mqtt = vec![dead_broker.addr.to_string()];
     config.mqtt_grace = Duration::from_secs(120);
     config.poll_interval = Duration::from_secs(3600);
     let agent = device_sim::start(config, Device::simulated(), store);

@@ -36,6 +36,7 @@ use crate::store::{Batch, Committer, StoreError, Ticket};
 mod owner;
 mod principals;
 mod requests;
+mod settings;
 
 pub use owner::OwnerVerdict;
 pub use principals::Principal;
@@ -402,6 +403,8 @@ impl Core {
             registration_completed_at: None,
             owner_check: None,
             invalidated: None,
+            settings: None,
+            settings_reported: None,
         };
         let mut enrollment = enrollment;
         enrollment.uses_left -= 1;

@@ -11,6 +11,7 @@ use device_sim::{
     AgentConfig, AgentEvent, DeviceInfo, FileStateStore, MemoryStateStore, SimulatedExecutor,
 };
 use schemas::data::{DeviceState, DeviceStatus, OwnerCheckReason, OwnerClaim};
+use schemas::settings::Endpoints;
 use schemas::{OwnerId, Secret};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::broadcast::error::RecvError;
@@ -27,16 +28,27 @@ struct Cli {
 
 #[derive(Debug, clap::Args)]
 struct Common {
-    /// Data channel of the cloud bridge.
+    /// Data channel of the cloud bridge; several, comma-separated, are tried in order (the
+    /// first that answers is used, the better ones tried again in the background).
     #[arg(
         long,
         env = "DEVICE_SIM_DATA_URL",
-        default_value = "ws://127.0.0.1:8081"
+        default_value = "ws://127.0.0.1:8081",
+        value_delimiter = ','
     )]
-    data_url: String,
-    /// MQTT broker, host:port.
-    #[arg(long, env = "DEVICE_SIM_MQTT", default_value = "127.0.0.1:1883")]
-    mqtt: String,
+    data_url: Vec<String>,
+    /// MQTT broker, host:port; several, comma-separated, are tried in order.
+    #[arg(
+        long,
+        env = "DEVICE_SIM_MQTT",
+        default_value = "127.0.0.1:1883",
+        value_delimiter = ','
+    )]
+    mqtt: Vec<String>,
+    /// While a channel works through any endpoint but its first, how often to try the
+    /// better ones again.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    probe_interval: Duration,
     /// Poll only; no MQTT notification channel.
     #[arg(long)]
     no_mqtt: bool,
@@ -383,22 +395,24 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn config(common: &Common, serial: String) -> anyhow::Result<AgentConfig> {
-    let mqtt = if common.no_mqtt {
-        None
-    } else {
-        let (host, port) = common
-            .mqtt
-            .rsplit_once(':')
-            .context("--mqtt must be host:port")?;
-        Some((host.to_owned(), port.parse().context("--mqtt port")?))
+    let endpoints = Endpoints {
+        data: common.data_url.clone(),
+        mqtt: if common.no_mqtt {
+            Vec::new()
+        } else {
+            common.mqtt.clone()
+        },
     };
+    endpoints.validate().context("--data-url / --mqtt")?;
     let info = DeviceInfo {
         serial,
         model: common.model.clone(),
         destination: common.destination.clone(),
         time_zone: common.time_zone.clone(),
     };
-    let mut config = AgentConfig::new(common.data_url.clone(), mqtt, info);
+    let mut config = AgentConfig::new(String::new(), None, info);
+    config.endpoints = endpoints;
+    config.probe_interval = common.probe_interval;
     config.enrollment_token = common.enrollment_token.clone().map(Secret::new);
     config.long_poll = common.long_poll;
     config.poll_interval = common.poll_interval;
@@ -599,11 +613,17 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 fn log_event(event: &AgentEvent) {
     match event {
         AgentEvent::Registered(id) => tracing::info!(device = %id, "registered"),
-        AgentEvent::MqttUp => tracing::info!("notification channel up"),
+        AgentEvent::MqttUp { endpoint } => tracing::info!(%endpoint, "notification channel up"),
         AgentEvent::MqttDown(reason) => {
             tracing::warn!(%reason, "notification channel down; long-polling the data channel")
         }
-        AgentEvent::DataUp => tracing::info!("data channel up"),
+        AgentEvent::DataUp { endpoint } => tracing::info!(%endpoint, "data channel up"),
+        AgentEvent::SettingsApplied { revision } => {
+            tracing::info!(revision, "server settings applied; reconnecting with them")
+        }
+        AgentEvent::SettingsReported { revision } => {
+            tracing::info!(revision, "settings in use reported to the cloud")
+        }
         AgentEvent::DataDown(reason) => tracing::info!(%reason, "data channel closed"),
         AgentEvent::HintReceived { kind, seq } => tracing::info!(?kind, %seq, "hint received"),
         AgentEvent::Synced { cursor } => tracing::info!(%cursor, "feed synced"),

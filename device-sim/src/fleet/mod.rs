@@ -251,11 +251,11 @@ fn follow(
             let now = Instant::now();
             match event {
                 AgentEvent::MqttDown(_) => shared.state().mqtt_up[index] = false,
-                AgentEvent::MqttUp | AgentEvent::DataUp => {
-                    if matches!(event, AgentEvent::MqttUp) {
+                AgentEvent::MqttUp { .. } | AgentEvent::DataUp { .. } => {
+                    if matches!(event, AgentEvent::MqttUp { .. }) {
                         shared.state().mqtt_up[index] = true;
                     }
-                    if matches!(event, AgentEvent::MqttUp) || poll_only {
+                    if matches!(event, AgentEvent::MqttUp { .. }) || poll_only {
                         let mut state = shared.state();
                         if !state.connected[index] {
                             state.connected[index] = true;
