@@ -228,6 +228,7 @@ enum Command {
     GetConsent(Reply<Option<Consent>>),
     OwnerCheck(OwnerCheckReason, Reply<()>),
     ConfirmOwner(OwnerClaim, Reply<()>),
+    InUse(Reply<SettingsReport>),
     PollNow,
 }
 
@@ -354,6 +355,12 @@ impl AgentHandle {
     /// registers again if it has an enrollment token.
     pub async fn confirm_owner(&self, owner: OwnerClaim) -> Result<(), AgentError> {
         self.ask(|r| Command::ConfirmOwner(owner, r)).await
+    }
+
+    /// The settings revision applied, the endpoint lists and the endpoints connected now
+    /// (what the panel shows and what the cloud is told).
+    pub async fn settings_in_use(&self) -> Result<SettingsReport, AgentError> {
+        self.ask(Command::InUse).await
     }
 
     /// The consent setting as the device holds it.
@@ -645,6 +652,9 @@ impl Agent {
                     Some(Command::GetConsent(reply)) => {
                         let _ = reply.send(Ok(self.state.consent));
                     }
+                    Some(Command::InUse(reply)) => {
+                        let _ = reply.send(Ok(self.in_use()));
+                    }
                     Some(Command::OwnerCheck(reason, reply)) => {
                         if self.state.owner_check.is_none() {
                             self.state.owner_check = Some(PendingOwnerCheck {
@@ -833,14 +843,18 @@ impl Agent {
         self.emit(AgentEvent::SettingsApplied { revision });
     }
 
-    /// Tells the cloud the settings in use, when they differ from what it was last told.
-    async fn report_settings(&mut self, session: &DataSession) -> Result<(), WorkError> {
-        let report = SettingsReport {
+    fn in_use(&self) -> SettingsReport {
+        SettingsReport {
             revision: self.state.settings.as_ref().map_or(0, |s| s.revision),
             endpoints: self.endpoints(),
             data_in_use: self.data_endpoint.clone(),
             mqtt_in_use: self.mqtt_endpoint.clone(),
-        };
+        }
+    }
+
+    /// Tells the cloud the settings in use, when they differ from what it was last told.
+    async fn report_settings(&mut self, session: &DataSession) -> Result<(), WorkError> {
+        let report = self.in_use();
         if self.last_report.as_ref() == Some(&report) {
             return Ok(());
         }

@@ -563,6 +563,18 @@ async fn panel_command(agent: &device_sim::AgentHandle, line: &str) {
                 .map(|s| format!("{s:?}"))
         }
         ["poll"] => agent.poll_now().await.map(|()| "polling".into()),
+        ["settings"] => agent.settings_in_use().await.map(|s| {
+            let or_none = |e: Option<String>| e.unwrap_or_else(|| "not connected".into());
+            format!(
+                "settings revision {} (0: factory)\n  data channel: {} (in use: {})\n  \
+                 notification: {} (in use: {})",
+                s.revision,
+                s.endpoints.data.join(", "),
+                or_none(s.data_in_use),
+                s.endpoints.mqtt.join(", "),
+                or_none(s.mqtt_in_use),
+            )
+        }),
         ["reset"] => agent
             .owner_check_required(OwnerCheckReason::FactoryReset)
             .await
@@ -591,7 +603,7 @@ async fn panel_command(agent: &device_sim::AgentHandle, line: &str) {
         },
         _ => Ok(
             "commands: consent [on|off] | status idle|busy|error|sleeping [detail] | \
-                 request <action> [key=value ...] | poll | reset | timezone <tz> | \
+                 request <action> [key=value ...] | poll | settings | reset | timezone <tz> | \
                  network <name> | owner <owner id> <pin>"
                 .into(),
         ),

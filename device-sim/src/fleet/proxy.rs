@@ -2,7 +2,7 @@
 //! the simulator's way to take MQTT links down without touching the broker, and the tests'.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 pub struct CutProxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    open: Arc<AtomicUsize>,
     generation: Arc<Mutex<CancellationToken>>,
     stop: CancellationToken,
 }
@@ -24,7 +25,8 @@ impl CutProxy {
         let cut = Arc::new(AtomicBool::new(false));
         let generation = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
-        let (c, g, s) = (cut.clone(), generation.clone(), stop.clone());
+        let open = Arc::new(AtomicUsize::new(0));
+        let (c, g, s, o) = (cut.clone(), generation.clone(), stop.clone(), open.clone());
         tokio::spawn(async move {
             loop {
                 let (mut inbound, _) = tokio::select! {
@@ -36,22 +38,26 @@ impl CutProxy {
                     continue;
                 }
                 let token = g.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let open = o.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
                     };
                     let _ = inbound.set_nodelay(true);
                     let _ = outbound.set_nodelay(true);
+                    open.fetch_add(1, Ordering::SeqCst);
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = token.cancelled() => {}
                     }
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         Ok(CutProxy {
             addr,
             cut,
+            open,
             generation,
             stop,
         })
@@ -67,6 +73,11 @@ impl CutProxy {
 
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Connections being forwarded now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 }
 
