@@ -693,6 +693,17 @@ impl Agent {
                         }
                         self.mqtt_endpoint = Some(endpoint.clone());
                         self.emit(AgentEvent::MqttUp { endpoint });
+                        // With the data channel open anyway, the cloud learns the broker in use
+                        // now; otherwise with the next round.
+                        if let Some(session) = self.session.clone().filter(|s| !s.is_closed()) {
+                            match self.report_settings(&session).await {
+                                Err(WorkError::State(e)) => return Err(e.into()),
+                                Err(WorkError::Session(e)) => {
+                                    tracing::debug!(error = %e, "settings report failed; sent with the next round")
+                                }
+                                Ok(()) => {}
+                            }
+                        }
                     }
                     Some(LinkEvent::Down(reason)) => {
                         self.mqtt_up = false;

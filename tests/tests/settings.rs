@@ -145,8 +145,7 @@ async fn settings_pushed_through_the_feed_are_applied_kept_and_reported() {
     })
     .await;
     wait_mqtt_on(&mut events, &broker(&mqtt)).await;
-    // Work goes through the new endpoints, and the cloud is told which ones are in use.
-    run_job(&admin, &mut events, &id).await;
+    // The cloud is told which endpoints are in use, and work goes through them.
     eventually(
         SOON,
         "the device reports the new endpoints in use",
@@ -162,6 +161,7 @@ async fn settings_pushed_through_the_feed_are_applied_kept_and_reported() {
         },
     )
     .await;
+    run_job(&admin, &mut events, &id).await;
     assert_eq!(mqtt.open_connections(), 1);
     assert!(data.open_connections() >= 1);
 
