@@ -831,17 +831,16 @@ impl Agent {
             return;
         }
         let before = self.endpoints();
+        let keep = |old: Vec<String>, new: &[String]| -> Vec<String> {
+            // No broker at all is a choice (data channel only), not a mistake to guard against.
+            if new.is_empty() {
+                return Vec::new();
+            }
+            old.into_iter().filter(|e| !new.contains(e)).collect()
+        };
         let previous = Endpoints {
-            data: before
-                .data
-                .into_iter()
-                .filter(|e| !settings.endpoints.data.contains(e))
-                .collect(),
-            mqtt: before
-                .mqtt
-                .into_iter()
-                .filter(|e| !settings.endpoints.mqtt.contains(e))
-                .collect(),
+            data: keep(before.data, &settings.endpoints.data),
+            mqtt: keep(before.mqtt, &settings.endpoints.mqtt),
         };
         tracing::info!(revision, endpoints = ?settings.endpoints, "server settings applied");
         self.state.settings = Some(AppliedSettings {

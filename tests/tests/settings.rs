@@ -206,6 +206,25 @@ async fn settings_pushed_through_the_feed_are_applied_kept_and_reported() {
         },
     )
     .await;
+
+    // No broker at all: the device drops MQTT and long-polls the data channel.
+    let data_only = Endpoints {
+        data: vec![ws(&data)],
+        mqtt: vec![],
+    };
+    as_anna.set_settings(&id, &data_only).await.unwrap();
+    wait_for_event(&mut events, SOON, |e| {
+        (*e == AgentEvent::SettingsApplied { revision: 3 }).then_some(())
+    })
+    .await;
+    run_job(&admin, &mut events, &id).await;
+    let in_use = agent.settings_in_use().await.unwrap();
+    assert_eq!((in_use.revision, in_use.mqtt_in_use), (3, None));
+    assert!(in_use.endpoints.mqtt.is_empty());
+    eventually(SOON, "the MQTT link closed", || async {
+        mqtt.open_connections() == 0
+    })
+    .await;
     agent.stop().await.unwrap();
 }
 
