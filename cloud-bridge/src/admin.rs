@@ -27,6 +27,13 @@
 //! | `GET /v1/devices/{id}/requests?after=N&limit=M` | requests from the device's outbox |
 //! | `POST /v1/devices/{id}/consent-query` | ask the device to report its consent setting |
 //! | `GET /v1/devices/{id}/jobs` | the device's jobs |
+//! | `POST`, `GET /v1/devices/{id}/instructions` | put an instruction in the device's mailbox; list it |
+//! | `POST`, `GET /v1/services`; `GET`, `PUT /v1/services/{id}` | services and the models they apply to |
+//! | `GET /v1/customers` | customers and their devices by model |
+//! | `GET /v1/customers/{customer}/devices` | a customer's devices |
+//! | `GET /v1/customers/{customer}/candidates?service=ID` | devices a service can be applied for |
+//! | `POST /v1/customers/{customer}/applications` | apply for a service (all, some models, some devices) |
+//! | `GET /v1/applications/{id}` | an application's progress, device by device |
 //! | `POST /v1/jobs/{id}/cancel` | cancel a job |
 //!
 //! Errors are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
@@ -42,11 +49,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use schemas::api::{
-    ApiError, CancelJob, CreateCompanion, CreateEnrollmentToken, CreateOwner, Health, PutSettings,
-    RequestsQuery, SubmitJob,
+    ApiError, ApplyForService, CancelJob, CandidatesQuery, CreateCompanion, CreateEnrollmentToken,
+    CreateInstruction, CreateOwner, CreateService, Health, PutSettings, RequestsQuery, SubmitJob,
+    UpdateService,
 };
 use schemas::data::ErrorCode;
-use schemas::{CompanionId, DeviceId, JobId, OwnerId, Secret};
+use schemas::{ApplicationId, CompanionId, DeviceId, JobId, OwnerId, Secret};
 use serde::Serialize;
 
 use crate::bridge::Bridge;
@@ -75,6 +83,20 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
         .route("/v1/devices/:id/consent-query", post(query_consent))
         .route("/v1/devices/:id/jobs", get(list_jobs))
         .route("/v1/jobs/:id/cancel", post(cancel_job))
+        .route(
+            "/v1/devices/:id/instructions",
+            post(create_instruction).get(list_instructions),
+        )
+        .route("/v1/services", post(create_service).get(list_services))
+        .route("/v1/services/:id", get(get_service).put(update_service))
+        .route("/v1/customers", get(list_customers))
+        .route("/v1/customers/:customer/devices", get(customer_devices))
+        .route("/v1/customers/:customer/candidates", get(candidates))
+        .route(
+            "/v1/customers/:customer/applications",
+            post(apply_for_service),
+        )
+        .route("/v1/applications/:id", get(get_application))
         .route_layer(middleware::from_fn(require_admin));
     let shared = Router::new()
         .route("/v1/devices/:id/jobs", post(submit_job))
@@ -133,6 +155,8 @@ fn status_for(code: ErrorCode) -> StatusCode {
         | ErrorCode::LeaseLost
         | ErrorCode::RegistrationIncomplete => StatusCode::CONFLICT,
         ErrorCode::ConsentWithheld => StatusCode::FORBIDDEN,
+        ErrorCode::Expired => StatusCode::GONE,
+        ErrorCode::RegistrationCodeInvalid => StatusCode::FORBIDDEN,
         ErrorCode::Overloaded | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -375,6 +399,94 @@ async fn put_settings(
             .set_settings(&principal, &device_id(&id)?, settings)
             .await?,
     ))
+}
+
+async fn create_instruction(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Body(req): Body<CreateInstruction>,
+) -> ApiResult<impl IntoResponse> {
+    let view = state
+        .bridge
+        .create_instruction(&device_id(&id)?, req)
+        .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn list_instructions(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.instructions(&device_id(&id)?).await?))
+}
+
+async fn create_service(
+    State(state): State<AppState>,
+    Body(req): Body<CreateService>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.bridge.create_service(req).await?),
+    ))
+}
+
+async fn list_services(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.services().await?))
+}
+
+async fn get_service(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.service(&id).await?))
+}
+
+async fn update_service(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Body(req): Body<UpdateService>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.update_service(&id, req).await?))
+}
+
+async fn list_customers(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.customers().await?))
+}
+
+async fn customer_devices(
+    State(state): State<AppState>,
+    Path(customer): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.customer_devices(&customer).await?))
+}
+
+async fn candidates(
+    State(state): State<AppState>,
+    Path(customer): Path<String>,
+    query: Result<Query<CandidatesQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(query) = query.map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e.body_text()))?;
+    Ok(Json(
+        state.bridge.candidates(&customer, &query.service).await?,
+    ))
+}
+
+async fn apply_for_service(
+    State(state): State<AppState>,
+    Path(customer): Path<String>,
+    Body(req): Body<ApplyForService>,
+) -> ApiResult<impl IntoResponse> {
+    let view = state.bridge.apply_for_service(&customer, req).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn get_application(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let id = ApplicationId::parse(&id)
+        .map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e.to_string()))?;
+    Ok(Json(state.bridge.application(&id).await?))
 }
 
 async fn create_owner(

@@ -11,8 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use schemas::api::{
-    CompanionCreated, CompanionView, CreateCompanion, CreateEnrollmentToken, CreateOwner,
-    DeviceView, EnrollmentTokenCreated, JobView, OwnerCreated, SettingsView, SubmitJob,
+    ApplicationView, ApplyForService, CompanionCreated, CompanionView, CreateCompanion,
+    CreateEnrollmentToken, CreateInstruction, CreateOwner, CreateService, CustomerView, DeviceView,
+    EnrollmentTokenCreated, InstructionView, JobView, OwnerCreated, SettingsView, SubmitJob,
+    UpdateService,
 };
 use schemas::data::{
     ErrorCode, MAX_SYNC_ENTRIES, MAX_SYNC_WAIT_MS, Registration, Request, Response,
@@ -21,13 +23,18 @@ use schemas::hint::{HintKind, Presence};
 use schemas::ops::{Channel, OpsEvent};
 use schemas::outbox::RequestNo;
 use schemas::records::{DeviceRecord, DeviceRequestRecord};
+use schemas::services::{InstructionBody, ServiceRecord};
 use schemas::settings::DeviceSettings;
-use schemas::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis};
+use schemas::{
+    ApplicationId, CompanionId, DeviceId, FeedSeq, InstructionId, JobId, OwnerId, Secret,
+    UnixMillis,
+};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{
     AuthFailure, Core, CoreError, CoreResult, Effects, NewJob, OwnerVerdict, Principal,
+    ServiceRegistration,
 };
 use crate::notifier::Notifier;
 use crate::store::{Committer, Ticket};
@@ -264,6 +271,126 @@ impl Bridge {
         Ok(view)
     }
 
+    // ---------------------------------------------------------------- services
+
+    /// Runs a read of the core and waits until what it saw is durable.
+    async fn read<T>(&self, f: impl FnOnce(&Core) -> CoreResult<T>) -> CoreResult<T> {
+        let (value, ticket) = {
+            let core = self.core();
+            (f(&core)?, core.read_ticket())
+        };
+        self.durable_read(ticket).await?;
+        Ok(value)
+    }
+
+    pub async fn create_service(&self, req: CreateService) -> CoreResult<ServiceRecord> {
+        let (record, ticket) = self.core().create_service(req, UnixMillis::now())?;
+        self.finish(ticket, Effects::default()).await?;
+        Ok(record)
+    }
+
+    pub async fn update_service(&self, id: &str, req: UpdateService) -> CoreResult<ServiceRecord> {
+        let (record, ticket) = self.core().update_service(id, req)?;
+        self.finish(ticket, Effects::default()).await?;
+        Ok(record)
+    }
+
+    pub async fn services(&self) -> CoreResult<Vec<ServiceRecord>> {
+        self.read(|c| Ok(c.services().cloned().collect())).await
+    }
+
+    pub async fn service(&self, id: &str) -> CoreResult<ServiceRecord> {
+        self.read(|c| c.service(id).cloned()).await
+    }
+
+    pub async fn customers(&self) -> CoreResult<Vec<CustomerView>> {
+        self.read(|c| Ok(c.customers())).await
+    }
+
+    pub async fn customer_devices(&self, customer: &str) -> CoreResult<Vec<DeviceView>> {
+        let mut list: Vec<DeviceView> = self
+            .read(|c| Ok(c.customer_devices(customer).map(DeviceView::from).collect()))
+            .await?;
+        list.sort_by_key(|d| d.registered_at);
+        Ok(list)
+    }
+
+    pub async fn candidates(&self, customer: &str, service: &str) -> CoreResult<Vec<DeviceView>> {
+        self.read(|c| {
+            Ok(c.candidates(customer, service)?
+                .into_iter()
+                .map(DeviceView::from)
+                .collect())
+        })
+        .await
+    }
+
+    /// Applies for a service for some of a customer's devices; each gets a use-start
+    /// instruction with a fresh one-time code, and a hint.
+    pub async fn apply_for_service(
+        &self,
+        customer: &str,
+        req: ApplyForService,
+    ) -> CoreResult<ApplicationView> {
+        let id = ApplicationId::from_random(rand::random());
+        let mut fresh = || {
+            (
+                InstructionId::from_random(rand::random()),
+                Secret::from_random(rand::random()),
+            )
+        };
+        let (view, ticket, effects) =
+            self.core()
+                .apply_for_service(customer, req, id, &mut fresh, UnixMillis::now())?;
+        self.finish(ticket, effects).await?;
+        Ok(view)
+    }
+
+    pub async fn application(&self, id: &ApplicationId) -> CoreResult<ApplicationView> {
+        self.read(|c| c.application(id, UnixMillis::now())).await
+    }
+
+    /// Puts an instruction of the device maker's own kind in a device's mailbox.
+    pub async fn create_instruction(
+        &self,
+        device: &DeviceId,
+        req: CreateInstruction,
+    ) -> CoreResult<InstructionView> {
+        if req.name.trim().is_empty() || req.name.len() > 128 {
+            return Err(CoreError::new(
+                ErrorCode::BadRequest,
+                "name must be 1 to 128 characters",
+            ));
+        }
+        let size: usize = req.params.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > 16 * 1024 {
+            return Err(CoreError::new(
+                ErrorCode::BadRequest,
+                "params may hold at most 16 KiB",
+            ));
+        }
+        let ttl_ms = req
+            .ttl_secs
+            .unwrap_or(7 * 24 * 3600)
+            .clamp(1, 365 * 24 * 3600)
+            .saturating_mul(1000);
+        let body = InstructionBody::Custom {
+            name: req.name,
+            params: req.params,
+        };
+        let id = InstructionId::from_random(rand::random());
+        let (view, ticket, effects) =
+            self.core()
+                .create_instruction(device, id, body, ttl_ms, UnixMillis::now())?;
+        self.finish(ticket, effects).await?;
+        Ok(view)
+    }
+
+    pub async fn instructions(&self, device: &DeviceId) -> CoreResult<Vec<InstructionView>> {
+        self.read(|c| c.instructions(device, UnixMillis::now()))
+            .await
+    }
+
     // ---------------------------------------------------------------- owners and companions
 
     /// Who an API token (other than the admin token) belongs to.
@@ -498,6 +625,22 @@ impl Bridge {
                 let (upto, refused, ticket, effects) = self.core().deliver(device, items, now)?;
                 self.finish(ticket, effects).await?;
                 Ok(Response::Delivered { upto, refused })
+            }
+            Request::TakeInstruction { instruction_id } => {
+                let (offer, ticket) = self.core().take_instruction(device, &instruction_id, now)?;
+                self.durable_read(ticket).await?;
+                Ok(Response::Instruction(offer))
+            }
+            Request::RegisterService { url, code } => {
+                let (outcome, ticket, effects) =
+                    self.core().register_service(device, &url, &code, now)?;
+                self.finish(ticket, effects).await?;
+                match outcome {
+                    ServiceRegistration::Registered { service_id, at } => {
+                        Ok(Response::ServiceRegistered { service_id, at })
+                    }
+                    ServiceRegistration::Refused(e) => Err(e),
+                }
             }
             Request::ReportSettings { report } => {
                 let (ticket, effects) = self.core().report_settings(device, report, now)?;

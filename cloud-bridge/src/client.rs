@@ -14,9 +14,14 @@ use schemas::api::{
     CreateOwner, DeviceView, EnrollmentTokenCreated, Health, JobView, OwnerCreated, PutSettings,
     SettingsView, SubmitJob,
 };
+use schemas::api::{
+    ApplicationView, ApplyForService, CreateInstruction, CreateService, CustomerView,
+    InstructionView,
+};
 use schemas::records::DeviceRequestRecord;
+use schemas::services::ServiceRecord;
 use schemas::settings::Endpoints;
-use schemas::{CompanionId, DeviceId, JobId, Secret};
+use schemas::{ApplicationId, CompanionId, DeviceId, JobId, Secret};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -224,6 +229,76 @@ impl AdminClient {
             .1)
     }
 
+    pub async fn create_service(&self, req: &CreateService) -> Result<ServiceRecord, ClientError> {
+        Ok(self.call(Method::POST, "/v1/services", Some(req)).await?.1)
+    }
+
+    pub async fn customers(&self) -> Result<Vec<CustomerView>, ClientError> {
+        Ok(self
+            .call(Method::GET, "/v1/customers", None::<&()>)
+            .await?
+            .1)
+    }
+
+    /// The customer's devices a service can be applied for.
+    pub async fn candidates(
+        &self,
+        customer: &str,
+        service: &str,
+    ) -> Result<Vec<DeviceView>, ClientError> {
+        let path = format!(
+            "/v1/customers/{}/candidates?service={}",
+            encode_path(customer),
+            encode_path(service)
+        );
+        Ok(self.call(Method::GET, &path, None::<&()>).await?.1)
+    }
+
+    pub async fn apply_for_service(
+        &self,
+        customer: &str,
+        req: &ApplyForService,
+    ) -> Result<ApplicationView, ClientError> {
+        let path = format!("/v1/customers/{}/applications", encode_path(customer));
+        Ok(self.call(Method::POST, &path, Some(req)).await?.1)
+    }
+
+    pub async fn application(&self, id: &ApplicationId) -> Result<ApplicationView, ClientError> {
+        Ok(self
+            .call(Method::GET, &format!("/v1/applications/{id}"), None::<&()>)
+            .await?
+            .1)
+    }
+
+    pub async fn create_instruction(
+        &self,
+        device: &DeviceId,
+        req: &CreateInstruction,
+    ) -> Result<InstructionView, ClientError> {
+        Ok(self
+            .call(
+                Method::POST,
+                &format!("/v1/devices/{device}/instructions"),
+                Some(req),
+            )
+            .await?
+            .1)
+    }
+
+    pub async fn instructions(
+        &self,
+        device: &DeviceId,
+    ) -> Result<Vec<InstructionView>, ClientError> {
+        Ok(self
+            .call(
+                Method::GET,
+                &format!("/v1/devices/{device}/instructions"),
+                None::<&()>,
+            )
+            .await?
+            .1)
+    }
+
     /// Sets the endpoints a device uses (admin or the device's owner).
     pub async fn set_settings(
         &self,
@@ -355,4 +430,17 @@ impl AdminClient {
             .await?
             .1)
     }
+}
+
+/// Percent-encodes a path segment or query value (customer names may hold anything).
+fn encode_path(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for b in raw.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

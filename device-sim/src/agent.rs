@@ -31,8 +31,9 @@ use schemas::feed::{FeedBody, FeedEntry};
 use schemas::hint::HintKind;
 use schemas::job::JobUpdate;
 use schemas::outbox::{Consent, DeviceRequest, MAX_DELIVER_ITEMS};
+use schemas::services::InstructionBody;
 use schemas::settings::{DeviceSettings, Endpoints, SettingsReport};
-use schemas::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
+use schemas::{DeviceId, FeedSeq, InstructionId, JobId, Secret, UnixMillis};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -191,6 +192,31 @@ pub enum AgentEvent {
     /// The cloud invalidated the device id; the agent forgot it and registers again.
     Invalidated {
         reason: String,
+    },
+    /// An instruction was taken from the mailbox (`kind` as in [`InstructionBody::kind`]).
+    InstructionTaken {
+        instruction_id: InstructionId,
+        kind: &'static str,
+    },
+    /// The cloud would not hand out an instruction (expired, gone): it is not acted on.
+    InstructionSkipped {
+        instruction_id: InstructionId,
+        error: ErrorBody,
+    },
+    /// An instruction of the device maker's own kind, for the application to act on.
+    CustomInstruction {
+        instruction_id: InstructionId,
+        name: String,
+        params: std::collections::BTreeMap<String, String>,
+    },
+    /// The device is permitted to use a service (its use-start instruction's code worked).
+    ServiceRegistered {
+        service_id: String,
+    },
+    /// The cloud refused the registration code of a use-start instruction.
+    ServiceRefused {
+        service_id: String,
+        error: ErrorBody,
     },
     /// The cloud refused a request from the outbox; it is not sent again.
     RequestRefused {
@@ -1266,9 +1292,86 @@ impl Agent {
                 self.apply_settings(*revision, settings);
                 Ok(())
             }
+            FeedBody::Instruction { instruction_id, .. } => {
+                self.take_instruction(session, instruction_id).await
+            }
             // A cancel of a job not running now needs nothing: the cloud refuses to hand it out.
             FeedBody::JobCanceled { .. } | FeedBody::Unknown => Ok(()),
         }
+    }
+
+    /// Takes an instruction from the mailbox and acts on it. The cloud refuses one that has
+    /// expired: it is skipped, never acted on.
+    async fn take_instruction(
+        &mut self,
+        session: &DataSession,
+        instruction_id: &InstructionId,
+    ) -> Result<(), WorkError> {
+        let request = Request::TakeInstruction {
+            instruction_id: instruction_id.clone(),
+        };
+        let offer = match session.request(request).await {
+            Ok(Response::Instruction(offer)) => offer,
+            Ok(other) => {
+                return Err(SessionError::Closed(format!(
+                    "unexpected answer to take_instruction: {other:?}"
+                ))
+                .into());
+            }
+            Err(SessionError::Request(error)) => {
+                tracing::info!(%instruction_id, %error, "instruction skipped");
+                self.emit(AgentEvent::InstructionSkipped {
+                    instruction_id: instruction_id.clone(),
+                    error,
+                });
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.emit(AgentEvent::InstructionTaken {
+            instruction_id: instruction_id.clone(),
+            kind: offer.body.kind(),
+        });
+        match offer.body {
+            InstructionBody::UseStart {
+                service_id,
+                registration_url,
+                registration_code,
+                ..
+            } => {
+                let request = Request::RegisterService {
+                    url: registration_url,
+                    code: registration_code,
+                };
+                match session.request(request).await {
+                    Ok(Response::ServiceRegistered { service_id, .. }) => {
+                        tracing::info!(%service_id, "registered for a service");
+                        self.emit(AgentEvent::ServiceRegistered { service_id });
+                    }
+                    Ok(other) => {
+                        return Err(SessionError::Closed(format!(
+                            "unexpected answer to register_service: {other:?}"
+                        ))
+                        .into());
+                    }
+                    // A refusal is final (and recorded by the cloud for the administrator).
+                    Err(SessionError::Request(error)) => {
+                        tracing::warn!(%service_id, %error, "service registration refused");
+                        self.emit(AgentEvent::ServiceRefused { service_id, error });
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            InstructionBody::Custom { name, params } => {
+                self.emit(AgentEvent::CustomInstruction {
+                    instruction_id: instruction_id.clone(),
+                    name,
+                    params,
+                });
+            }
+            InstructionBody::Unknown => {}
+        }
+        Ok(())
     }
 
     async fn run_job(&mut self, session: &DataSession, job_id: &JobId) -> Result<(), WorkError> {

@@ -1,5 +1,7 @@
 //! JSON bodies of the admin HTTP API (`/v1/...`). Errors are [`ApiError`] with a stable code.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::data::{DeviceStatus, ErrorCode};
@@ -8,8 +10,15 @@ use crate::outbox::RequestNo;
 use crate::records::{
     CompanionRecord, ConsentRecord, DeviceRecord, Invalidation, JobRecord, OwnerCheckState,
 };
+use crate::services::{
+    EnrollmentState, InstructionBody, InstructionRecord, InstructionState, RefusedRegistration,
+    ServiceUse,
+};
 use crate::settings::{Endpoints, ReportedSettings, SettingsRecord};
-use crate::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis};
+use crate::{
+    ApplicationId, CompanionId, DeviceId, FeedSeq, InstructionId, JobId, OwnerId, Secret,
+    UnixMillis,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
@@ -61,6 +70,8 @@ pub struct DeviceView {
     pub registration_completed_at: Option<UnixMillis>,
     pub owner_check: Option<OwnerCheckState>,
     pub invalidated: Option<Invalidation>,
+    /// Services the device is permitted to use.
+    pub services: Vec<ServiceUse>,
 }
 
 impl From<&DeviceRecord> for DeviceView {
@@ -85,6 +96,125 @@ impl From<&DeviceRecord> for DeviceView {
             registration_completed_at: d.registration_completed_at,
             owner_check: d.owner_check.clone(),
             invalidated: d.invalidated.clone(),
+            services: d.services.clone(),
+        }
+    }
+}
+
+/// `POST /v1/services`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateService {
+    /// 1 to 64 of `a-z`, `0-9`, `-`.
+    pub service_id: String,
+    pub name: String,
+    /// The device models the service applies to.
+    pub models: Vec<String>,
+}
+
+/// `PUT /v1/services/{id}`: what is given replaces what was.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateService {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+}
+
+/// A customer as the registry knows it: its devices by model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CustomerView {
+    pub customer: String,
+    pub devices: u64,
+    pub models: BTreeMap<String, u64>,
+}
+
+/// `GET /v1/customers/{customer}/candidates?service=...`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CandidatesQuery {
+    pub service: String,
+}
+
+/// `POST /v1/customers/{customer}/applications`: neither `models` nor `devices`: every device of
+/// the customer whose model the service supports; `models`: those models only; `devices`: those
+/// devices only (each must be the customer's and of a supported model).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyForService {
+    pub service_id: String,
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub devices: Option<Vec<DeviceId>>,
+    /// How long the registration codes stay valid (default 7 days).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// An application's progress, device by device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplicationView {
+    pub application_id: ApplicationId,
+    pub customer: String,
+    pub service_id: String,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+    pub pending: u32,
+    pub registered: u32,
+    pub failed: u32,
+    /// No device is pending any more.
+    pub settled: bool,
+    pub devices: Vec<EnrollmentView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollmentView {
+    pub device_id: DeviceId,
+    pub model: String,
+    pub instruction_id: InstructionId,
+    /// When the device took its use-start instruction.
+    pub taken_at: Option<UnixMillis>,
+    #[serde(flatten)]
+    pub state: EnrollmentState,
+    pub refusals: Vec<RefusedRegistration>,
+}
+
+/// `POST /v1/devices/{id}/instructions`: an instruction for the device maker's own handling.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstruction {
+    pub name: String,
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// How long the device may take to take it (default 7 days).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// An instruction in a device's mailbox (registration codes blanked).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstructionView {
+    pub instruction_id: InstructionId,
+    pub device_id: DeviceId,
+    pub body: InstructionBody,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+    pub taken_at: Option<UnixMillis>,
+    pub state: InstructionState,
+}
+
+impl InstructionView {
+    pub fn new(r: &InstructionRecord, now: UnixMillis) -> InstructionView {
+        InstructionView {
+            instruction_id: r.instruction_id.clone(),
+            device_id: r.device_id.clone(),
+            body: r.body.redacted(),
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            taken_at: r.taken_at,
+            state: r.state(now),
         }
     }
 }

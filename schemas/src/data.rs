@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::feed::FeedEntry;
 use crate::job::{JobState, JobUpdate};
 use crate::outbox::{OutboxItem, RequestNo};
+use crate::services::InstructionOffer;
 use crate::settings::SettingsReport;
-use crate::{DeviceId, FeedSeq, JobId, OwnerId, RequestId, Secret, UnixMillis};
+use crate::{DeviceId, FeedSeq, InstructionId, JobId, OwnerId, RequestId, Secret, UnixMillis};
 
 /// WebSocket close code: the frame could not be decoded.
 pub const CLOSE_BAD_FRAME: u16 = 4400;
@@ -118,6 +119,12 @@ pub enum Request {
     /// The settings the device uses now: sent when they changed (a new revision applied, or
     /// another endpoint in use after a fallback).
     ReportSettings { report: SettingsReport },
+    /// Takes an instruction from the mailbox (the cloud notes when). Refused with
+    /// [`ErrorCode::Expired`] after its expiry: the device must not act on it then.
+    TakeInstruction { instruction_id: InstructionId },
+    /// Calls a service's registration URL with the one-time code of a use-start instruction.
+    /// Calling again with the same code after it succeeded answers the same.
+    RegisterService { url: String, code: Secret },
 }
 
 /// Why a device asks its owner to confirm.
@@ -210,6 +217,11 @@ pub enum Response {
     },
     OwnerConfirmed,
     SettingsRecorded {
+        at: UnixMillis,
+    },
+    Instruction(InstructionOffer),
+    ServiceRegistered {
+        service_id: String,
         at: UnixMillis,
     },
 }
@@ -324,6 +336,10 @@ pub enum ErrorCode {
     DeviceInvalidated,
     /// The owner has not yet confirmed after a reset or relocation; try again later.
     OwnerCheckPending,
+    /// Too late: the instruction (or registration code) has expired.
+    Expired,
+    /// The registration code is wrong, already used, or issued to another device.
+    RegistrationCodeInvalid,
     #[serde(other)]
     Unknown,
 }
@@ -351,6 +367,8 @@ impl ErrorCode {
             ErrorCode::RegistrationIncomplete => "registration_incomplete",
             ErrorCode::DeviceInvalidated => "device_invalidated",
             ErrorCode::OwnerCheckPending => "owner_check_pending",
+            ErrorCode::Expired => "expired",
+            ErrorCode::RegistrationCodeInvalid => "registration_code_invalid",
             ErrorCode::Unknown => "unknown",
         }
     }

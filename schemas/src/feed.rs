@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::settings::DeviceSettings;
-use crate::{FeedSeq, JobId, UnixMillis};
+use crate::{FeedSeq, InstructionId, JobId, UnixMillis};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeedEntry {
@@ -27,6 +27,12 @@ pub enum FeedBody {
     Settings {
         revision: u64,
         settings: DeviceSettings,
+    },
+    /// An instruction waits in the mailbox; the device takes it with
+    /// [`crate::data::Request::TakeInstruction`] (unless it has expired).
+    Instruction {
+        instruction_id: InstructionId,
+        expires_at: UnixMillis,
     },
     /// An entry kind this version does not know; the device acknowledges and skips it.
     #[serde(other)]

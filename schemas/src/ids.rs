@@ -114,6 +114,15 @@ prefixed_id!(
     CompanionId, "cmp-", "companion id"
 );
 
+prefixed_id!(
+    /// A customer's application for a service, covering some of its devices.
+    ApplicationId, "app-", "application id"
+);
+prefixed_id!(
+    /// An instruction in a device's mailbox.
+    InstructionId, "ins-", "instruction id"
+);
+
 /// Position in a device's feed. The first entry has sequence 1; 0 means "nothing yet".
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,

@@ -9,6 +9,7 @@
 //! - [`feed`], [`job`]: feed entries and the job lifecycle shared by the cloud and the device.
 //! - [`outbox`]: requests a device makes on its own, delivered in order from a durable outbox.
 //! - [`records`]: what the cloud bridge stores on disk.
+//! - [`services`]: services customers apply for, the instruction mailbox, enrollment codes.
 //! - [`settings`]: server settings (endpoints) given to a device from outside, and its report.
 //! - [`ops`]: fleet events for operations (JSON, so any MQTT client can read them).
 //! - [`api`]: the admin HTTP API's JSON bodies.
@@ -24,12 +25,14 @@ pub mod job;
 pub mod ops;
 pub mod outbox;
 pub mod records;
+pub mod services;
 pub mod settings;
 pub mod topics;
 
 pub use codec::{DecodeError, EncodeError, decode, encode};
 pub use ids::{
-    CompanionId, DeviceId, FeedSeq, IdError, JobId, OwnerId, RequestId, Secret, UnixMillis,
+    ApplicationId, CompanionId, DeviceId, FeedSeq, IdError, InstructionId, JobId, OwnerId,
+    RequestId, Secret, UnixMillis,
 };
 
 /// Version of the data-channel protocol, checked in the hello.

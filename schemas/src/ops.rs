@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::DeviceStatus;
 use crate::job::JobState;
 use crate::outbox::RequestNo;
-use crate::{DeviceId, JobId, UnixMillis, topics};
+use crate::{ApplicationId, DeviceId, JobId, UnixMillis, topics};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -83,6 +83,23 @@ pub enum OpsEvent {
         mqtt_in_use: Option<String>,
         at: UnixMillis,
     },
+    /// A device registered for a service with its code (for the service provider and the
+    /// customer's administrator).
+    ServiceRegistered {
+        application_id: ApplicationId,
+        service_id: String,
+        device_id: DeviceId,
+        at: UnixMillis,
+    },
+    /// No device of the application is pending any more.
+    ApplicationSettled {
+        application_id: ApplicationId,
+        service_id: String,
+        customer: String,
+        registered: u32,
+        failed: u32,
+        at: UnixMillis,
+    },
     JobTransition {
         device_id: DeviceId,
         job_id: JobId,
@@ -116,6 +133,12 @@ impl OpsEvent {
             }
             OpsEvent::DeviceRequest { device_id, .. } => topics::ops_device(device_id, "request"),
             OpsEvent::DeviceSettings { device_id, .. } => topics::ops_device(device_id, "settings"),
+            OpsEvent::ServiceRegistered { application_id, .. } => {
+                topics::ops_application(application_id, "registered")
+            }
+            OpsEvent::ApplicationSettled { application_id, .. } => {
+                topics::ops_application(application_id, "settled")
+            }
             OpsEvent::JobTransition { device_id, to, .. } => {
                 topics::ops_job(device_id, to.as_str())
             }

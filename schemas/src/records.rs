@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::DeviceStatus;
 use crate::job::{JobState, Transition};
 use crate::outbox::{DeviceRequest, RequestNo};
+use crate::services::ServiceUse;
 use crate::settings::{ReportedSettings, SettingsRecord};
 use crate::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, UnixMillis};
 
@@ -56,6 +57,9 @@ pub struct DeviceRecord {
     /// What the device last reported it uses.
     #[serde(default)]
     pub settings_reported: Option<ReportedSettings>,
+    /// Services the device is permitted to use (registered with a valid code).
+    #[serde(default)]
+    pub services: Vec<ServiceUse>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@
 //! - `fleet/events/devices/{device_id}/{event}` and `fleet/events/jobs/{device_id}/{state}`:
 //!   ops events as JSON.
 
-use crate::DeviceId;
+use crate::{ApplicationId, DeviceId};
 
 /// Filter matching every device's notification topic (used to give them small broker segments).
 pub const NOTIFY_FILTER: &str = "devices/+/notify";
@@ -32,6 +32,10 @@ pub fn parse_presence(topic: &str) -> Option<DeviceId> {
 
 pub fn ops_device(device: &DeviceId, event: &str) -> String {
     format!("fleet/events/devices/{device}/{event}")
+}
+
+pub fn ops_application(application: &ApplicationId, event: &str) -> String {
+    format!("fleet/events/applications/{application}/{event}")
 }
 
 pub fn ops_job(device: &DeviceId, state: &str) -> String {

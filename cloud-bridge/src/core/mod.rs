@@ -28,6 +28,7 @@ use schemas::ops::OpsEvent;
 use schemas::records::{
     CompanionRecord, DeviceRecord, EnrollmentRecord, JobRecord, OwnerBinding, OwnerRecord,
 };
+use schemas::services::{InstructionRecord, ServiceRecord};
 use schemas::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis};
 use sha2::{Digest, Sha256};
 
@@ -36,10 +37,12 @@ use crate::store::{Batch, Committer, StoreError, Ticket};
 mod owner;
 mod principals;
 mod requests;
+mod services;
 mod settings;
 
 pub use owner::OwnerVerdict;
 pub use principals::Principal;
+pub use services::ServiceRegistration;
 
 /// Why a domain operation was refused. Each maps to a stable [`ErrorCode`].
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +178,7 @@ pub struct Core {
     companions: HashMap<CompanionId, CompanionRecord>,
     /// SHA-256 of an owner's or companion's API token → who it is.
     tokens: HashMap<String, Principal>,
+    svc: services::ServiceIndex,
 }
 
 impl Core {
@@ -195,7 +199,19 @@ impl Core {
             owners: HashMap::new(),
             companions: HashMap::new(),
             tokens: HashMap::new(),
+            svc: services::ServiceIndex::default(),
         };
+        for (k, v) in store.scan_prefix(b"s/")? {
+            let s: ServiceRecord = decode(&k, &v)?;
+            core.svc.services.insert(s.service_id.clone(), s);
+        }
+        for (k, v) in store.scan_prefix(b"a/")? {
+            core.svc.add_application(decode(&k, &v)?);
+        }
+        for (k, v) in store.scan_prefix(b"i/")? {
+            let i: InstructionRecord = decode(&k, &v)?;
+            core.svc.instructions.insert(i.instruction_id.clone(), i);
+        }
         for (k, v) in store.scan_prefix(b"o/")? {
             let o: OwnerRecord = decode(&k, &v)?;
             core.tokens
@@ -405,6 +421,7 @@ impl Core {
             invalidated: None,
             settings: None,
             settings_reported: None,
+            services: Vec::new(),
         };
         let mut enrollment = enrollment;
         enrollment.uses_left -= 1;

@@ -663,5 +663,22 @@ fn log_event(event: &AgentEvent) {
         }
         AgentEvent::RequestDelivered { no, kind } => tracing::info!(%no, kind, "request delivered"),
         AgentEvent::RequestRefused { no, error } => tracing::warn!(%no, %error, "request refused"),
+        AgentEvent::InstructionTaken {
+            instruction_id,
+            kind,
+        } => tracing::info!(%instruction_id, kind, "instruction taken"),
+        AgentEvent::InstructionSkipped {
+            instruction_id,
+            error,
+        } => tracing::warn!(%instruction_id, %error, "instruction skipped"),
+        AgentEvent::CustomInstruction { name, params, .. } => {
+            tracing::info!(name, ?params, "instruction for the device")
+        }
+        AgentEvent::ServiceRegistered { service_id } => {
+            tracing::info!(service_id, "registered for service")
+        }
+        AgentEvent::ServiceRefused { service_id, error } => {
+            tracing::warn!(service_id, %error, "service registration refused")
+        }
     }
 }
