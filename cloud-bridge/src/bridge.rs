@@ -106,6 +106,11 @@ impl Bridge {
         &self.inner.committer
     }
 
+    /// The regular poll devices are asked to keep.
+    pub fn poll_interval_secs(&self) -> u32 {
+        self.core().policy().poll_interval_secs
+    }
+
     pub fn broker_mode(&self) -> &str {
         &self.inner.broker_mode
     }

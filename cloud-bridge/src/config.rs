@@ -55,6 +55,9 @@ default_max_attempts = 3
 # After a reset or relocation the owner must confirm at the panel within this time, or the
 # device id is invalidated.
 owner_check_window_secs = 600
+# The regular poll devices are asked to keep (each adds jitter): how late, at worst, a device
+# whose notifications were all lost reads its mailbox.
+poll_interval_secs = 86400
 
 [data_channel]
 hello_timeout_ms = 5000
@@ -178,12 +181,14 @@ impl Default for Jobs {
 #[serde(default, deny_unknown_fields)]
 pub struct Devices {
     pub owner_check_window_secs: u64,
+    pub poll_interval_secs: u32,
 }
 
 impl Default for Devices {
     fn default() -> Self {
         Devices {
             owner_check_window_secs: 600,
+            poll_interval_secs: 86400,
         }
     }
 }
@@ -242,6 +247,9 @@ impl Config {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.devices.poll_interval_secs == 0 {
+            return bad("devices.poll_interval_secs must be at least 1");
+        }
         if self.devices.owner_check_window_secs == 0 {
             return bad("devices.owner_check_window_secs must be at least 1");
         }
@@ -302,6 +310,7 @@ impl Config {
     pub fn job_policy(&self) -> JobPolicy {
         JobPolicy {
             owner_check_ms: self.devices.owner_check_window_secs.saturating_mul(1000),
+            poll_interval_secs: self.devices.poll_interval_secs,
             lease_ms: self.jobs.lease_secs.saturating_mul(1000),
             default_ttl_ms: self.jobs.default_ttl_secs.saturating_mul(1000),
             default_max_attempts: self.jobs.default_max_attempts,

@@ -328,6 +328,7 @@ impl Connection {
             newest,
             acked,
             server_time: UnixMillis::now(),
+            poll_interval_secs: Some(self.bridge.poll_interval_secs()),
         });
         self.send(ws, &welcome)
             .await

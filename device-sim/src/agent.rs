@@ -73,8 +73,10 @@ pub struct AgentConfig {
     /// How long one long-poll waits while MQTT is down. Zero: never long-poll (poll-only
     /// devices then sync every `poll_interval` and close the data channel in between).
     pub long_poll: Duration,
-    /// Regular poll, even while MQTT is up (catches anything a lost hint would have said).
-    pub poll_interval: Duration,
+    /// Regular poll, even while MQTT is up (catches anything a lost hint would have said; reads
+    /// the mailbox). `None`: the schedule the cloud gives (kept on disk; a day until it has
+    /// said). Counted from the last sync, with jitter.
+    pub poll_interval: Option<Duration>,
     /// Longest wait between attempts when the data channel cannot be reached.
     pub slow_poll: Duration,
     /// Close an unused data channel after this long while MQTT is up.
@@ -116,7 +118,7 @@ impl AgentConfig {
             info,
             owner: None,
             long_poll: Duration::from_secs(25),
-            poll_interval: Duration::from_secs(15 * 60),
+            poll_interval: None,
             slow_poll: Duration::from_secs(60),
             data_idle_close: Duration::from_secs(30),
             mqtt_grace: Duration::from_secs(10),
@@ -593,16 +595,15 @@ impl Agent {
         let mut retry_at: Option<Instant> = None;
         let mut long_poll: Option<LongPoll> = None;
         let mut data_probe: Option<DataProbe> = None;
-        let mut poll_timer = tokio::time::interval_at(
-            Instant::now() + jitter(self.config.poll_interval),
-            self.config.poll_interval,
-        );
+        let mut next_poll = Instant::now() + jitter(self.poll_every());
         loop {
             if want_sync && retry_at.is_none() {
                 match self.work().await {
                     Ok(()) => {
                         want_sync = false;
                         self.backoff.reset();
+                        // The regular poll counts from the last sync.
+                        next_poll = Instant::now() + jitter(self.poll_every());
                     }
                     Err(WorkError::State(e)) => return Err(e.into()),
                     Err(WorkError::Session(e))
@@ -772,7 +773,10 @@ impl Agent {
                     retry_at = None;
                     want_sync = true;
                 }
-                _ = poll_timer.tick() => want_sync = true,
+                _ = tokio::time::sleep_until(next_poll) => {
+                    want_sync = true;
+                    next_poll = Instant::now() + jitter(self.poll_every());
+                }
                 _ = async { tokio::time::sleep_until(mqtt_grace.expect("guarded")).await }, if mqtt_grace.is_some() => {
                     // MQTT did not come up in time: work over the data channel (long-poll).
                     mqtt_grace = None;
@@ -796,7 +800,7 @@ impl Agent {
                             self.drop_session(format!("moving to {endpoint}"));
                             let rank = self.endpoints().data.iter().position(|e| *e == endpoint).unwrap_or(0);
                             self.data_connected(&endpoint, rank);
-                            self.skew_ms = welcome.server_time.0 as i64 - UnixMillis::now().0 as i64;
+                            self.on_welcome(&welcome);
                             self.session = Some(session);
                             self.last_activity = Instant::now();
                             self.emit_data_up();
@@ -975,7 +979,7 @@ impl Agent {
             });
             match self.connect_data(auth).await {
                 Ok((session, welcome)) => {
-                    let Some(secret) = welcome.credentials else {
+                    let Some(secret) = welcome.credentials.clone() else {
                         return Err(AgentError::Registration(ErrorBody::new(
                             ErrorCode::Internal,
                             "welcome carried no credentials",
@@ -987,7 +991,7 @@ impl Agent {
                     };
                     self.state.credentials = Some(credentials.clone());
                     self.save()?;
-                    self.skew_ms = welcome.server_time.0 as i64 - UnixMillis::now().0 as i64;
+                    self.on_welcome(&welcome);
                     self.session = Some(session);
                     tracing::info!(device = %welcome.device_id, "registered");
                     // Known before any event says the device exists.
@@ -1030,10 +1034,28 @@ impl Agent {
             secret: credentials.secret,
         };
         let (session, welcome) = self.connect_data(auth).await?;
-        self.skew_ms = welcome.server_time.0 as i64 - UnixMillis::now().0 as i64;
+        self.on_welcome(&welcome);
         self.session = Some(session.clone());
         self.emit_data_up();
         Ok(session)
+    }
+
+    /// Notes what every welcome says: the server's clock and the poll schedule it asks for
+    /// (saved with the next change of state).
+    fn on_welcome(&mut self, welcome: &Welcome) {
+        self.skew_ms = welcome.server_time.0 as i64 - UnixMillis::now().0 as i64;
+        if welcome.poll_interval_secs.is_some() {
+            self.state.poll_interval_secs = welcome.poll_interval_secs;
+        }
+    }
+
+    /// The regular poll: the configured one, else the cloud's, else a day.
+    fn poll_every(&self) -> Duration {
+        self.config.poll_interval.unwrap_or_else(|| {
+            Duration::from_secs(u64::from(
+                self.state.poll_interval_secs.unwrap_or(24 * 3600),
+            ))
+        })
     }
 
     fn emit_data_up(&self) {

@@ -47,6 +47,9 @@ pub struct AgentState {
     /// configuration).
     #[serde(default)]
     pub settings: Option<AppliedSettings>,
+    /// The regular poll the cloud asked for, in seconds.
+    #[serde(default)]
+    pub poll_interval_secs: Option<u32>,
 }
 
 impl Default for AgentState {
@@ -63,6 +66,7 @@ impl Default for AgentState {
             owner_check: None,
             hinted: None,
             settings: None,
+            poll_interval_secs: None,
         }
     }
 }

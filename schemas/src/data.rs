@@ -181,6 +181,10 @@ pub struct Welcome {
     pub newest: FeedSeq,
     pub acked: FeedSeq,
     pub server_time: UnixMillis,
+    /// The regular poll the cloud asks for, in seconds (the device adds jitter). Devices keep
+    /// it; `None` from older servers.
+    #[serde(default)]
+    pub poll_interval_secs: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -52,7 +52,7 @@ async fn device_killed_after_hint_fetches_after_restart() {
     dead_broker.cut();
     config.endpoints.mqtt = vec![dead_broker.addr.to_string()];
     config.mqtt_grace = Duration::from_secs(120);
-    config.poll_interval = Duration::from_secs(3600);
+    config.poll_interval = Some(Duration::from_secs(3600));
     let agent = device_sim::start(config, Device::simulated(), store);
     let mut events = agent.subscribe();
     wait_for_event(&mut events, Duration::from_secs(20), |e| match e {

@@ -392,3 +392,46 @@ async fn an_instruction_not_taken_before_it_expires_is_never_acted_on() {
     assert!(admin.device(&id).await.unwrap().services.is_empty());
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_without_notifications_reads_its_mailbox_on_the_clouds_regular_poll() {
+    let bridge = InProcessBridge::start_with(|c| c.devices.poll_interval_secs = 1).await;
+    let ep = &bridge.endpoints;
+    let admin = ep.client();
+    let token = ep.enrollment_token(1).await;
+    let mut config = ep.agent_config(&token, "SN-POLLER");
+    // No broker, no long-poll, no poll interval of its own: only the cloud's schedule.
+    config.endpoints.mqtt.clear();
+    config.long_poll = Duration::ZERO;
+    config.poll_interval = None;
+    let store = device_sim::MemoryStateStore::default();
+    let agent = device_sim::start(config, Device::simulated(), store.clone());
+    let mut events = agent.subscribe();
+    let id = wait_for_event(&mut events, SOON, |e| match e {
+        AgentEvent::Registered(id) => Some(id.clone()),
+        _ => None,
+    })
+    .await;
+    let created = admin
+        .create_instruction(
+            &id,
+            &CreateInstruction {
+                name: "ping".into(),
+                ..CreateInstruction::default()
+            },
+        )
+        .await
+        .unwrap();
+    // Jitter keeps each poll between half and all of the second.
+    wait_for_event(&mut events, Duration::from_secs(5), |e| match e {
+        AgentEvent::CustomInstruction { instruction_id, .. }
+            if *instruction_id == created.instruction_id =>
+        {
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(store.snapshot().unwrap().poll_interval_secs, Some(1));
+    agent.stop().await.unwrap();
+}

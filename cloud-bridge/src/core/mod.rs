@@ -80,6 +80,8 @@ pub type CoreResult<T> = Result<T, CoreError>;
 pub struct JobPolicy {
     /// How long an owner has to confirm after a device's reset or relocation.
     pub owner_check_ms: u64,
+    /// The regular poll devices are asked to keep (their mailbox is read at least this often).
+    pub poll_interval_secs: u32,
     pub lease_ms: u64,
     pub default_ttl_ms: u64,
     pub default_max_attempts: u32,
@@ -90,6 +92,7 @@ impl Default for JobPolicy {
     fn default() -> Self {
         JobPolicy {
             owner_check_ms: 10 * 60_000,
+            poll_interval_secs: 24 * 3600,
             lease_ms: 60_000,
             default_ttl_ms: 24 * 3600 * 1000,
             default_max_attempts: 3,
@@ -1133,6 +1136,7 @@ pub(crate) mod tests {
             committer,
             JobPolicy {
                 owner_check_ms: 5000,
+                poll_interval_secs: 3600,
                 lease_ms: 1000,
                 default_ttl_ms: 10_000,
                 default_max_attempts: 2,

@@ -68,9 +68,9 @@ struct Common {
     /// Long-poll wait while MQTT is down.
     #[arg(long, default_value = "25s", value_parser = parse_duration)]
     long_poll: Duration,
-    /// Regular poll interval.
-    #[arg(long, default_value = "15m", value_parser = parse_duration)]
-    poll_interval: Duration,
+    /// Regular poll interval (default: the cloud's schedule, a day unless configured there).
+    #[arg(long, value_parser = parse_duration)]
+    poll_interval: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]

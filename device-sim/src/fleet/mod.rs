@@ -311,7 +311,7 @@ fn agent_config(
     config.slow_poll = Duration::from_secs(30);
     config.data_idle_close = cfg.data_idle_close;
     if mqtt.is_none() {
-        config.poll_interval = cfg.poll_interval;
+        config.poll_interval = Some(cfg.poll_interval);
         config.long_poll = Duration::ZERO;
     }
     config
