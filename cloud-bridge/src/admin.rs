@@ -34,6 +34,7 @@
 //! | `GET /v1/customers/{customer}/candidates?service=ID` | devices a service can be applied for |
 //! | `POST /v1/customers/{customer}/applications` | apply for a service (all, some models, some devices) |
 //! | `GET /v1/applications/{id}` | an application's progress, device by device |
+//! | `POST /v1/customers/{customer}/poll-now` | make devices poll now: hints, or a tree over their LAN |
 //! | `POST /v1/jobs/{id}/cancel` | cancel a job |
 //!
 //! Errors are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
@@ -50,8 +51,8 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use schemas::api::{
     ApiError, ApplyForService, CancelJob, CandidatesQuery, CreateCompanion, CreateEnrollmentToken,
-    CreateInstruction, CreateOwner, CreateService, Health, PutSettings, RequestsQuery, SubmitJob,
-    UpdateService,
+    CreateInstruction, CreateOwner, CreateService, Health, PollNow, PutSettings, RequestsQuery,
+    SubmitJob, UpdateService,
 };
 use schemas::data::ErrorCode;
 use schemas::{ApplicationId, CompanionId, DeviceId, JobId, OwnerId, Secret};
@@ -97,6 +98,7 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
             post(apply_for_service),
         )
         .route("/v1/applications/:id", get(get_application))
+        .route("/v1/customers/:customer/poll-now", post(poll_now))
         .route_layer(middleware::from_fn(require_admin));
     let shared = Router::new()
         .route("/v1/devices/:id/jobs", post(submit_job))
@@ -478,6 +480,14 @@ async fn apply_for_service(
 ) -> ApiResult<impl IntoResponse> {
     let view = state.bridge.apply_for_service(&customer, req).await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn poll_now(
+    State(state): State<AppState>,
+    Path(customer): Path<String>,
+    Body(req): Body<PollNow>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.poll_now(&customer, req).await?))
 }
 
 async fn get_application(

@@ -13,8 +13,8 @@ use std::time::Duration;
 use schemas::api::{
     ApplicationView, ApplyForService, CompanionCreated, CompanionView, CreateCompanion,
     CreateEnrollmentToken, CreateInstruction, CreateOwner, CreateService, CustomerView, DeviceView,
-    EnrollmentTokenCreated, InstructionView, JobView, OwnerCreated, SettingsView, SubmitJob,
-    UpdateService,
+    EnrollmentTokenCreated, InstructionView, JobView, OwnerCreated, PollNow, PollNowPlan,
+    SettingsView, SubmitJob, UpdateService,
 };
 use schemas::data::{
     ErrorCode, MAX_SYNC_ENTRIES, MAX_SYNC_WAIT_MS, Registration, Request, Response,
@@ -394,6 +394,27 @@ impl Bridge {
     pub async fn instructions(&self, device: &DeviceId) -> CoreResult<Vec<InstructionView>> {
         self.read(|c| c.instructions(device, UnixMillis::now()))
             .await
+    }
+
+    /// Makes a customer's devices poll now: by hints, or through a tree on their LAN whose
+    /// root gets it in its mailbox.
+    pub async fn poll_now(&self, customer: &str, req: PollNow) -> CoreResult<PollNowPlan> {
+        let nudge_id: String = rand::random::<[u8; 16]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let instruction = InstructionId::from_random(rand::random());
+        let (plan, ticket, effects) =
+            self.core()
+                .poll_now(customer, req, nudge_id, instruction, UnixMillis::now())?;
+        self.finish(ticket, effects).await?;
+        for device in &plan.hinted {
+            let newest = self.core().device(device).map(|d| d.newest);
+            if let Ok(newest) = newest {
+                self.inner.notifier.hint(device, HintKind::PollNow, newest);
+            }
+        }
+        Ok(plan)
     }
 
     // ---------------------------------------------------------------- owners and companions

@@ -16,7 +16,7 @@ use schemas::api::{
 };
 use schemas::api::{
     ApplicationView, ApplyForService, CreateInstruction, CreateService, CustomerView,
-    InstructionView,
+    InstructionView, PollNow, PollNowPlan,
 };
 use schemas::records::DeviceRequestRecord;
 use schemas::services::ServiceRecord;
@@ -260,6 +260,15 @@ impl AdminClient {
         req: &ApplyForService,
     ) -> Result<ApplicationView, ClientError> {
         let path = format!("/v1/customers/{}/applications", encode_path(customer));
+        Ok(self.call(Method::POST, &path, Some(req)).await?.1)
+    }
+
+    pub async fn poll_now(
+        &self,
+        customer: &str,
+        req: &PollNow,
+    ) -> Result<PollNowPlan, ClientError> {
+        let path = format!("/v1/customers/{}/poll-now", encode_path(customer));
         Ok(self.call(Method::POST, &path, Some(req)).await?.1)
     }
 

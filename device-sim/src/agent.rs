@@ -19,6 +19,7 @@
 //! job found in that list is never run again; an unreported outcome is reported again instead
 //! (taking the job again first if its lease was lost meanwhile).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +43,7 @@ use tracing::Instrument;
 
 use crate::backoff::{Backoff, jitter};
 use crate::executor::{JobExecutor, JobOutcome};
+use crate::lan::{self, NudgeCheck};
 use crate::mqtt::{self, LinkEvent, MqttSettings};
 use crate::outbox::{self, OutboxFull, Submitted};
 use crate::session::{DataSession, SessionError, SessionSettings};
@@ -65,6 +67,9 @@ pub struct AgentConfig {
     /// While a channel works through any endpoint but its best, how often to try the better
     /// ones again (in the background; the channel moves over when one answers).
     pub probe_interval: Duration,
+    /// Where to accept poll-now nudges on the LAN (`None`: nowhere). The address it listens on
+    /// is reported to the cloud, which plans nudge trees through it.
+    pub lan_listen: Option<std::net::SocketAddr>,
     /// Needed only until the device has registered.
     pub enrollment_token: Option<Secret>,
     pub info: DeviceInfo,
@@ -114,6 +119,7 @@ impl AgentConfig {
                 mqtt: mqtt.into_iter().collect(),
             },
             probe_interval: Duration::from_secs(60),
+            lan_listen: None,
             enrollment_token: None,
             info,
             owner: None,
@@ -219,6 +225,16 @@ pub enum AgentEvent {
     ServiceRefused {
         service_id: String,
         error: ErrorBody,
+    },
+    /// A poll-now nudge was accepted (on the LAN or from the mailbox); the device polls after
+    /// `delay_ms` and has passed it on to the devices below it.
+    NudgeAccepted {
+        nudge_id: String,
+        delay_ms: u64,
+    },
+    /// A nudge was refused (bad token, expired, another device's, replayed).
+    NudgeRefused {
+        reason: String,
     },
     /// The cloud refused a request from the outbox; it is not sent again.
     RequestRefused {
@@ -448,6 +464,10 @@ pub fn start(
         mqtt_endpoint: None,
         last_report: None,
         relink: false,
+        lan_endpoint: None,
+        nudges: None,
+        poll_at: None,
+        skew: Arc::new(AtomicI64::new(0)),
     };
     let task = tokio::spawn(agent.run(commands_rx, shutdown.clone()));
     AgentHandle {
@@ -487,6 +507,14 @@ struct Agent {
     last_report: Option<SettingsReport>,
     /// New settings were applied: restart the links with them after this round.
     relink: bool,
+    /// Where the LAN endpoint listens.
+    lan_endpoint: Option<String>,
+    /// Checks nudges for this identity.
+    nudges: Option<Arc<NudgeCheck>>,
+    /// An accepted nudge asks for a poll at this time.
+    poll_at: Option<Instant>,
+    /// `skew_ms`, for the LAN endpoint's task.
+    skew: Arc<AtomicI64>,
 }
 
 /// Why a round of work stopped early.
@@ -579,6 +607,22 @@ impl Agent {
         shutdown: CancellationToken,
     ) -> Result<Exit, AgentError> {
         let mut mqtt = self.start_mqtt(&credentials, &shutdown);
+        let check = Arc::new(NudgeCheck::new(
+            credentials.device_id.clone(),
+            &credentials.secret,
+        ));
+        self.nudges = Some(check.clone());
+        let (nudge_tx, mut nudges) = mpsc::channel::<lan::Accepted>(16);
+        let (refused_tx, mut refused) = mpsc::channel::<String>(16);
+        let lan_stop = shutdown.child_token();
+        let _lan_guard = lan_stop.clone().drop_guard();
+        if let Some(addr) = self.config.lan_listen {
+            match lan::listen(addr, check, self.skew.clone(), nudge_tx, refused_tx, lan_stop).await
+            {
+                Ok(local) => self.lan_endpoint = Some(local.to_string()),
+                Err(e) => tracing::warn!(%addr, error = %e, "cannot listen for LAN nudges"),
+            }
+        }
 
         // With a notification channel, a (re)started device does not poll: the cloud pushes on
         // connect when it holds work. That keeps a fleet-wide reconnect off the data channel.
@@ -773,6 +817,12 @@ impl Agent {
                     retry_at = None;
                     want_sync = true;
                 }
+                Some(accepted) = nudges.recv() => self.nudged(accepted),
+                Some(reason) = refused.recv() => self.emit(AgentEvent::NudgeRefused { reason }),
+                _ = async { tokio::time::sleep_until(self.poll_at.expect("guarded")).await }, if self.poll_at.is_some() => {
+                    self.poll_at = None;
+                    want_sync = true;
+                }
                 _ = tokio::time::sleep_until(next_poll) => {
                     want_sync = true;
                     next_poll = Instant::now() + jitter(self.poll_every());
@@ -819,6 +869,16 @@ impl Agent {
             session.close();
         }
         Ok(Exit::Stopped)
+    }
+
+    /// A nudge was accepted: poll after its delay (the earliest asked for wins).
+    fn nudged(&mut self, accepted: lan::Accepted) {
+        let at = Instant::now() + accepted.delay;
+        self.poll_at = Some(self.poll_at.map_or(at, |p| p.min(at)));
+        self.emit(AgentEvent::NudgeAccepted {
+            nudge_id: accepted.nudge_id,
+            delay_ms: u64::try_from(accepted.delay.as_millis()).unwrap_or(u64::MAX),
+        });
     }
 
     /// Starts the notification link on the current brokers; `None` without any.
@@ -889,6 +949,7 @@ impl Agent {
             endpoints: self.endpoints(),
             data_in_use: self.data_endpoint.clone(),
             mqtt_in_use: self.mqtt_endpoint.clone(),
+            lan_endpoint: self.lan_endpoint.clone(),
         }
     }
 
@@ -1044,6 +1105,7 @@ impl Agent {
     /// (saved with the next change of state).
     fn on_welcome(&mut self, welcome: &Welcome) {
         self.skew_ms = welcome.server_time.0 as i64 - UnixMillis::now().0 as i64;
+        self.skew.store(self.skew_ms, Ordering::Relaxed);
         if welcome.poll_interval_secs.is_some() {
             self.state.poll_interval_secs = welcome.poll_interval_secs;
         }
@@ -1382,6 +1444,20 @@ impl Agent {
                         self.emit(AgentEvent::ServiceRefused { service_id, error });
                     }
                     Err(e) => return Err(e.into()),
+                }
+            }
+            InstructionBody::RelayNudge { nudge } => {
+                let now = UnixMillis((UnixMillis::now().0 as i64 + self.skew_ms).max(0) as u64);
+                let verdict = match &self.nudges {
+                    Some(check) => check.accept(&nudge, now),
+                    None => Err("no identity to check the nudge against".into()),
+                };
+                match verdict {
+                    Ok(accepted) => {
+                        lan::pass_on(&nudge);
+                        self.nudged(accepted);
+                    }
+                    Err(reason) => self.emit(AgentEvent::NudgeRefused { reason }),
                 }
             }
             InstructionBody::Custom { name, params } => {

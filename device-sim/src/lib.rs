@@ -4,6 +4,7 @@
 //!   link, the data channel, long-poll and slow-poll fallbacks, exactly-once job execution.
 //! - [`session`]: the data-channel client (a handle plus one task owning the WebSocket).
 //! - [`mqtt`]: the notification link (rumqttc).
+//! - [`lan`]: the LAN endpoint that accepts poll-now nudges and passes them on.
 //! - [`outbox`]: store-and-forward of the device's own requests, and the consent rules.
 //! - [`state`]: where the agent keeps its state (a file, or memory for large fleets).
 //! - [`executor`]: how a job is run; [`executor::SimulatedExecutor`] for the simulator.
@@ -18,6 +19,7 @@ pub mod backoff;
 pub mod executor;
 #[cfg(feature = "fleet")]
 pub mod fleet;
+pub mod lan;
 pub mod mqtt;
 pub mod outbox;
 pub mod session;

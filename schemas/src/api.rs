@@ -219,6 +219,61 @@ impl InstructionView {
     }
 }
 
+/// `POST /v1/customers/{customer}/poll-now`: make devices poll now.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollNow {
+    /// Default: every device of the customer in use.
+    #[serde(default)]
+    pub devices: Option<Vec<DeviceId>>,
+    /// `hint` (default): a poll-now hint to each device. `lan`: one device (`root`, default the
+    /// first with a LAN endpoint) gets the plan in its mailbox and passes it on over the LAN.
+    #[serde(default)]
+    pub via: PollNowVia,
+    #[serde(default)]
+    pub root: Option<DeviceId>,
+    /// Devices each device passes the nudge on to (default 3).
+    #[serde(default)]
+    pub fanout: Option<u8>,
+    /// The k-th device of the tree polls k × `stagger_ms` after receiving the nudge (default
+    /// 1000).
+    #[serde(default)]
+    pub stagger_ms: Option<u32>,
+    /// How long the nudge is valid (default 300 s).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PollNowVia {
+    #[default]
+    Hint,
+    Lan,
+}
+
+/// What a poll-now did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PollNowPlan {
+    pub nudge_id: String,
+    pub created_at: UnixMillis,
+    pub not_after: UnixMillis,
+    /// The device whose mailbox holds the tree (`via: lan`).
+    pub root: Option<DeviceId>,
+    /// Each device in the tree and how long after receiving the nudge it polls.
+    pub schedule: Vec<PlannedPoll>,
+    /// Devices told by a hint instead (`via: hint`, or no LAN endpoint known).
+    pub hinted: Vec<DeviceId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlannedPoll {
+    pub device_id: DeviceId,
+    pub delay_ms: u32,
+    /// Where it passes the nudge on to.
+    pub children: Vec<DeviceId>,
+}
+
 /// `PUT /v1/devices/{id}/settings`: replaces the device's server settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

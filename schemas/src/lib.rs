@@ -7,6 +7,7 @@
 //!   sequence number; never a payload, never a secret.
 //! - [`data`]: the WebSocket data channel's frames, error codes and close codes.
 //! - [`feed`], [`job`]: feed entries and the job lifecycle shared by the cloud and the device.
+//! - [`nudge`]: poll-now nudges passed on over the LAN as a tree, with tokens only the cloud makes.
 //! - [`outbox`]: requests a device makes on its own, delivered in order from a durable outbox.
 //! - [`records`]: what the cloud bridge stores on disk.
 //! - [`services`]: services customers apply for, the instruction mailbox, enrollment codes.
@@ -22,6 +23,7 @@ pub mod feed;
 pub mod hint;
 pub mod ids;
 pub mod job;
+pub mod nudge;
 pub mod ops;
 pub mod outbox;
 pub mod records;

@@ -73,6 +73,8 @@ pub enum InstructionBody {
         registration_url: String,
         registration_code: Secret,
     },
+    /// Pass a poll-now nudge on over the LAN: the device is the root of the tree.
+    RelayNudge { nudge: crate::nudge::Nudge },
     /// An instruction for the device maker's own handling (`name` and plain parameters).
     Custom {
         name: String,
@@ -87,6 +89,7 @@ impl InstructionBody {
     pub fn kind(&self) -> &'static str {
         match self {
             InstructionBody::UseStart { .. } => "use_start",
+            InstructionBody::RelayNudge { .. } => "relay_nudge",
             InstructionBody::Custom { .. } => "custom",
             InstructionBody::Unknown => "unknown",
         }

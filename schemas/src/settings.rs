@@ -158,6 +158,9 @@ pub struct SettingsReport {
     pub data_in_use: Option<String>,
     /// The broker the notification channel is connected to; `None`: not connected now.
     pub mqtt_in_use: Option<String>,
+    /// Where the device accepts poll-now nudges on its LAN (`host:port`), if it does.
+    #[serde(default)]
+    pub lan_endpoint: Option<String>,
 }
 
 /// Settings as the cloud holds them for a device (`PUT /v1/devices/{id}/settings`).

@@ -34,6 +34,7 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{Batch, Committer, StoreError, Ticket};
 
+mod nudge;
 mod owner;
 mod principals;
 mod requests;

@@ -353,7 +353,7 @@ impl Core {
 
     /// Puts an instruction in a device's mailbox: an `i/` record and a feed entry.
     #[allow(clippy::too_many_arguments)]
-    fn put_instruction(
+    pub(super) fn put_instruction(
         &mut self,
         batch: &mut Batch,
         effects: &mut Effects,

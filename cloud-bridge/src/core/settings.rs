@@ -95,6 +95,11 @@ impl Core {
                 format!("an endpoint in use is longer than {MAX_ENDPOINT_LEN} bytes"),
             ));
         }
+        if let Some(lan) = &report.lan_endpoint {
+            schemas::settings::parse_broker(lan).map_err(|e| {
+                CoreError::new(ErrorCode::BadRequest, format!("lan endpoint {lan:?}: {e}"))
+            })?;
+        }
         let device = self.active_device(device_id)?;
         let newest = device.settings.as_ref().map_or(0, |s| s.revision);
         if report.revision > newest {
@@ -157,6 +162,7 @@ mod tests {
             endpoints: s.endpoints.clone(),
             data_in_use: s.endpoints.data.first().cloned(),
             mqtt_in_use: None,
+            lan_endpoint: None,
         }
     }
 

@@ -68,6 +68,9 @@ struct Common {
     /// Long-poll wait while MQTT is down.
     #[arg(long, default_value = "25s", value_parser = parse_duration)]
     long_poll: Duration,
+    /// Accept poll-now nudges on the LAN at this address (e.g. 0.0.0.0:8883).
+    #[arg(long)]
+    lan_listen: Option<std::net::SocketAddr>,
     /// Regular poll interval (default: the cloud's schedule, a day unless configured there).
     #[arg(long, value_parser = parse_duration)]
     poll_interval: Option<Duration>,
@@ -413,6 +416,7 @@ fn config(common: &Common, serial: String) -> anyhow::Result<AgentConfig> {
     let mut config = AgentConfig::new(String::new(), None, info);
     config.endpoints = endpoints;
     config.probe_interval = common.probe_interval;
+    config.lan_listen = common.lan_listen;
     config.enrollment_token = common.enrollment_token.clone().map(Secret::new);
     config.long_poll = common.long_poll;
     config.poll_interval = common.poll_interval;
@@ -677,6 +681,10 @@ fn log_event(event: &AgentEvent) {
         AgentEvent::ServiceRegistered { service_id } => {
             tracing::info!(service_id, "registered for service")
         }
+        AgentEvent::NudgeAccepted { nudge_id, delay_ms } => {
+            tracing::info!(nudge_id, delay_ms, "poll-now nudge accepted and passed on")
+        }
+        AgentEvent::NudgeRefused { reason } => tracing::warn!(%reason, "nudge refused"),
         AgentEvent::ServiceRefused { service_id, error } => {
             tracing::warn!(service_id, %error, "service registration refused")
         }
