@@ -617,7 +617,15 @@ impl Agent {
         let lan_stop = shutdown.child_token();
         let _lan_guard = lan_stop.clone().drop_guard();
         if let Some(addr) = self.config.lan_listen {
-            match lan::listen(addr, check, self.skew.clone(), nudge_tx, refused_tx, lan_stop).await
+            match lan::listen(
+                addr,
+                check,
+                self.skew.clone(),
+                nudge_tx,
+                refused_tx,
+                lan_stop,
+            )
+            .await
             {
                 Ok(local) => self.lan_endpoint = Some(local.to_string()),
                 Err(e) => tracing::warn!(%addr, error = %e, "cannot listen for LAN nudges"),
