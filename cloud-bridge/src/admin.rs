@@ -35,6 +35,8 @@
 //! | `POST /v1/customers/{customer}/applications` | apply for a service (all, some models, some devices) |
 //! | `GET /v1/applications/{id}` | an application's progress, device by device |
 //! | `POST /v1/customers/{customer}/poll-now` | make devices poll now: hints, or a tree over their LAN |
+//! | `GET /v1/devices/{id}/contracts` | the device's support-service contracts |
+//! | `PUT`, `DELETE /v1/devices/{id}/contracts/{service}` | set (switching provider) or cancel a contract |
 //! | `POST /v1/jobs/{id}/cancel` | cancel a job |
 //!
 //! Errors are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
@@ -51,8 +53,8 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use schemas::api::{
     ApiError, ApplyForService, CancelJob, CandidatesQuery, CreateCompanion, CreateEnrollmentToken,
-    CreateInstruction, CreateOwner, CreateService, Health, PollNow, PutSettings, RequestsQuery,
-    SubmitJob, UpdateService,
+    CreateInstruction, CreateOwner, CreateService, Health, PollNow, PutContract, PutSettings,
+    RequestsQuery, SubmitJob, UpdateService,
 };
 use schemas::data::ErrorCode;
 use schemas::{ApplicationId, CompanionId, DeviceId, JobId, OwnerId, Secret};
@@ -99,6 +101,11 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
         )
         .route("/v1/applications/:id", get(get_application))
         .route("/v1/customers/:customer/poll-now", post(poll_now))
+        .route("/v1/devices/:id/contracts", get(list_contracts))
+        .route(
+            "/v1/devices/:id/contracts/:service",
+            put(put_contract).delete(cancel_contract),
+        )
         .route_layer(middleware::from_fn(require_admin));
     let shared = Router::new()
         .route("/v1/devices/:id/jobs", post(submit_job))
@@ -480,6 +487,38 @@ async fn apply_for_service(
 ) -> ApiResult<impl IntoResponse> {
     let view = state.bridge.apply_for_service(&customer, req).await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn list_contracts(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.contracts(&device_id(&id)?).await?))
+}
+
+async fn put_contract(
+    State(state): State<AppState>,
+    Path((id, service)): Path<(String, String)>,
+    Body(req): Body<PutContract>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        state
+            .bridge
+            .put_contract(&device_id(&id)?, &service, req)
+            .await?,
+    ))
+}
+
+async fn cancel_contract(
+    State(state): State<AppState>,
+    Path((id, service)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        state
+            .bridge
+            .cancel_contract(&device_id(&id)?, &service)
+            .await?,
+    ))
 }
 
 async fn poll_now(

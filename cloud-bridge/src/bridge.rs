@@ -14,7 +14,7 @@ use schemas::api::{
     ApplicationView, ApplyForService, CompanionCreated, CompanionView, CreateCompanion,
     CreateEnrollmentToken, CreateInstruction, CreateOwner, CreateService, CustomerView, DeviceView,
     EnrollmentTokenCreated, InstructionView, JobView, OwnerCreated, PollNow, PollNowPlan,
-    SettingsView, SubmitJob, UpdateService,
+    PutContract, SettingsView, SubmitJob, UpdateService,
 };
 use schemas::data::{
     ErrorCode, MAX_SYNC_ENTRIES, MAX_SYNC_WAIT_MS, Registration, Request, Response,
@@ -23,7 +23,7 @@ use schemas::hint::{HintKind, Presence};
 use schemas::ops::{Channel, OpsEvent};
 use schemas::outbox::RequestNo;
 use schemas::records::{DeviceRecord, DeviceRequestRecord};
-use schemas::services::{InstructionBody, ServiceRecord};
+use schemas::services::{ContractRecord, InstructionBody, ServiceRecord};
 use schemas::settings::DeviceSettings;
 use schemas::{
     ApplicationId, CompanionId, DeviceId, FeedSeq, InstructionId, JobId, OwnerId, Secret,
@@ -396,6 +396,41 @@ impl Bridge {
             .await
     }
 
+    /// Sets (or with an empty application id, clears) a device's contract for a support
+    /// service; another provider's contract of the same kind is canceled.
+    pub async fn put_contract(
+        &self,
+        device: &DeviceId,
+        service: &str,
+        req: PutContract,
+    ) -> CoreResult<Vec<ContractRecord>> {
+        let (list, ticket, effects) =
+            self.core()
+                .put_contract(device, service, req, UnixMillis::now())?;
+        self.finish(ticket, effects).await?;
+        Ok(list)
+    }
+
+    pub async fn cancel_contract(
+        &self,
+        device: &DeviceId,
+        service: &str,
+    ) -> CoreResult<Vec<ContractRecord>> {
+        let (list, ticket, effects) =
+            self.core()
+                .cancel_contract(device, service, UnixMillis::now())?;
+        self.finish(ticket, effects).await?;
+        Ok(list)
+    }
+
+    pub async fn contracts(&self, device: &DeviceId) -> CoreResult<Vec<ContractRecord>> {
+        self.read(|c| {
+            c.device(device)?;
+            Ok(c.device_contracts(device))
+        })
+        .await
+    }
+
     /// Makes a customer's devices poll now: by hints, or through a tree on their LAN whose
     /// root gets it in its mailbox.
     pub async fn poll_now(&self, customer: &str, req: PollNow) -> CoreResult<PollNowPlan> {
@@ -667,6 +702,24 @@ impl Bridge {
                     }
                     ServiceRegistration::Refused(e) => Err(e),
                 }
+            }
+            Request::Contracts => {
+                let (contracts, ticket) = {
+                    let core = self.core();
+                    (core.contract_info(device)?, core.read_ticket())
+                };
+                self.durable_read(ticket).await?;
+                Ok(Response::Contracts { contracts })
+            }
+            Request::ActivateService {
+                service_id,
+                application_id,
+            } => {
+                let (control, ticket, effects) =
+                    self.core()
+                        .activate_service(device, &service_id, &application_id, now)?;
+                self.finish(ticket, effects).await?;
+                Ok(Response::DeviceControl(control))
             }
             Request::ReportSettings { report } => {
                 let (ticket, effects) = self.core().report_settings(device, report, now)?;

@@ -19,11 +19,15 @@
 //! job found in that list is never run again; an unreported outcome is reported again instead
 //! (taking the job again first if its lease was lost meanwhile).
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use schemas::agent::{AgentState, AppliedSettings, Credentials, DoneJob, PendingOwnerCheck};
+use schemas::agent::{
+    ActiveService, AgentState, AppliedSettings, Credentials, DoneJob, PendingOwnerCheck,
+    SupportService,
+};
 use schemas::data::{
     DeviceStatus, ErrorBody, ErrorCode, HelloAuth, JobOffer, OwnerCheckReason, OwnerClaim,
     Registration, Request, Response, Welcome,
@@ -42,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backoff::{Backoff, jitter};
+use crate::consumables::ReadingsSource;
 use crate::executor::{JobExecutor, JobOutcome};
 use crate::lan::{self, NudgeCheck};
 use crate::mqtt::{self, LinkEvent, MqttSettings};
@@ -96,6 +101,13 @@ pub struct AgentConfig {
     pub consent_at_setup: bool,
     /// Most requests the outbox holds (see [`crate::outbox`] for what happens when full).
     pub outbox_limit: usize,
+    /// The support services this device knows, and whether each is enabled, on its first
+    /// start (later changed with [`AgentHandle::set_support_service`]). Only these are ever
+    /// activated.
+    pub support_services: BTreeMap<String, bool>,
+    /// What the device can measure for support services (cartridges, counters...): read on
+    /// its events and periodically.
+    pub readings: Option<Arc<dyn ReadingsSource>>,
     pub session: SessionSettings,
     pub agent_name: String,
 }
@@ -132,6 +144,8 @@ impl AgentConfig {
             backoff_min: Duration::from_millis(250),
             consent_at_setup: false,
             outbox_limit: 1000,
+            support_services: BTreeMap::new(),
+            readings: None,
             session: SessionSettings::default(),
             agent_name: concat!("device-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
         }
@@ -236,6 +250,20 @@ pub enum AgentEvent {
     NudgeRefused {
         reason: String,
     },
+    /// A support service is active: the device reports `data_types` to it from now on.
+    SupportActivated {
+        service_id: String,
+        data_types: Vec<String>,
+    },
+    /// A support service is no longer active (contract canceled or moved, disabled locally).
+    SupportDeactivated {
+        service_id: String,
+    },
+    /// Device information for a support service is queued in the outbox.
+    TelemetryQueued {
+        service_id: String,
+        data_types: Vec<String>,
+    },
     /// The cloud refused a request from the outbox; it is not sent again.
     RequestRefused {
         no: schemas::outbox::RequestNo,
@@ -273,6 +301,8 @@ enum Command {
     OwnerCheck(OwnerCheckReason, Reply<()>),
     ConfirmOwner(OwnerClaim, Reply<()>),
     InUse(Reply<SettingsReport>),
+    SetSupport(String, bool, Reply<()>),
+    Readings(BTreeMap<String, String>, Reply<Vec<String>>),
     PollNow,
 }
 
@@ -407,6 +437,27 @@ impl AgentHandle {
         self.ask(Command::InUse).await
     }
 
+    /// Enables or disables a support service in the device's table (the panel's setting). Takes
+    /// effect at the next sync: an enabled service with a contract is activated, a disabled one
+    /// stops receiving anything.
+    pub async fn set_support_service(
+        &self,
+        service_id: impl Into<String>,
+        enabled: bool,
+    ) -> Result<(), AgentError> {
+        let id = service_id.into();
+        self.ask(|r| Command::SetSupport(id, enabled, r)).await
+    }
+
+    /// Readings the device took (for an event of its own): each active support service gets
+    /// exactly its data types, through the outbox (with consent). Returns the services queued.
+    pub async fn report_readings(
+        &self,
+        readings: BTreeMap<String, String>,
+    ) -> Result<Vec<String>, AgentError> {
+        self.ask(|r| Command::Readings(readings, r)).await
+    }
+
     /// The consent setting as the device holds it.
     pub async fn consent(&self) -> Result<Option<Consent>, AgentError> {
         self.ask(Command::GetConsent).await
@@ -468,6 +519,8 @@ pub fn start(
         nudges: None,
         poll_at: None,
         skew: Arc::new(AtomicI64::new(0)),
+        contracts_due: true,
+        telemetry_sent: HashMap::new(),
     };
     let task = tokio::spawn(agent.run(commands_rx, shutdown.clone()));
     AgentHandle {
@@ -515,6 +568,10 @@ struct Agent {
     poll_at: Option<Instant>,
     /// `skew_ms`, for the LAN endpoint's task.
     skew: Arc<AtomicI64>,
+    /// Fetch the contracts with the next round (at start, on a change, a day after the last).
+    contracts_due: bool,
+    /// When each active support service was last sent its readings.
+    telemetry_sent: HashMap<String, Instant>,
 }
 
 /// Why a round of work stopped early.
@@ -555,6 +612,15 @@ impl Agent {
     ) -> Result<(), AgentError> {
         self.backoff = Backoff::new(self.config.backoff_min, self.config.slow_poll);
         self.state = self.store.load()?.unwrap_or_default();
+        for (service, enabled) in &self.config.support_services {
+            self.state
+                .support
+                .entry(service.clone())
+                .or_insert_with(|| SupportService {
+                    enabled: *enabled,
+                    active: None,
+                });
+        }
         if self.state.consent.is_none() {
             // First start: the set-up screen's choice, reported to the cloud once registered.
             let limit = self.config.outbox_limit;
@@ -648,6 +714,7 @@ impl Agent {
         let mut long_poll: Option<LongPoll> = None;
         let mut data_probe: Option<DataProbe> = None;
         let mut next_poll = Instant::now() + jitter(self.poll_every());
+        let mut readings_events = self.config.readings.as_ref().map(|r| r.events());
         loop {
             if want_sync && retry_at.is_none() {
                 match self.work().await {
@@ -707,6 +774,7 @@ impl Agent {
                 };
                 long_poll = Some(Box::pin(async move { session.request(request).await }));
             }
+            let next_report = self.next_periodic_report();
             let quiet = self.mqtt_up || self.config.long_poll.is_zero();
             let idle_close = (quiet && self.session.is_some())
                 .then(|| self.last_activity + self.config.data_idle_close);
@@ -733,6 +801,19 @@ impl Agent {
                     }
                     Some(Command::InUse(reply)) => {
                         let _ = reply.send(Ok(self.in_use()));
+                    }
+                    Some(Command::SetSupport(service, enabled, reply)) => {
+                        self.state.support.entry(service).or_default().enabled = enabled;
+                        self.contracts_due = true;
+                        let _ = reply.send(self.save().map_err(AgentError::from));
+                        want_sync = true;
+                    }
+                    Some(Command::Readings(readings, reply)) => {
+                        let queued = self.queue_telemetry(&readings, |_| true);
+                        if !matches!(queued, Ok(ref q) if q.is_empty()) {
+                            want_sync = true;
+                        }
+                        let _ = reply.send(queued);
                     }
                     Some(Command::OwnerCheck(reason, reply)) => {
                         if self.state.owner_check.is_none() {
@@ -826,6 +907,30 @@ impl Agent {
                     want_sync = true;
                 }
                 Some(accepted) = nudges.recv() => self.nudged(accepted),
+                changed = async { readings_events.as_mut().expect("guarded").changed().await }, if readings_events.is_some() => {
+                    match changed {
+                        Ok(()) => {
+                            // Something worth reporting at once happened on the device.
+                            let now = self.config.readings.as_ref().map(|r| r.read()).unwrap_or_default();
+                            if !self.queue_telemetry(&now, |_| true)?.is_empty() {
+                                want_sync = true;
+                            }
+                        }
+                        Err(_) => readings_events = None,
+                    }
+                }
+                _ = async { tokio::time::sleep_until(next_report.expect("guarded")).await }, if next_report.is_some() => {
+                    let now = self.config.readings.as_ref().map(|r| r.read()).unwrap_or_default();
+                    let due = |s: &str, every: u32| {
+                        self.telemetry_sent.get(s).is_none_or(|at| at.elapsed() >= Duration::from_secs(u64::from(every)))
+                    };
+                    let due: Vec<String> = self.state.support.iter()
+                        .filter_map(|(id, s)| s.active.as_ref().filter(|a| a.report_every_secs > 0 && due(id, a.report_every_secs)).map(|_| id.clone()))
+                        .collect();
+                    if !self.queue_telemetry(&now, |id| due.iter().any(|d| d == id))?.is_empty() {
+                        want_sync = true;
+                    }
+                }
                 Some(reason) = refused.recv() => self.emit(AgentEvent::NudgeRefused { reason }),
                 _ = async { tokio::time::sleep_until(self.poll_at.expect("guarded")).await }, if self.poll_at.is_some() => {
                     self.poll_at = None;
@@ -877,6 +982,170 @@ impl Agent {
             session.close();
         }
         Ok(Exit::Stopped)
+    }
+
+    /// Fetches the contracts and activates or deactivates support services to match: active are
+    /// exactly those enabled in the device's table, with a contract (non-empty application id),
+    /// supporting the device's model.
+    async fn sync_contracts(&mut self, session: &DataSession) -> Result<(), WorkError> {
+        let response = session.request(Request::Contracts).await?;
+        let Response::Contracts { contracts } = response else {
+            return Err(SessionError::Closed(format!(
+                "unexpected answer to contracts: {response:?}"
+            ))
+            .into());
+        };
+        let model = self.config.info.model.clone();
+        let services: Vec<String> = self.state.support.keys().cloned().collect();
+        for service_id in services {
+            let enabled = self.state.support[&service_id].enabled;
+            let contract = contracts
+                .iter()
+                .find(|c| c.service_id == service_id)
+                .filter(|c| enabled && !c.application_id.is_empty() && c.models.contains(&model));
+            let current = self.state.support[&service_id]
+                .active
+                .as_ref()
+                .map(|a| a.application_id.clone());
+            let wanted = contract.map(|c| c.application_id.clone());
+            if current == wanted {
+                continue;
+            }
+            let activated = match wanted {
+                None => None,
+                Some(application_id) => {
+                    let request = Request::ActivateService {
+                        service_id: service_id.clone(),
+                        application_id: application_id.clone(),
+                    };
+                    match session.request(request).await {
+                        Ok(Response::DeviceControl(control)) => Some(ActiveService {
+                            application_id,
+                            data_types: control.data_types,
+                            report_every_secs: control.report_every_secs,
+                        }),
+                        Ok(other) => {
+                            return Err(SessionError::Closed(format!(
+                                "unexpected answer to activate_service: {other:?}"
+                            ))
+                            .into());
+                        }
+                        Err(SessionError::Request(error)) => {
+                            tracing::warn!(%service_id, %error, "activation refused");
+                            None
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            let entry = self.state.support.entry(service_id.clone()).or_default();
+            let was_active = entry.active.is_some();
+            entry.active = activated.clone();
+            match activated {
+                Some(a) => self.emit(AgentEvent::SupportActivated {
+                    service_id,
+                    data_types: a.data_types,
+                }),
+                None if was_active => {
+                    self.telemetry_sent.remove(&service_id);
+                    self.emit(AgentEvent::SupportDeactivated { service_id });
+                }
+                None => {}
+            }
+        }
+        // Telemetry queued for a service no longer active is not sent.
+        let active = |s: &str| {
+            self.state
+                .support
+                .get(s)
+                .is_some_and(|s| s.active.is_some())
+        };
+        let stale: Vec<bool> = self
+            .state
+            .outbox
+            .iter()
+            .map(|i| matches!(&i.body, DeviceRequest::Telemetry { service_id, .. } if !active(service_id)))
+            .collect();
+        let mut keep = stale.iter().map(|s| !s);
+        self.state.outbox.retain(|_| keep.next().unwrap_or(true));
+        self.state.contracts_fetched_at = Some(UnixMillis::now());
+        self.contracts_due = false;
+        self.save()?;
+        Ok(())
+    }
+
+    /// Queues, for each active support service `pick` chooses, exactly the readings of the
+    /// data types it asked for. Returns the services queued for.
+    fn queue_telemetry(
+        &mut self,
+        readings: &BTreeMap<String, String>,
+        pick: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, AgentError> {
+        let now = UnixMillis::now();
+        let limit = self.config.outbox_limit;
+        let mut queued = Vec::new();
+        let wanted: Vec<(String, Vec<String>)> = self
+            .state
+            .support
+            .iter()
+            .filter(|(id, _)| pick(id))
+            .filter_map(|(id, s)| {
+                s.active
+                    .as_ref()
+                    .map(|a| (id.clone(), a.data_types.clone()))
+            })
+            .collect();
+        for (service_id, types) in wanted {
+            let picked: BTreeMap<String, String> = readings
+                .iter()
+                .filter(|(k, _)| types.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if picked.is_empty() {
+                continue;
+            }
+            let data_types: Vec<String> = picked.keys().cloned().collect();
+            let body = DeviceRequest::Telemetry {
+                service_id: service_id.clone(),
+                readings: picked,
+            };
+            match outbox::admit(&mut self.state, body, now, limit) {
+                Ok(Submitted::Queued(_)) => {
+                    self.telemetry_sent
+                        .insert(service_id.clone(), Instant::now());
+                    self.emit(AgentEvent::TelemetryQueued {
+                        service_id: service_id.clone(),
+                        data_types,
+                    });
+                    queued.push(service_id);
+                }
+                // Without consent nothing is even queued.
+                Ok(Submitted::Withheld) => {}
+                Err(full) => tracing::warn!(%service_id, error = %full, "telemetry dropped"),
+            }
+        }
+        if !queued.is_empty() {
+            self.save()?;
+        }
+        Ok(queued)
+    }
+
+    /// When the next periodic report of an active support service is due.
+    fn next_periodic_report(&self) -> Option<Instant> {
+        self.config.readings.as_ref()?;
+        self.state
+            .support
+            .iter()
+            .filter_map(|(id, s)| {
+                let every = s.active.as_ref()?.report_every_secs;
+                (every > 0).then(|| {
+                    let period = Duration::from_secs(u64::from(every));
+                    self.telemetry_sent
+                        .get(id)
+                        .map_or_else(|| Instant::now() + period, |at| *at + period)
+                })
+            })
+            .min()
     }
 
     /// A nudge was accepted: poll after its delay (the earliest asked for wins).
@@ -1310,6 +1579,14 @@ impl Agent {
             // Everything the hint announced has been fetched (the sync reached the end).
             self.save()?;
         }
+        let day = Duration::from_secs(24 * 3600).as_millis() as u64;
+        let stale = self
+            .state
+            .contracts_fetched_at
+            .is_none_or(|at| UnixMillis::now().0.saturating_sub(at.0) >= day);
+        if self.state.owner_check.is_none() && (self.contracts_due || stale) {
+            self.sync_contracts(&session).await?;
+        }
         // The feed may have asked for something (a consent report).
         self.deliver_outbox(&session).await?;
         if !self.relink {
@@ -1386,6 +1663,11 @@ impl Agent {
             }
             FeedBody::Instruction { instruction_id, .. } => {
                 self.take_instruction(session, instruction_id).await
+            }
+            FeedBody::ContractsChanged => {
+                // Fetched once at the end of this round, however many changes there were.
+                self.contracts_due = true;
+                Ok(())
             }
             // A cancel of a job not running now needs nothing: the cloud refuses to hand it out.
             FeedBody::JobCanceled { .. } | FeedBody::Unknown => Ok(()),

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use schemas::data::JobOffer;
 
+use crate::consumables::Consumables;
+
 /// The result of running a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobOutcome {
@@ -29,11 +31,13 @@ pub trait JobExecutor: Send + Sync + 'static {
     fn run(&self, job: JobOffer) -> ExecFuture;
 }
 
-/// Takes `duration` per job and succeeds; fails a share of jobs if asked.
+/// Takes `duration` per job and succeeds; fails a share of jobs if asked. With consumables,
+/// each successful job drains them.
 #[derive(Debug, Clone)]
 pub struct SimulatedExecutor {
     pub duration: Duration,
     pub fail_ratio: f64,
+    pub consumables: Option<Consumables>,
 }
 
 impl Default for SimulatedExecutor {
@@ -41,6 +45,7 @@ impl Default for SimulatedExecutor {
         SimulatedExecutor {
             duration: Duration::from_millis(50),
             fail_ratio: 0.0,
+            consumables: None,
         }
     }
 }
@@ -49,6 +54,7 @@ impl JobExecutor for SimulatedExecutor {
     fn run(&self, job: JobOffer) -> ExecFuture {
         let duration = self.duration;
         let fail = self.fail_ratio > 0.0 && rand::random::<f64>() < self.fail_ratio;
+        let consumables = self.consumables.clone();
         Box::pin(async move {
             // Simulated printing time.
             tokio::time::sleep(duration).await;
@@ -57,6 +63,9 @@ impl JobExecutor for SimulatedExecutor {
                     reason: "simulated paper jam".into(),
                 }
             } else {
+                if let Some(c) = consumables {
+                    c.printed();
+                }
                 JobOutcome::Succeeded {
                     detail: Some(format!("printed {} bytes", job.payload.len())),
                 }

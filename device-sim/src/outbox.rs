@@ -48,9 +48,18 @@ pub fn admit(
             outbox.retain(|i| !matches!(i.body, DeviceRequest::Consent { .. }));
         }
         _ if outbox.len() >= limit => {
-            let is_status = |b: &DeviceRequest| matches!(b, DeviceRequest::Status { .. });
-            let oldest_status = if is_status(&body) {
-                outbox.iter().position(|i| is_status(&i.body))
+            // New device information replaces the oldest of the same kind (status, or telemetry
+            // for the same service): the newest reading matters most.
+            let same = |b: &DeviceRequest| match (b, &body) {
+                (DeviceRequest::Status { .. }, DeviceRequest::Status { .. }) => true,
+                (
+                    DeviceRequest::Telemetry { service_id: a, .. },
+                    DeviceRequest::Telemetry { service_id: b, .. },
+                ) => a == b,
+                _ => false,
+            };
+            let oldest_status = if body.is_device_information() {
+                outbox.iter().position(|i| same(&i.body))
             } else {
                 None
             };

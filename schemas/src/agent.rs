@@ -1,6 +1,6 @@
 //! What the device agent keeps on disk.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,27 @@ pub struct AgentState {
     /// The regular poll the cloud asked for, in seconds.
     #[serde(default)]
     pub poll_interval_secs: Option<u32>,
+    /// The device's table of support services, by service id: whether the user (or the
+    /// maker) enabled each, and what is active.
+    #[serde(default)]
+    pub support: BTreeMap<String, SupportService>,
+    /// When the contracts were last fetched.
+    #[serde(default)]
+    pub contracts_fetched_at: Option<UnixMillis>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupportService {
+    pub enabled: bool,
+    /// Activated under a contract: what to report.
+    pub active: Option<ActiveService>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveService {
+    pub application_id: String,
+    pub data_types: Vec<String>,
+    pub report_every_secs: u32,
 }
 
 impl Default for AgentState {
@@ -67,6 +88,8 @@ impl Default for AgentState {
             hinted: None,
             settings: None,
             poll_interval_secs: None,
+            support: BTreeMap::new(),
+            contracts_fetched_at: None,
         }
     }
 }
@@ -109,6 +132,11 @@ impl AgentState {
         self.hinted = None;
         self.registration_completed = false;
         self.owner_check = None;
+        // Contracts belonged to the old id: nothing is active until the new one has some.
+        for s in self.support.values_mut() {
+            s.active = None;
+        }
+        self.contracts_fetched_at = None;
         // The endpoints stay (they say where the service is); the revision numbering belongs
         // to the old id's record, and the new one starts again from 1.
         if let Some(s) = self.settings.as_mut() {

@@ -102,7 +102,7 @@ impl From<&DeviceRecord> for DeviceView {
 }
 
 /// `POST /v1/services`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateService {
     /// 1 to 64 of `a-z`, `0-9`, `-`.
@@ -110,6 +110,23 @@ pub struct CreateService {
     pub name: String,
     /// The device models the service applies to.
     pub models: Vec<String>,
+    /// Support services: their kind, the data types they need, how often they want them.
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub data_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub report_every_secs: Option<u32>,
+}
+
+/// `PUT /v1/devices/{id}/contracts/{service}`: the device's contract for a support service.
+/// Replaces a contract of another service of the same kind (switching provider).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutContract {
+    pub application_id: String,
+    #[serde(default)]
+    pub outline: String,
 }
 
 /// `PUT /v1/services/{id}`: what is given replaces what was.
@@ -120,6 +137,10 @@ pub struct UpdateService {
     pub name: Option<String>,
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub data_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub report_every_secs: Option<u32>,
 }
 
 /// A customer as the registry knows it: its devices by model.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::feed::FeedEntry;
 use crate::job::{JobState, JobUpdate};
 use crate::outbox::{OutboxItem, RequestNo};
-use crate::services::InstructionOffer;
+use crate::services::{ContractInfo, DeviceControl, InstructionOffer};
 use crate::settings::SettingsReport;
 use crate::{DeviceId, FeedSeq, InstructionId, JobId, OwnerId, RequestId, Secret, UnixMillis};
 
@@ -125,6 +125,15 @@ pub enum Request {
     /// Calls a service's registration URL with the one-time code of a use-start instruction.
     /// Calling again with the same code after it succeeded answers the same.
     RegisterService { url: String, code: Secret },
+    /// The device's contract information, one entry per support service it has (or had) a
+    /// contract for.
+    Contracts,
+    /// Activates a support service the device has a contract for, enabled locally and
+    /// supporting its model. The answer says what the service needs reported.
+    ActivateService {
+        service_id: String,
+        application_id: String,
+    },
 }
 
 /// Why a device asks its owner to confirm.
@@ -228,6 +237,10 @@ pub enum Response {
         service_id: String,
         at: UnixMillis,
     },
+    Contracts {
+        contracts: Vec<ContractInfo>,
+    },
+    DeviceControl(DeviceControl),
 }
 
 /// A delivered request the cloud will not act on, and why. Final: sending it again cannot help.

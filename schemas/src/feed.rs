@@ -34,6 +34,9 @@ pub enum FeedBody {
         instruction_id: InstructionId,
         expires_at: UnixMillis,
     },
+    /// The device's contracts changed: fetch them again
+    /// ([`crate::data::Request::Contracts`]).
+    ContractsChanged,
     /// An entry kind this version does not know; the device acknowledges and skips it.
     #[serde(other)]
     Unknown,

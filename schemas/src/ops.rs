@@ -100,6 +100,21 @@ pub enum OpsEvent {
         failed: u32,
         at: UnixMillis,
     },
+    /// A device activated a support service: the provider learns it and what it will receive.
+    ServiceActivated {
+        device_id: DeviceId,
+        service_id: String,
+        application_id: String,
+        data_types: Vec<String>,
+        at: UnixMillis,
+    },
+    /// Device information for a support service's provider.
+    Telemetry {
+        device_id: DeviceId,
+        service_id: String,
+        readings: std::collections::BTreeMap<String, String>,
+        at: UnixMillis,
+    },
     JobTransition {
         device_id: DeviceId,
         job_id: JobId,
@@ -139,6 +154,10 @@ impl OpsEvent {
             OpsEvent::ApplicationSettled { application_id, .. } => {
                 topics::ops_application(application_id, "settled")
             }
+            OpsEvent::ServiceActivated { service_id, .. } => {
+                topics::ops_service(service_id, "activated")
+            }
+            OpsEvent::Telemetry { service_id, .. } => topics::ops_service(service_id, "telemetry"),
             OpsEvent::JobTransition { device_id, to, .. } => {
                 topics::ops_job(device_id, to.as_str())
             }

@@ -63,6 +63,11 @@ pub enum DeviceRequest {
         #[serde(default)]
         params: BTreeMap<String, String>,
     },
+    /// Device information an activated support service asked for (its data types only).
+    Telemetry {
+        service_id: String,
+        readings: BTreeMap<String, String>,
+    },
     /// A request kind this version does not know.
     #[serde(other)]
     Unknown,
@@ -71,7 +76,10 @@ pub enum DeviceRequest {
 impl DeviceRequest {
     /// Whether this is device information, which leaves the device only with consent.
     pub fn is_device_information(&self) -> bool {
-        matches!(self, DeviceRequest::Status { .. })
+        matches!(
+            self,
+            DeviceRequest::Status { .. } | DeviceRequest::Telemetry { .. }
+        )
     }
 
     pub fn kind(&self) -> &'static str {
@@ -79,6 +87,7 @@ impl DeviceRequest {
             DeviceRequest::Status { .. } => "status",
             DeviceRequest::Consent { .. } => "consent",
             DeviceRequest::PanelJob { .. } => "panel_job",
+            DeviceRequest::Telemetry { .. } => "telemetry",
             DeviceRequest::Unknown => "unknown",
         }
     }

@@ -60,6 +60,52 @@ pub struct ServiceRecord {
     /// The device models the service applies to.
     pub models: Vec<String>,
     pub created_at: UnixMillis,
+    /// For support services: what kind of support (`consumables`, ...). A device has at most one
+    /// contract of a kind: contracting another provider of the same kind replaces it.
+    #[serde(default)]
+    pub kind: String,
+    /// The device information a support service needs (the device control information), e.g.
+    /// `cartridge_type`, `colour`, `level`. A device reports exactly these, nothing else.
+    #[serde(default)]
+    pub data_types: Vec<String>,
+    /// How often the device reports them besides on events, in seconds (0: on events only).
+    #[serde(default)]
+    pub report_every_secs: u32,
+}
+
+/// `k/{device_id}/{service_id}`: the contract (application) information of one device for one
+/// support service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContractRecord {
+    pub device_id: DeviceId,
+    pub service_id: String,
+    /// The contract's application id; empty: no contract, or canceled.
+    pub application_id: String,
+    /// A short description for the device's panel.
+    pub outline: String,
+    pub changed_at: UnixMillis,
+    /// When the device activated the service under this application id.
+    pub activated_at: Option<UnixMillis>,
+}
+
+/// A contract as the device is told it (with what it needs to decide whether to activate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContractInfo {
+    pub service_id: String,
+    pub kind: String,
+    /// Empty: no contract, or canceled.
+    pub application_id: String,
+    pub outline: String,
+    /// The models the service supports.
+    pub models: Vec<String>,
+}
+
+/// What an activated support service needs from the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceControl {
+    pub service_id: String,
+    pub data_types: Vec<String>,
+    pub report_every_secs: u32,
 }
 
 /// What an instruction tells the device to do.

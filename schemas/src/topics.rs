@@ -38,6 +38,11 @@ pub fn ops_application(application: &ApplicationId, event: &str) -> String {
     format!("fleet/events/applications/{application}/{event}")
 }
 
+/// Events for a service's provider (`activated`, `telemetry`).
+pub fn ops_service(service_id: &str, event: &str) -> String {
+    format!("fleet/events/services/{service_id}/{event}")
+}
+
 pub fn ops_job(device: &DeviceId, state: &str) -> String {
     format!("fleet/events/jobs/{device}/{state}")
 }

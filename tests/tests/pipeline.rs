@@ -179,7 +179,7 @@ async fn cancel_stops_a_running_job_and_a_dead_device_is_announced_offline() {
     // A long print: the agent renews its lease every ~0.6 s while it runs.
     let slow = Arc::new(SimulatedExecutor {
         duration: std::time::Duration::from_secs(120),
-        fail_ratio: 0.0,
+        ..SimulatedExecutor::default()
     });
     let Device {
         agent,

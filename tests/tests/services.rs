@@ -28,6 +28,7 @@ async fn toner_service(ep: &Endpoints) {
             service_id: "toner".into(),
             name: "Automatic toner delivery".into(),
             models: vec!["MFP-A".into(), "MFP-C".into()],
+            ..CreateService::default()
         })
         .await
         .unwrap();

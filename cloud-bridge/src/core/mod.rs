@@ -28,12 +28,13 @@ use schemas::ops::OpsEvent;
 use schemas::records::{
     CompanionRecord, DeviceRecord, EnrollmentRecord, JobRecord, OwnerBinding, OwnerRecord,
 };
-use schemas::services::{InstructionRecord, ServiceRecord};
+use schemas::services::{ContractRecord, InstructionRecord, ServiceRecord};
 use schemas::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis};
 use sha2::{Digest, Sha256};
 
 use crate::store::{Batch, Committer, StoreError, Ticket};
 
+mod contracts;
 mod nudge;
 mod owner;
 mod principals;
@@ -183,6 +184,8 @@ pub struct Core {
     /// SHA-256 of an owner's or companion's API token → who it is.
     tokens: HashMap<String, Principal>,
     svc: services::ServiceIndex,
+    /// (device, service) → contract.
+    contracts: HashMap<(DeviceId, String), ContractRecord>,
 }
 
 impl Core {
@@ -204,7 +207,13 @@ impl Core {
             companions: HashMap::new(),
             tokens: HashMap::new(),
             svc: services::ServiceIndex::default(),
+            contracts: HashMap::new(),
         };
+        for (k, v) in store.scan_prefix(b"k/")? {
+            let c: ContractRecord = decode(&k, &v)?;
+            core.contracts
+                .insert((c.device_id.clone(), c.service_id.clone()), c);
+        }
         for (k, v) in store.scan_prefix(b"s/")? {
             let s: ServiceRecord = decode(&k, &v)?;
             core.svc.services.insert(s.service_id.clone(), s);

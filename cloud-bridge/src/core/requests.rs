@@ -78,7 +78,8 @@ fn validate(body: &DeviceRequest) -> Result<(), ErrorBody> {
             Ok(())
         }
         DeviceRequest::Unknown => bad("unknown request kind".into()),
-        DeviceRequest::Consent { .. } => Ok(()),
+        // Checked against the device's contracts where it is acted on.
+        DeviceRequest::Consent { .. } | DeviceRequest::Telemetry { .. } => Ok(()),
     }
 }
 
@@ -115,13 +116,23 @@ impl Core {
                 continue; // Acted on before: a resend.
             }
             device.delivered = item.no;
-            let verdict = validate(&item.body).and_then(|()| {
-                if item.body.is_device_information() {
-                    check_consent(&device).map_err(|e| e.body())
-                } else {
-                    Ok(())
-                }
-            });
+            let verdict = validate(&item.body)
+                .and_then(|()| {
+                    if item.body.is_device_information() {
+                        check_consent(&device).map_err(|e| e.body())
+                    } else {
+                        Ok(())
+                    }
+                })
+                .and_then(|()| match &item.body {
+                    DeviceRequest::Telemetry {
+                        service_id,
+                        readings,
+                    } => self
+                        .check_telemetry(device_id, service_id, readings)
+                        .map_err(|e| e.body()),
+                    _ => Ok(()),
+                });
             if let Err(error) = verdict {
                 // Not stored: refused device information must not be kept either.
                 refused.push(Refusal { no: item.no, error });
@@ -162,6 +173,17 @@ impl Core {
                         device_id: device_id.clone(),
                         no: item.no,
                         action: action.clone(),
+                        at: now,
+                    });
+                }
+                DeviceRequest::Telemetry {
+                    service_id,
+                    readings,
+                } => {
+                    effects.events.push(OpsEvent::Telemetry {
+                        device_id: device_id.clone(),
+                        service_id: service_id.clone(),
+                        readings: readings.clone(),
                         at: now,
                     });
                 }

@@ -75,6 +75,24 @@ fn check_models(models: &[String]) -> CoreResult<()> {
     Ok(())
 }
 
+/// Data types are short snake_case names (`cartridge_type`, `level`), at most 32.
+fn check_data_types(types: &[String]) -> CoreResult<()> {
+    let ok = types.len() <= 32
+        && types.iter().all(|t| {
+            !t.is_empty()
+                && t.len() <= 64
+                && t.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(
+            "data types are at most 32 names of 1 to 64 of a-z, 0-9 and _",
+        ))
+    }
+}
+
 fn check_name(name: &str) -> CoreResult<()> {
     if name.trim().is_empty() || name.len() > 128 {
         return Err(CoreError::new(
@@ -104,11 +122,22 @@ impl Core {
                 format!("service {} exists", req.service_id),
             ));
         }
+        let data_types = req.data_types.unwrap_or_default();
+        check_data_types(&data_types)?;
+        let kind = req.kind.unwrap_or_default();
+        if kind.len() > 64 || (kind.is_empty() && !data_types.is_empty()) {
+            return Err(bad(
+                "a service that asks for data types is a support service: give its kind (1 to 64 characters)",
+            ));
+        }
         let record = ServiceRecord {
             service_id: req.service_id,
             name: req.name,
             models: req.models,
             created_at: now,
+            kind,
+            data_types,
+            report_every_secs: req.report_every_secs.unwrap_or(0),
         };
         self.put_service(record)
     }
@@ -126,6 +155,13 @@ impl Core {
         if let Some(models) = req.models {
             check_models(&models)?;
             record.models = models;
+        }
+        if let Some(types) = req.data_types {
+            check_data_types(&types)?;
+            record.data_types = types;
+        }
+        if let Some(every) = req.report_every_secs {
+            record.report_every_secs = every;
         }
         self.put_service(record)
     }
@@ -150,10 +186,14 @@ impl Core {
         self.svc.services.values()
     }
 
-    /// Every customer with devices, and its devices by model.
+    /// Every customer with devices in use, and those devices by model.
     pub fn customers(&self) -> Vec<CustomerView> {
         let mut by: BTreeMap<&str, CustomerView> = BTreeMap::new();
-        for d in self.devices.values().filter(|d| d.invalidated.is_none()) {
+        for d in self
+            .devices
+            .values()
+            .filter(|d| !d.disabled && d.invalidated.is_none())
+        {
             let view = by.entry(&d.customer).or_insert_with(|| CustomerView {
                 customer: d.customer.clone(),
                 devices: 0,
@@ -696,6 +736,7 @@ mod tests {
                 service_id: "toner".into(),
                 name: "Toner delivery".into(),
                 models: vec!["A".into(), "B".into()],
+                ..CreateService::default()
             },
             T0,
         )

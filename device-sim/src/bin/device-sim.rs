@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use device_sim::consumables::Consumables;
 use device_sim::{
     AgentConfig, AgentEvent, DeviceInfo, FileStateStore, MemoryStateStore, SimulatedExecutor,
 };
@@ -98,6 +99,10 @@ enum Command {
         /// it later at the panel with `consent on|off`).
         #[arg(long, default_value = "off", value_parser = parse_on_off)]
         consent: bool,
+        /// A support service the device knows, enabled (`toner`) or not (`toner=off`);
+        /// repeatable. Change it later at the panel with `support <service> on|off`.
+        #[arg(long = "support")]
+        support: Vec<String>,
     },
     /// Run N devices with a job generator and faults, and report latency and throughput.
     Fleet(Box<FleetArgs>),
@@ -446,12 +451,27 @@ async fn main() -> anyhow::Result<()> {
             consent,
             owner_id,
             owner_pin,
+            support,
         } => {
+            // A colour printer whose cartridges drain as it prints (panel: `replace <colour>`).
+            let consumables = Consumables::colour_printer();
             let executor = Arc::new(SimulatedExecutor {
                 duration: common.job_time,
                 fail_ratio: 0.0,
+                consumables: Some(consumables.clone()),
             });
             let mut config = config(&common, serial)?;
+            config.readings = Some(Arc::new(consumables.clone()));
+            for s in support {
+                let (name, on) = match s.split_once('=') {
+                    Some((name, v)) => (
+                        name.to_owned(),
+                        parse_on_off(v).map_err(anyhow::Error::msg)?,
+                    ),
+                    None => (s, true),
+                };
+                config.support_services.insert(name, on);
+            }
             config.consent_at_setup = consent;
             config.owner = owner_id.zip(owner_pin).map(|(owner_id, pin)| OwnerClaim {
                 owner_id,
@@ -471,7 +491,7 @@ async fn main() -> anyhow::Result<()> {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => break,
                     line = panel.next_line(), if panel_open => match line {
-                        Ok(Some(line)) => panel_command(&agent, &line).await,
+                        Ok(Some(line)) => panel_command(&agent, &consumables, &line).await,
                         Ok(None) | Err(_) => panel_open = false,
                     },
                     event = events.recv() => match event {
@@ -491,7 +511,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let executor = Arc::new(SimulatedExecutor {
                 duration: common.job_time,
-                fail_ratio: 0.0,
+                ..SimulatedExecutor::default()
             });
             let pause = Duration::from_secs_f64(1.0 / f64::from(connect_rate.max(1)));
             let mut agents = Vec::with_capacity(devices);
@@ -516,7 +536,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// One command typed at the simulated panel.
-async fn panel_command(agent: &device_sim::AgentHandle, line: &str) {
+async fn panel_command(agent: &device_sim::AgentHandle, consumables: &Consumables, line: &str) {
     let words: Vec<&str> = line.split_whitespace().collect();
     let result = match words.as_slice() {
         [] => return,
@@ -567,6 +587,23 @@ async fn panel_command(agent: &device_sim::AgentHandle, line: &str) {
                 .map(|s| format!("{s:?}"))
         }
         ["poll"] => agent.poll_now().await.map(|()| "polling".into()),
+        ["cartridges"] => Ok(consumables
+            .cartridges()
+            .iter()
+            .map(|c| format!("{} {} {}%", c.colour, c.cartridge_type, c.level))
+            .collect::<Vec<_>>()
+            .join("\n")),
+        ["replace", colour] => {
+            consumables.replace(colour);
+            Ok(format!("{colour} replaced"))
+        }
+        ["support", service, value] => match parse_on_off(value) {
+            Ok(on) => agent
+                .set_support_service(*service, on)
+                .await
+                .map(|()| format!("{service} {}", if on { "enabled" } else { "disabled" })),
+            Err(e) => Ok(e),
+        },
         ["settings"] => agent.settings_in_use().await.map(|s| {
             let or_none = |e: Option<String>| e.unwrap_or_else(|| "not connected".into());
             format!(
@@ -607,7 +644,8 @@ async fn panel_command(agent: &device_sim::AgentHandle, line: &str) {
         },
         _ => Ok(
             "commands: consent [on|off] | status idle|busy|error|sleeping [detail] | \
-                 request <action> [key=value ...] | poll | settings | reset | timezone <tz> | \
+                 request <action> [key=value ...] | poll | settings | cartridges | \
+                 replace <colour> | support <service> on|off | reset | timezone <tz> | \
                  network <name> | owner <owner id> <pin>"
                 .into(),
         ),
@@ -685,6 +723,17 @@ fn log_event(event: &AgentEvent) {
             tracing::info!(nudge_id, delay_ms, "poll-now nudge accepted and passed on")
         }
         AgentEvent::NudgeRefused { reason } => tracing::warn!(%reason, "nudge refused"),
+        AgentEvent::SupportActivated {
+            service_id,
+            data_types,
+        } => tracing::info!(service_id, ?data_types, "support service active"),
+        AgentEvent::SupportDeactivated { service_id } => {
+            tracing::info!(service_id, "support service no longer active")
+        }
+        AgentEvent::TelemetryQueued {
+            service_id,
+            data_types,
+        } => tracing::info!(service_id, ?data_types, "telemetry queued"),
         AgentEvent::ServiceRefused { service_id, error } => {
             tracing::warn!(service_id, %error, "service registration refused")
         }
