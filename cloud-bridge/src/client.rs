@@ -16,10 +16,10 @@ use schemas::api::{
 };
 use schemas::api::{
     ApplicationView, ApplyForService, CreateInstruction, CreateService, CustomerView,
-    InstructionView, PollNow, PollNowPlan,
+    InstructionView, PollNow, PollNowPlan, PutContract,
 };
 use schemas::records::DeviceRequestRecord;
-use schemas::services::ServiceRecord;
+use schemas::services::{ContractRecord, ServiceRecord};
 use schemas::settings::Endpoints;
 use schemas::{ApplicationId, CompanionId, DeviceId, JobId, Secret};
 use serde::Serialize;
@@ -306,6 +306,31 @@ impl AdminClient {
             )
             .await?
             .1)
+    }
+
+    /// Sets a device's contract for a support service.
+    pub async fn put_contract(
+        &self,
+        device: &DeviceId,
+        service: &str,
+        req: &PutContract,
+    ) -> Result<Vec<ContractRecord>, ClientError> {
+        let path = format!("/v1/devices/{device}/contracts/{}", encode_path(service));
+        Ok(self.call(Method::PUT, &path, Some(req)).await?.1)
+    }
+
+    pub async fn cancel_contract(
+        &self,
+        device: &DeviceId,
+        service: &str,
+    ) -> Result<Vec<ContractRecord>, ClientError> {
+        let path = format!("/v1/devices/{device}/contracts/{}", encode_path(service));
+        Ok(self.call(Method::DELETE, &path, None::<&()>).await?.1)
+    }
+
+    pub async fn contracts(&self, device: &DeviceId) -> Result<Vec<ContractRecord>, ClientError> {
+        let path = format!("/v1/devices/{device}/contracts");
+        Ok(self.call(Method::GET, &path, None::<&()>).await?.1)
     }
 
     /// Sets the endpoints a device uses (admin or the device's owner).

@@ -268,3 +268,163 @@ impl Core {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use schemas::api::CreateService;
+    use schemas::outbox::{DeviceRequest, OutboxItem, RequestNo};
+
+    use super::*;
+    use crate::core::tests::{T0, core, registered};
+
+    fn support(core: &mut Core, id: &str, kind: &str, types: &[&str]) {
+        core.create_service(
+            CreateService {
+                service_id: id.into(),
+                name: id.into(),
+                models: vec!["MFP-1".into()],
+                kind: Some(kind.into()),
+                data_types: Some(types.iter().map(|t| t.to_string()).collect()),
+                report_every_secs: None,
+            },
+            T0,
+        )
+        .unwrap();
+    }
+
+    fn contract(app: &str) -> PutContract {
+        PutContract {
+            application_id: app.into(),
+            outline: "toner when low".into(),
+        }
+    }
+
+    fn app_of(core: &Core, dev: &DeviceId, service: &str) -> String {
+        core.device_contracts(dev)
+            .into_iter()
+            .find(|c| c.service_id == service)
+            .map(|c| c.application_id)
+            .unwrap_or_default()
+    }
+
+    fn telemetry(no: u64, service: &str, types: &[&str]) -> OutboxItem {
+        OutboxItem {
+            no: RequestNo(no),
+            made_at: T0,
+            body: DeviceRequest::Telemetry {
+                service_id: service.into(),
+                readings: types.iter().map(|t| (t.to_string(), "1".into())).collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn another_provider_of_the_same_kind_replaces_the_contract() {
+        let mut core = core();
+        let dev = registered(&mut core, 1);
+        support(&mut core, "toner-a", "consumables", &["level"]);
+        support(
+            &mut core,
+            "toner-b",
+            "consumables",
+            &["level", "page_count"],
+        );
+        support(&mut core, "paper", "paper", &["paper_level"]);
+        let (_, _, effects) = core
+            .put_contract(&dev, "toner-a", contract("A-1"), T0)
+            .unwrap();
+        assert_eq!(
+            effects.feed_grew.len(),
+            1,
+            "the device is told through its feed"
+        );
+        core.put_contract(&dev, "paper", contract("P-1"), T0)
+            .unwrap();
+        core.put_contract(&dev, "toner-b", contract("B-1"), T0)
+            .unwrap();
+        assert_eq!(app_of(&core, &dev, "toner-a"), "");
+        assert_eq!(app_of(&core, &dev, "toner-b"), "B-1");
+        assert_eq!(
+            app_of(&core, &dev, "paper"),
+            "P-1",
+            "another kind is untouched"
+        );
+        core.cancel_contract(&dev, "toner-b", T0).unwrap();
+        assert_eq!(app_of(&core, &dev, "toner-b"), "");
+        let info = core.contract_info(&dev).unwrap();
+        assert_eq!(info.len(), 3);
+        // Services that are not support services take no contracts.
+        core.create_service(
+            CreateService {
+                service_id: "plain".into(),
+                name: "plain".into(),
+                models: vec!["MFP-1".into()],
+                ..CreateService::default()
+            },
+            T0,
+        )
+        .unwrap();
+        let err = core
+            .put_contract(&dev, "plain", contract("X"), T0)
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn activation_needs_the_standing_contract_and_then_only_asked_types_are_accepted() {
+        let mut core = core();
+        let dev = registered(&mut core, 1);
+        support(
+            &mut core,
+            "toner-a",
+            "consumables",
+            &["cartridge_type", "level"],
+        );
+        let err = core
+            .activate_service(&dev, "toner-a", "A-1", T0)
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Forbidden, "no contract");
+        core.put_contract(&dev, "toner-a", contract("A-1"), T0)
+            .unwrap();
+        let err = core
+            .activate_service(&dev, "toner-a", "A-0", T0)
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Conflict, "an older contract");
+        // Telemetry before activation is refused.
+        let (_, refused, ..) = core
+            .deliver(&dev, vec![telemetry(1, "toner-a", &["level"])], T0)
+            .unwrap();
+        assert_eq!(refused.len(), 1);
+        let (control, _, effects) = core.activate_service(&dev, "toner-a", "A-1", T0).unwrap();
+        assert_eq!(control.data_types, vec!["cartridge_type", "level"]);
+        assert!(matches!(
+            effects.events[..],
+            [OpsEvent::ServiceActivated { .. }]
+        ));
+        let (_, _, effects) = core.activate_service(&dev, "toner-a", "A-1", T0).unwrap();
+        assert!(effects.events.is_empty(), "activating again is not news");
+        let (upto, refused, _, effects) = core
+            .deliver(
+                &dev,
+                vec![
+                    telemetry(2, "toner-a", &["level"]),
+                    telemetry(3, "toner-a", &["level", "serial_number"]),
+                ],
+                T0,
+            )
+            .unwrap();
+        assert_eq!(upto, RequestNo(3));
+        assert_eq!(
+            refused.iter().map(|r| r.no).collect::<Vec<_>>(),
+            vec![RequestNo(3)]
+        );
+        assert!(refused[0].error.message.contains("serial_number"));
+        assert!(matches!(effects.events[..], [OpsEvent::Telemetry { .. }]));
+        // Canceled: nothing more is accepted.
+        core.cancel_contract(&dev, "toner-a", T0).unwrap();
+        let (_, refused, ..) = core
+            .deliver(&dev, vec![telemetry(4, "toner-a", &["level"])], T0)
+            .unwrap();
+        assert_eq!(refused.len(), 1);
+    }
+}
