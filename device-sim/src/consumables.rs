@@ -25,7 +25,8 @@ pub struct Cartridge {
 }
 
 /// Simulated cartridges. Each job drains every cartridge by `per_job` percent; crossing one of
-/// `thresholds` (or a replacement) is an event.
+/// `thresholds` (or a replacement) is an event. With `auto_replace`, an empty cartridge is
+/// replaced before the next job, as an operator would.
 #[derive(Debug, Clone)]
 pub struct Consumables {
     inner: Arc<Mutex<Inner>>,
@@ -38,6 +39,7 @@ struct Inner {
     per_job: u8,
     thresholds: Vec<u8>,
     pages: u64,
+    auto_replace: bool,
 }
 
 impl Consumables {
@@ -48,12 +50,20 @@ impl Consumables {
                 per_job,
                 thresholds,
                 pages: 0,
+                auto_replace: false,
             })),
             events: Arc::new(watch::channel(0).0),
         }
     }
 
-    /// Four full cartridges of a colour printer, 2 % per job, events at 20, 10 and 0 %.
+    /// Replace empty cartridges before the next job.
+    pub fn with_auto_replace(self) -> Consumables {
+        self.lock().auto_replace = true;
+        self
+    }
+
+    /// Four full cartridges of a colour printer, 2 % per job, events at 20, 10 and 0 %; empty
+    /// ones are replaced.
     pub fn colour_printer() -> Consumables {
         let c = |colour: &str, t: &str| Cartridge {
             colour: colour.into(),
@@ -70,6 +80,7 @@ impl Consumables {
             2,
             vec![20, 10, 0],
         )
+        .with_auto_replace()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -83,6 +94,12 @@ impl Consumables {
             inner.pages += 1;
             let (per_job, thresholds) = (inner.per_job, inner.thresholds.clone());
             let mut crossed = false;
+            if inner.auto_replace {
+                for c in inner.cartridges.iter_mut().filter(|c| c.level == 0) {
+                    c.level = 100;
+                    crossed = true;
+                }
+            }
             for c in &mut inner.cartridges {
                 let before = c.level;
                 c.level = c.level.saturating_sub(per_job);
@@ -163,5 +180,26 @@ mod tests {
         c.replace("black");
         assert!(rx.has_changed().unwrap());
         assert_eq!(c.cartridges()[0].level, 100);
+    }
+
+    #[test]
+    fn empty_cartridges_are_replaced_before_the_next_job() {
+        let c = Consumables::new(
+            vec![Cartridge {
+                colour: "black".into(),
+                cartridge_type: "TN".into(),
+                level: 5,
+            }],
+            10,
+            vec![0],
+        )
+        .with_auto_replace();
+        c.printed(); // 0
+        assert_eq!(c.cartridges()[0].level, 0);
+        let mut rx = c.events();
+        rx.mark_unchanged();
+        c.printed(); // replaced, then 90
+        assert_eq!(c.cartridges()[0].level, 90);
+        assert!(rx.has_changed().unwrap());
     }
 }

@@ -235,3 +235,55 @@ async fn telemetry_follows_the_contracts_and_the_devices_own_settings() {
     );
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_service_is_also_sent_its_data_periodically() {
+    let bridge = InProcessBridge::start().await;
+    let ep = &bridge.endpoints;
+    let admin = ep.client();
+    admin
+        .create_service(&CreateService {
+            service_id: "counter".into(),
+            name: "Page counter reading".into(),
+            models: vec!["MFP-4000".into()],
+            kind: Some("counters".into()),
+            data_types: Some(types(&["page_count"])),
+            report_every_secs: Some(1),
+        })
+        .await
+        .unwrap();
+    let readings = Consumables::colour_printer();
+    let Device {
+        agent,
+        mut events,
+        id,
+        ..
+    } = ep
+        .online_device("SN-COUNTER", Device::simulated(), move |c| {
+            c.readings = Some(Arc::new(readings));
+            c.support_services = BTreeMap::from([("counter".into(), true)]);
+        })
+        .await;
+    admin
+        .put_contract(
+            &id,
+            "counter",
+            &PutContract {
+                application_id: "C-1".into(),
+                outline: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    wait_active(&mut events, "counter").await;
+    // No event happens on the device: two reports a second apart come from the schedule.
+    let started = tokio::time::Instant::now();
+    for _ in 0..2 {
+        assert_eq!(
+            wait_queued(&mut events).await,
+            ("counter".into(), types(&["page_count"]))
+        );
+    }
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    agent.stop().await.unwrap();
+}
