@@ -8,6 +8,7 @@
 //! | `GET /v1/health` | liveness, counts (no token needed) | anyone |
 //! | `POST /v1/devices/{id}/jobs` | submit a job (201 new, 200 same idempotency key) | admin, owner, linked companion |
 //! | `GET /v1/jobs/{id}` | a job with its history | admin, device owner, submitting companion |
+//! | `GET /v1/devices/{id}/capabilities` | what the device's printer can do | admin, owner, linked companion |
 //! | `POST /v1/owners` | create an owner and its API token | admin |
 //! | `POST /v1/companions` | create a companion (phone, PC) and its token | owner |
 //! | `GET /v1/companions/{id}` | a companion and its linked devices | admin, owner, itself |
@@ -110,6 +111,7 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
     let shared = Router::new()
         .route("/v1/devices/:id/jobs", post(submit_job))
         .route("/v1/jobs/:id", get(get_job))
+        .route("/v1/devices/:id/capabilities", get(get_capabilities))
         .route(
             "/v1/devices/:id/settings",
             get(get_settings).put(put_settings),
@@ -166,6 +168,7 @@ fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::ConsentWithheld => StatusCode::FORBIDDEN,
         ErrorCode::Expired => StatusCode::GONE,
         ErrorCode::RegistrationCodeInvalid => StatusCode::FORBIDDEN,
+        ErrorCode::UnsupportedSetting => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Overloaded | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -487,6 +490,19 @@ async fn apply_for_service(
 ) -> ApiResult<impl IntoResponse> {
     let view = state.bridge.apply_for_service(&customer, req).await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn get_capabilities(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        state
+            .bridge
+            .capabilities(&principal, &device_id(&id)?)
+            .await?,
+    ))
 }
 
 async fn list_contracts(

@@ -22,6 +22,7 @@ use schemas::data::{
 use schemas::hint::{HintKind, Presence};
 use schemas::ops::{Channel, OpsEvent};
 use schemas::outbox::RequestNo;
+use schemas::print::Capabilities;
 use schemas::records::{DeviceRecord, DeviceRequestRecord};
 use schemas::services::{ContractRecord, InstructionBody, ServiceRecord};
 use schemas::settings::DeviceSettings;
@@ -396,6 +397,29 @@ impl Bridge {
             .await
     }
 
+    /// What a device's printer can do (for a client to offer only those settings); for whoever
+    /// may submit jobs to it.
+    pub async fn capabilities(
+        &self,
+        principal: &Principal,
+        device: &DeviceId,
+    ) -> CoreResult<Capabilities> {
+        self.read(|c| {
+            c.authorize_submit(principal, device)?;
+            c.device(device)?
+                .printer
+                .as_ref()
+                .map(|p| p.capabilities.clone())
+                .ok_or_else(|| {
+                    CoreError::new(
+                        ErrorCode::NotFound,
+                        format!("device {device} has registered no printer queue"),
+                    )
+                })
+        })
+        .await
+    }
+
     /// Sets (or with an empty application id, clears) a device's contract for a support
     /// service; another provider's contract of the same kind is canceled.
     pub async fn put_contract(
@@ -560,6 +584,7 @@ impl Bridge {
             max_attempts: req.max_attempts,
             idempotency_key: req.idempotency_key,
             submitted_by: Some(principal.label()),
+            print: req.print,
         };
         let job_id = JobId::from_random(rand::random());
         let (job, created, ticket, effects) = {
@@ -702,6 +727,11 @@ impl Bridge {
                     }
                     ServiceRegistration::Refused(e) => Err(e),
                 }
+            }
+            Request::RegisterPrinter { capabilities } => {
+                let (at, ticket) = self.core().register_printer(device, capabilities, now)?;
+                self.durable_read(ticket).await?;
+                Ok(Response::PrinterRegistered { at })
             }
             Request::Contracts => {
                 let (contracts, ticket) = {

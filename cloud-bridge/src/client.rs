@@ -18,6 +18,7 @@ use schemas::api::{
     ApplicationView, ApplyForService, CreateInstruction, CreateService, CustomerView,
     InstructionView, PollNow, PollNowPlan, PutContract,
 };
+use schemas::print::Capabilities;
 use schemas::records::DeviceRequestRecord;
 use schemas::services::{ContractRecord, ServiceRecord};
 use schemas::settings::Endpoints;
@@ -306,6 +307,12 @@ impl AdminClient {
             )
             .await?
             .1)
+    }
+
+    /// What a device's printer can do.
+    pub async fn capabilities(&self, device: &DeviceId) -> Result<Capabilities, ClientError> {
+        let path = format!("/v1/devices/{device}/capabilities");
+        Ok(self.call(Method::GET, &path, None::<&()>).await?.1)
     }
 
     /// Sets a device's contract for a support service.

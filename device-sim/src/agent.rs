@@ -36,6 +36,7 @@ use schemas::feed::{FeedBody, FeedEntry};
 use schemas::hint::HintKind;
 use schemas::job::JobUpdate;
 use schemas::outbox::{Consent, DeviceRequest, MAX_DELIVER_ITEMS};
+use schemas::print::Capabilities;
 use schemas::services::InstructionBody;
 use schemas::settings::{DeviceSettings, Endpoints, SettingsReport};
 use schemas::{DeviceId, FeedSeq, InstructionId, JobId, Secret, UnixMillis};
@@ -108,6 +109,9 @@ pub struct AgentConfig {
     /// What the device can measure for support services (cartridges, counters...): read on
     /// its events and periodically.
     pub readings: Option<Arc<dyn ReadingsSource>>,
+    /// The device's printer: its printer queue is registered with these capabilities (again
+    /// whenever they change), and jobs asking for more are refused at submission.
+    pub printer: Option<Capabilities>,
     pub session: SessionSettings,
     pub agent_name: String,
 }
@@ -146,6 +150,7 @@ impl AgentConfig {
             outbox_limit: 1000,
             support_services: BTreeMap::new(),
             readings: None,
+            printer: None,
             session: SessionSettings::default(),
             agent_name: concat!("device-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
         }
@@ -1504,6 +1509,16 @@ impl Agent {
             // send jobs to this device.
             session.request(Request::CompleteRegistration).await?;
             self.state.registration_completed = true;
+            self.save()?;
+        }
+        if let Some(capabilities) = &self.config.printer
+            && self.state.printer_registered.as_ref() != Some(capabilities)
+        {
+            let request = Request::RegisterPrinter {
+                capabilities: capabilities.clone(),
+            };
+            session.request(request).await?;
+            self.state.printer_registered = Some(capabilities.clone());
             self.save()?;
         }
         if let Some(check) = &self.state.owner_check {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::OwnerCheckReason;
 use crate::job::JobUpdate;
 use crate::outbox::{Consent, OutboxItem, RequestNo};
+use crate::print::Capabilities;
 use crate::settings::Endpoints;
 use crate::{DeviceId, FeedSeq, JobId, Secret, UnixMillis};
 
@@ -57,6 +58,9 @@ pub struct AgentState {
     /// When the contracts were last fetched.
     #[serde(default)]
     pub contracts_fetched_at: Option<UnixMillis>,
+    /// The printer capabilities the cloud has (registered with the printer queue).
+    #[serde(default)]
+    pub printer_registered: Option<Capabilities>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +94,7 @@ impl Default for AgentState {
             poll_interval_secs: None,
             support: BTreeMap::new(),
             contracts_fetched_at: None,
+            printer_registered: None,
         }
     }
 }
@@ -137,6 +142,7 @@ impl AgentState {
             s.active = None;
         }
         self.contracts_fetched_at = None;
+        self.printer_registered = None;
         // The endpoints stay (they say where the service is); the revision numbering belongs
         // to the old id's record, and the new one starts again from 1.
         if let Some(s) = self.settings.as_mut() {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{DeviceStatus, ErrorCode};
 use crate::job::{JobState, Transition};
 use crate::outbox::RequestNo;
+use crate::print::PrintSettings;
 use crate::records::{
     CompanionRecord, ConsentRecord, DeviceRecord, Invalidation, JobRecord, OwnerCheckState,
 };
@@ -350,6 +351,10 @@ pub struct SubmitJob {
     /// A second submission with the same key for the same device returns the first job.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Print settings, checked against the device's printer (`unsupported_setting` names the
+    /// first it cannot honour).
+    #[serde(default)]
+    pub print: Option<PrintSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -368,6 +373,8 @@ pub struct JobView {
     pub outcome: Option<String>,
     pub history: Vec<Transition>,
     pub submitted_by: Option<String>,
+    #[serde(default)]
+    pub print: Option<PrintSettings>,
 }
 
 impl From<&JobRecord> for JobView {
@@ -387,6 +394,7 @@ impl From<&JobRecord> for JobView {
             outcome: j.outcome.clone(),
             history: j.history.clone(),
             submitted_by: j.submitted_by.clone(),
+            print: j.print.clone(),
         }
     }
 }

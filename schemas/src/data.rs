@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::feed::FeedEntry;
 use crate::job::{JobState, JobUpdate};
 use crate::outbox::{OutboxItem, RequestNo};
+use crate::print::{Capabilities, PrintSettings};
 use crate::services::{ContractInfo, DeviceControl, InstructionOffer};
 use crate::settings::SettingsReport;
 use crate::{DeviceId, FeedSeq, InstructionId, JobId, OwnerId, RequestId, Secret, UnixMillis};
@@ -128,6 +129,9 @@ pub enum Request {
     /// The device's contract information, one entry per support service it has (or had) a
     /// contract for.
     Contracts,
+    /// Registers (or updates) the device's printer queue with what its printer can do. Jobs
+    /// with print settings are checked against these at submission.
+    RegisterPrinter { capabilities: Capabilities },
     /// Activates a support service the device has a contract for, enabled locally and
     /// supporting its model. The answer says what the service needs reported.
     ActivateService {
@@ -241,6 +245,9 @@ pub enum Response {
         contracts: Vec<ContractInfo>,
     },
     DeviceControl(DeviceControl),
+    PrinterRegistered {
+        at: UnixMillis,
+    },
 }
 
 /// A delivered request the cloud will not act on, and why. Final: sending it again cannot help.
@@ -260,6 +267,9 @@ pub struct JobOffer {
     pub content_type: String,
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    /// The print settings the job asks for (checked against the printer's capabilities).
+    #[serde(default)]
+    pub print: Option<PrintSettings>,
 }
 
 impl std::fmt::Debug for JobOffer {
@@ -270,6 +280,7 @@ impl std::fmt::Debug for JobOffer {
             .field("lease_until", &self.lease_until)
             .field("content_type", &self.content_type)
             .field("payload_len", &self.payload.len())
+            .field("print", &self.print)
             .finish()
     }
 }
@@ -357,6 +368,8 @@ pub enum ErrorCode {
     Expired,
     /// The registration code is wrong, already used, or issued to another device.
     RegistrationCodeInvalid,
+    /// A print setting the target printer cannot honour (the message names it).
+    UnsupportedSetting,
     #[serde(other)]
     Unknown,
 }
@@ -386,6 +399,7 @@ impl ErrorCode {
             ErrorCode::OwnerCheckPending => "owner_check_pending",
             ErrorCode::Expired => "expired",
             ErrorCode::RegistrationCodeInvalid => "registration_code_invalid",
+            ErrorCode::UnsupportedSetting => "unsupported_setting",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -449,6 +463,7 @@ mod tests {
             lease_until: UnixMillis(0),
             content_type: "x".into(),
             payload: vec![0xff; 1000],
+            print: None,
         };
         let bytes = encode(&offer).unwrap();
         assert!(bytes.len() < 1100, "payload took {} bytes", bytes.len());

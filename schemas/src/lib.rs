@@ -9,6 +9,7 @@
 //! - [`feed`], [`job`]: feed entries and the job lifecycle shared by the cloud and the device.
 //! - [`nudge`]: poll-now nudges passed on over the LAN as a tree, with tokens only the cloud makes.
 //! - [`outbox`]: requests a device makes on its own, delivered in order from a durable outbox.
+//! - [`print`]: printer capabilities and the print settings a job asks for.
 //! - [`records`]: what the cloud bridge stores on disk.
 //! - [`services`]: services customers apply for, the instruction mailbox, enrollment codes.
 //! - [`settings`]: server settings (endpoints) given to a device from outside, and its report.
@@ -26,6 +27,7 @@ pub mod job;
 pub mod nudge;
 pub mod ops;
 pub mod outbox;
+pub mod print;
 pub mod records;
 pub mod services;
 pub mod settings;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::DeviceStatus;
 use crate::job::{JobState, Transition};
 use crate::outbox::{DeviceRequest, RequestNo};
+use crate::print::{Capabilities, PrintSettings};
 use crate::services::ServiceUse;
 use crate::settings::{ReportedSettings, SettingsRecord};
 use crate::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, UnixMillis};
@@ -60,6 +61,15 @@ pub struct DeviceRecord {
     /// Services the device is permitted to use (registered with a valid code).
     #[serde(default)]
     pub services: Vec<ServiceUse>,
+    /// The device's printer queue, once it registered one.
+    #[serde(default)]
+    pub printer: Option<PrinterQueue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrinterQueue {
+    pub capabilities: Capabilities,
+    pub registered_at: UnixMillis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,4 +169,7 @@ pub struct JobRecord {
     /// Who submitted it: `admin`, `owner:{id}` or `companion:{id}`.
     #[serde(default)]
     pub submitted_by: Option<String>,
+    /// The print settings asked for.
+    #[serde(default)]
+    pub print: Option<PrintSettings>,
 }

@@ -121,6 +121,7 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// [`Principal::label`] of the submitter.
     pub submitted_by: Option<String>,
+    pub print: Option<schemas::print::PrintSettings>,
 }
 
 /// The outcome of authenticating a device.
@@ -435,6 +436,7 @@ impl Core {
             settings: None,
             settings_reported: None,
             services: Vec::new(),
+            printer: None,
         };
         let mut enrollment = enrollment;
         enrollment.uses_left -= 1;
@@ -538,6 +540,34 @@ impl Core {
             events: vec![event],
         };
         Ok((ticket, effects))
+    }
+
+    /// The device registers (or updates) its printer queue. Unchanged: nothing is written.
+    pub fn register_printer(
+        &mut self,
+        id: &DeviceId,
+        capabilities: schemas::print::Capabilities,
+        now: UnixMillis,
+    ) -> CoreResult<(UnixMillis, Ticket)> {
+        capabilities
+            .validate()
+            .map_err(|e| CoreError::new(ErrorCode::BadRequest, format!("capabilities: {e}")))?;
+        let device = self.active_device(id)?;
+        if let Some(p) = &device.printer
+            && p.capabilities == capabilities
+        {
+            return Ok((p.registered_at, self.read_ticket()));
+        }
+        let mut device = device.clone();
+        device.printer = Some(schemas::records::PrinterQueue {
+            capabilities,
+            registered_at: now,
+        });
+        let mut batch = Batch::default();
+        batch.put(key("d", id.as_str()), encode(&device)?);
+        let ticket = self.commit(batch)?;
+        self.devices.insert(id.clone(), device);
+        Ok((now, ticket))
     }
 
     fn active_device(&self, id: &DeviceId) -> CoreResult<&DeviceRecord> {
@@ -690,6 +720,23 @@ impl Core {
                 "ttl must be positive",
             ));
         }
+        if let Some(print) = &new.print {
+            let device = self.device(device_id)?;
+            let Some(printer) = &device.printer else {
+                return Err(CoreError::new(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "device {device_id} has registered no printer queue; print settings cannot be honoured"
+                    ),
+                ));
+            };
+            print.check(&printer.capabilities).map_err(|e| {
+                CoreError::new(
+                    ErrorCode::UnsupportedSetting,
+                    format!("device {device_id}: {e}"),
+                )
+            })?;
+        }
         if self.jobs.contains_key(&job_id) {
             return Err(CoreError::new(
                 ErrorCode::Conflict,
@@ -710,6 +757,7 @@ impl Core {
             payload_len: new.payload.len() as u64,
             outcome: None,
             submitted_by: new.submitted_by,
+            print: new.print,
             history: vec![Transition {
                 from: None,
                 to: JobState::Queued,
@@ -875,6 +923,7 @@ impl Core {
             lease_until: job.lease_until.unwrap_or(now),
             content_type: job.content_type.clone(),
             payload,
+            print: job.print.clone(),
         };
         self.store_job(job);
         Ok((offer, ticket, effects))
@@ -1186,6 +1235,7 @@ pub(crate) mod tests {
                 max_attempts: None,
                 idempotency_key: None,
                 submitted_by: None,
+                print: None,
             },
             T0,
         )
@@ -1352,6 +1402,7 @@ pub(crate) mod tests {
             max_attempts: None,
             idempotency_key: Some("order-7".into()),
             submitted_by: None,
+            print: None,
         };
         let (first, created, ..) = core
             .submit_job(&dev, JobId::from_random([1; 8]), new.clone(), T0)

@@ -292,6 +292,7 @@ mod tests {
                     max_attempts: None,
                     idempotency_key: None,
                     submitted_by: None,
+                    print: None,
                 },
                 T0,
             )

@@ -12,6 +12,7 @@ use device_sim::{
     AgentConfig, AgentEvent, DeviceInfo, FileStateStore, MemoryStateStore, SimulatedExecutor,
 };
 use schemas::data::{DeviceState, DeviceStatus, OwnerCheckReason, OwnerClaim};
+use schemas::print::Capabilities;
 use schemas::settings::Endpoints;
 use schemas::{OwnerId, Secret};
 use tokio::io::AsyncBufReadExt;
@@ -103,6 +104,12 @@ enum Command {
         /// repeatable. Change it later at the panel with `support <service> on|off`.
         #[arg(long = "support")]
         support: Vec<String>,
+        /// The printer prints one side only (its queue says so; duplex jobs are refused).
+        #[arg(long)]
+        simplex: bool,
+        /// The printer prints in black only.
+        #[arg(long)]
+        mono: bool,
     },
     /// Run N devices with a job generator and faults, and report latency and throughput.
     Fleet(Box<FleetArgs>),
@@ -452,6 +459,8 @@ async fn main() -> anyhow::Result<()> {
             owner_id,
             owner_pin,
             support,
+            simplex,
+            mono,
         } => {
             // A colour printer whose cartridges drain as it prints (panel: `replace <colour>`).
             let consumables = Consumables::colour_printer();
@@ -462,6 +471,14 @@ async fn main() -> anyhow::Result<()> {
             });
             let mut config = config(&common, serial)?;
             config.readings = Some(Arc::new(consumables.clone()));
+            config.printer = Some(Capabilities {
+                media_sizes: vec!["A4".into(), "Letter".into(), "A5".into()],
+                color: !mono,
+                duplex: !simplex,
+                resolutions_dpi: vec![300, 600],
+                finishing: vec!["staple".into()],
+                max_copies: 999,
+            });
             for s in support {
                 let (name, on) = match s.split_once('=') {
                     Some((name, v)) => (

@@ -1,0 +1,216 @@
+//! Printing: what a device's printer can really do, and the settings a print job asks for.
+
+use serde::{Deserialize, Serialize};
+
+/// What a device's printer can do, as it registers its printer queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Media sizes it can print on (`A4`, `Letter`, ...).
+    pub media_sizes: Vec<String>,
+    /// Colour printing; `false`: monochrome only.
+    pub color: bool,
+    /// Two-sided printing; `false`: simplex only.
+    pub duplex: bool,
+    pub resolutions_dpi: Vec<u32>,
+    /// Finishing it can do (`staple`, `punch`, ...).
+    #[serde(default)]
+    pub finishing: Vec<String>,
+    /// Most copies of one job (at least 1).
+    pub max_copies: u16,
+}
+
+/// The settings a print job asks for; what is not given is the device's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrintSettings {
+    #[serde(default)]
+    pub media_size: Option<String>,
+    #[serde(default)]
+    pub color: Option<bool>,
+    #[serde(default)]
+    pub duplex: Option<bool>,
+    #[serde(default)]
+    pub resolution_dpi: Option<u32>,
+    #[serde(default)]
+    pub finishing: Vec<String>,
+    #[serde(default)]
+    pub copies: Option<u16>,
+}
+
+/// A setting the printer cannot honour.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{setting} {requested} is not supported (the printer offers {offered})")]
+pub struct Unsupported {
+    /// The setting's name, as in [`PrintSettings`].
+    pub setting: &'static str,
+    pub requested: String,
+    pub offered: String,
+}
+
+impl Capabilities {
+    /// Checks the registration itself: something to print on, bounded lists.
+    pub fn validate(&self) -> Result<(), String> {
+        let names_ok =
+            |l: &[String]| l.len() <= 32 && l.iter().all(|n| !n.is_empty() && n.len() <= 64);
+        if self.media_sizes.is_empty() || !names_ok(&self.media_sizes) {
+            return Err("media_sizes: 1 to 32 names of 1 to 64 bytes".into());
+        }
+        if self.resolutions_dpi.is_empty() || self.resolutions_dpi.len() > 16 {
+            return Err("resolutions_dpi: 1 to 16 values".into());
+        }
+        if !names_ok(&self.finishing) {
+            return Err("finishing: at most 32 names of 1 to 64 bytes".into());
+        }
+        if self.max_copies == 0 {
+            return Err("max_copies must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl PrintSettings {
+    /// The first setting `caps` cannot honour, if any.
+    pub fn check(&self, caps: &Capabilities) -> Result<(), Unsupported> {
+        let list = |l: &[String]| l.join(", ");
+        if let Some(m) = &self.media_size
+            && !caps.media_sizes.contains(m)
+        {
+            return Err(Unsupported {
+                setting: "media_size",
+                requested: m.clone(),
+                offered: list(&caps.media_sizes),
+            });
+        }
+        if self.color == Some(true) && !caps.color {
+            return Err(Unsupported {
+                setting: "color",
+                requested: "true".into(),
+                offered: "monochrome only".into(),
+            });
+        }
+        if self.duplex == Some(true) && !caps.duplex {
+            return Err(Unsupported {
+                setting: "duplex",
+                requested: "true".into(),
+                offered: "simplex only".into(),
+            });
+        }
+        if let Some(r) = self.resolution_dpi
+            && !caps.resolutions_dpi.contains(&r)
+        {
+            return Err(Unsupported {
+                setting: "resolution_dpi",
+                requested: r.to_string(),
+                offered: caps
+                    .resolutions_dpi
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        if let Some(f) = self.finishing.iter().find(|f| !caps.finishing.contains(f)) {
+            return Err(Unsupported {
+                setting: "finishing",
+                requested: f.clone(),
+                offered: if caps.finishing.is_empty() {
+                    "none".into()
+                } else {
+                    list(&caps.finishing)
+                },
+            });
+        }
+        if let Some(c) = self.copies
+            && (c == 0 || c > caps.max_copies)
+        {
+            return Err(Unsupported {
+                setting: "copies",
+                requested: c.to_string(),
+                offered: format!("1 to {}", caps.max_copies),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn simplex_mono() -> Capabilities {
+        Capabilities {
+            media_sizes: vec!["A4".into(), "Letter".into()],
+            color: false,
+            duplex: false,
+            resolutions_dpi: vec![300, 600],
+            finishing: vec![],
+            max_copies: 99,
+        }
+    }
+
+    #[test]
+    fn the_first_unsupported_setting_is_named() {
+        let caps = simplex_mono();
+        assert!(caps.validate().is_ok());
+        let ok = PrintSettings {
+            media_size: Some("A4".into()),
+            duplex: Some(false),
+            copies: Some(2),
+            ..PrintSettings::default()
+        };
+        assert_eq!(ok.check(&caps), Ok(()));
+        let named = |s: PrintSettings| s.check(&caps).unwrap_err().setting;
+        assert_eq!(
+            named(PrintSettings {
+                duplex: Some(true),
+                ..Default::default()
+            }),
+            "duplex"
+        );
+        assert_eq!(
+            named(PrintSettings {
+                color: Some(true),
+                ..Default::default()
+            }),
+            "color"
+        );
+        assert_eq!(
+            named(PrintSettings {
+                media_size: Some("A3".into()),
+                ..Default::default()
+            }),
+            "media_size"
+        );
+        assert_eq!(
+            named(PrintSettings {
+                resolution_dpi: Some(1200),
+                ..Default::default()
+            }),
+            "resolution_dpi"
+        );
+        assert_eq!(
+            named(PrintSettings {
+                finishing: vec!["staple".into()],
+                ..Default::default()
+            }),
+            "finishing"
+        );
+        assert_eq!(
+            named(PrintSettings {
+                copies: Some(0),
+                ..Default::default()
+            }),
+            "copies"
+        );
+        let err = PrintSettings {
+            duplex: Some(true),
+            ..Default::default()
+        }
+        .check(&caps)
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "duplex true is not supported (the printer offers simplex only)"
+        );
+    }
+}
