@@ -48,6 +48,7 @@ use tracing::Instrument;
 
 use crate::backoff::{Backoff, jitter};
 use crate::consumables::ReadingsSource;
+use crate::counters::{self, CounterSource};
 use crate::executor::{JobExecutor, JobOutcome};
 use crate::lan::{self, NudgeCheck};
 use crate::mqtt::{self, LinkEvent, MqttSettings};
@@ -112,6 +113,9 @@ pub struct AgentConfig {
     /// The device's printer: its printer queue is registered with these capabilities (again
     /// whenever they change), and jobs asking for more are refused at submission.
     pub printer: Option<Capabilities>,
+    /// The printer's page counters: read whole (see [`crate::counters`]) and reported after
+    /// every job and on [`AgentHandle::report_counters`], with consent.
+    pub counters: Option<Arc<dyn CounterSource>>,
     pub session: SessionSettings,
     pub agent_name: String,
 }
@@ -151,6 +155,7 @@ impl AgentConfig {
             support_services: BTreeMap::new(),
             readings: None,
             printer: None,
+            counters: None,
             session: SessionSettings::default(),
             agent_name: concat!("device-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
         }
@@ -307,6 +312,7 @@ enum Command {
     ConfirmOwner(OwnerClaim, Reply<()>),
     InUse(Reply<SettingsReport>),
     SetSupport(String, bool, Reply<()>),
+    ReportCounters(Reply<Submitted>),
     Readings(BTreeMap<String, String>, Reply<Vec<String>>),
     PollNow,
 }
@@ -461,6 +467,12 @@ impl AgentHandle {
         readings: BTreeMap<String, String>,
     ) -> Result<Vec<String>, AgentError> {
         self.ask(|r| Command::Readings(readings, r)).await
+    }
+
+    /// Reads the page counters whole and queues them for the cloud (device information: without
+    /// consent, [`Submitted::Withheld`]). Without a counter source: [`Submitted::Withheld`] too.
+    pub async fn report_counters(&self) -> Result<Submitted, AgentError> {
+        self.ask(Command::ReportCounters).await
     }
 
     /// The consent setting as the device holds it.
@@ -813,6 +825,13 @@ impl Agent {
                         let _ = reply.send(self.save().map_err(AgentError::from));
                         want_sync = true;
                     }
+                    Some(Command::ReportCounters(reply)) => {
+                        let result = self.queue_counters().await;
+                        if matches!(result, Ok(Submitted::Queued(_))) {
+                            want_sync = true;
+                        }
+                        let _ = reply.send(result);
+                    }
                     Some(Command::Readings(readings, reply)) => {
                         let queued = self.queue_telemetry(&readings, |_| true);
                         if !matches!(queued, Ok(ref q) if q.is_empty()) {
@@ -1133,6 +1152,15 @@ impl Agent {
             self.save()?;
         }
         Ok(queued)
+    }
+
+    /// Reads the counters whole and queues them.
+    async fn queue_counters(&mut self) -> Result<Submitted, AgentError> {
+        let Some(source) = self.config.counters.clone() else {
+            return Ok(Submitted::Withheld);
+        };
+        let counters = counters::read_whole(source.as_ref()).await;
+        self.submit(DeviceRequest::Counters { counters })
     }
 
     /// When the next periodic report of an active support service is due.
@@ -1860,6 +1888,10 @@ impl Agent {
             attempt,
             outcome,
         });
+        // The job changed the counters: they go with the round's outbox delivery.
+        if let Err(e) = self.queue_counters().await {
+            tracing::warn!(error = %e, "counters not queued");
+        }
         self.report_outcome(session, job_id).await
     }
 

@@ -3,11 +3,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use schemas::data::JobOffer;
 
 use crate::consumables::Consumables;
+use crate::counters::SimulatedCounters;
 
 /// The result of running a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub struct SimulatedExecutor {
     pub duration: Duration,
     pub fail_ratio: f64,
     pub consumables: Option<Consumables>,
+    /// Counts each page printed (copies × 1 page, colour and media as the job asks).
+    pub counters: Option<Arc<SimulatedCounters>>,
 }
 
 impl Default for SimulatedExecutor {
@@ -46,6 +50,7 @@ impl Default for SimulatedExecutor {
             duration: Duration::from_millis(50),
             fail_ratio: 0.0,
             consumables: None,
+            counters: None,
         }
     }
 }
@@ -55,6 +60,7 @@ impl JobExecutor for SimulatedExecutor {
         let duration = self.duration;
         let fail = self.fail_ratio > 0.0 && rand::random::<f64>() < self.fail_ratio;
         let consumables = self.consumables.clone();
+        let counters = self.counters.clone();
         Box::pin(async move {
             // Simulated printing time.
             tokio::time::sleep(duration).await;
@@ -65,6 +71,13 @@ impl JobExecutor for SimulatedExecutor {
             } else {
                 if let Some(c) = consumables {
                     c.printed();
+                }
+                if let Some(counters) = counters {
+                    let print = job.print.clone().unwrap_or_default();
+                    let media = print.media_size.as_deref().unwrap_or("A4");
+                    for _ in 0..print.copies.unwrap_or(1) {
+                        counters.count_page(print.color == Some(true), media);
+                    }
                 }
                 JobOutcome::Succeeded {
                     detail: Some(format!("printed {} bytes", job.payload.len())),

@@ -9,6 +9,7 @@
 //! - [`state`]: where the agent keeps its state (a file, or memory for large fleets).
 //! - [`executor`]: how a job is run; [`executor::SimulatedExecutor`] for the simulator.
 //! - [`backoff`]: exponential backoff with jitter.
+//! - [`counters`]: page counters, read whole even while pages are being counted.
 //! - [`consumables`]: what a device can measure for support services; simulated cartridges.
 //! - `fleet` (feature `fleet`, on by default): many devices in one process, a job generator,
 //!   faults, and a latency and throughput report.
@@ -18,6 +19,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod consumables;
+pub mod counters;
 pub mod executor;
 #[cfg(feature = "fleet")]
 pub mod fleet;

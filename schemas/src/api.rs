@@ -9,7 +9,8 @@ use crate::job::{JobState, Transition};
 use crate::outbox::RequestNo;
 use crate::print::PrintSettings;
 use crate::records::{
-    CompanionRecord, ConsentRecord, DeviceRecord, Invalidation, JobRecord, OwnerCheckState,
+    CompanionRecord, ConsentRecord, CountersRecord, DeviceRecord, Invalidation, JobRecord,
+    OwnerCheckState,
 };
 use crate::services::{
     EnrollmentState, InstructionBody, InstructionRecord, InstructionState, RefusedRegistration,
@@ -73,6 +74,8 @@ pub struct DeviceView {
     pub invalidated: Option<Invalidation>,
     /// Services the device is permitted to use.
     pub services: Vec<ServiceUse>,
+    /// The newest page counters accepted.
+    pub counters: Option<CountersRecord>,
 }
 
 impl From<&DeviceRecord> for DeviceView {
@@ -98,6 +101,7 @@ impl From<&DeviceRecord> for DeviceView {
             owner_check: d.owner_check.clone(),
             invalidated: d.invalidated.clone(),
             services: d.services.clone(),
+            counters: d.counters.clone(),
         }
     }
 }

@@ -68,6 +68,10 @@ pub enum DeviceRequest {
         service_id: String,
         readings: BTreeMap<String, String>,
     },
+    /// The printer's page counters (device information), read whole.
+    Counters {
+        counters: crate::print::PageCounters,
+    },
     /// A request kind this version does not know.
     #[serde(other)]
     Unknown,
@@ -78,7 +82,9 @@ impl DeviceRequest {
     pub fn is_device_information(&self) -> bool {
         matches!(
             self,
-            DeviceRequest::Status { .. } | DeviceRequest::Telemetry { .. }
+            DeviceRequest::Status { .. }
+                | DeviceRequest::Telemetry { .. }
+                | DeviceRequest::Counters { .. }
         )
     }
 
@@ -88,6 +94,7 @@ impl DeviceRequest {
             DeviceRequest::Consent { .. } => "consent",
             DeviceRequest::PanelJob { .. } => "panel_job",
             DeviceRequest::Telemetry { .. } => "telemetry",
+            DeviceRequest::Counters { .. } => "counters",
             DeviceRequest::Unknown => "unknown",
         }
     }

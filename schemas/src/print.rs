@@ -37,6 +37,44 @@ pub struct PrintSettings {
     pub copies: Option<u16>,
 }
 
+/// A printer's page counters. A consistent reading has `total == color + mono` and `total`
+/// equal to the sum over media sizes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageCounters {
+    pub total: u64,
+    pub color: u64,
+    pub mono: u64,
+    pub per_media: std::collections::BTreeMap<String, u64>,
+}
+
+impl PageCounters {
+    /// Whether the reading is whole: taken while no page was being counted.
+    pub fn is_consistent(&self) -> bool {
+        self.color.checked_add(self.mono) == Some(self.total)
+            && self
+                .per_media
+                .values()
+                .try_fold(0u64, |a, v| a.checked_add(*v))
+                == Some(self.total)
+    }
+
+    /// The first counter that is lower than in `earlier`, if any.
+    pub fn went_backwards(&self, earlier: &PageCounters) -> Option<String> {
+        let fields = [
+            ("total", self.total, earlier.total),
+            ("color", self.color, earlier.color),
+            ("mono", self.mono, earlier.mono),
+        ];
+        if let Some((name, now, before)) = fields.iter().find(|(_, now, before)| now < before) {
+            return Some(format!("{name} went from {before} to {now}"));
+        }
+        earlier.per_media.iter().find_map(|(media, before)| {
+            let now = self.per_media.get(media).copied().unwrap_or(0);
+            (now < *before).then(|| format!("{media} went from {before} to {now}"))
+        })
+    }
+}
+
 /// A setting the printer cannot honour.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{setting} {requested} is not supported (the printer offers {offered})")]
@@ -146,6 +184,27 @@ mod tests {
             finishing: vec![],
             max_copies: 99,
         }
+    }
+
+    #[test]
+    fn counters_are_checked_for_tearing_and_going_back() {
+        let c = |total, color, mono, a4| PageCounters {
+            total,
+            color,
+            mono,
+            per_media: [("A4".to_owned(), a4)].into(),
+        };
+        assert!(c(10, 4, 6, 10).is_consistent());
+        assert!(!c(11, 4, 6, 10).is_consistent());
+        assert!(!c(10, 4, 6, 9).is_consistent());
+        assert_eq!(c(10, 4, 6, 10).went_backwards(&c(9, 4, 5, 9)), None);
+        assert_eq!(
+            c(10, 3, 7, 10).went_backwards(&c(9, 4, 5, 9)),
+            Some("color went from 4 to 3".into())
+        );
+        let mut fewer = c(10, 4, 6, 10);
+        fewer.per_media.clear();
+        assert!(fewer.went_backwards(&c(10, 4, 6, 10)).is_some());
     }
 
     #[test]

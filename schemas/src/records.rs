@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::DeviceStatus;
 use crate::job::{JobState, Transition};
 use crate::outbox::{DeviceRequest, RequestNo};
-use crate::print::{Capabilities, PrintSettings};
+use crate::print::{Capabilities, PageCounters, PrintSettings};
 use crate::services::ServiceUse;
 use crate::settings::{ReportedSettings, SettingsRecord};
 use crate::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, UnixMillis};
@@ -64,6 +64,17 @@ pub struct DeviceRecord {
     /// The device's printer queue, once it registered one.
     #[serde(default)]
     pub printer: Option<PrinterQueue>,
+    /// The newest page counters accepted (never lower than any before).
+    #[serde(default)]
+    pub counters: Option<CountersRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersRecord {
+    pub counters: PageCounters,
+    /// When the device read them (its clock).
+    pub read_at: UnixMillis,
+    pub received_at: UnixMillis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -437,6 +437,7 @@ impl Core {
             settings_reported: None,
             services: Vec::new(),
             printer: None,
+            counters: None,
         };
         let mut enrollment = enrollment;
         enrollment.uses_left -= 1;

@@ -8,7 +8,9 @@ use schemas::data::{DeviceStatus, ErrorBody, ErrorCode, Refusal};
 use schemas::feed::FeedBody;
 use schemas::ops::OpsEvent;
 use schemas::outbox::{DeviceRequest, MAX_DELIVER_ITEMS, OutboxItem, RequestNo};
-use schemas::records::{CONSENT_HISTORY, ConsentRecord, DeviceRecord, DeviceRequestRecord};
+use schemas::records::{
+    CONSENT_HISTORY, ConsentRecord, CountersRecord, DeviceRecord, DeviceRequestRecord,
+};
 use schemas::{DeviceId, UnixMillis};
 
 use super::{Core, CoreError, CoreResult, Effects, decode, encode, key};
@@ -78,6 +80,18 @@ fn validate(body: &DeviceRequest) -> Result<(), ErrorBody> {
             Ok(())
         }
         DeviceRequest::Unknown => bad("unknown request kind".into()),
+        DeviceRequest::Counters { counters } => {
+            if counters.per_media.len() > 64 || counters.per_media.keys().any(|k| k.len() > 64) {
+                return bad("at most 64 media sizes of at most 64 bytes".into());
+            }
+            if !counters.is_consistent() {
+                return bad(format!(
+                    "a torn reading: total {} is not color + mono ({} + {}) and the sum over media",
+                    counters.total, counters.color, counters.mono
+                ));
+            }
+            Ok(())
+        }
         // Checked against the device's contracts where it is acted on.
         DeviceRequest::Consent { .. } | DeviceRequest::Telemetry { .. } => Ok(()),
     }
@@ -131,6 +145,16 @@ impl Core {
                     } => self
                         .check_telemetry(device_id, service_id, readings)
                         .map_err(|e| e.body()),
+                    DeviceRequest::Counters { counters } => match &device.counters {
+                        Some(earlier) => match counters.went_backwards(&earlier.counters) {
+                            Some(what) => Err(ErrorBody::new(
+                                ErrorCode::InvalidState,
+                                format!("counters never go backwards: {what}"),
+                            )),
+                            None => Ok(()),
+                        },
+                        None => Ok(()),
+                    },
                     _ => Ok(()),
                 });
             if let Err(error) = verdict {
@@ -185,6 +209,13 @@ impl Core {
                         service_id: service_id.clone(),
                         readings: readings.clone(),
                         at: now,
+                    });
+                }
+                DeviceRequest::Counters { counters } => {
+                    device.counters = Some(CountersRecord {
+                        counters: counters.clone(),
+                        read_at: item.made_at,
+                        received_at: now,
                     });
                 }
                 DeviceRequest::Unknown => {}

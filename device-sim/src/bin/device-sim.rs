@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use device_sim::consumables::Consumables;
+use device_sim::counters::SimulatedCounters;
 use device_sim::{
     AgentConfig, AgentEvent, DeviceInfo, FileStateStore, MemoryStateStore, SimulatedExecutor,
 };
@@ -464,13 +465,16 @@ async fn main() -> anyhow::Result<()> {
         } => {
             // A colour printer whose cartridges drain as it prints (panel: `replace <colour>`).
             let consumables = Consumables::colour_printer();
+            let counters = Arc::new(SimulatedCounters::default());
             let executor = Arc::new(SimulatedExecutor {
                 duration: common.job_time,
                 fail_ratio: 0.0,
                 consumables: Some(consumables.clone()),
+                counters: Some(counters.clone()),
             });
             let mut config = config(&common, serial)?;
             config.readings = Some(Arc::new(consumables.clone()));
+            config.counters = Some(counters);
             config.printer = Some(Capabilities {
                 media_sizes: vec!["A4".into(), "Letter".into(), "A5".into()],
                 color: !mono,
@@ -604,6 +608,7 @@ async fn panel_command(agent: &device_sim::AgentHandle, consumables: &Consumable
                 .map(|s| format!("{s:?}"))
         }
         ["poll"] => agent.poll_now().await.map(|()| "polling".into()),
+        ["counters"] => agent.report_counters().await.map(|s| format!("{s:?}")),
         ["cartridges"] => Ok(consumables
             .cartridges()
             .iter()
@@ -661,7 +666,7 @@ async fn panel_command(agent: &device_sim::AgentHandle, consumables: &Consumable
         },
         _ => Ok(
             "commands: consent [on|off] | status idle|busy|error|sleeping [detail] | \
-                 request <action> [key=value ...] | poll | settings | cartridges | \
+                 request <action> [key=value ...] | poll | counters | settings | cartridges | \
                  replace <colour> | support <service> on|off | reset | timezone <tz> | \
                  network <name> | owner <owner id> <pin>"
                 .into(),
