@@ -9,6 +9,7 @@
 //! | `POST /v1/devices/{id}/jobs` | submit a job (201 new, 200 same idempotency key) | admin, owner, linked companion |
 //! | `GET /v1/jobs/{id}` | a job with its history | admin, device owner, submitting companion |
 //! | `GET /v1/devices/{id}/capabilities` | what the device's printer can do | admin, owner, linked companion |
+//! | `POST /v1/jobs/{id}/move` | move a queued job to another device's printer queue | admin, owner of both |
 //! | `POST /v1/owners` | create an owner and its API token | admin |
 //! | `POST /v1/companions` | create a companion (phone, PC) and its token | owner |
 //! | `GET /v1/companions/{id}` | a companion and its linked devices | admin, owner, itself |
@@ -54,8 +55,8 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use schemas::api::{
     ApiError, ApplyForService, CancelJob, CandidatesQuery, CreateCompanion, CreateEnrollmentToken,
-    CreateInstruction, CreateOwner, CreateService, Health, PollNow, PutContract, PutSettings,
-    RequestsQuery, SubmitJob, UpdateService,
+    CreateInstruction, CreateOwner, CreateService, Health, MoveJob, PollNow, PutContract,
+    PutSettings, RequestsQuery, SubmitJob, UpdateService,
 };
 use schemas::data::ErrorCode;
 use schemas::{ApplicationId, CompanionId, DeviceId, JobId, OwnerId, Secret};
@@ -112,6 +113,7 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
         .route("/v1/devices/:id/jobs", post(submit_job))
         .route("/v1/jobs/:id", get(get_job))
         .route("/v1/devices/:id/capabilities", get(get_capabilities))
+        .route("/v1/jobs/:id/move", post(move_job))
         .route(
             "/v1/devices/:id/settings",
             get(get_settings).put(put_settings),
@@ -490,6 +492,20 @@ async fn apply_for_service(
 ) -> ApiResult<impl IntoResponse> {
     let view = state.bridge.apply_for_service(&customer, req).await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn move_job(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+    Body(req): Body<MoveJob>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        state
+            .bridge
+            .move_job(&principal, &job_id(&id)?, &req.to)
+            .await?,
+    ))
 }
 
 async fn get_capabilities(

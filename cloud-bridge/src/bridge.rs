@@ -397,6 +397,20 @@ impl Bridge {
             .await
     }
 
+    /// Moves a queued job to another device's printer queue.
+    pub async fn move_job(
+        &self,
+        principal: &Principal,
+        job: &JobId,
+        to: &DeviceId,
+    ) -> CoreResult<JobView> {
+        let (record, ticket, effects) =
+            self.core()
+                .move_job(principal, job, to, UnixMillis::now())?;
+        self.finish(ticket, effects).await?;
+        Ok(JobView::from(&record))
+    }
+
     /// What a device's printer can do (for a client to offer only those settings); for whoever
     /// may submit jobs to it.
     pub async fn capabilities(

@@ -16,7 +16,7 @@ use schemas::api::{
 };
 use schemas::api::{
     ApplicationView, ApplyForService, CreateInstruction, CreateService, CustomerView,
-    InstructionView, PollNow, PollNowPlan, PutContract,
+    InstructionView, MoveJob, PollNow, PollNowPlan, PutContract,
 };
 use schemas::print::Capabilities;
 use schemas::records::DeviceRequestRecord;
@@ -307,6 +307,13 @@ impl AdminClient {
             )
             .await?
             .1)
+    }
+
+    /// Moves a queued job to another device's printer queue.
+    pub async fn move_job(&self, job: &JobId, to: &DeviceId) -> Result<JobView, ClientError> {
+        let body = MoveJob { to: to.clone() };
+        let path = format!("/v1/jobs/{job}/move");
+        Ok(self.call(Method::POST, &path, Some(&body)).await?.1)
     }
 
     /// What a device's printer can do.

@@ -245,6 +245,13 @@ impl InstructionView {
     }
 }
 
+/// `POST /v1/jobs/{id}/move`: to another device's printer queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveJob {
+    pub to: DeviceId,
+}
+
 /// `POST /v1/customers/{customer}/poll-now`: make devices poll now.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

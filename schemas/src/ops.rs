@@ -115,6 +115,14 @@ pub enum OpsEvent {
         readings: std::collections::BTreeMap<String, String>,
         at: UnixMillis,
     },
+    /// A queued job was moved to another device's printer queue.
+    JobMoved {
+        job_id: JobId,
+        from: DeviceId,
+        to: DeviceId,
+        by: String,
+        at: UnixMillis,
+    },
     JobTransition {
         device_id: DeviceId,
         job_id: JobId,
@@ -158,6 +166,7 @@ impl OpsEvent {
                 topics::ops_service(service_id, "activated")
             }
             OpsEvent::Telemetry { service_id, .. } => topics::ops_service(service_id, "telemetry"),
+            OpsEvent::JobMoved { to, .. } => topics::ops_job(to, "moved"),
             OpsEvent::JobTransition { device_id, to, .. } => {
                 topics::ops_job(device_id, to.as_str())
             }

@@ -38,6 +38,7 @@ mod contracts;
 mod nudge;
 mod owner;
 mod principals;
+mod queues;
 mod requests;
 mod services;
 mod settings;
