@@ -40,6 +40,8 @@
 //! | `GET /v1/devices/{id}/contracts` | the device's support-service contracts |
 //! | `PUT`, `DELETE /v1/devices/{id}/contracts/{service}` | set (switching provider) or cancel a contract |
 //! | `POST /v1/jobs/{id}/cancel` | cancel a job |
+//! | `POST /v1/users` | a person who prints with held jobs (user id and PIN) |
+//! | `POST`, `GET /v1/users/{id}/held-jobs` | a job for the user's virtual printer; the user's held jobs |
 //!
 //! Errors are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
 
@@ -55,11 +57,11 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use schemas::api::{
     ApiError, ApplyForService, CancelJob, CandidatesQuery, CreateCompanion, CreateEnrollmentToken,
-    CreateInstruction, CreateOwner, CreateService, Health, MoveJob, PollNow, PutContract,
-    PutSettings, RequestsQuery, SubmitJob, UpdateService,
+    CreateInstruction, CreateOwner, CreateService, CreateUser, Health, MoveJob, PollNow,
+    PutContract, PutSettings, RequestsQuery, SubmitHeldJob, SubmitJob, UpdateService,
 };
 use schemas::data::ErrorCode;
-use schemas::{ApplicationId, CompanionId, DeviceId, JobId, OwnerId, Secret};
+use schemas::{ApplicationId, CompanionId, DeviceId, JobId, OwnerId, Secret, UserId};
 use serde::Serialize;
 
 use crate::bridge::Bridge;
@@ -114,6 +116,8 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
         .route("/v1/jobs/:id", get(get_job))
         .route("/v1/devices/:id/capabilities", get(get_capabilities))
         .route("/v1/jobs/:id/move", post(move_job))
+        .route("/v1/users", post(create_user))
+        .route("/v1/users/:id/held-jobs", post(submit_held).get(list_held))
         .route(
             "/v1/devices/:id/settings",
             get(get_settings).put(put_settings),
@@ -492,6 +496,36 @@ async fn apply_for_service(
 ) -> ApiResult<impl IntoResponse> {
     let view = state.bridge.apply_for_service(&customer, req).await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+fn user_id(raw: &str) -> ApiResult<UserId> {
+    UserId::parse(raw).map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+async fn create_user(
+    State(state): State<AppState>,
+    Body(req): Body<CreateUser>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.bridge.create_user(req).await?),
+    ))
+}
+
+async fn submit_held(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Body(req): Body<SubmitHeldJob>,
+) -> ApiResult<impl IntoResponse> {
+    let held = state.bridge.submit_held(&user_id(&id)?, req).await?;
+    Ok((StatusCode::CREATED, Json(held)))
+}
+
+async fn list_held(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.held_jobs(&user_id(&id)?).await?))
 }
 
 async fn move_job(

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use schemas::api::{
     ApplicationView, ApplyForService, CompanionCreated, CompanionView, CreateCompanion,
-    CreateEnrollmentToken, CreateInstruction, CreateOwner, CreateService, CustomerView, DeviceView,
-    EnrollmentTokenCreated, InstructionView, JobView, OwnerCreated, PollNow, PollNowPlan,
-    PutContract, SettingsView, SubmitJob, UpdateService,
+    CreateEnrollmentToken, CreateInstruction, CreateOwner, CreateService, CreateUser, CustomerView,
+    DeviceView, EnrollmentTokenCreated, InstructionView, JobView, OwnerCreated, PollNow,
+    PollNowPlan, PutContract, SettingsView, SubmitHeldJob, SubmitJob, UpdateService, UserCreated,
 };
 use schemas::data::{
     ErrorCode, MAX_SYNC_ENTRIES, MAX_SYNC_WAIT_MS, Registration, Request, Response,
@@ -22,13 +22,13 @@ use schemas::data::{
 use schemas::hint::{HintKind, Presence};
 use schemas::ops::{Channel, OpsEvent};
 use schemas::outbox::RequestNo;
-use schemas::print::Capabilities;
+use schemas::print::{Capabilities, HeldJobRecord};
 use schemas::records::{DeviceRecord, DeviceRequestRecord};
 use schemas::services::{ContractRecord, InstructionBody, ServiceRecord};
 use schemas::settings::DeviceSettings;
 use schemas::{
     ApplicationId, CompanionId, DeviceId, FeedSeq, InstructionId, JobId, OwnerId, Secret,
-    UnixMillis,
+    UnixMillis, UserId,
 };
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -397,6 +397,37 @@ impl Bridge {
             .await
     }
 
+    pub async fn create_user(&self, req: CreateUser) -> CoreResult<UserCreated> {
+        let id = UserId::from_random(rand::random());
+        let (record, ticket) =
+            self.core()
+                .create_user(id, req.name, &req.pin, UnixMillis::now())?;
+        self.finish(ticket, Effects::default()).await?;
+        Ok(UserCreated {
+            user_id: record.user_id,
+            name: record.name,
+        })
+    }
+
+    /// A job for a user's virtual printer, held until the user releases it at a device.
+    pub async fn submit_held(
+        &self,
+        user: &UserId,
+        req: SubmitHeldJob,
+    ) -> CoreResult<HeldJobRecord> {
+        let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
+        let id = JobId::from_random(rand::random());
+        let (record, ticket, effects) =
+            self.core()
+                .submit_held(user, id, req, payload, UnixMillis::now())?;
+        self.finish(ticket, effects).await?;
+        Ok(record)
+    }
+
+    pub async fn held_jobs(&self, user: &UserId) -> CoreResult<Vec<HeldJobRecord>> {
+        self.read(|c| c.held_jobs(user, UnixMillis::now())).await
+    }
+
     /// Moves a queued job to another device's printer queue.
     pub async fn move_job(
         &self,
@@ -574,21 +605,7 @@ impl Bridge {
         device: &DeviceId,
         req: SubmitJob,
     ) -> CoreResult<(JobView, bool)> {
-        use base64::Engine as _;
-        let payload = match (req.payload, req.payload_base64) {
-            (Some(text), None) => text.into_bytes(),
-            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-                .decode(b64.as_bytes())
-                .map_err(|e| {
-                    CoreError::new(ErrorCode::BadRequest, format!("payload_base64: {e}"))
-                })?,
-            _ => {
-                return Err(CoreError::new(
-                    ErrorCode::BadRequest,
-                    "give exactly one of payload and payload_base64",
-                ));
-            }
-        };
+        let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
         let new = NewJob {
             payload,
             content_type: req
@@ -741,6 +758,36 @@ impl Bridge {
                     }
                     ServiceRegistration::Refused(e) => Err(e),
                 }
+            }
+            Request::Login { user_id, pin } => {
+                let token = Secret::from_random(rand::random());
+                let (expires_at, held) = self.core().login(device, &user_id, &pin, &token, now)?;
+                Ok(Response::LoggedIn {
+                    session: token,
+                    expires_at,
+                    held,
+                })
+            }
+            Request::HeldJobs { session } => {
+                let (held, ticket) = {
+                    let mut core = self.core();
+                    (
+                        core.session_held_jobs(device, &session, now)?,
+                        core.read_ticket(),
+                    )
+                };
+                self.durable_read(ticket).await?;
+                Ok(Response::Held { held })
+            }
+            Request::Release { session, jobs } => {
+                let (released, refused, ticket, effects) =
+                    self.core().release(device, &session, &jobs, now)?;
+                self.finish(ticket, effects).await?;
+                Ok(Response::Released { released, refused })
+            }
+            Request::Logout { session } => {
+                self.core().logout(device, &session)?;
+                Ok(Response::LoggedOut)
             }
             Request::RegisterPrinter { capabilities } => {
                 let (at, ticket) = self.core().register_printer(device, capabilities, now)?;
@@ -927,5 +974,20 @@ impl broker::Authenticator for MqttAuth {
                 );
         }
         client_id == username && self.bridge.authenticate(username, password).is_ok()
+    }
+}
+
+/// A payload given as text or as standard base64 (exactly one).
+fn decode_payload(text: Option<&str>, b64: Option<&str>) -> CoreResult<Vec<u8>> {
+    use base64::Engine as _;
+    match (text, b64) {
+        (Some(text), None) => Ok(text.as_bytes().to_vec()),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map_err(|e| CoreError::new(ErrorCode::BadRequest, format!("payload_base64: {e}"))),
+        _ => Err(CoreError::new(
+            ErrorCode::BadRequest,
+            "give exactly one of payload and payload_base64",
+        )),
     }
 }

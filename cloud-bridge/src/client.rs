@@ -15,14 +15,14 @@ use schemas::api::{
     SettingsView, SubmitJob,
 };
 use schemas::api::{
-    ApplicationView, ApplyForService, CreateInstruction, CreateService, CustomerView,
-    InstructionView, MoveJob, PollNow, PollNowPlan, PutContract,
+    ApplicationView, ApplyForService, CreateInstruction, CreateService, CreateUser, CustomerView,
+    InstructionView, MoveJob, PollNow, PollNowPlan, PutContract, SubmitHeldJob, UserCreated,
 };
-use schemas::print::Capabilities;
+use schemas::print::{Capabilities, HeldJobRecord};
 use schemas::records::DeviceRequestRecord;
 use schemas::services::{ContractRecord, ServiceRecord};
 use schemas::settings::Endpoints;
-use schemas::{ApplicationId, CompanionId, DeviceId, JobId, Secret};
+use schemas::{ApplicationId, CompanionId, DeviceId, JobId, Secret, UserId};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -307,6 +307,25 @@ impl AdminClient {
             )
             .await?
             .1)
+    }
+
+    pub async fn create_user(&self, req: &CreateUser) -> Result<UserCreated, ClientError> {
+        Ok(self.call(Method::POST, "/v1/users", Some(req)).await?.1)
+    }
+
+    /// A job for a user's virtual printer, held until released at a device.
+    pub async fn submit_held(
+        &self,
+        user: &UserId,
+        req: &SubmitHeldJob,
+    ) -> Result<HeldJobRecord, ClientError> {
+        let path = format!("/v1/users/{user}/held-jobs");
+        Ok(self.call(Method::POST, &path, Some(req)).await?.1)
+    }
+
+    pub async fn held_jobs(&self, user: &UserId) -> Result<Vec<HeldJobRecord>, ClientError> {
+        let path = format!("/v1/users/{user}/held-jobs");
+        Ok(self.call(Method::GET, &path, None::<&()>).await?.1)
     }
 
     /// Moves a queued job to another device's printer queue.

@@ -50,6 +50,9 @@ lease_secs = 60
 # Defaults for submissions that do not say.
 default_ttl_secs = 86400
 default_max_attempts = 3
+# A user logged in at a device's panel (to release held jobs) is logged out after this long
+# without using the session.
+print_session_secs = 300
 
 [devices]
 # After a reset or relocation the owner must confirm at the panel within this time, or the
@@ -165,6 +168,7 @@ pub struct Jobs {
     pub lease_secs: u64,
     pub default_ttl_secs: u64,
     pub default_max_attempts: u32,
+    pub print_session_secs: u64,
 }
 
 impl Default for Jobs {
@@ -173,6 +177,7 @@ impl Default for Jobs {
             lease_secs: 60,
             default_ttl_secs: 86400,
             default_max_attempts: 3,
+            print_session_secs: 300,
         }
     }
 }
@@ -311,6 +316,7 @@ impl Config {
         JobPolicy {
             owner_check_ms: self.devices.owner_check_window_secs.saturating_mul(1000),
             poll_interval_secs: self.devices.poll_interval_secs,
+            print_session_ms: self.jobs.print_session_secs.max(1).saturating_mul(1000),
             lease_ms: self.jobs.lease_secs.saturating_mul(1000),
             default_ttl_ms: self.jobs.default_ttl_secs.saturating_mul(1000),
             default_max_attempts: self.jobs.default_max_attempts,

@@ -36,10 +36,10 @@ use schemas::feed::{FeedBody, FeedEntry};
 use schemas::hint::HintKind;
 use schemas::job::JobUpdate;
 use schemas::outbox::{Consent, DeviceRequest, MAX_DELIVER_ITEMS};
-use schemas::print::Capabilities;
+use schemas::print::{Capabilities, HeldJobSummary};
 use schemas::services::InstructionBody;
 use schemas::settings::{DeviceSettings, Endpoints, SettingsReport};
-use schemas::{DeviceId, FeedSeq, InstructionId, JobId, Secret, UnixMillis};
+use schemas::{DeviceId, FeedSeq, InstructionId, JobId, Secret, UnixMillis, UserId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -269,6 +269,10 @@ pub enum AgentEvent {
     SupportDeactivated {
         service_id: String,
     },
+    /// A user logged in at this device has new held jobs (refresh the panel's list).
+    HeldJobsChanged {
+        user_id: UserId,
+    },
     /// Device information for a support service is queued in the outbox.
     TelemetryQueued {
         service_id: String,
@@ -313,8 +317,33 @@ enum Command {
     InUse(Reply<SettingsReport>),
     SetSupport(String, bool, Reply<()>),
     ReportCounters(Reply<Submitted>),
+    Call(Request, Reply<Response>),
     Readings(BTreeMap<String, String>, Reply<Vec<String>>),
     PollNow,
+}
+
+/// A user logged in at the panel.
+#[derive(Debug, Clone)]
+pub struct PrintSession {
+    token: Secret,
+    pub expires_at: UnixMillis,
+    /// The user's held jobs when they logged in.
+    pub held: Vec<HeldJobSummary>,
+}
+
+impl PrintSession {
+    /// The same session with a token the cloud never issued (for tests of refusals).
+    #[doc(hidden)]
+    pub fn forged_for_tests(&self) -> PrintSession {
+        PrintSession {
+            token: Secret::new("not-a-session"),
+            ..self.clone()
+        }
+    }
+}
+
+fn unexpected(response: Response) -> AgentError {
+    AgentError::Offline(format!("unexpected answer: {response:?}"))
 }
 
 /// Why the main loop ended.
@@ -467,6 +496,67 @@ impl AgentHandle {
         readings: BTreeMap<String, String>,
     ) -> Result<Vec<String>, AgentError> {
         self.ask(|r| Command::Readings(readings, r)).await
+    }
+
+    /// A user logs in at the panel (user id and PIN, checked by the cloud; needs the data
+    /// channel). The session is for this device; it ends on logout or after a while unused.
+    pub async fn login(&self, user_id: UserId, pin: Secret) -> Result<PrintSession, AgentError> {
+        match self.call(Request::Login { user_id, pin }).await? {
+            Response::LoggedIn {
+                session,
+                expires_at,
+                held,
+            } => Ok(PrintSession {
+                token: session,
+                expires_at,
+                held,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The logged-in user's held jobs.
+    pub async fn held_jobs(
+        &self,
+        session: &PrintSession,
+    ) -> Result<Vec<HeldJobSummary>, AgentError> {
+        let request = Request::HeldJobs {
+            session: session.token.clone(),
+        };
+        match self.call(request).await? {
+            Response::Held { held } => Ok(held),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Releases the chosen held jobs to this device's printer queue; they arrive as jobs.
+    /// Returns those released and those refused (with why).
+    #[allow(clippy::type_complexity)]
+    pub async fn release(
+        &self,
+        session: &PrintSession,
+        jobs: Vec<JobId>,
+    ) -> Result<(Vec<JobId>, Vec<(JobId, ErrorBody)>), AgentError> {
+        let request = Request::Release {
+            session: session.token.clone(),
+            jobs,
+        };
+        match self.call(request).await? {
+            Response::Released { released, refused } => Ok((released, refused)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn logout(&self, session: &PrintSession) -> Result<(), AgentError> {
+        let request = Request::Logout {
+            session: session.token.clone(),
+        };
+        self.call(request).await.map(|_| ())
+    }
+
+    /// Sends one request over the data channel (connecting if needed).
+    async fn call(&self, request: Request) -> Result<Response, AgentError> {
+        self.ask(|r| Command::Call(request, r)).await
     }
 
     /// Reads the page counters whole and queues them for the cloud (device information: without
@@ -824,6 +914,22 @@ impl Agent {
                         self.contracts_due = true;
                         let _ = reply.send(self.save().map_err(AgentError::from));
                         want_sync = true;
+                    }
+                    Some(Command::Call(request, reply)) => {
+                        let released = matches!(request, Request::Release { .. });
+                        let result = match self.session().await {
+                            Ok(session) => match session.request(request).await {
+                                Ok(response) => Ok(response),
+                                Err(SessionError::Request(body)) => Err(AgentError::Refused(body)),
+                                Err(e) => Err(AgentError::Offline(e.to_string())),
+                            },
+                            Err(e) => Err(AgentError::Offline(e.to_string())),
+                        };
+                        // Released jobs are in the feed now: fetch them at once.
+                        if released && result.is_ok() {
+                            want_sync = true;
+                        }
+                        let _ = reply.send(result);
                     }
                     Some(Command::ReportCounters(reply)) => {
                         let result = self.queue_counters().await;
@@ -1706,6 +1812,12 @@ impl Agent {
             }
             FeedBody::Instruction { instruction_id, .. } => {
                 self.take_instruction(session, instruction_id).await
+            }
+            FeedBody::HeldJobsChanged { user_id } => {
+                self.emit(AgentEvent::HeldJobsChanged {
+                    user_id: user_id.clone(),
+                });
+                Ok(())
             }
             FeedBody::ContractsChanged => {
                 // Fetched once at the end of this round, however many changes there were.

@@ -29,7 +29,9 @@ pub mod outbox;
 pub mod session;
 pub mod state;
 
-pub use agent::{AgentConfig, AgentError, AgentEvent, AgentHandle, DeviceInfo, start};
+pub use agent::{
+    AgentConfig, AgentError, AgentEvent, AgentHandle, DeviceInfo, PrintSession, start,
+};
 pub use executor::{JobExecutor, JobOutcome, SimulatedExecutor};
 pub use outbox::{OutboxFull, Submitted};
 pub use state::{FileStateStore, MemoryStateStore, StateStore};

@@ -19,7 +19,7 @@ use crate::services::{
 use crate::settings::{Endpoints, ReportedSettings, SettingsRecord};
 use crate::{
     ApplicationId, CompanionId, DeviceId, FeedSeq, InstructionId, JobId, OwnerId, Secret,
-    UnixMillis,
+    UnixMillis, UserId,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +243,39 @@ impl InstructionView {
             state: r.state(now),
         }
     }
+}
+
+/// `POST /v1/users`: a person who prints with held jobs (logs in at devices with the PIN).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub name: String,
+    pub pin: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserCreated {
+    pub user_id: UserId,
+    pub name: String,
+}
+
+/// `POST /v1/users/{id}/held-jobs`: a job for the user's virtual printer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitHeldJob {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub payload: Option<String>,
+    #[serde(default)]
+    pub payload_base64: Option<String>,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub print: Option<PrintSettings>,
+    /// How long it waits to be released (default 3 days).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
 }
 
 /// `POST /v1/jobs/{id}/move`: to another device's printer queue.

@@ -12,10 +12,12 @@ use serde::{Deserialize, Serialize};
 use crate::feed::FeedEntry;
 use crate::job::{JobState, JobUpdate};
 use crate::outbox::{OutboxItem, RequestNo};
-use crate::print::{Capabilities, PrintSettings};
+use crate::print::{Capabilities, HeldJobSummary, PrintSettings};
 use crate::services::{ContractInfo, DeviceControl, InstructionOffer};
 use crate::settings::SettingsReport;
-use crate::{DeviceId, FeedSeq, InstructionId, JobId, OwnerId, RequestId, Secret, UnixMillis};
+use crate::{
+    DeviceId, FeedSeq, InstructionId, JobId, OwnerId, RequestId, Secret, UnixMillis, UserId,
+};
 
 /// WebSocket close code: the frame could not be decoded.
 pub const CLOSE_BAD_FRAME: u16 = 4400;
@@ -92,9 +94,13 @@ pub enum Request {
         limit: u16,
     },
     /// Everything up to `upto` is handled. Idempotent; never moves backwards.
-    Ack { upto: FeedSeq },
+    Ack {
+        upto: FeedSeq,
+    },
     /// Take a job: returns its payload and a lease.
-    FetchJob { job_id: JobId },
+    FetchJob {
+        job_id: JobId,
+    },
     /// Report progress or the outcome of the attempt named by `attempt`.
     JobUpdate {
         job_id: JobId,
@@ -103,35 +109,71 @@ pub enum Request {
     },
     /// The device's current status. Device information: refused while the device's last
     /// reported consent withholds it. Devices with an outbox send [`Request::Deliver`] instead.
-    ReportStatus { status: DeviceStatus },
+    ReportStatus {
+        status: DeviceStatus,
+    },
     /// The oldest requests of the device's outbox, in order, at most
     /// [`crate::outbox::MAX_DELIVER_ITEMS`].
-    Deliver { items: Vec<OutboxItem> },
+    Deliver {
+        items: Vec<OutboxItem>,
+    },
     /// The device has stored the credentials of its registration: from now on it may be
     /// given jobs by companions. Idempotent.
     CompleteRegistration,
     /// The device's state met a condition that calls for the owner to confirm (reset,
     /// relocation). Until confirmed, the cloud hands it no jobs; unconfirmed by the deadline,
     /// its id is invalidated.
-    OwnerCheck { reason: OwnerCheckReason },
+    OwnerCheck {
+        reason: OwnerCheckReason,
+    },
     /// Owner information entered at the panel. Right: the check ends. Wrong: the device id is
     /// invalidated at once (error [`ErrorCode::DeviceInvalidated`]).
-    ConfirmOwner { owner: OwnerClaim },
+    ConfirmOwner {
+        owner: OwnerClaim,
+    },
     /// The settings the device uses now: sent when they changed (a new revision applied, or
     /// another endpoint in use after a fallback).
-    ReportSettings { report: SettingsReport },
+    ReportSettings {
+        report: SettingsReport,
+    },
     /// Takes an instruction from the mailbox (the cloud notes when). Refused with
     /// [`ErrorCode::Expired`] after its expiry: the device must not act on it then.
-    TakeInstruction { instruction_id: InstructionId },
+    TakeInstruction {
+        instruction_id: InstructionId,
+    },
     /// Calls a service's registration URL with the one-time code of a use-start instruction.
     /// Calling again with the same code after it succeeded answers the same.
-    RegisterService { url: String, code: Secret },
+    RegisterService {
+        url: String,
+        code: Secret,
+    },
     /// The device's contract information, one entry per support service it has (or had) a
     /// contract for.
     Contracts,
     /// Registers (or updates) the device's printer queue with what its printer can do. Jobs
     /// with print settings are checked against these at submission.
-    RegisterPrinter { capabilities: Capabilities },
+    RegisterPrinter {
+        capabilities: Capabilities,
+    },
+    /// A user logs in at the device's panel; the cloud checks the PIN and opens a session at
+    /// this device, answering with the user's held jobs.
+    Login {
+        user_id: UserId,
+        pin: Secret,
+    },
+    /// The logged-in user's held jobs.
+    HeldJobs {
+        session: Secret,
+    },
+    /// Moves the chosen held jobs to this device's printer queue (each once, to one device);
+    /// only inside a session opened at this device.
+    Release {
+        session: Secret,
+        jobs: Vec<JobId>,
+    },
+    Logout {
+        session: Secret,
+    },
     /// Activates a support service the device has a contract for, enabled locally and
     /// supporting its model. The answer says what the service needs reported.
     ActivateService {
@@ -248,6 +290,20 @@ pub enum Response {
     PrinterRegistered {
         at: UnixMillis,
     },
+    LoggedIn {
+        session: Secret,
+        expires_at: UnixMillis,
+        held: Vec<HeldJobSummary>,
+    },
+    Held {
+        held: Vec<HeldJobSummary>,
+    },
+    /// The jobs now in this device's queue, and those refused with why.
+    Released {
+        released: Vec<JobId>,
+        refused: Vec<(JobId, ErrorBody)>,
+    },
+    LoggedOut,
 }
 
 /// A delivered request the cloud will not act on, and why. Final: sending it again cannot help.

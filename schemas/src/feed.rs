@@ -37,6 +37,8 @@ pub enum FeedBody {
     /// The device's contracts changed: fetch them again
     /// ([`crate::data::Request::Contracts`]).
     ContractsChanged,
+    /// A user logged in at this device has new held jobs.
+    HeldJobsChanged { user_id: crate::UserId },
     /// An entry kind this version does not know; the device acknowledges and skips it.
     #[serde(other)]
     Unknown,

@@ -115,6 +115,11 @@ prefixed_id!(
 );
 
 prefixed_id!(
+    /// A person who prints: their jobs wait in their virtual printer until they release them
+    /// at a device.
+    UserId, "usr-", "user id"
+);
+prefixed_id!(
     /// A customer's application for a service, covering some of its devices.
     ApplicationId, "app-", "application id"
 );

@@ -36,7 +36,7 @@ pub mod topics;
 pub use codec::{DecodeError, EncodeError, decode, encode};
 pub use ids::{
     ApplicationId, CompanionId, DeviceId, FeedSeq, IdError, InstructionId, JobId, OwnerId,
-    RequestId, Secret, UnixMillis,
+    RequestId, Secret, UnixMillis, UserId,
 };
 
 /// Version of the data-channel protocol, checked in the hello.

@@ -171,6 +171,58 @@ impl PrintSettings {
     }
 }
 
+/// `u/{user_id}`: a person who prints with held jobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub user_id: crate::UserId,
+    pub name: String,
+    /// SHA-256 of `{user_id}:{pin}`, hex.
+    pub pin_sha256: String,
+    pub created_at: crate::UnixMillis,
+}
+
+/// Where a held job stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum HeldState {
+    /// Waiting in the user's virtual printer.
+    Held,
+    /// Moved to a device's printer queue (once, to one device).
+    Released {
+        device_id: crate::DeviceId,
+        at: crate::UnixMillis,
+    },
+    /// Not released before its expiry.
+    Expired { at: crate::UnixMillis },
+}
+
+/// `h/{job_id}`: a job in a user's virtual printer. Released, it becomes the job of the same id
+/// in the device's queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldJobRecord {
+    pub job_id: crate::JobId,
+    pub user_id: crate::UserId,
+    /// A name for the panel's list.
+    pub title: String,
+    pub content_type: String,
+    pub payload_len: u64,
+    #[serde(default)]
+    pub print: Option<PrintSettings>,
+    pub created_at: crate::UnixMillis,
+    pub expires_at: crate::UnixMillis,
+    pub state: HeldState,
+}
+
+/// A held job as a device lists it for the logged-in user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldJobSummary {
+    pub job_id: crate::JobId,
+    pub title: String,
+    #[serde(default)]
+    pub print: Option<PrintSettings>,
+    pub created_at: crate::UnixMillis,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,16 +25,18 @@ use schemas::data::{DeviceStatus, ErrorBody, ErrorCode, JobOffer, Registration};
 use schemas::feed::{FeedBody, FeedEntry};
 use schemas::job::{JobState, JobUpdate, Transition};
 use schemas::ops::OpsEvent;
+use schemas::print::{HeldJobRecord, UserRecord};
 use schemas::records::{
     CompanionRecord, DeviceRecord, EnrollmentRecord, JobRecord, OwnerBinding, OwnerRecord,
 };
 use schemas::services::{ContractRecord, InstructionRecord, ServiceRecord};
-use schemas::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis};
+use schemas::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, Secret, UnixMillis, UserId};
 use sha2::{Digest, Sha256};
 
 use crate::store::{Batch, Committer, StoreError, Ticket};
 
 mod contracts;
+mod held;
 mod nudge;
 mod owner;
 mod principals;
@@ -85,6 +87,8 @@ pub struct JobPolicy {
     pub owner_check_ms: u64,
     /// The regular poll devices are asked to keep (their mailbox is read at least this often).
     pub poll_interval_secs: u32,
+    /// A print session at a device's panel ends after this long unused.
+    pub print_session_ms: u64,
     pub lease_ms: u64,
     pub default_ttl_ms: u64,
     pub default_max_attempts: u32,
@@ -96,6 +100,7 @@ impl Default for JobPolicy {
         JobPolicy {
             owner_check_ms: 10 * 60_000,
             poll_interval_secs: 24 * 3600,
+            print_session_ms: 300_000,
             lease_ms: 60_000,
             default_ttl_ms: 24 * 3600 * 1000,
             default_max_attempts: 3,
@@ -188,6 +193,10 @@ pub struct Core {
     svc: services::ServiceIndex,
     /// (device, service) → contract.
     contracts: HashMap<(DeviceId, String), ContractRecord>,
+    users: HashMap<UserId, UserRecord>,
+    held: HashMap<JobId, HeldJobRecord>,
+    /// SHA-256 of a print session's token → the session.
+    sessions: HashMap<String, held::PrintSession>,
 }
 
 impl Core {
@@ -210,7 +219,18 @@ impl Core {
             tokens: HashMap::new(),
             svc: services::ServiceIndex::default(),
             contracts: HashMap::new(),
+            users: HashMap::new(),
+            held: HashMap::new(),
+            sessions: HashMap::new(),
         };
+        for (k, v) in store.scan_prefix(b"u/")? {
+            let u: UserRecord = decode(&k, &v)?;
+            core.users.insert(u.user_id.clone(), u);
+        }
+        for (k, v) in store.scan_prefix(b"h/")? {
+            let h: HeldJobRecord = decode(&k, &v)?;
+            core.held.insert(h.job_id.clone(), h);
+        }
         for (k, v) in store.scan_prefix(b"k/")? {
             let c: ContractRecord = decode(&k, &v)?;
             core.contracts
@@ -1198,6 +1218,7 @@ pub(crate) mod tests {
             JobPolicy {
                 owner_check_ms: 5000,
                 poll_interval_secs: 3600,
+                print_session_ms: 1000,
                 lease_ms: 1000,
                 default_ttl_ms: 10_000,
                 default_max_attempts: 2,

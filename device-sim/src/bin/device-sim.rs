@@ -745,6 +745,9 @@ fn log_event(event: &AgentEvent) {
             tracing::info!(nudge_id, delay_ms, "poll-now nudge accepted and passed on")
         }
         AgentEvent::NudgeRefused { reason } => tracing::warn!(%reason, "nudge refused"),
+        AgentEvent::HeldJobsChanged { user_id } => {
+            tracing::info!(%user_id, "new held jobs for the user logged in (`held`)")
+        }
         AgentEvent::SupportActivated {
             service_id,
             data_types,
