@@ -10,6 +10,7 @@
 //! | `GET /v1/jobs/{id}` | a job with its history | admin, device owner, submitting companion |
 //! | `GET /v1/devices/{id}/capabilities` | what the device's printer can do | admin, owner, linked companion |
 //! | `POST /v1/jobs/{id}/move` | move a queued job to another device's printer queue | admin, owner of both |
+//! | `POST`, `GET /v1/users/{id}/held-jobs` | a job for the user's virtual printer; their held jobs (held, released, expired) | admin, the user |
 //! | `POST /v1/owners` | create an owner and its API token | admin |
 //! | `POST /v1/companions` | create a companion (phone, PC) and its token | owner |
 //! | `GET /v1/companions/{id}` | a companion and its linked devices | admin, owner, itself |
@@ -40,8 +41,7 @@
 //! | `GET /v1/devices/{id}/contracts` | the device's support-service contracts |
 //! | `PUT`, `DELETE /v1/devices/{id}/contracts/{service}` | set (switching provider) or cancel a contract |
 //! | `POST /v1/jobs/{id}/cancel` | cancel a job |
-//! | `POST /v1/users` | a person who prints with held jobs (user id and PIN) |
-//! | `POST`, `GET /v1/users/{id}/held-jobs` | a job for the user's virtual printer; the user's held jobs |
+//! | `POST /v1/users` | a person who prints with held jobs (PIN for the panel, API token) |
 //!
 //! Errors are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
 
@@ -105,6 +105,7 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
         )
         .route("/v1/applications/:id", get(get_application))
         .route("/v1/customers/:customer/poll-now", post(poll_now))
+        .route("/v1/users", post(create_user))
         .route("/v1/devices/:id/contracts", get(list_contracts))
         .route(
             "/v1/devices/:id/contracts/:service",
@@ -115,9 +116,8 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
         .route("/v1/devices/:id/jobs", post(submit_job))
         .route("/v1/jobs/:id", get(get_job))
         .route("/v1/devices/:id/capabilities", get(get_capabilities))
-        .route("/v1/jobs/:id/move", post(move_job))
-        .route("/v1/users", post(create_user))
         .route("/v1/users/:id/held-jobs", post(submit_held).get(list_held))
+        .route("/v1/jobs/:id/move", post(move_job))
         .route(
             "/v1/devices/:id/settings",
             get(get_settings).put(put_settings),
@@ -514,18 +514,25 @@ async fn create_user(
 
 async fn submit_held(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     Body(req): Body<SubmitHeldJob>,
 ) -> ApiResult<impl IntoResponse> {
-    let held = state.bridge.submit_held(&user_id(&id)?, req).await?;
+    let held = state
+        .bridge
+        .submit_held(&principal, &user_id(&id)?, req)
+        .await?;
     Ok((StatusCode::CREATED, Json(held)))
 }
 
 async fn list_held(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(state.bridge.held_jobs(&user_id(&id)?).await?))
+    Ok(Json(
+        state.bridge.held_jobs(&principal, &user_id(&id)?).await?,
+    ))
 }
 
 async fn move_job(

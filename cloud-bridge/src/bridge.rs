@@ -399,22 +399,26 @@ impl Bridge {
 
     pub async fn create_user(&self, req: CreateUser) -> CoreResult<UserCreated> {
         let id = UserId::from_random(rand::random());
+        let token = Secret::from_random(rand::random());
         let (record, ticket) =
             self.core()
-                .create_user(id, req.name, &req.pin, UnixMillis::now())?;
+                .create_user(id, req.name, &req.pin, &token, UnixMillis::now())?;
         self.finish(ticket, Effects::default()).await?;
         Ok(UserCreated {
             user_id: record.user_id,
             name: record.name,
+            token,
         })
     }
 
     /// A job for a user's virtual printer, held until the user releases it at a device.
     pub async fn submit_held(
         &self,
+        principal: &Principal,
         user: &UserId,
         req: SubmitHeldJob,
     ) -> CoreResult<HeldJobRecord> {
+        self.core().authorize_user(principal, user)?;
         let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
         let id = JobId::from_random(rand::random());
         let (record, ticket, effects) =
@@ -424,8 +428,17 @@ impl Bridge {
         Ok(record)
     }
 
-    pub async fn held_jobs(&self, user: &UserId) -> CoreResult<Vec<HeldJobRecord>> {
-        self.read(|c| c.held_jobs(user, UnixMillis::now())).await
+    /// A user's held jobs in every state: held, released (where, when), expired.
+    pub async fn held_jobs(
+        &self,
+        principal: &Principal,
+        user: &UserId,
+    ) -> CoreResult<Vec<HeldJobRecord>> {
+        self.read(|c| {
+            c.authorize_user(principal, user)?;
+            c.held_jobs(user, UnixMillis::now())
+        })
+        .await
     }
 
     /// Moves a queued job to another device's printer queue.

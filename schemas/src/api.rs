@@ -257,6 +257,8 @@ pub struct CreateUser {
 pub struct UserCreated {
     pub user_id: UserId,
     pub name: String,
+    /// The user's API token (shown once): submits to and reads their own virtual printer.
+    pub token: Secret,
 }
 
 /// `POST /v1/users/{id}/held-jobs`: a job for the user's virtual printer.

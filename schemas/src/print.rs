@@ -178,6 +178,9 @@ pub struct UserRecord {
     pub name: String,
     /// SHA-256 of `{user_id}:{pin}`, hex.
     pub pin_sha256: String,
+    /// SHA-256 of the user's API token (for their own held jobs), hex.
+    #[serde(default)]
+    pub token_sha256: String,
     pub created_at: crate::UnixMillis,
 }
 

@@ -98,8 +98,11 @@ async fn held_jobs_are_released_once_where_the_user_logs_in() {
     );
 
     // At A: three listed, two released and printed there.
-    let listed: Vec<JobId> = session.held.iter().map(|h| h.job_id.clone()).collect();
-    assert_eq!(listed, jobs.to_vec());
+    let mut listed: Vec<JobId> = session.held.iter().map(|h| h.job_id.clone()).collect();
+    listed.sort();
+    let mut all = jobs.to_vec();
+    all.sort();
+    assert_eq!(listed, all);
     let (released, refused) = a
         .agent
         .release(&session, vec![jobs[0].clone(), jobs[1].clone()])
@@ -116,7 +119,7 @@ async fn held_jobs_are_released_once_where_the_user_logs_in() {
         _ => None,
     })
     .await;
-    let now_held: Vec<JobId> = a
+    let mut now_held: Vec<JobId> = a
         .agent
         .held_jobs(&session)
         .await
@@ -124,7 +127,10 @@ async fn held_jobs_are_released_once_where_the_user_logs_in() {
         .into_iter()
         .map(|h| h.job_id)
         .collect();
-    assert_eq!(now_held, vec![jobs[2].clone(), later.clone()]);
+    now_held.sort();
+    let mut expected = vec![jobs[2].clone(), later.clone()];
+    expected.sort();
+    assert_eq!(now_held, expected);
     a.agent.logout(&session).await.unwrap();
     assert_eq!(
         code(a.agent.release(&session, vec![jobs[2].clone()]).await),
@@ -171,22 +177,18 @@ async fn held_jobs_are_released_once_where_the_user_logs_in() {
         );
     }
     let held = admin.held_jobs(&ana).await.unwrap();
-    let released_to: Vec<_> = held
-        .iter()
-        .map(|h| match &h.state {
-            HeldState::Released { device_id, .. } => Some(device_id.clone()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(
-        released_to,
-        vec![
-            Some(a.id.clone()),
-            Some(a.id.clone()),
-            Some(b.id.clone()),
-            None
-        ]
-    );
+    let released_to = |j: &JobId| {
+        held.iter()
+            .find(|h| h.job_id == *j)
+            .and_then(|h| match &h.state {
+                HeldState::Released { device_id, .. } => Some(device_id.clone()),
+                _ => None,
+            })
+    };
+    assert_eq!(released_to(&jobs[0]), Some(a.id.clone()));
+    assert_eq!(released_to(&jobs[1]), Some(a.id.clone()));
+    assert_eq!(released_to(&jobs[2]), Some(b.id.clone()));
+    assert_eq!(released_to(&later), None);
 }
 
 /// A session whose token is not the one the cloud issued.
@@ -235,4 +237,38 @@ async fn two_devices_releasing_the_same_job_at_once_exactly_one_gets_it() {
         let queued = admin.job(&job).await.unwrap();
         assert!(queued.device_id == a.id || queued.device_id == b.id);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_fill_and_read_only_their_own_virtual_printer() {
+    use cloud_bridge::client::ClientError;
+    let bridge = InProcessBridge::start().await;
+    let ep = &bridge.endpoints;
+    let admin = ep.client();
+    let new_user = |name: &str| CreateUser {
+        name: name.into(),
+        pin: Secret::new("2468"),
+    };
+    let ana = admin.create_user(&new_user("Ana")).await.unwrap();
+    let bo = admin.create_user(&new_user("Bo")).await.unwrap();
+    let as_ana = admin.with_token(ana.token.clone());
+    let as_bo = admin.with_token(bo.token.clone());
+    let forbidden = |r: Result<_, ClientError>| match r {
+        Err(ClientError::Api { error, .. }) => assert_eq!(error.code, ErrorCode::Forbidden),
+        Ok(v) => panic!("expected a refusal, got {v:?}"),
+        Err(e) => panic!("{e}"),
+    };
+    let job = hold(&as_ana, &ana.user_id, "mine").await;
+    let mine = as_ana.held_jobs(&ana.user_id).await.unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].job_id, job);
+    forbidden(as_bo.held_jobs(&ana.user_id).await.map(|_| ()));
+    forbidden(
+        as_bo
+            .submit_held(&ana.user_id, &SubmitHeldJob::default())
+            .await
+            .map(|_| ()),
+    );
+    // Creating users is the administrator's.
+    forbidden(as_ana.create_user(&new_user("Cy")).await.map(|_| ()));
 }

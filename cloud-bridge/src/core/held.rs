@@ -41,11 +41,24 @@ fn no_session() -> CoreError {
 }
 
 impl Core {
+    /// Whether `principal` may use `user`'s virtual printer (the user, or the administrator).
+    pub fn authorize_user(&self, principal: &super::Principal, user: &UserId) -> CoreResult<()> {
+        match principal {
+            super::Principal::Admin => Ok(()),
+            super::Principal::User(u) if u == user => Ok(()),
+            _ => Err(CoreError::new(
+                ErrorCode::Forbidden,
+                format!("only {user} (or an administrator) uses this virtual printer"),
+            )),
+        }
+    }
+
     pub fn create_user(
         &mut self,
         user_id: UserId,
         name: String,
         pin: &Secret,
+        token: &Secret,
         now: UnixMillis,
     ) -> CoreResult<(UserRecord, Ticket)> {
         if name.trim().is_empty() || name.len() > 128 {
@@ -69,6 +82,7 @@ impl Core {
         }
         let record = UserRecord {
             pin_sha256: pin_hash(&user_id, pin),
+            token_sha256: sha256_hex(token.expose().as_bytes()),
             user_id: user_id.clone(),
             name,
             created_at: now,
@@ -76,6 +90,10 @@ impl Core {
         let mut batch = Batch::default();
         batch.put(key("u", user_id.as_str()), encode(&record)?);
         let ticket = self.commit(batch)?;
+        self.tokens.insert(
+            record.token_sha256.clone(),
+            super::Principal::User(user_id.clone()),
+        );
         self.users.insert(user_id, record.clone());
         Ok((record, ticket))
     }

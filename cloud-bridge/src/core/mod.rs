@@ -225,6 +225,10 @@ impl Core {
         };
         for (k, v) in store.scan_prefix(b"u/")? {
             let u: UserRecord = decode(&k, &v)?;
+            if !u.token_sha256.is_empty() {
+                core.tokens
+                    .insert(u.token_sha256.clone(), Principal::User(u.user_id.clone()));
+            }
             core.users.insert(u.user_id.clone(), u);
         }
         for (k, v) in store.scan_prefix(b"h/")? {

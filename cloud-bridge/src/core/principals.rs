@@ -20,6 +20,8 @@ pub enum Principal {
     Admin,
     Owner(OwnerId),
     Companion(CompanionId),
+    /// A person who prints with held jobs: their own virtual printer and jobs only.
+    User(schemas::UserId),
 }
 
 impl Principal {
@@ -29,6 +31,7 @@ impl Principal {
             Principal::Admin => "admin".into(),
             Principal::Owner(id) => format!("owner:{id}"),
             Principal::Companion(id) => format!("companion:{id}"),
+            Principal::User(id) => format!("user:{id}"),
         }
     }
 }
@@ -207,6 +210,12 @@ impl Core {
                 }
                 companion.owner_id.clone()
             }
+            Principal::User(_) => {
+                return Err(CoreError::new(
+                    ErrorCode::Forbidden,
+                    "users print through their virtual printer (held jobs), not to a device",
+                ));
+            }
         };
         if device.owner.as_ref().is_none_or(|o| o.owner_id != owner) {
             return Err(CoreError::new(
@@ -239,7 +248,9 @@ impl Core {
             Principal::Owner(owner) => self
                 .device(&job.device_id)
                 .is_ok_and(|d| d.owner.as_ref().is_some_and(|o| o.owner_id == *owner)),
-            Principal::Companion(_) => job.submitted_by.as_deref() == Some(&principal.label()),
+            Principal::Companion(_) | Principal::User(_) => {
+                job.submitted_by.as_deref() == Some(&principal.label())
+            }
         };
         if !allowed {
             // The same answer as for a job that does not exist: ids are not probed.

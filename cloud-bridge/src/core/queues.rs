@@ -40,7 +40,7 @@ impl Core {
                     ));
                 }
             }
-            Principal::Companion(_) => {
+            Principal::Companion(_) | Principal::User(_) => {
                 return Err(CoreError::new(
                     ErrorCode::Forbidden,
                     "only an owner or an administrator moves jobs",

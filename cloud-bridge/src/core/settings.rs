@@ -33,7 +33,7 @@ impl Core {
                 ErrorCode::Forbidden,
                 format!("device {device_id} is not bound to owner {owner}"),
             )),
-            Principal::Companion(_) => Err(CoreError::new(
+            Principal::Companion(_) | Principal::User(_) => Err(CoreError::new(
                 ErrorCode::Forbidden,
                 "only the device's owner or an administrator sets its server settings",
             )),
