@@ -7,15 +7,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use device_sim::PrintSession;
 use device_sim::consumables::Consumables;
 use device_sim::counters::SimulatedCounters;
 use device_sim::{
     AgentConfig, AgentEvent, DeviceInfo, FileStateStore, MemoryStateStore, SimulatedExecutor,
 };
 use schemas::data::{DeviceState, DeviceStatus, OwnerCheckReason, OwnerClaim};
-use schemas::print::Capabilities;
+use schemas::print::{Capabilities, HeldJobSummary};
 use schemas::settings::Endpoints;
-use schemas::{OwnerId, Secret};
+use schemas::{JobId, OwnerId, Secret, UserId};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -508,11 +509,14 @@ async fn main() -> anyhow::Result<()> {
             agent.report_status(status).await?;
             let mut panel = tokio::io::BufReader::new(tokio::io::stdin()).lines();
             let mut panel_open = true;
+            let mut login: Option<PrintSession> = None;
             loop {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => break,
                     line = panel.next_line(), if panel_open => match line {
-                        Ok(Some(line)) => panel_command(&agent, &consumables, &line).await,
+                        Ok(Some(line)) => {
+                            panel_command(&agent, &consumables, &mut login, &line).await
+                        }
                         Ok(None) | Err(_) => panel_open = false,
                     },
                     event = events.recv() => match event {
@@ -557,10 +561,74 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// One command typed at the simulated panel.
-async fn panel_command(agent: &device_sim::AgentHandle, consumables: &Consumables, line: &str) {
+/// The held jobs as the panel lists them, numbered from 1.
+fn held_list(held: &[HeldJobSummary]) -> String {
+    if held.is_empty() {
+        return "no held jobs".into();
+    }
+    held.iter()
+        .enumerate()
+        .map(|(i, h)| format!("{:>2}. {} {}", i + 1, h.job_id, h.title))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn panel_command(
+    agent: &device_sim::AgentHandle,
+    consumables: &Consumables,
+    login: &mut Option<PrintSession>,
+    line: &str,
+) {
     let words: Vec<&str> = line.split_whitespace().collect();
     let result = match words.as_slice() {
         [] => return,
+        ["login", user, pin] => match UserId::parse(user) {
+            Ok(user) => agent.login(user, Secret::new(*pin)).await.map(|s| {
+                let list = held_list(&s.held);
+                *login = Some(s);
+                format!("logged in\n{list}")
+            }),
+            Err(e) => Ok(e.to_string()),
+        },
+        ["held"] => match login.as_ref() {
+            Some(s) => agent.held_jobs(s).await.map(|h| held_list(&h)),
+            None => Ok("log in first: login <user id> <pin>".into()),
+        },
+        ["release", which @ ..] if !which.is_empty() => match login.as_ref() {
+            Some(s) => match agent.held_jobs(s).await {
+                Ok(held) => {
+                    // `all`, numbers from `held`, or job ids.
+                    let chosen: Vec<JobId> = if which == ["all"] {
+                        held.iter().map(|h| h.job_id.clone()).collect()
+                    } else {
+                        which
+                            .iter()
+                            .filter_map(|w| match w.parse::<usize>() {
+                                Ok(n) => held.get(n.wrapping_sub(1)).map(|h| h.job_id.clone()),
+                                Err(_) => JobId::parse(w).ok(),
+                            })
+                            .collect()
+                    };
+                    if chosen.is_empty() {
+                        Ok("nothing to release".into())
+                    } else {
+                        agent.release(s, chosen).await.map(|(released, refused)| {
+                            let mut out = format!("released {}", released.len());
+                            for (job, error) in refused {
+                                out.push_str(&format!("\n{job}: {error}"));
+                            }
+                            out
+                        })
+                    }
+                }
+                Err(e) => Err(e),
+            },
+            None => Ok("log in first: login <user id> <pin>".into()),
+        },
+        ["logout"] => match login.take() {
+            Some(s) => agent.logout(&s).await.map(|()| "logged out".into()),
+            None => Ok("not logged in".into()),
+        },
         ["consent"] => agent.consent().await.map(|c| match c {
             Some(c) => format!(
                 "consent {} since {} (unix ms)",
@@ -667,6 +735,7 @@ async fn panel_command(agent: &device_sim::AgentHandle, consumables: &Consumable
         _ => Ok(
             "commands: consent [on|off] | status idle|busy|error|sleeping [detail] | \
                  request <action> [key=value ...] | poll | counters | settings | cartridges | \
+                 login <user id> <pin> | held | release all|<n>... | logout | \
                  replace <colour> | support <service> on|off | reset | timezone <tz> | \
                  network <name> | owner <owner id> <pin>"
                 .into(),
