@@ -1,14 +1,17 @@
 //! `cloud-bridge export`: every record as JSON lines, so data can be inspected, backed up, or
 //! moved to another store. One object per line, with a `"type"` of `device`, `enrollment`,
-//! `job` (with `payload_base64`), `feed`, `device_request`, `owner` or `companion`.
+//! `job` (with `payload_base64`), `feed`, `device_request`, `owner`, `companion`, `service`,
+//! `application`, `instruction`, `contract`, `user` or `held_job` (with `payload_base64`).
 
 use std::io::Write;
 
 use base64::Engine as _;
 use schemas::feed::FeedEntry;
+use schemas::print::{HeldJobRecord, UserRecord};
 use schemas::records::{
     CompanionRecord, DeviceRecord, DeviceRequestRecord, EnrollmentRecord, JobRecord, OwnerRecord,
 };
+use schemas::services::{ApplicationRecord, ContractRecord, InstructionRecord, ServiceRecord};
 use serde::Serialize;
 
 use crate::store::{Store, StoreError};
@@ -39,6 +42,16 @@ enum Line<'a> {
     DeviceRequest(&'a DeviceRequestRecord),
     Owner(&'a OwnerRecord),
     Companion(&'a CompanionRecord),
+    Service(&'a ServiceRecord),
+    Application(&'a ApplicationRecord),
+    Instruction(&'a InstructionRecord),
+    Contract(&'a ContractRecord),
+    User(&'a UserRecord),
+    HeldJob {
+        #[serde(flatten)]
+        held: &'a HeldJobRecord,
+        payload_base64: String,
+    },
 }
 
 fn decode<T: serde::de::DeserializeOwned>(k: &[u8], v: &[u8]) -> Result<T, StoreError> {
@@ -103,6 +116,41 @@ pub fn export(store: &dyn Store, out: &mut impl Write) -> Result<u64, ExportErro
     }
     for (k, v) in store.scan_prefix(b"c/")? {
         write_line(out, &Line::Companion(&decode(&k, &v)?))?;
+        lines += 1;
+    }
+    for (k, v) in store.scan_prefix(b"s/")? {
+        write_line(out, &Line::Service(&decode(&k, &v)?))?;
+        lines += 1;
+    }
+    for (k, v) in store.scan_prefix(b"a/")? {
+        write_line(out, &Line::Application(&decode(&k, &v)?))?;
+        lines += 1;
+    }
+    for (k, v) in store.scan_prefix(b"i/")? {
+        write_line(out, &Line::Instruction(&decode(&k, &v)?))?;
+        lines += 1;
+    }
+    for (k, v) in store.scan_prefix(b"k/")? {
+        write_line(out, &Line::Contract(&decode(&k, &v)?))?;
+        lines += 1;
+    }
+    for (k, v) in store.scan_prefix(b"u/")? {
+        write_line(out, &Line::User(&decode(&k, &v)?))?;
+        lines += 1;
+    }
+    for (k, v) in store.scan_prefix(b"h/")? {
+        let held: HeldJobRecord = decode(&k, &v)?;
+        let payload = store
+            .get(format!("p/{}", held.job_id).as_bytes())?
+            .unwrap_or_default();
+        let payload_base64 = base64::engine::general_purpose::STANDARD.encode(payload);
+        write_line(
+            out,
+            &Line::HeldJob {
+                held: &held,
+                payload_base64,
+            },
+        )?;
         lines += 1;
     }
     out.flush()?;

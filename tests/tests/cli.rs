@@ -84,6 +84,33 @@ async fn export_writes_every_record_as_json_lines() {
         .create_companion("Anna's phone")
         .await
         .unwrap();
+    let user = ep
+        .client()
+        .create_user(&schemas::api::CreateUser {
+            name: "Ana".into(),
+            pin: schemas::Secret::new("2468"),
+        })
+        .await
+        .unwrap();
+    ep.client()
+        .submit_held(
+            &user.user_id,
+            &schemas::api::SubmitHeldJob {
+                payload: Some("held".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    ep.client()
+        .create_service(&schemas::api::CreateService {
+            service_id: "toner".into(),
+            name: "Toner".into(),
+            models: vec!["MFP-4000".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     bridge.signal("TERM");
     assert!(bridge.wait_exit(SOON).await.success());
 
@@ -104,6 +131,11 @@ async fn export_writes_every_record_as_json_lines() {
         (1, 1, 1, 1)
     );
     assert_eq!((of("owner"), of("companion")), (1, 1));
+    assert_eq!((of("user"), of("held_job"), of("service")), (1, 1, 1));
+    let held = lines.iter().find(|l| l["type"] == "held_job").unwrap();
+    assert_eq!(held["payload_base64"], "aGVsZA==");
+    let user = lines.iter().find(|l| l["type"] == "user").unwrap();
+    assert!(user.get("pin").is_none() && user["pin_sha256"].is_string());
     let companion = lines.iter().find(|l| l["type"] == "companion").unwrap();
     assert!(companion.get("token").is_none() && companion["token_sha256"].is_string());
     let exported = lines.iter().find(|l| l["type"] == "job").unwrap();
