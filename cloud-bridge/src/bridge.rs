@@ -362,12 +362,7 @@ impl Bridge {
         device: &DeviceId,
         req: CreateInstruction,
     ) -> CoreResult<InstructionView> {
-        if req.name.trim().is_empty() || req.name.len() > 128 {
-            return Err(CoreError::new(
-                ErrorCode::BadRequest,
-                "name must be 1 to 128 characters",
-            ));
-        }
+        crate::core::check_name(&req.name)?;
         let size: usize = req.params.iter().map(|(k, v)| k.len() + v.len()).sum();
         if size > 16 * 1024 {
             return Err(CoreError::new(
@@ -375,11 +370,7 @@ impl Bridge {
                 "params may hold at most 16 KiB",
             ));
         }
-        let ttl_ms = req
-            .ttl_secs
-            .unwrap_or(7 * 24 * 3600)
-            .clamp(1, 365 * 24 * 3600)
-            .saturating_mul(1000);
+        let ttl_ms = crate::core::ttl_ms(req.ttl_secs, 7 * 24 * 3600, 365 * 24 * 3600);
         let body = InstructionBody::Custom {
             name: req.name,
             params: req.params,

@@ -1184,20 +1184,13 @@ impl Agent {
             }
         }
         // Telemetry queued for a service no longer active is not sent.
-        let active = |s: &str| {
-            self.state
-                .support
-                .get(s)
-                .is_some_and(|s| s.active.is_some())
-        };
-        let stale: Vec<bool> = self
-            .state
-            .outbox
-            .iter()
-            .map(|i| matches!(&i.body, DeviceRequest::Telemetry { service_id, .. } if !active(service_id)))
-            .collect();
-        let mut keep = stale.iter().map(|s| !s);
-        self.state.outbox.retain(|_| keep.next().unwrap_or(true));
+        let support = &self.state.support;
+        self.state.outbox.retain(|i| match &i.body {
+            DeviceRequest::Telemetry { service_id, .. } => {
+                support.get(service_id).is_some_and(|s| s.active.is_some())
+            }
+            _ => true,
+        });
         self.state.contracts_fetched_at = Some(UnixMillis::now());
         self.contracts_due = false;
         self.save()?;
@@ -1892,7 +1885,7 @@ impl Agent {
                 }
             }
             InstructionBody::RelayNudge { nudge } => {
-                let now = UnixMillis((UnixMillis::now().0 as i64 + self.skew_ms).max(0) as u64);
+                let now = lan::cloud_now(self.skew_ms);
                 let verdict = match &self.nudges {
                     Some(check) => check.accept(&nudge, now),
                     None => Err("no identity to check the nudge against".into()),

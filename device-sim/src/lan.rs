@@ -73,6 +73,12 @@ impl NudgeCheck {
     }
 }
 
+/// The cloud's time as the device knows it: its own clock corrected by the skew the last welcome
+/// showed.
+pub(crate) fn cloud_now(skew_ms: i64) -> UnixMillis {
+    UnixMillis((UnixMillis::now().0 as i64 + skew_ms).max(0) as u64)
+}
+
 /// Passes an accepted nudge on to the devices below this one, each in its own task.
 pub fn pass_on(nudge: &Nudge) {
     for child in &nudge.node.children {
@@ -174,7 +180,7 @@ async fn serve(
         Ok(Ok(_)) => match serde_json::from_slice::<Nudge>(&line) {
             Err(e) => Err(format!("not a nudge: {e}")),
             Ok(nudge) => {
-                let now = UnixMillis((UnixMillis::now().0 as i64 + skew_ms).max(0) as u64);
+                let now = cloud_now(skew_ms);
                 check.accept(&nudge, now).map(|a| (a, nudge))
             }
         },

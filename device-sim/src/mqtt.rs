@@ -147,6 +147,22 @@ async fn probe_better(
 
 type Probe = Pin<Box<dyn Future<Output = Option<Link>> + Send>>;
 
+/// Makes the probe's connection the link: the old one is closed cleanly in the background (if
+/// it still stands), the new one subscribed and announced. Returns its endpoint.
+fn adopt(
+    link: &mut Link,
+    better: Link,
+    settings: &MqttSettings,
+    credentials: &Credentials,
+) -> String {
+    let old = std::mem::replace(link, better);
+    tokio::spawn(old.close());
+    link.on_connected(credentials);
+    let endpoint = settings.endpoints[link.index].clone();
+    tracing::info!(%endpoint, "moved to a better broker");
+    endpoint
+}
+
 /// Runs the link until `shutdown`, reporting to `events`.
 pub async fn run(
     settings: MqttSettings,
@@ -173,11 +189,7 @@ pub async fn run(
             better = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
                 probe = None;
                 if let Some(better) = better {
-                    let old = std::mem::replace(&mut link, better);
-                    tokio::spawn(old.close());
-                    link.on_connected(&credentials);
-                    let endpoint = settings.endpoints[link.index].clone();
-                    tracing::info!(%endpoint, "moved to a better broker");
+                    let endpoint = adopt(&mut link, better, &settings, &credentials);
                     if events.send(LinkEvent::Up { endpoint }).await.is_err() {
                         break;
                     }
@@ -221,11 +233,9 @@ pub async fn run(
                             b = pending => b,
                             _ = shutdown.cancelled() => break,
                         };
-                        if let Some(mut better) = better {
-                            better.on_connected(&credentials);
-                            link = better;
+                        if let Some(better) = better {
+                            let endpoint = adopt(&mut link, better, &settings, &credentials);
                             probe_at = schedule(link.index);
-                            let endpoint = settings.endpoints[link.index].clone();
                             if events.send(LinkEvent::Up { endpoint }).await.is_err() {
                                 break;
                             }

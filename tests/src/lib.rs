@@ -407,6 +407,13 @@ where
     }
 }
 
+/// Waits until the clock is past `at` (with a margin), for deadlines: an expiry is a time, not
+/// an event anything could announce.
+pub async fn wait_past(at: schemas::UnixMillis) {
+    let left = at.0.saturating_sub(schemas::UnixMillis::now().0) + 100;
+    tokio::time::sleep(Duration::from_millis(left)).await;
+}
+
 pub use device_sim::fleet::proxy::CutProxy as TcpProxy;
 
 /// An MQTT client following `fleet/events/#` as operations would, logged in as `ops`.

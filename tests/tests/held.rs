@@ -4,12 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use device_sim::{AgentError, AgentEvent, AgentHandle};
-use e2e_tests::{Device, InProcessBridge, SOON, wait_for_event, wait_reported};
+use e2e_tests::{Device, InProcessBridge, SOON, wait_for_event, wait_past, wait_reported};
 use schemas::api::{CreateUser, SubmitHeldJob};
 use schemas::data::ErrorCode;
 use schemas::job::JobState;
 use schemas::print::{Capabilities, HeldState};
-use schemas::{JobId, Secret, UnixMillis, UserId};
+use schemas::{JobId, Secret, UserId};
 
 fn printer() -> Capabilities {
     Capabilities {
@@ -161,7 +161,7 @@ async fn held_jobs_are_released_once_where_the_user_logs_in() {
         .login(ana.clone(), Secret::new("2468"))
         .await
         .unwrap();
-    wait_until(idle.expires_at).await;
+    wait_past(idle.expires_at).await;
     assert_eq!(
         code(b.agent.release(&idle, vec![later.clone()]).await),
         ErrorCode::Unauthorized,
@@ -194,12 +194,6 @@ async fn held_jobs_are_released_once_where_the_user_logs_in() {
 /// A session whose token is not the one the cloud issued.
 fn forge(session: &device_sim::PrintSession) -> device_sim::PrintSession {
     session.forged_for_tests()
-}
-
-async fn wait_until(at: UnixMillis) {
-    // A timeout is a time, not an event: wait until the clock has passed it.
-    let left = at.0.saturating_sub(UnixMillis::now().0) + 100;
-    tokio::time::sleep(std::time::Duration::from_millis(left)).await;
 }
 
 async fn release_race(a: &AgentHandle, b: &AgentHandle, user: &UserId, job: &JobId) -> usize {

@@ -12,13 +12,14 @@ use device_sim::AgentEvent;
 use device_sim::session::{DataSession, SessionError, SessionSettings};
 use e2e_tests::{
     Device, Endpoints, InProcessBridge, OpsWatcher, SOON, device_info, eventually, wait_for_event,
+    wait_past,
 };
 use schemas::api::{ApplyForService, CreateEnrollmentToken, CreateInstruction, CreateService};
 use schemas::data::{ErrorCode, HelloAuth, Registration, Request, Response};
 use schemas::feed::FeedBody;
 use schemas::ops::OpsEvent;
 use schemas::services::{EnrollmentState, InstructionBody, InstructionState, registration_url};
-use schemas::{DeviceId, FeedSeq, InstructionId, Secret, UnixMillis};
+use schemas::{DeviceId, FeedSeq, InstructionId, Secret};
 
 const MODELS: [&str; 4] = ["MFP-A", "MFP-B", "MFP-C", "MFP-D"];
 
@@ -250,12 +251,6 @@ fn refusal(result: Result<Response, SessionError>) -> ErrorCode {
         Err(SessionError::Request(body)) => body.code,
         other => panic!("expected a refusal, got {other:?}"),
     }
-}
-
-async fn wait_past(at: UnixMillis) {
-    // The deadline is a time, not an event: wait until the clock has passed it.
-    let left = at.0.saturating_sub(UnixMillis::now().0) + 50;
-    tokio::time::sleep(Duration::from_millis(left)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

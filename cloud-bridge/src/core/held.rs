@@ -17,7 +17,10 @@ use schemas::print::{HeldJobRecord, HeldJobSummary, HeldState, UserRecord};
 use schemas::records::JobRecord;
 use schemas::{DeviceId, JobId, Secret, UnixMillis, UserId};
 
-use super::{Core, CoreError, CoreResult, Effects, encode, key, sha256_hex, transition_event};
+use super::{
+    Core, CoreError, CoreResult, Effects, check_name, encode, key, sha256_hex, transition_event,
+    ttl_ms,
+};
 use crate::store::{Batch, Ticket};
 
 /// A user logged in at a device's panel.
@@ -61,12 +64,7 @@ impl Core {
         token: &Secret,
         now: UnixMillis,
     ) -> CoreResult<(UserRecord, Ticket)> {
-        if name.trim().is_empty() || name.len() > 128 {
-            return Err(CoreError::new(
-                ErrorCode::BadRequest,
-                "name must be 1 to 128 characters",
-            ));
-        }
+        check_name(&name)?;
         let digits = pin.expose();
         if digits.len() < 4 || digits.len() > 32 {
             return Err(CoreError::new(
@@ -125,11 +123,7 @@ impl Core {
                 "job id collision; retry",
             ));
         }
-        let ttl_ms = req
-            .ttl_secs
-            .unwrap_or(3 * 24 * 3600)
-            .clamp(1, 30 * 24 * 3600)
-            .saturating_mul(1000);
+        let ttl = ttl_ms(req.ttl_secs, 3 * 24 * 3600, 30 * 24 * 3600);
         let record = HeldJobRecord {
             job_id: job_id.clone(),
             user_id: user_id.clone(),
@@ -145,7 +139,7 @@ impl Core {
             payload_len: payload.len() as u64,
             print: req.print,
             created_at: now,
-            expires_at: now.saturating_add_ms(ttl_ms),
+            expires_at: now.saturating_add_ms(ttl),
             state: HeldState::Held,
         };
         let mut batch = Batch::default();
@@ -341,22 +335,7 @@ impl Core {
                     ));
                 }
                 if let Some(print) = &held.print {
-                    let caps = device
-                        .printer
-                        .as_ref()
-                        .map(|p| &p.capabilities)
-                        .ok_or_else(|| {
-                            CoreError::new(
-                                ErrorCode::InvalidState,
-                                format!("device {device_id} has registered no printer queue"),
-                            )
-                        })?;
-                    print.check(caps).map_err(|e| {
-                        CoreError::new(
-                            ErrorCode::UnsupportedSetting,
-                            format!("device {device_id}: {e}"),
-                        )
-                    })?;
+                    super::check_print(&device, print)?;
                 }
                 Ok(held.clone())
             })();

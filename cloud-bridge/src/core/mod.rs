@@ -139,6 +139,46 @@ pub enum AuthFailure {
     Invalidated,
 }
 
+/// Names given by people (owners, companions, services, users): 1 to 128 characters.
+pub(crate) fn check_name(name: &str) -> CoreResult<()> {
+    if name.trim().is_empty() || name.len() > 128 {
+        return Err(CoreError::new(
+            ErrorCode::BadRequest,
+            "name must be 1 to 128 characters",
+        ));
+    }
+    Ok(())
+}
+
+/// A time to live asked for in seconds (`None`: `default_secs`), kept within 1 s and
+/// `max_secs`, in milliseconds.
+pub(crate) fn ttl_ms(asked_secs: Option<u64>, default_secs: u64, max_secs: u64) -> u64 {
+    asked_secs
+        .unwrap_or(default_secs)
+        .clamp(1, max_secs)
+        .saturating_mul(1000)
+}
+
+/// Whether `device`'s printer can honour `print`; refused naming the first setting it cannot,
+/// or because the device has registered no printer queue.
+fn check_print(device: &DeviceRecord, print: &schemas::print::PrintSettings) -> CoreResult<()> {
+    let device_id = &device.device_id;
+    let Some(printer) = &device.printer else {
+        return Err(CoreError::new(
+            ErrorCode::InvalidState,
+            format!(
+                "device {device_id} has registered no printer queue; print settings cannot be honoured"
+            ),
+        ));
+    };
+    print.check(&printer.capabilities).map_err(|e| {
+        CoreError::new(
+            ErrorCode::UnsupportedSetting,
+            format!("device {device_id}: {e}"),
+        )
+    })
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()
@@ -747,21 +787,7 @@ impl Core {
             ));
         }
         if let Some(print) = &new.print {
-            let device = self.device(device_id)?;
-            let Some(printer) = &device.printer else {
-                return Err(CoreError::new(
-                    ErrorCode::InvalidState,
-                    format!(
-                        "device {device_id} has registered no printer queue; print settings cannot be honoured"
-                    ),
-                ));
-            };
-            print.check(&printer.capabilities).map_err(|e| {
-                CoreError::new(
-                    ErrorCode::UnsupportedSetting,
-                    format!("device {device_id}: {e}"),
-                )
-            })?;
+            check_print(self.device(device_id)?, print)?;
         }
         if self.jobs.contains_key(&job_id) {
             return Err(CoreError::new(

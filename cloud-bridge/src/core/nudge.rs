@@ -9,7 +9,7 @@ use schemas::records::DeviceRecord;
 use schemas::services::InstructionBody;
 use schemas::{DeviceId, InstructionId, UnixMillis};
 
-use super::{Core, CoreError, CoreResult, Effects};
+use super::{Core, CoreError, CoreResult, Effects, ttl_ms};
 use crate::store::{Batch, Ticket};
 
 /// Most devices in one poll-now.
@@ -52,8 +52,7 @@ impl Core {
                 format!("a poll-now covers 1 to {MAX_POLL_NOW} devices"),
             ));
         }
-        let ttl_ms = req.ttl_secs.unwrap_or(300).clamp(1, 24 * 3600) * 1000;
-        let not_after = now.saturating_add_ms(ttl_ms);
+        let not_after = now.saturating_add_ms(ttl_ms(req.ttl_secs, 300, 24 * 3600));
         let mut plan = PollNowPlan {
             nudge_id: nudge_id.clone(),
             created_at: now,

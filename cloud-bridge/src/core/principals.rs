@@ -11,7 +11,7 @@ use schemas::data::ErrorCode;
 use schemas::records::{CompanionRecord, OwnerRecord};
 use schemas::{CompanionId, DeviceId, OwnerId, Secret, UnixMillis};
 
-use super::{Core, CoreError, CoreResult, encode, key, sha256_hex};
+use super::{Core, CoreError, CoreResult, check_name, encode, key, sha256_hex};
 use crate::store::{Batch, Ticket};
 
 /// The caller of an API request, as its bearer token identifies it.
@@ -34,16 +34,6 @@ impl Principal {
             Principal::User(id) => format!("user:{id}"),
         }
     }
-}
-
-fn check_name(name: &str) -> CoreResult<()> {
-    if name.trim().is_empty() || name.len() > 128 {
-        return Err(CoreError::new(
-            ErrorCode::BadRequest,
-            "name must be 1 to 128 characters",
-        ));
-    }
-    Ok(())
 }
 
 impl Core {

@@ -65,19 +65,7 @@ impl Core {
         }
         let target = self.active_device(to)?;
         if let Some(print) = &job.print {
-            let caps = target
-                .printer
-                .as_ref()
-                .map(|p| &p.capabilities)
-                .ok_or_else(|| {
-                    CoreError::new(
-                        ErrorCode::InvalidState,
-                        format!("device {to} has registered no printer queue"),
-                    )
-                })?;
-            print.check(caps).map_err(|e| {
-                CoreError::new(ErrorCode::UnsupportedSetting, format!("device {to}: {e}"))
-            })?;
+            super::check_print(target, print)?;
         }
         job.device_id = to.clone();
         job.history.push(Transition {

@@ -26,7 +26,7 @@ use schemas::services::{
 };
 use schemas::{ApplicationId, DeviceId, InstructionId, Secret, UnixMillis};
 
-use super::{Core, CoreError, CoreResult, Effects, encode, key, sha256_hex};
+use super::{Core, CoreError, CoreResult, Effects, check_name, encode, key, sha256_hex, ttl_ms};
 use crate::store::{Batch, Ticket};
 
 /// What became of a registration call. A refusal is recorded (and committed) before the device
@@ -91,16 +91,6 @@ fn check_data_types(types: &[String]) -> CoreResult<()> {
             "data types are at most 32 names of 1 to 64 of a-z, 0-9 and _",
         ))
     }
-}
-
-fn check_name(name: &str) -> CoreResult<()> {
-    if name.trim().is_empty() || name.len() > 128 {
-        return Err(CoreError::new(
-            ErrorCode::BadRequest,
-            "name must be 1 to 128 characters",
-        ));
-    }
-    Ok(())
 }
 
 fn bad(message: impl Into<String>) -> CoreError {
@@ -287,12 +277,8 @@ impl Core {
                 service.service_id
             )));
         }
-        let ttl_ms = req
-            .ttl_secs
-            .unwrap_or(7 * 24 * 3600)
-            .clamp(1, 365 * 24 * 3600)
-            .saturating_mul(1000);
-        let expires_at = now.saturating_add_ms(ttl_ms);
+        let expires_at =
+            now.saturating_add_ms(ttl_ms(req.ttl_secs, 7 * 24 * 3600, 365 * 24 * 3600));
         // Every id is checked before anything changes: a collision leaves no trace.
         let fresh: Vec<(InstructionId, Secret)> = chosen.iter().map(|_| fresh()).collect();
         let mut ids: Vec<&InstructionId> = fresh.iter().map(|(id, _)| id).collect();
