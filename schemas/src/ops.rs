@@ -137,25 +137,17 @@ pub enum OpsEvent {
 impl OpsEvent {
     pub fn topic(&self) -> String {
         match self {
-            OpsEvent::DeviceRegistered { device_id, .. } => {
-                topics::ops_device(device_id, "registered")
-            }
-            OpsEvent::DeviceOnline { device_id, .. } => topics::ops_device(device_id, "online"),
-            OpsEvent::DeviceOffline { device_id, .. } => topics::ops_device(device_id, "offline"),
-            OpsEvent::DeviceStatus { device_id, .. } => topics::ops_device(device_id, "status"),
-            OpsEvent::DeviceDisabled { device_id, .. } => topics::ops_device(device_id, "disabled"),
-            OpsEvent::DeviceConsent { device_id, .. } => topics::ops_device(device_id, "consent"),
-            OpsEvent::OwnerCheckStarted { device_id, .. } => {
-                topics::ops_device(device_id, "owner_check")
-            }
-            OpsEvent::OwnerConfirmed { device_id, .. } => {
-                topics::ops_device(device_id, "owner_confirmed")
-            }
-            OpsEvent::DeviceInvalidated { device_id, .. } => {
-                topics::ops_device(device_id, "invalidated")
-            }
-            OpsEvent::DeviceRequest { device_id, .. } => topics::ops_device(device_id, "request"),
-            OpsEvent::DeviceSettings { device_id, .. } => topics::ops_device(device_id, "settings"),
+            OpsEvent::DeviceRegistered { .. } => topics::ops_device("registered"),
+            OpsEvent::DeviceOnline { .. } => topics::ops_device("online"),
+            OpsEvent::DeviceOffline { .. } => topics::ops_device("offline"),
+            OpsEvent::DeviceStatus { .. } => topics::ops_device("status"),
+            OpsEvent::DeviceDisabled { .. } => topics::ops_device("disabled"),
+            OpsEvent::DeviceConsent { .. } => topics::ops_device("consent"),
+            OpsEvent::OwnerCheckStarted { .. } => topics::ops_device("owner_check"),
+            OpsEvent::OwnerConfirmed { .. } => topics::ops_device("owner_confirmed"),
+            OpsEvent::DeviceInvalidated { .. } => topics::ops_device("invalidated"),
+            OpsEvent::DeviceRequest { .. } => topics::ops_device("request"),
+            OpsEvent::DeviceSettings { .. } => topics::ops_device("settings"),
             OpsEvent::ServiceRegistered { application_id, .. } => {
                 topics::ops_application(application_id, "registered")
             }
@@ -166,15 +158,51 @@ impl OpsEvent {
                 topics::ops_service(service_id, "activated")
             }
             OpsEvent::Telemetry { service_id, .. } => topics::ops_service(service_id, "telemetry"),
-            OpsEvent::JobMoved { to, .. } => topics::ops_job(to, "moved"),
-            OpsEvent::JobTransition { device_id, to, .. } => {
-                topics::ops_job(device_id, to.as_str())
-            }
+            OpsEvent::JobMoved { .. } => topics::ops_job("moved"),
+            OpsEvent::JobTransition { to, .. } => topics::ops_job(to.as_str()),
         }
     }
 
     pub fn to_json(&self) -> Vec<u8> {
         // Serializing these plain structs to JSON cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transition(device: u8, job: u8, to: JobState) -> OpsEvent {
+        OpsEvent::JobTransition {
+            device_id: DeviceId::from_random([device; 8]),
+            job_id: JobId::from_random([job; 8]),
+            from: None,
+            to,
+            attempt: 1,
+            reason: None,
+            at: UnixMillis(0),
+        }
+    }
+
+    #[test]
+    fn event_topics_name_the_kind_and_payloads_name_the_device() {
+        let (a, b) = (
+            transition(1, 1, JobState::Succeeded),
+            transition(2, 2, JobState::Succeeded),
+        );
+        assert_eq!(a.topic(), "fleet/events/jobs/succeeded");
+        assert_eq!(a.topic(), b.topic(), "one topic per kind, not per device");
+        assert_ne!(a.topic(), transition(1, 1, JobState::Queued).topic());
+        let online = |n: u8| OpsEvent::DeviceOnline {
+            device_id: DeviceId::from_random([n; 8]),
+            channel: Channel::Mqtt,
+            at: UnixMillis(0),
+        };
+        assert_eq!(online(1).topic(), online(2).topic());
+        assert!(online(1).topic().starts_with(topics::OPS_PREFIX));
+        let json: serde_json::Value = serde_json::from_slice(&b.to_json()).unwrap();
+        assert_eq!(json["device_id"], DeviceId::from_random([2; 8]).as_str());
+        assert_eq!(json["event"], "job_transition");
     }
 }

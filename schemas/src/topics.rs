@@ -3,8 +3,13 @@
 //! - `devices/{device_id}/notify`: hints for one device (cloud → device, QoS 1).
 //! - `devices/{device_id}/presence`: the device's online announcement and its last will
 //!   (device → cloud; a trigger only, never trusted for data).
-//! - `fleet/events/devices/{device_id}/{event}` and `fleet/events/jobs/{device_id}/{state}`:
-//!   ops events as JSON.
+//! - `fleet/events/devices/{event}` and `fleet/events/jobs/{state}`: ops events as JSON, with
+//!   the device (and job) in the payload. One topic per kind of event, not per device: rumqttd
+//!   compares every topic it has not seen before with every filter (one per device), so
+//!   per-device event topics would cost the embedded broker O(devices²) as a fleet comes up.
+//! - `fleet/events/applications/{application_id}/{event}` and
+//!   `fleet/events/services/{service_id}/{event}`: there are few of these, and a provider
+//!   follows its own service's topic.
 
 use crate::{ApplicationId, DeviceId};
 
@@ -14,6 +19,8 @@ pub const NOTIFY_FILTER: &str = "devices/+/notify";
 pub const PRESENCE_FILTER: &str = "devices/+/presence";
 /// Filter matching every ops event.
 pub const OPS_FILTER: &str = "fleet/events/#";
+/// What every ops event's topic starts with.
+pub const OPS_PREFIX: &str = "fleet/events/";
 
 pub fn notify(device: &DeviceId) -> String {
     format!("devices/{device}/notify")
@@ -30,21 +37,23 @@ pub fn parse_presence(topic: &str) -> Option<DeviceId> {
     DeviceId::parse(id).ok()
 }
 
-pub fn ops_device(device: &DeviceId, event: &str) -> String {
-    format!("fleet/events/devices/{device}/{event}")
+/// Events about devices (`registered`, `online`, `status`, ...).
+pub fn ops_device(event: &str) -> String {
+    format!("{OPS_PREFIX}devices/{event}")
 }
 
 pub fn ops_application(application: &ApplicationId, event: &str) -> String {
-    format!("fleet/events/applications/{application}/{event}")
+    format!("{OPS_PREFIX}applications/{application}/{event}")
 }
 
 /// Events for a service's provider (`activated`, `telemetry`).
 pub fn ops_service(service_id: &str, event: &str) -> String {
-    format!("fleet/events/services/{service_id}/{event}")
+    format!("{OPS_PREFIX}services/{service_id}/{event}")
 }
 
-pub fn ops_job(device: &DeviceId, state: &str) -> String {
-    format!("fleet/events/jobs/{device}/{state}")
+/// Job transitions by the state reached, and `moved`.
+pub fn ops_job(state: &str) -> String {
+    format!("{OPS_PREFIX}jobs/{state}")
 }
 
 #[cfg(test)]
