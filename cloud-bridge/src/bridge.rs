@@ -689,14 +689,22 @@ impl Bridge {
                 after,
                 wait_ms,
                 limit,
-            } => self.sync(device, after, wait_ms, limit).await,
+                ack,
+            } => {
+                if let Some(upto) = ack {
+                    // The sync's read below waits for this write to be durable.
+                    self.core().ack(device, upto)?;
+                }
+                self.sync(device, after, wait_ms, limit).await
+            }
             Request::Ack { upto } => {
                 let (acked, ticket) = self.core().ack(device, upto)?;
                 self.durable_read(ticket).await?;
                 Ok(Response::Acked { acked })
             }
-            Request::FetchJob { job_id } => {
-                let (offer, ticket, effects) = self.core().fetch_job(device, &job_id, now)?;
+            Request::FetchJob { job_id, start } => {
+                let (offer, ticket, effects) =
+                    self.core().fetch_job(device, &job_id, start, now)?;
                 self.finish(ticket, effects).await?;
                 Ok(Response::Job(offer))
             }

@@ -878,6 +878,7 @@ impl Agent {
                     after: self.state.cursor,
                     wait_ms: u32::try_from(self.config.long_poll.as_millis()).unwrap_or(u32::MAX),
                     limit: 1,
+                    ack: None,
                 };
                 long_poll = Some(Box::pin(async move { session.request(request).await }));
             }
@@ -1686,14 +1687,21 @@ impl Agent {
         }
         self.deliver_outbox(&session).await?;
         // While the owner has not confirmed, jobs wait (the cloud would not hand them out).
+        // Each sync after the first acknowledges what the one before it returned.
+        let mut ack = None;
         while self.state.owner_check.is_none() {
+            let sent_ack = ack.take();
             let response = session
                 .request(Request::Sync {
                     after: self.state.cursor,
                     wait_ms: 0,
                     limit: 64,
+                    ack: sent_ack,
                 })
                 .await?;
+            if let Some(cursor) = sent_ack {
+                self.emit(AgentEvent::Synced { cursor });
+            }
             let Response::Feed { entries, .. } = response else {
                 return Err(SessionError::Closed(format!(
                     "unexpected answer to sync: {response:?}"
@@ -1708,14 +1716,12 @@ impl Agent {
                 self.state.cursor = entry.seq;
                 self.save()?;
             }
-            session
-                .request(Request::Ack {
-                    upto: self.state.cursor,
-                })
-                .await?;
-            self.emit(AgentEvent::Synced {
-                cursor: self.state.cursor,
-            });
+            ack = Some(self.state.cursor);
+        }
+        if let Some(upto) = ack {
+            // Left unsent only when an owner check began meanwhile: acknowledge on its own.
+            session.request(Request::Ack { upto }).await?;
+            self.emit(AgentEvent::Synced { cursor: upto });
         }
         if self.state.owner_check.is_none() && self.state.hinted.take().is_some() {
             // Everything the hint announced has been fetched (the sync reached the end).
@@ -1917,9 +1923,11 @@ impl Agent {
             }
             return Ok(());
         }
+        // The job starts as soon as it is here: fetching it also records it started.
         let offer = match session
             .request(Request::FetchJob {
                 job_id: job_id.clone(),
+                start: true,
             })
             .await
         {
@@ -1938,20 +1946,6 @@ impl Agent {
             job_id: job_id.clone(),
             attempt,
         });
-        match session
-            .request(Request::JobUpdate {
-                job_id: job_id.clone(),
-                attempt,
-                update: JobUpdate::Started,
-            })
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_final_refusal(&e) || e.code() == Some(ErrorCode::LeaseLost) => {
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        }
         self.emit(AgentEvent::JobStarted {
             job_id: job_id.clone(),
             attempt,
@@ -2051,6 +2045,7 @@ impl Agent {
                 match session
                     .request(Request::FetchJob {
                         job_id: job_id.clone(),
+                        start: false,
                     })
                     .await
                 {

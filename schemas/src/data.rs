@@ -92,6 +92,10 @@ pub enum Request {
         after: FeedSeq,
         wait_ms: u32,
         limit: u16,
+        /// Acknowledges everything up to here first, as [`Request::Ack`] would: a device that
+        /// has handled what its last sync returned says so in the sync that asks for more.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ack: Option<FeedSeq>,
     },
     /// Everything up to `upto` is handled. Idempotent; never moves backwards.
     Ack {
@@ -100,6 +104,10 @@ pub enum Request {
     /// Take a job: returns its payload and a lease.
     FetchJob {
         job_id: JobId,
+        /// The device starts the job at once: the cloud records `delivered` and `in_progress`
+        /// together, and no separate `started` report is needed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        start: bool,
     },
     /// Report progress or the outcome of the attempt named by `attempt`.
     JobUpdate {

@@ -136,6 +136,7 @@ async fn bad_input_is_refused_and_other_devices_keep_working() {
     let err = session
         .request(Request::FetchJob {
             job_id: job.job_id.clone(),
+            start: true,
         })
         .await
         .unwrap_err();
@@ -153,6 +154,17 @@ async fn bad_input_is_refused_and_other_devices_keep_working() {
     let err = session
         .request(Request::Ack {
             upto: schemas::FeedSeq(999),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest), "{err}");
+    // The same ack carried by a sync is refused the same way, and the sync with it.
+    let err = session
+        .request(Request::Sync {
+            after: schemas::FeedSeq::ZERO,
+            wait_ms: 0,
+            limit: 8,
+            ack: Some(schemas::FeedSeq(999)),
         })
         .await
         .unwrap_err();

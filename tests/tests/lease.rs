@@ -56,6 +56,7 @@ async fn a_dead_devices_job_comes_back_and_the_attempt_limit_holds() {
         let Response::Job(offer) = session
             .request(Request::FetchJob {
                 job_id: job.job_id.clone(),
+                start: false,
             })
             .await
             .unwrap()

@@ -210,6 +210,7 @@ async fn take_code(session: &DataSession) -> Result<Secret, SessionError> {
             after: FeedSeq::ZERO,
             wait_ms: 0,
             limit: 64,
+            ack: None,
         })
         .await?
     else {

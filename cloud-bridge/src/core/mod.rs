@@ -911,10 +911,14 @@ impl Core {
 
     /// A device takes a job: the first take of an attempt moves it to `delivered` under a
     /// lease; taking again while holding the lease renews it.
+    ///
+    /// With `start`, the device starts the job at once: `delivered` and `in_progress` are
+    /// recorded in one write (a job already in progress stays so).
     pub fn fetch_job(
         &mut self,
         device_id: &DeviceId,
         job_id: &JobId,
+        start: bool,
         now: UnixMillis,
     ) -> CoreResult<(JobOffer, Ticket, Effects)> {
         if let Some(check) = &self.active_device(device_id)?.owner_check {
@@ -944,6 +948,27 @@ impl Core {
                     &mut batch,
                     &mut job,
                     JobState::Delivered,
+                    None,
+                    now,
+                    &mut effects,
+                )?;
+                if start {
+                    self.transition(
+                        &mut batch,
+                        &mut job,
+                        JobState::InProgress,
+                        None,
+                        now,
+                        &mut effects,
+                    )?;
+                }
+            }
+            JobState::Delivered if start => {
+                job.lease_until = Some(now.saturating_add_ms(self.policy.lease_ms));
+                self.transition(
+                    &mut batch,
+                    &mut job,
+                    JobState::InProgress,
                     None,
                     now,
                     &mut effects,
@@ -1336,6 +1361,48 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn fetch_with_start_records_delivered_and_in_progress_in_one_write() {
+        let mut core = core();
+        let dev = registered(&mut core, 1);
+        let id = job(&mut core, &dev, 1);
+        let (offer, _, effects) = core.fetch_job(&dev, &id, true, T0).unwrap();
+        assert_eq!(offer.attempt, 1);
+        let key = key("j", id.as_str());
+        let stored = core.committer.store().get(&key).unwrap().unwrap();
+        let stored: JobRecord = decode(&key, &stored).unwrap();
+        assert_eq!(
+            stored.state,
+            JobState::InProgress,
+            "both are in what was written"
+        );
+        let record = core.job(&id).unwrap();
+        assert_eq!(record.state, JobState::InProgress);
+        let steps: Vec<_> = record.history.iter().map(|t| (t.to, t.attempt)).collect();
+        assert_eq!(
+            steps,
+            [
+                (JobState::Queued, 0),
+                (JobState::Delivered, 1),
+                (JobState::InProgress, 1)
+            ]
+        );
+        assert_eq!(effects.events.len(), 2, "ops see both transitions");
+        // Taking it again while it runs renews the lease and records nothing new.
+        core.fetch_job(&dev, &id, true, T0).unwrap();
+        assert_eq!(core.job(&id).unwrap().history.len(), 3);
+        let (state, ..) = core
+            .update_job(&dev, &id, 1, JobUpdate::Succeeded { detail: None }, T0)
+            .unwrap();
+        assert_eq!(state, JobState::Succeeded);
+        // A job taken without starting starts when taken again with `start`.
+        let other = job(&mut core, &dev, 2);
+        core.fetch_job(&dev, &other, false, T0).unwrap();
+        assert_eq!(core.job(&other).unwrap().state, JobState::Delivered);
+        core.fetch_job(&dev, &other, true, T0).unwrap();
+        assert_eq!(core.job(&other).unwrap().state, JobState::InProgress);
+    }
+
+    #[test]
     fn full_lifecycle_records_every_transition() {
         let mut core = core();
         let dev = registered(&mut core, 1);
@@ -1343,7 +1410,7 @@ pub(crate) mod tests {
         let (entries, newest) = core.feed_after(&dev, FeedSeq::ZERO, 10).unwrap();
         assert_eq!(newest, FeedSeq(1));
         assert_eq!(entries[0].body, FeedBody::JobOffered { job_id: id.clone() });
-        let (offer, ..) = core.fetch_job(&dev, &id, T0).unwrap();
+        let (offer, ..) = core.fetch_job(&dev, &id, false, T0).unwrap();
         assert_eq!(offer.payload, b"%PDF");
         assert_eq!(offer.attempt, 1);
         core.update_job(&dev, &id, 1, JobUpdate::Started, T0)
@@ -1381,7 +1448,7 @@ pub(crate) mod tests {
         let a = registered(&mut core, 1);
         let b = registered(&mut core, 2);
         let id = job(&mut core, &a, 1);
-        let err = core.fetch_job(&b, &id, T0).unwrap_err();
+        let err = core.fetch_job(&b, &id, false, T0).unwrap_err();
         assert_eq!(err.code(), ErrorCode::Forbidden);
         let err = core
             .update_job(&b, &id, 1, JobUpdate::Started, T0)
@@ -1394,7 +1461,7 @@ pub(crate) mod tests {
         let mut core = core();
         let dev = registered(&mut core, 1);
         let id = job(&mut core, &dev, 1);
-        core.fetch_job(&dev, &id, T0).unwrap();
+        core.fetch_job(&dev, &id, false, T0).unwrap();
         assert_eq!(core.next_deadline(), Some(T0.saturating_add_ms(1000)));
         let (_, effects) = core.expire_due(T0.saturating_add_ms(1000)).unwrap();
         assert_eq!(core.job(&id).unwrap().state, JobState::Queued);
@@ -1405,7 +1472,7 @@ pub(crate) mod tests {
             .unwrap_err();
         assert_eq!(err.code(), ErrorCode::LeaseLost);
         let t1 = T0.saturating_add_ms(2000);
-        let (offer, ..) = core.fetch_job(&dev, &id, t1).unwrap();
+        let (offer, ..) = core.fetch_job(&dev, &id, false, t1).unwrap();
         assert_eq!(offer.attempt, 2);
         core.expire_due(t1.saturating_add_ms(1000)).unwrap();
         let job = core.job(&id).unwrap();
@@ -1418,7 +1485,7 @@ pub(crate) mod tests {
         let mut core = core();
         let dev = registered(&mut core, 1);
         let id = job(&mut core, &dev, 1);
-        core.fetch_job(&dev, &id, T0).unwrap();
+        core.fetch_job(&dev, &id, false, T0).unwrap();
         let t = T0.saturating_add_ms(900);
         core.update_job(&dev, &id, 1, JobUpdate::Progress { percent: 50 }, t)
             .unwrap();
@@ -1432,7 +1499,7 @@ pub(crate) mod tests {
         let dev = registered(&mut core, 1);
         let waiting = job(&mut core, &dev, 1);
         let running = job(&mut core, &dev, 2);
-        core.fetch_job(&dev, &running, T0).unwrap();
+        core.fetch_job(&dev, &running, false, T0).unwrap();
         core.update_job(&dev, &running, 1, JobUpdate::Started, T0)
             .unwrap();
         // Keep the running job's lease alive past the TTL.
@@ -1474,7 +1541,7 @@ pub(crate) mod tests {
         let mut core = core();
         let dev = registered(&mut core, 1);
         let id = job(&mut core, &dev, 1);
-        core.fetch_job(&dev, &id, T0).unwrap();
+        core.fetch_job(&dev, &id, false, T0).unwrap();
         let (_, _, effects) = core.cancel_job(&id, None, T0).unwrap();
         assert_eq!(effects.feed_grew, vec![(dev.clone(), FeedSeq(2))]);
         let err = core.cancel_job(&id, None, T0).unwrap_err();
@@ -1487,7 +1554,7 @@ pub(crate) mod tests {
         let mut core = Core::load(committer.clone(), JobPolicy::default()).unwrap();
         let dev = registered(&mut core, 1);
         let id = job(&mut core, &dev, 1);
-        core.fetch_job(&dev, &id, T0).unwrap();
+        core.fetch_job(&dev, &id, false, T0).unwrap();
         core.ack(&dev, FeedSeq(1)).unwrap();
         let reloaded = Core::load(committer, JobPolicy::default()).unwrap();
         assert_eq!(reloaded.job(&id).unwrap(), core.job(&id).unwrap());

@@ -245,13 +245,13 @@ mod tests {
         assert_eq!(deadline, Some(T0.saturating_add_ms(5000)));
         assert_eq!(core.device(&dev).unwrap().time_zone, "Asia/Tokyo");
         let j = job(&mut core, &dev, 1);
-        let err = core.fetch_job(&dev, &j, T0).unwrap_err();
+        let err = core.fetch_job(&dev, &j, false, T0).unwrap_err();
         assert_eq!(err.code(), ErrorCode::OwnerCheckPending);
         let (verdict, ..) = core
             .confirm_owner(&dev, &claim(&owner, "2468"), T0)
             .unwrap();
         assert_eq!(verdict, OwnerVerdict::Confirmed);
-        core.fetch_job(&dev, &j, T0).unwrap();
+        core.fetch_job(&dev, &j, false, T0).unwrap();
         // The deadline no longer matters.
         core.expire_due(T0.saturating_add_ms(10_000)).unwrap();
         assert!(core.authenticate(dev.as_str(), "secret").is_ok());
