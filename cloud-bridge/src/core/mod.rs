@@ -952,27 +952,9 @@ impl Core {
                     now,
                     &mut effects,
                 )?;
-                if start {
-                    self.transition(
-                        &mut batch,
-                        &mut job,
-                        JobState::InProgress,
-                        None,
-                        now,
-                        &mut effects,
-                    )?;
-                }
             }
             JobState::Delivered if start => {
                 job.lease_until = Some(now.saturating_add_ms(self.policy.lease_ms));
-                self.transition(
-                    &mut batch,
-                    &mut job,
-                    JobState::InProgress,
-                    None,
-                    now,
-                    &mut effects,
-                )?;
             }
             JobState::Delivered | JobState::InProgress => {
                 self.unindex_job(&job);
@@ -985,6 +967,16 @@ impl Core {
                     format!("job {job_id} is {}", state.as_str()),
                 ));
             }
+        }
+        if start && job.state == JobState::Delivered {
+            self.transition(
+                &mut batch,
+                &mut job,
+                JobState::InProgress,
+                None,
+                now,
+                &mut effects,
+            )?;
         }
         let payload = self
             .committer
