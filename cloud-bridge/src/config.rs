@@ -62,6 +62,13 @@ owner_check_window_secs = 600
 # whose notifications were all lost reads its mailbox.
 poll_interval_secs = 86400
 
+[store]
+# Flushes to disk start at most this often (microseconds). Nothing is acknowledged before it is
+# flushed; under load a flush then covers more writes, for much less disk and CPU work per job,
+# at the price of at most this much latency per write. An idle store flushes at once. 0: every
+# flush starts as soon as the one before it ends.
+min_flush_interval_us = 1000
+
 [data_channel]
 hello_timeout_ms = 5000
 ping_interval_secs = 15
@@ -81,6 +88,7 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub jobs: Jobs,
     pub devices: Devices,
+    pub store: StoreConfig,
     pub data_channel: DataChannel,
 }
 
@@ -93,6 +101,7 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             jobs: Jobs::default(),
             devices: Devices::default(),
+            store: StoreConfig::default(),
             data_channel: DataChannel::default(),
         }
     }
@@ -200,6 +209,26 @@ impl Default for Devices {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub min_flush_interval_us: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            min_flush_interval_us: 1000,
+        }
+    }
+}
+
+impl StoreConfig {
+    pub fn min_flush_interval(&self) -> Duration {
+        Duration::from_micros(self.min_flush_interval_us)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DataChannel {
     pub hello_timeout_ms: u64,
     pub ping_interval_secs: u64,
@@ -276,6 +305,9 @@ impl Config {
         }
         if self.data_channel.hello_timeout_ms == 0 || self.data_channel.max_inflight == 0 {
             return bad("data_channel.hello_timeout_ms and max_inflight must be positive");
+        }
+        if self.store.min_flush_interval_us > 100_000 {
+            return bad("store.min_flush_interval_us must be at most 100000 (0.1 s)");
         }
         if self.broker.queue == 0 {
             return bad("broker.queue must be positive");

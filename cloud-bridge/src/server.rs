@@ -147,7 +147,7 @@ pub async fn start(
     let store = tokio::task::spawn_blocking(move || SledStore::open(&store_dir))
         .await
         .map_err(|e| StoreError::Open(e.to_string()))??;
-    let committer = Committer::new(Arc::new(store));
+    let committer = Committer::new(Arc::new(store), config.store.min_flush_interval());
     let core = Core::load(committer.clone(), config.job_policy())?;
     let notifier = Notifier::new(config.broker.queue);
     let mode = match config.broker.mode {

@@ -1259,7 +1259,7 @@ pub(crate) mod tests {
     pub(crate) const T0: UnixMillis = UnixMillis(1_000_000);
 
     pub(crate) fn core() -> Core {
-        let committer = Committer::new(Arc::new(MemStore::default()));
+        let committer = Committer::new(Arc::new(MemStore::default()), std::time::Duration::ZERO);
         Core::load(
             committer,
             JobPolicy {
@@ -1542,7 +1542,7 @@ pub(crate) mod tests {
 
     #[test]
     fn state_survives_reload() {
-        let committer = Committer::new(Arc::new(MemStore::default()));
+        let committer = Committer::new(Arc::new(MemStore::default()), std::time::Duration::ZERO);
         let mut core = Core::load(committer.clone(), JobPolicy::default()).unwrap();
         let dev = registered(&mut core, 1);
         let id = job(&mut core, &dev, 1);
