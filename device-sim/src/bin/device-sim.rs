@@ -197,6 +197,11 @@ struct FleetArgs {
     /// ~9,000 devices under a 20,000 file-descriptor limit); their reports are merged.
     #[arg(long, default_value_t = 1)]
     processes: usize,
+    /// Before measuring, send every device one job and wait until all are done (steady-state
+    /// figures: the embedded broker's first publish to each device's topic costs a scan of
+    /// every subscription).
+    #[arg(long)]
+    warmup: bool,
     /// Internal: this process is one part of a multi-process run.
     #[arg(long, hide = true)]
     part: bool,
@@ -241,6 +246,9 @@ fn part_args(args: &FleetArgs, token: &str, i: usize, k: usize) -> Vec<String> {
     ];
     if let Some(p) = args.poll_only {
         v.extend(["--poll-only".into(), ms(p)]);
+    }
+    if args.warmup {
+        v.push("--warmup".into());
     }
     if let Some(c) = args.cut_mqtt {
         v.extend(["--cut-mqtt".into(), c.to_string()]);
@@ -359,6 +367,7 @@ async fn fleet(args: FleetArgs) -> anyhow::Result<()> {
     cfg.data_idle_close = args.data_idle_close;
     cfg.progress = !args.part;
     cfg.keep_samples = args.part;
+    cfg.warmup = args.warmup;
     let report = device_sim::fleet::run(cfg).await?;
     write_report(&args, &report)
 }

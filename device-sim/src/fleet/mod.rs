@@ -13,7 +13,7 @@ pub mod procstat;
 pub mod proxy;
 pub mod report;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -78,6 +78,10 @@ pub struct FleetConfig {
     pub progress: bool,
     /// Keep every job's timings in the report, for merging the parts of a multi-process run.
     pub keep_samples: bool,
+    /// Before measuring, send every device one job and wait until all are done, so that the
+    /// figures are the steady state: with the embedded broker, the first publish to a topic
+    /// costs rumqttd a comparison with every filter (one per device), once per device.
+    pub warmup: bool,
 }
 
 impl FleetConfig {
@@ -109,6 +113,7 @@ impl FleetConfig {
             data_idle_close: Duration::from_secs(5),
             progress: false,
             keep_samples: false,
+            warmup: false,
         }
     }
 }
@@ -127,6 +132,8 @@ pub enum FleetError {
     },
     #[error("bad configuration: {0}")]
     Config(String),
+    #[error("warm-up: {0}")]
+    Warmup(String),
 }
 
 /// One simulated device: its agent while it runs, and what survives a kill.
@@ -159,6 +166,8 @@ struct State {
     by_job_id: HashMap<JobId, usize>,
     /// Completions seen before the submission's answer named the job.
     early_reports: HashMap<JobId, Instant>,
+    /// Warm-up jobs submitted and not yet reported done.
+    warmup: HashSet<JobId>,
     unhinted: Vec<VecDeque<usize>>,
     connected: Vec<bool>,
     mqtt_up: Vec<bool>,
@@ -281,6 +290,7 @@ fn follow(
                     let mut state = shared.state();
                     match state.by_job_id.get(&job_id).copied() {
                         Some(n) => shared.complete(n, now, &mut state),
+                        None if state.warmup.remove(&job_id) => shared.changed.notify_waiters(),
                         None => {
                             state.early_reports.insert(job_id, now);
                         }
@@ -315,6 +325,55 @@ fn agent_config(
         config.long_poll = Duration::ZERO;
     }
     config
+}
+
+/// Sends every ready device one job (not counted in the figures) and waits until each has
+/// been reported done.
+async fn warm_up(
+    cfg: &FleetConfig,
+    client: &AdminClient,
+    shared: &Arc<Shared>,
+    ready: &[(usize, DeviceId)],
+) -> Result<(), FleetError> {
+    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
+    let mut submissions = tokio::task::JoinSet::new();
+    for (_, id) in ready {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let (client, shared, id) = (client.clone(), shared.clone(), id.clone());
+        submissions.spawn(async move {
+            let job = SubmitJob {
+                payload: Some("warm-up".into()),
+                content_type: Some("text/plain".into()),
+                ..Default::default()
+            };
+            let (view, _) = client.submit_job(&id, &job).await?;
+            drop(permit);
+            let mut state = shared.state();
+            if state.early_reports.remove(&view.job_id).is_none() {
+                state.warmup.insert(view.job_id);
+            }
+            Ok::<(), ClientError>(())
+        });
+    }
+    while let Some(done) = submissions.join_next().await {
+        done.map_err(|e| FleetError::Warmup(format!("submission task: {e}")))??;
+    }
+    let deadline = Instant::now() + cfg.drain;
+    loop {
+        let notified = shared.changed.notified();
+        let left = shared.state().warmup.len();
+        if left == 0 {
+            return Ok(());
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err(FleetError::Warmup(format!(
+                "{left} jobs not done within {:?}",
+                cfg.drain
+            )));
+        }
+    }
 }
 
 /// Runs the fleet and returns its report.
@@ -366,14 +425,6 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
         _ => None,
     };
     let poll_only = cfg.mqtt.is_none();
-
-    let sim_before = ProcUsage::current().unwrap_or_default();
-    let watched_before: Vec<ProcUsage> = cfg
-        .watch
-        .iter()
-        .map(|(_, pid)| ProcUsage::of(*pid).unwrap_or_default())
-        .collect();
-    let metrics_before = client.metrics().await?;
 
     // Start the devices at the connect rate.
     let mut agents: Vec<Slot> = Vec::with_capacity(cfg.devices);
@@ -440,7 +491,27 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
             "not every device connected; running with those that did"
         );
     }
+    let connect_secs = started.elapsed().as_secs_f64();
     tracing::info!(devices = ready.len(), took = ?started.elapsed(), "fleet connected");
+    let warmup_secs = if cfg.warmup {
+        let began = Instant::now();
+        warm_up(&cfg, &client, &shared, &ready).await?;
+        tracing::info!(took = ?began.elapsed(), "fleet warmed up");
+        Some(began.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+
+    // What is measured starts here: CPU, requests and connections exclude connecting and
+    // warming up.
+    let measured = Instant::now();
+    let sim_before = ProcUsage::current().unwrap_or_default();
+    let watched_before: Vec<ProcUsage> = cfg
+        .watch
+        .iter()
+        .map(|(_, pid)| ProcUsage::of(*pid).unwrap_or_default())
+        .collect();
+    let metrics_before = client.metrics().await?;
 
     // Generate jobs for `duration`, applying faults on schedule.
     let progress = cfg.progress.then(|| {
@@ -598,7 +669,7 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    let wall = started.elapsed();
+    let wall = measured.elapsed();
 
     // The cloud's records.
     let mut cloud: HashMap<JobId, (JobState, usize)> = HashMap::new();
@@ -746,6 +817,8 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
         mode,
         devices: cfg.devices,
         devices_connected: ready.len(),
+        connect_secs,
+        warmup_secs,
         target_rate: cfg.rate,
         duration_secs: gen_elapsed.as_secs_f64(),
         jobs_submitted: submitted,

@@ -111,6 +111,12 @@ pub struct FleetReport {
     pub mode: String,
     pub devices: usize,
     pub devices_connected: usize,
+    /// Time from the first device started to the last one connected.
+    #[serde(default)]
+    pub connect_secs: f64,
+    /// Time the warm-up took (one job per device, not counted), if there was one.
+    #[serde(default)]
+    pub warmup_secs: Option<f64>,
     pub target_rate: f64,
     pub duration_secs: f64,
     pub jobs_submitted: u64,
@@ -216,6 +222,8 @@ impl FleetReport {
                 .unwrap_or_default(),
             devices,
             devices_connected: parts.iter().map(|p| p.devices_connected).sum(),
+            connect_secs: parts.iter().map(|p| p.connect_secs).fold(0.0, f64::max),
+            warmup_secs: parts.iter().filter_map(|p| p.warmup_secs).reduce(f64::max),
             target_rate: parts.iter().map(|p| p.target_rate).sum(),
             duration_secs: parts.iter().map(|p| p.duration_secs).fold(0.0, f64::max),
             jobs_submitted: sum(|p| p.jobs_submitted),
@@ -269,8 +277,18 @@ impl FleetReport {
         row(
             &mut s,
             "devices connected",
-            format!("{} of {}", self.devices_connected, self.devices),
+            format!(
+                "{} of {} in {:.1} s",
+                self.devices_connected, self.devices, self.connect_secs
+            ),
         );
+        if let Some(w) = self.warmup_secs {
+            row(
+                &mut s,
+                "warm-up (one job per device, not counted)",
+                format!("{w:.1} s"),
+            );
+        }
         row(
             &mut s,
             "target rate",
