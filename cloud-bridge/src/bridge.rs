@@ -411,10 +411,12 @@ impl Bridge {
     ) -> CoreResult<HeldJobRecord> {
         self.core().authorize_user(principal, user)?;
         let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
-        let id = JobId::from_random(rand::random());
-        let (record, ticket, effects) =
-            self.core()
-                .submit_held(user, id, req, payload, UnixMillis::now())?;
+        let (record, ticket, effects) = {
+            let mut core = self.core();
+            let now = UnixMillis::now();
+            let id = core.fresh_job_id(now);
+            core.submit_held(user, id, req, payload, now)?
+        };
         self.finish(ticket, effects).await?;
         Ok(record)
     }
@@ -621,11 +623,12 @@ impl Bridge {
             submitted_by: Some(principal.label()),
             print: req.print,
         };
-        let job_id = JobId::from_random(rand::random());
         let (job, created, ticket, effects) = {
             let mut core = self.core();
             core.authorize_submit(principal, device)?;
-            core.submit_job(device, job_id, new, UnixMillis::now())?
+            let now = UnixMillis::now();
+            let job_id = core.fresh_job_id(now);
+            core.submit_job(device, job_id, new, now)?
         };
         self.finish(ticket, effects).await?;
         if created {
