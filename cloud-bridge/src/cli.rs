@@ -110,14 +110,7 @@ impl ServeArgs {
 
 /// Runs the command line with the process's arguments.
 pub fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "info,rumqttd=error,rumqttd::server::broker=off,sled=warn".into()
-            }),
-        )
-        .init();
+    broker::init_logging("info,rumqttd=error,rumqttd::server::broker=off,sled=warn");
     match Cli::parse().command {
         Command::Config => {
             print!("{COMMENTED_DEFAULTS}");

@@ -28,13 +28,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=error,rumqttd::server::broker=off".into()),
-        )
-        .init();
+    broker::init_logging("info,rumqttd=error,rumqttd::server::broker=off");
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.credentials)
         .with_context(|| format!("reading {}", args.credentials.display()))?;
