@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark scenarios, one command each and one for all:
 #
-#   bench/run.sh scale | throughput | poll | brokers | faults | all   (summary: rewrite latest.md)
+#   bench/run.sh scale | throughput | poll | brokers | memory | faults | all   (summary: rewrite latest.md)
 #
 # Each scenario starts its own release-built cloud bridge (and Mosquitto where needed) on free
 # loopback ports, drives it with `device-sim fleet` in a separate process, and writes one report
@@ -72,6 +72,19 @@ stop_bridge() {
     wait "$BRIDGE_PID" 2>/dev/null || true
 }
 
+# start_mosquitto: a Mosquitto 2 on a free loopback port; sets MOSQ_PID and MOSQ_PORT.
+start_mosquitto() {
+    MOSQ_PORT=$(free_port)
+    local conf=$WORK/mosquitto-$MOSQ_PORT.conf
+    # Anonymous on loopback, for the benchmark only: authentication is not what is compared.
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_connections -1\nlog_type error\n' "$MOSQ_PORT" > "$conf"
+    local mosquitto=mosquitto
+    command -v mosquitto >/dev/null || mosquitto=/usr/sbin/mosquitto
+    "$mosquitto" -c "$conf" 2>> "$WORK/mosquitto.log" &
+    MOSQ_PID=$!
+    PIDS+=("$MOSQ_PID")
+}
+
 FAILED=()
 
 # fleet SCENARIO LABEL [fleet flags]. A run that loses or repeats jobs (or cannot run) is
@@ -139,20 +152,47 @@ scenario_brokers() {
     fleet brokers embedded --devices "$devices" --rate "$rate" --duration "$duration" --warmup
     stop_bridge
 
-    port=$(free_port)
-    conf=$WORK/mosquitto.conf
-    # Anonymous on loopback, for the benchmark only: authentication is not what is compared.
-    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_connections -1\nlog_type error\n' "$port" > "$conf"
-    local mosquitto=mosquitto
-    command -v mosquitto >/dev/null || mosquitto=/usr/sbin/mosquitto
-    "$mosquitto" -c "$conf" 2> "$WORK/mosquitto.log" &
-    local mpid=$!
-    PIDS+=("$mpid")
-    start_bridge brokers-mosquitto --broker external --mqtt-url "mqtt://127.0.0.1:$port"
+    start_mosquitto
+    start_bridge brokers-mosquitto --broker external --mqtt-url "mqtt://127.0.0.1:$MOSQ_PORT"
     fleet brokers mosquitto --devices "$devices" --rate "$rate" --duration "$duration" --warmup \
-        --watch-pid "mosquitto=$mpid"
+        --watch-pid "mosquitto=$MOSQ_PID"
     stop_bridge
-    kill -TERM "$mpid"
+    kill -TERM "$MOSQ_PID"
+}
+
+scenario_memory() {
+    echo "== memory per connected device: idle fleets of two sizes, with each broker" >&2
+    local small big duration n
+    small=$(q 1000 100)
+    big=$(q 5000 300)
+    duration=$(q 15s 5s)
+    for n in "$small" "$big"; do
+        start_bridge "memory-embedded-$n"
+        fleet memory "embedded-$n" --devices "$n" --rate 0.1 --duration "$duration"
+        stop_bridge
+        start_mosquitto
+        start_bridge "memory-mosquitto-$n" --broker external --mqtt-url "mqtt://127.0.0.1:$MOSQ_PORT"
+        fleet memory "mosquitto-$n" --devices "$n" --rate 0.1 --duration "$duration" \
+            --watch-pid "mosquitto=$MOSQ_PID"
+        stop_bridge
+        kill -TERM "$MOSQ_PID"
+    done
+    # What one more connected device costs the server: the difference between the two fleets'
+    # peak RSS (bridge, plus Mosquitto where it is the broker) over the difference in devices.
+    python3 - "$OUT/memory" "$small" "$big" > "$OUT/memory/memory.md" <<'PY'
+import json, sys
+out, small, big = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def server_mb(label):
+    r = json.load(open(f"{out}/{label}.json"))
+    procs = [p for p in r["processes"] if p["name"] != "device-sim fleet"]
+    return sum(p["peak_rss_mb"] for p in procs), r["devices_connected"]
+print("### memory per connected device (idle fleets)\n")
+print(f"| broker | server peak RSS at {small:,} devices | at {big:,} devices | per added device |")
+print("|---|---|---|---|")
+for broker in ("embedded", "mosquitto"):
+    (a, na), (b, nb) = server_mb(f"{broker}-{small}"), server_mb(f"{broker}-{big}")
+    print(f"| {broker} | {a:.0f} MB | {b:.0f} MB | {(b - a) * 1000 / (nb - na):.1f} KB |")
+PY
 }
 
 scenario_faults() {
@@ -181,7 +221,7 @@ summary() {
         echo "- date: $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD)"
         echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr)"
         if [ "$QUICK" = 1 ]; then echo "- command: QUICK=1 bench/run.sh all"; else echo "- command: bench/run.sh all"; fi
-        for scenario in scale throughput poll brokers faults; do
+        for scenario in scale throughput poll brokers memory faults; do
             [ -d "$OUT/$scenario" ] || continue
             echo
             echo "## $scenario"
@@ -200,19 +240,21 @@ case "${1:-all}" in
     throughput) scenario_throughput ;;
     poll) scenario_poll ;;
     brokers) scenario_brokers ;;
+    memory) scenario_memory ;;
     faults) scenario_faults ;;
     summary) summary ;;
     all)
-        rm -rf "${OUT:?}"/{scale,throughput,poll,brokers,faults}
+        rm -rf "${OUT:?}"/{scale,throughput,poll,brokers,memory,faults}
         scenario_scale
         scenario_throughput
         scenario_poll
         scenario_brokers
+        scenario_memory
         scenario_faults
         summary
         ;;
     *)
-        echo "usage: bench/run.sh scale|throughput|poll|brokers|faults|all|summary" >&2
+        echo "usage: bench/run.sh scale|throughput|poll|brokers|memory|faults|all|summary" >&2
         exit 2
         ;;
 esac
