@@ -389,10 +389,12 @@ impl Authenticator for StaticAuthenticator {
 }
 
 /// Sets up logging to standard error for a process that embeds the broker: `RUST_LOG` when set,
-/// otherwise `default_filter`; colours only on a terminal. rumqttd's events pass that filter as usual, but its spans are
-/// never created: it opens an error-level span (with the topic formatted) for every packet it
-/// routes, which cost about 3 % of the cloud bridge's CPU under load, for no output. Its events
-/// then carry no span context (the client id of `incoming_connect`, say).
+/// otherwise `default_filter`; colours only on a terminal.
+///
+/// rumqttd's events pass that filter as usual, but its spans are never created: it opens an
+/// error-level span (with the topic formatted) for every packet it routes, which cost about 3 %
+/// of the cloud bridge's CPU under load, for no output. Its events then carry no span context
+/// (the client id of `incoming_connect`, say).
 pub fn init_logging(default_filter: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;

@@ -361,17 +361,23 @@ impl Core {
 
     /// A new job id: the submission time in milliseconds (48 bits) then 16 random bits, so
     /// that ids, and the store's `j/` and `p/` keys, grow with time. New jobs then land in the
-    /// store's newest pages instead of anywhere in the key space: the pages a busy bridge
-    /// touches stay few and in cache as the store grows. An id already taken is drawn again.
+    /// store's newest pages instead of anywhere in the key space, so the pages a busy bridge
+    /// writes stay few as the store grows. An id already taken is drawn again; after a few
+    /// misses (a millisecond crowded with jobs, or a clock set back) the next millisecond is
+    /// used, so this always ends.
     pub fn fresh_job_id(&self, now: UnixMillis) -> JobId {
+        let mut millis = now.0;
         loop {
-            let mut bytes = [0u8; 8];
-            bytes[..6].copy_from_slice(&now.0.to_be_bytes()[2..]);
-            bytes[6..].copy_from_slice(&rand::random::<[u8; 2]>());
-            let id = JobId::from_random(bytes);
-            if !self.jobs.contains_key(&id) && !self.held.contains_key(&id) {
-                return id;
+            for _ in 0..16 {
+                let mut bytes = [0u8; 8];
+                bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+                bytes[6..].copy_from_slice(&rand::random::<[u8; 2]>());
+                let id = JobId::from_random(bytes);
+                if !self.jobs.contains_key(&id) && !self.held.contains_key(&id) {
+                    return id;
+                }
             }
+            millis = millis.wrapping_add(1);
         }
     }
 
@@ -1379,6 +1385,33 @@ pub(crate) mod tests {
         // The time is in the id (hex of the milliseconds), then random bits.
         assert!(ids[0].as_str().contains(&format!("{:012x}", t.0)));
         assert!(JobId::parse(ids[0].as_str()).is_ok());
+    }
+
+    #[test]
+    fn a_millisecond_with_every_id_taken_moves_on_to_the_next() {
+        let mut core = core();
+        let device = registered(&mut core, 1);
+        let first = job(&mut core, &device, 1);
+        let template = core.jobs[&first].clone();
+        let t = UnixMillis(1_790_000_000_000);
+        let in_ms = |millis: u64, low: u16| {
+            let mut bytes = [0u8; 8];
+            bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+            bytes[6..].copy_from_slice(&low.to_be_bytes());
+            JobId::from_random(bytes)
+        };
+        for low in 0..=u16::MAX {
+            let id = in_ms(t.0, low);
+            let mut taken = template.clone();
+            taken.job_id = id.clone();
+            core.jobs.insert(id, taken);
+        }
+        let id = core.fresh_job_id(t);
+        assert!(!core.jobs.contains_key(&id));
+        assert!(
+            id > in_ms(t.0, u16::MAX) && id <= in_ms(t.0 + 1, u16::MAX),
+            "{id}"
+        );
     }
 
     #[test]
