@@ -253,14 +253,11 @@ pub async fn run_embedded(link: broker::BridgeLink, bridge: Bridge, shutdown: Ca
     if let Err(e) = link_tx.try_subscribe(topics::PRESENCE_FILTER) {
         tracing::error!(error = %e, "cannot subscribe to presence on the embedded broker");
     }
-    // rumqttd remembers which filters a topic matches, but only when it matches at least one:
-    // a topic nobody subscribes to is compared with every filter (one per device) on every
-    // publish. Ops events are published whether or not anyone watches, so the bridge subscribes
-    // to them itself and drops what it reads: a cached match and a cheap delivery instead of a
-    // scan of the whole fleet's filters per event.
-    if let Err(e) = link_tx.try_subscribe(topics::OPS_FILTER) {
-        tracing::error!(error = %e, "cannot subscribe to ops events on the embedded broker");
-    }
+    // Ops events are published whether or not anyone watches. Upstream rumqttd compared a topic
+    // nobody subscribes to with every filter (one per device) on every publish, so the bridge
+    // used to subscribe to its own ops events; the vendored rumqttd compares a new topic only
+    // with the filter equal to it and the wildcard filters (vendor/rumqttd/PATCHES.md), and an
+    // unwatched event costs the router no delivery at all.
     let reader_bridge = bridge.clone();
     let reader_outbox = outbox.clone();
     let reader_shutdown = shutdown.clone();
@@ -271,16 +268,12 @@ pub async fn run_embedded(link: broker::BridgeLink, bridge: Bridge, shutdown: Ca
                 _ = reader_shutdown.cancelled() => return,
             };
             match next {
-                Ok(Some(broker::Notification::Forward(f)))
-                    if !f.publish.topic.starts_with(topics::OPS_PREFIX.as_bytes()) =>
-                {
-                    deliver_presence(
-                        &reader_bridge,
-                        &reader_outbox.stats,
-                        &f.publish.topic,
-                        &f.publish.payload,
-                    )
-                }
+                Ok(Some(broker::Notification::Forward(f))) => deliver_presence(
+                    &reader_bridge,
+                    &reader_outbox.stats,
+                    &f.publish.topic,
+                    &f.publish.payload,
+                ),
                 Ok(Some(broker::Notification::Unschedule)) => {
                     if link_rx.wake().await.is_err() {
                         return;
