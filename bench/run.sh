@@ -9,8 +9,9 @@
 # bench/results/latest.md: the machine, the commit, and every table.
 #
 # Scale, throughput and brokers measure the steady state: each run first gives every device one
-# job that is not counted (--warmup), since the embedded broker's first publish to a device's
-# topic costs a scan of every subscription. Poll and faults start measuring at once.
+# job that is not counted (--warmup), since a device's first job also pays for the broker's
+# first publish to its topic and the agent's first data channel. Poll and faults start measuring
+# at once.
 #
 # QUICK=1 shrinks fleets and durations for a smoke run of the script itself.
 set -euo pipefail

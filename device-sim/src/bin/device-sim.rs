@@ -198,8 +198,8 @@ struct FleetArgs {
     #[arg(long, default_value_t = 1)]
     processes: usize,
     /// Before measuring, send every device one job and wait until all are done (steady-state
-    /// figures: the embedded broker's first publish to each device's topic costs a scan of
-    /// every subscription).
+    /// figures: a device's first job also pays for the broker's first publish to its topic and
+    /// the agent's first data channel).
     #[arg(long)]
     warmup: bool,
     /// Internal: this process is one part of a multi-process run.
