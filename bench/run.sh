@@ -145,7 +145,7 @@ scenario_poll() {
 
 scenario_brokers() {
     echo "== brokers side by side: embedded rumqttd against Mosquitto" >&2
-    local devices rate duration port conf
+    local devices rate duration
     devices=$(q 1000 100)
     rate=$(q 300 50)
     duration=$(q 30s 10s)
