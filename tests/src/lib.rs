@@ -447,7 +447,7 @@ impl OpsWatcher {
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         client
-                            .subscribe("fleet/events/#", QoS::AtLeastOnce)
+                            .subscribe(schemas::topics::OPS_FILTER, QoS::AtLeastOnce)
                             .await
                             .unwrap();
                     }
