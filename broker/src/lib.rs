@@ -2,8 +2,20 @@
 //!
 //! What this crate adds around rumqttd, and why:
 //! - **Authentication by device.** Every MQTT 3.1.1 client must present username = client id =
-//!   device id and the device secret as password; an [`Authenticator`] decides. rumqttd has no
-//!   per-topic ACL, so hints carry nothing secret and devices send nothing trusted over MQTT.
+//!   device id and the device secret as password; an [`Authenticator`] decides, and a refusal
+//!   is answered with its CONNACK return code ([`Refusal`]) before the socket closes.
+//! - **Authorization per packet** (the vendored rumqttd's authorizer hook). A device may
+//!   subscribe only to its own notify topic and publish only to its own presence topic (QoS 0
+//!   or 1, never retained, its last will included); an operations login may only subscribe
+//!   under `fleet/events/`; only the in-process link of the cloud bridge publishes hints and
+//!   ops events. A refused filter gets SUBACK failure (0x80), a refused publish closes the
+//!   connection; both are counted ([`BrokerStats`]) and logged at a bounded rate. `$share`
+//!   and `$SYS` filters are refused like any other foreign filter.
+//! - **Session control** ([`EmbeddedBroker::disconnect`]): the bridge closes a disabled
+//!   device's connection and forgets its persistent session.
+//! - **Health** ([`EmbeddedBroker::health`]): the router thread reports why it stopped, and a
+//!   watchdog logs in with a one-time probe identity every few seconds; either failing means
+//!   the broker cannot serve.
 //! - **Bounded memory per device.** Each device's notify topic is its own rumqttd filter with a
 //!   commit log; those filters get the smallest segments rumqttd allows (see
 //!   [`BrokerSettings::notify_segment_bytes`]).
@@ -19,18 +31,218 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttd::{Config, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
+use rumqttd::protocol::{ConnectReturnCode, QoS};
+use rumqttd::{
+    AuthResult, Config, ConnectionSettings, RouterConfig, RouterHealth, SegmentConfig,
+    ServerSettings, SessionControl,
+};
 use sha2::{Digest, Sha256};
 
 pub use rumqttd::Notification;
 pub use rumqttd::local::{LinkError, LinkRx, LinkTx};
 
-/// Decides whether an MQTT CONNECT is allowed.
+/// Who an accepted MQTT CONNECT is, which decides what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Login {
+    /// A device, by its id: it may subscribe to its own notify topic and publish its own
+    /// presence, nothing else.
+    Device(String),
+    /// An operations tool: it may subscribe under `fleet/events/` and publish nothing.
+    Ops,
+}
+
+/// Why an MQTT CONNECT was refused: each is answered with its MQTT 3.1.1 CONNACK return code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 2, identifier rejected: the client id is not the one these credentials may use.
+    IdentifierRejected,
+    /// 4, bad user name or password.
+    BadCredentials,
+    /// 5, not authorized: the credentials are right but the client may not log in (a
+    /// disabled or invalidated device).
+    NotAuthorized,
+}
+
+impl Refusal {
+    fn return_code(self) -> ConnectReturnCode {
+        match self {
+            Refusal::IdentifierRejected => ConnectReturnCode::ClientIdentifierNotValid,
+            Refusal::BadCredentials => ConnectReturnCode::BadUserNamePassword,
+            Refusal::NotAuthorized => ConnectReturnCode::NotAuthorized,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::IdentifierRejected => "identifier_rejected",
+            Refusal::BadCredentials => "bad_credentials",
+            Refusal::NotAuthorized => "not_authorized",
+        }
+    }
+}
+
+/// Decides who an MQTT CONNECT is, or why it is refused. Called on a listener thread for every
+/// CONNECT, so it must not block for long.
 pub trait Authenticator: Send + Sync + 'static {
-    fn authenticate(&self, client_id: &str, username: &str, password: &str) -> bool;
+    fn authenticate(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<Login, Refusal>;
+}
+
+/// What the broker refused, since it started.
+#[derive(Debug)]
+pub struct BrokerStats {
+    pub connects_refused: AtomicU64,
+    pub subscribes_refused: AtomicU64,
+    pub publishes_refused: AtomicU64,
+    /// Refusals not logged because too many came at once.
+    pub refusals_not_logged: AtomicU64,
+    /// When the last refusal was logged (milliseconds since `started`), and how many in the
+    /// second that began then.
+    log_window: Mutex<(u64, u32)>,
+    started: Instant,
+}
+
+impl BrokerStats {
+    /// Refusals logged per second at most; the rest are only counted.
+    const LOG_PER_SECOND: u32 = 10;
+
+    fn new() -> BrokerStats {
+        BrokerStats {
+            connects_refused: AtomicU64::new(0),
+            subscribes_refused: AtomicU64::new(0),
+            publishes_refused: AtomicU64::new(0),
+            refusals_not_logged: AtomicU64::new(0),
+            log_window: Mutex::new((0, 0)),
+            started: Instant::now(),
+        }
+    }
+
+    /// Whether a refusal may be logged now (at most [`Self::LOG_PER_SECOND`] per second).
+    fn may_log(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        let mut window = self.log_window.lock().unwrap_or_else(|p| p.into_inner());
+        if now.saturating_sub(window.0) >= 1000 {
+            *window = (now, 0);
+        }
+        window.1 += 1;
+        let allowed = window.1 <= Self::LOG_PER_SECOND;
+        if !allowed {
+            self.refusals_not_logged.fetch_add(1, Ordering::Relaxed);
+        }
+        allowed
+    }
+
+    fn refused_subscribe(&self, who: &str, filter: &str) {
+        self.subscribes_refused.fetch_add(1, Ordering::Relaxed);
+        if self.may_log() {
+            tracing::warn!(client = who, filter, "MQTT subscribe refused");
+        }
+    }
+
+    fn refused_publish(&self, who: &str, topic: &str, qos: QoS, retain: bool) {
+        self.publishes_refused.fetch_add(1, Ordering::Relaxed);
+        if self.may_log() {
+            tracing::warn!(
+                client = who,
+                topic,
+                ?qos,
+                retain,
+                "MQTT publish refused; disconnecting"
+            );
+        }
+    }
+
+    fn refused_connect(&self, client_id: &str, refusal: Refusal) {
+        self.connects_refused.fetch_add(1, Ordering::Relaxed);
+        if self.may_log() {
+            tracing::info!(%client_id, reason = refusal.as_str(), "MQTT connect refused");
+        }
+    }
+}
+
+/// What one device may do on MQTT.
+struct DeviceRules {
+    device: String,
+    notify: String,
+    presence: String,
+    stats: Arc<BrokerStats>,
+}
+
+impl rumqttd::Authorizer for DeviceRules {
+    fn may_subscribe(&self, filter: &str, _qos: QoS) -> bool {
+        let allowed = filter == self.notify;
+        if !allowed {
+            self.stats.refused_subscribe(&self.device, filter);
+        }
+        allowed
+    }
+
+    fn may_publish(&self, topic: &str, qos: QoS, retain: bool) -> bool {
+        let allowed = topic == self.presence && qos != QoS::ExactlyOnce && !retain;
+        if !allowed {
+            self.stats.refused_publish(&self.device, topic, qos, retain);
+        }
+        allowed
+    }
+}
+
+/// What an operations login may do: watch ops events.
+struct OpsRules {
+    stats: Arc<BrokerStats>,
+}
+
+impl rumqttd::Authorizer for OpsRules {
+    fn may_subscribe(&self, filter: &str, _qos: QoS) -> bool {
+        let allowed = filter.starts_with(schemas::topics::OPS_PREFIX) && valid_filter(filter);
+        if !allowed {
+            self.stats.refused_subscribe("ops", filter);
+        }
+        allowed
+    }
+
+    fn may_publish(&self, topic: &str, qos: QoS, retain: bool) -> bool {
+        self.stats.refused_publish("ops", topic, qos, retain);
+        false
+    }
+}
+
+/// The readiness probe and watchdog: may log in, nothing more.
+struct NothingAllowed;
+
+impl rumqttd::Authorizer for NothingAllowed {
+    fn may_subscribe(&self, _filter: &str, _qos: QoS) -> bool {
+        false
+    }
+
+    fn may_publish(&self, _topic: &str, _qos: QoS, _retain: bool) -> bool {
+        false
+    }
+}
+
+/// An MQTT topic filter as the specification allows it: `#` only as the last level, `+` only
+/// as a whole level, not empty.
+fn valid_filter(filter: &str) -> bool {
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        let last = levels.peek().is_none();
+        let ok = match level {
+            "#" => last,
+            "+" => true,
+            other => !other.contains(['#', '+']),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    !filter.is_empty()
 }
 
 /// Settings of the embedded broker. Defaults suit a fleet of up to ~10,000 devices.
@@ -49,6 +261,8 @@ pub struct BrokerSettings {
     pub notify_segment_bytes: usize,
     /// How long [`EmbeddedBroker::start`] waits for the listener to answer.
     pub ready_timeout: Duration,
+    /// How often the watchdog logs in to check the broker serves.
+    pub health_interval: Duration,
 }
 
 impl Default for BrokerSettings {
@@ -61,6 +275,7 @@ impl Default for BrokerSettings {
             next_connection_delay_ms: 1,
             notify_segment_bytes: 1024,
             ready_timeout: Duration::from_secs(10),
+            health_interval: Duration::from_secs(2),
         }
     }
 }
@@ -85,10 +300,28 @@ pub enum BrokerError {
     Thread(std::io::Error),
 }
 
-/// A running embedded broker.
-#[derive(Debug)]
+/// A running embedded broker. Clones share it.
+#[derive(Debug, Clone)]
 pub struct EmbeddedBroker {
     addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    stats: Arc<BrokerStats>,
+    router: RouterHealth,
+    sessions: SessionControl,
+    /// The watchdog's last failure, while it keeps failing.
+    watchdog: Mutex<Option<String>>,
+}
+
+/// Whether the broker serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerHealth {
+    Serving,
+    /// It cannot serve; why.
+    Down(String),
 }
 
 /// The in-process client of the cloud bridge: publish with `tx`, receive with `rx`.
@@ -137,11 +370,18 @@ impl EmbeddedBroker {
     ) -> Result<(EmbeddedBroker, BridgeLink), BrokerError> {
         let addr = pick_addr(settings.listen)?;
         let probe = ProbeIdentity::new();
-        let config = rumqttd_config(settings, addr, auth, probe.clone());
+        let stats = Arc::new(BrokerStats::new());
+        let config = rumqttd_config(settings, addr, auth, probe.clone(), stats.clone());
         let mut broker = rumqttd::Broker::new(config);
         let (tx, rx) = broker
             .link("cloud-bridge")
             .map_err(|e| BrokerError::Link(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            stats,
+            router: broker.router_health(),
+            sessions: broker.sessions(),
+            watchdog: Mutex::new(None),
+        });
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
@@ -151,13 +391,88 @@ impl EmbeddedBroker {
             })
             .map_err(BrokerError::Thread)?;
         wait_ready(addr, &probe, settings.ready_timeout)?;
+        let broker = EmbeddedBroker { addr, shared };
+        broker.spawn_watchdog(probe, settings.health_interval)?;
         tracing::info!(%addr, "embedded MQTT broker ready");
-        Ok((EmbeddedBroker { addr }, BridgeLink { tx, rx }))
+        Ok((broker, BridgeLink { tx, rx }))
     }
 
     /// The address devices connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// How many topics and filters the broker holds (rumqttd frees neither).
+    pub fn sizes(&self) -> (usize, usize) {
+        self.shared.router.sizes()
+    }
+
+    /// What the broker refused so far.
+    pub fn stats(&self) -> &BrokerStats {
+        &self.shared.stats
+    }
+
+    /// Whether the broker serves: its router thread runs and the watchdog's last two logins
+    /// were answered.
+    pub fn health(&self) -> BrokerHealth {
+        if let Some(reason) = self.shared.router.stopped() {
+            return BrokerHealth::Down(reason);
+        }
+        let watchdog = self
+            .shared
+            .watchdog
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match &*watchdog {
+            Some(failure) => BrokerHealth::Down(failure.clone()),
+            None => BrokerHealth::Serving,
+        }
+    }
+
+    /// Closes the connection of `client_id`, if it has one, and forgets its persistent session
+    /// (its queued messages, its subscriptions). Waits at most a second for the router.
+    pub fn disconnect(&self, client_id: &str) -> Result<(), BrokerError> {
+        self.shared
+            .sessions
+            .disconnect(client_id, Duration::from_secs(1))
+            .map_err(|e| BrokerError::Link(e.to_string()))
+    }
+
+    /// Logs in every `interval`; two failures in a row mark the broker down until one succeeds.
+    fn spawn_watchdog(&self, probe: ProbeIdentity, interval: Duration) -> Result<(), BrokerError> {
+        let broker = self.clone();
+        std::thread::Builder::new()
+            .name("broker-watchdog".into())
+            .spawn(move || {
+                let mut failures = 0u32;
+                loop {
+                    // A periodic check, not a wait for an event: there is none to wait on.
+                    std::thread::sleep(interval);
+                    let result = probe_once(broker.addr, &probe);
+                    let mut state = broker
+                        .shared
+                        .watchdog
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    match result {
+                        Ok(()) => {
+                            if state.take().is_some() {
+                                tracing::warn!("embedded broker serves again");
+                            }
+                            failures = 0;
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            if failures >= 2 && state.is_none() {
+                                tracing::error!(error = %e, "embedded broker does not answer logins");
+                                *state = Some(format!("the broker does not answer logins: {e}"));
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(BrokerError::Thread)?;
+        Ok(())
     }
 }
 
@@ -204,6 +519,7 @@ fn rumqttd_config(
     addr: SocketAddr,
     auth: Arc<dyn Authenticator>,
     probe: ProbeIdentity,
+    stats: Arc<BrokerStats>,
 ) -> Config {
     let mut connections = ConnectionSettings {
         connection_timeout_ms: settings.connection_timeout_ms,
@@ -215,15 +531,35 @@ fn rumqttd_config(
     };
     connections.set_auth_handler(
         move |client_id: String, username: String, password: String| {
-            let allowed = if client_id == probe.client_id {
-                username == probe.client_id && password == probe.password
+            let login = if client_id == probe.client_id {
+                if username == probe.client_id
+                    && constant_time_eq(password.as_bytes(), probe.password.as_bytes())
+                {
+                    Ok(None)
+                } else {
+                    Err(Refusal::BadCredentials)
+                }
             } else {
                 auth.authenticate(&client_id, &username, &password)
+                    .map(Some)
             };
-            if !allowed {
-                tracing::info!(%client_id, "MQTT connect refused");
-            }
-            std::future::ready(allowed)
+            let result = match login {
+                Ok(None) => AuthResult::Allow(Some(Arc::new(NothingAllowed))),
+                Ok(Some(Login::Device(device))) => AuthResult::Allow(Some(Arc::new(DeviceRules {
+                    notify: schemas::topics::notify_of(&device),
+                    presence: schemas::topics::presence_of(&device),
+                    device,
+                    stats: stats.clone(),
+                }))),
+                Ok(Some(Login::Ops)) => AuthResult::Allow(Some(Arc::new(OpsRules {
+                    stats: stats.clone(),
+                }))),
+                Err(refusal) => {
+                    stats.refused_connect(&client_id, refusal);
+                    AuthResult::Refuse(refusal.return_code())
+                }
+            };
+            std::future::ready(result)
         },
     );
     let mut v4 = HashMap::new();
@@ -373,18 +709,26 @@ impl StaticAuthenticator {
 }
 
 impl Authenticator for StaticAuthenticator {
-    fn authenticate(&self, client_id: &str, username: &str, password: &str) -> bool {
-        if client_id != username {
-            return false;
-        }
+    fn authenticate(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<Login, Refusal> {
         let Some(expected) = self.secrets_sha256.get(username) else {
-            return false;
+            return Err(Refusal::BadCredentials);
         };
         let actual: String = Sha256::digest(password.as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        constant_time_eq(actual.as_bytes(), expected.as_bytes())
+        if !constant_time_eq(actual.as_bytes(), expected.as_bytes()) {
+            return Err(Refusal::BadCredentials);
+        }
+        if client_id != username {
+            return Err(Refusal::IdentifierRejected);
+        }
+        Ok(Login::Device(username.to_owned()))
     }
 }
 
@@ -434,10 +778,74 @@ mod tests {
             .map(|b| format!("{b:02x}"))
             .collect();
         let auth = StaticAuthenticator::from_lines(&format!("# comment\ndev-1 {hash}\n")).unwrap();
-        assert!(auth.authenticate("dev-1", "dev-1", "s3cret"));
-        assert!(!auth.authenticate("dev-2", "dev-1", "s3cret"));
-        assert!(!auth.authenticate("dev-1", "dev-1", "wrong"));
-        assert!(!auth.authenticate("dev-9", "dev-9", "s3cret"));
+        assert_eq!(
+            auth.authenticate("dev-1", "dev-1", "s3cret"),
+            Ok(Login::Device("dev-1".into()))
+        );
+        assert_eq!(
+            auth.authenticate("dev-2", "dev-1", "s3cret"),
+            Err(Refusal::IdentifierRejected)
+        );
+        assert_eq!(
+            auth.authenticate("dev-1", "dev-1", "wrong"),
+            Err(Refusal::BadCredentials)
+        );
+        assert_eq!(
+            auth.authenticate("dev-9", "dev-9", "s3cret"),
+            Err(Refusal::BadCredentials)
+        );
         assert!(StaticAuthenticator::from_lines("dev-1 short").is_err());
+    }
+
+    #[test]
+    fn filters_follow_the_specification() {
+        for ok in ["fleet/events/#", "fleet/events/+/x", "a", "+", "#", "a/+/#"] {
+            assert!(valid_filter(ok), "{ok}");
+        }
+        for bad in ["", "a/#/b", "a#", "a/b+", "#/a", "fleet/events/j#"] {
+            assert!(!valid_filter(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_device_may_only_read_its_hints_and_announce_itself() {
+        use rumqttd::Authorizer;
+        let stats = Arc::new(BrokerStats::new());
+        let rules = DeviceRules {
+            device: "dev-a".into(),
+            notify: schemas::topics::notify_of("dev-a"),
+            presence: schemas::topics::presence_of("dev-a"),
+            stats: stats.clone(),
+        };
+        assert!(rules.may_subscribe("devices/dev-a/notify", QoS::AtLeastOnce));
+        for foreign in [
+            "#",
+            "devices/+/notify",
+            "devices/dev-b/notify",
+            "fleet/events/#",
+            "$share/g/#",
+            "$SYS/#",
+            "+/+/+",
+            "devices/dev-a/presence",
+        ] {
+            assert!(!rules.may_subscribe(foreign, QoS::AtLeastOnce), "{foreign}");
+        }
+        assert!(rules.may_publish("devices/dev-a/presence", QoS::AtLeastOnce, false));
+        assert!(rules.may_publish("devices/dev-a/presence", QoS::AtMostOnce, false));
+        assert!(!rules.may_publish("devices/dev-a/presence", QoS::AtLeastOnce, true));
+        assert!(!rules.may_publish("devices/dev-a/presence", QoS::ExactlyOnce, false));
+        assert!(!rules.may_publish("devices/dev-b/presence", QoS::AtLeastOnce, false));
+        assert!(!rules.may_publish("devices/dev-a/notify", QoS::AtLeastOnce, false));
+        assert!(!rules.may_publish("fleet/events/jobs/succeeded", QoS::AtMostOnce, false));
+        assert_eq!(stats.subscribes_refused.load(Ordering::Relaxed), 8);
+        assert_eq!(stats.publishes_refused.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn refusals_are_logged_at_a_bounded_rate() {
+        let stats = BrokerStats::new();
+        let logged = (0..1000).filter(|_| stats.may_log()).count();
+        assert_eq!(logged, BrokerStats::LOG_PER_SECOND as usize);
+        assert_eq!(stats.refusals_not_logged.load(Ordering::Relaxed), 990);
     }
 }

@@ -290,14 +290,29 @@ fn job_id(raw: &str) -> ApiResult<JobId> {
     JobId::parse(raw).map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e.to_string()))
 }
 
-async fn health(State(state): State<AppState>) -> Json<Health> {
+/// 200 while every part serves; 503 naming what does not (a load balancer or a supervisor
+/// acts on the code, the on-call engineer reads `problems`).
+async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let (devices, jobs) = state.bridge.counts();
-    Json(Health {
-        status: "ok".into(),
+    let mut problems = Vec::new();
+    if let Some(broker::BrokerHealth::Down(reason)) =
+        state.bridge.embedded_broker().map(|b| b.health())
+    {
+        problems.push(format!("embedded MQTT broker: {reason}"));
+    }
+    let (code, status) = if problems.is_empty() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    let health = Health {
+        status: status.into(),
         broker: state.bridge.broker_mode().to_owned(),
         devices: devices as u64,
         jobs: jobs as u64,
-    })
+        problems,
+    };
+    (code, Json(health))
 }
 
 #[derive(Debug, Serialize)]
@@ -317,6 +332,21 @@ struct MetricsView {
     presence_received: u64,
     presence_dropped: u64,
     store_flushes: u64,
+    /// The embedded broker's health and what it refused (absent with an external broker).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    embedded_broker: Option<EmbeddedBrokerView>,
+}
+
+#[derive(Debug, Serialize)]
+struct EmbeddedBrokerView {
+    serving: bool,
+    /// Topics and filters the broker holds; rumqttd frees neither, so growth is worth a look.
+    topics: u64,
+    filters: u64,
+    connects_refused: u64,
+    subscribes_refused: u64,
+    publishes_refused: u64,
+    refusals_not_logged: u64,
 }
 
 async fn metrics(State(state): State<AppState>) -> Json<MetricsView> {
@@ -339,6 +369,19 @@ async fn metrics(State(state): State<AppState>) -> Json<MetricsView> {
         presence_received: get(&n.presence_received),
         presence_dropped: get(&n.presence_dropped),
         store_flushes: state.bridge.committer().flush_count(),
+        embedded_broker: state.bridge.embedded_broker().map(|b| {
+            let r = b.stats();
+            let (topics, filters) = b.sizes();
+            EmbeddedBrokerView {
+                serving: b.health() == broker::BrokerHealth::Serving,
+                topics: topics as u64,
+                filters: filters as u64,
+                connects_refused: get(&r.connects_refused),
+                subscribes_refused: get(&r.subscribes_refused),
+                publishes_refused: get(&r.publishes_refused),
+                refusals_not_logged: get(&r.refusals_not_logged),
+            }
+        }),
     })
 }
 

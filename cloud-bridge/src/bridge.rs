@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use schemas::api::{
@@ -38,6 +38,7 @@ use crate::core::{
     ServiceRegistration,
 };
 use crate::notifier::Notifier;
+use crate::sessions::{DataSession, DataSessions};
 use crate::store::{Committer, Ticket};
 
 /// Counters shown by `GET /v1/metrics`.
@@ -61,6 +62,9 @@ struct Inner {
     reaper: Notify,
     metrics: Metrics,
     broker_mode: String,
+    /// The embedded broker, once started (none with an external broker).
+    embedded: OnceLock<broker::EmbeddedBroker>,
+    data_sessions: Arc<DataSessions>,
 }
 
 /// Cheap to clone; all clones share one state.
@@ -85,6 +89,8 @@ impl Bridge {
                 reaper: Notify::new(),
                 metrics: Metrics::default(),
                 broker_mode: broker_mode.to_owned(),
+                embedded: OnceLock::new(),
+                data_sessions: Arc::new(DataSessions::default()),
             }),
         }
     }
@@ -128,6 +134,11 @@ impl Bridge {
             self.inner.notifier.hint(&device, HintKind::Feed, seq);
         }
         for event in effects.events {
+            if let OpsEvent::DeviceDisabled { device_id, .. }
+            | OpsEvent::DeviceInvalidated { device_id, .. } = &event
+            {
+                self.revoke(device_id);
+            }
             if let OpsEvent::DeviceInvalidated { device_id, .. } = &event {
                 // Tell the device now, so it stops and registers again: its next request is
                 // refused with the reason. Its long-polls wake too.
@@ -142,6 +153,54 @@ impl Bridge {
         }
         self.inner.reaper.notify_one();
         Ok(())
+    }
+
+    /// Closes a disabled or invalidated device's open connections: its data-channel
+    /// connections (each is told why) and its MQTT session on the embedded broker, whose
+    /// persistent session is forgotten. Its credentials are refused from then on.
+    fn revoke(&self, device: &DeviceId) {
+        let closed = self.inner.data_sessions.close_all(device);
+        if let Some(embedded) = self.inner.embedded.get().cloned() {
+            let device = device.clone();
+            // The router's queue may be full for a moment: wait on a blocking thread.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = embedded.disconnect(device.as_str()) {
+                    tracing::error!(%device, error = %e, "could not close the MQTT session");
+                }
+            });
+        }
+        tracing::info!(%device, data_connections = closed, "device's connections closed");
+    }
+
+    /// The embedded broker, for session control and health (once, at start-up).
+    pub fn attach_broker(&self, embedded: broker::EmbeddedBroker) {
+        let _ = self.inner.embedded.set(embedded);
+    }
+
+    pub fn embedded_broker(&self) -> Option<&broker::EmbeddedBroker> {
+        self.inner.embedded.get()
+    }
+
+    /// Registers an open data-channel connection of `device`, closed by [`Self::revoke`].
+    pub fn data_session(&self, device: &DeviceId) -> DataSession {
+        self.inner.data_sessions.open(device)
+    }
+
+    /// Why `device` may no longer use its connections, if it may not.
+    pub fn refusal(&self, device: &DeviceId) -> Option<CoreError> {
+        let core = self.core();
+        match core.device(device) {
+            Err(e) => Some(e),
+            Ok(d) if d.invalidated.is_some() => Some(CoreError::new(
+                ErrorCode::DeviceInvalidated,
+                "device id was invalidated; register again",
+            )),
+            Ok(d) if d.disabled => Some(CoreError::new(
+                ErrorCode::DeviceDisabled,
+                "device is disabled",
+            )),
+            Ok(_) => None,
+        }
     }
 
     async fn durable_read(&self, ticket: Ticket) -> CoreResult<()> {
@@ -980,15 +1039,32 @@ struct MqttAuth {
 }
 
 impl broker::Authenticator for MqttAuth {
-    fn authenticate(&self, client_id: &str, username: &str, password: &str) -> bool {
+    fn authenticate(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<broker::Login, broker::Refusal> {
+        use broker::Refusal;
         if username == OPS_USERNAME {
-            return DeviceId::parse(client_id).is_err()
-                && broker::constant_time_eq(
-                    password.as_bytes(),
-                    self.ops_password.expose().as_bytes(),
-                );
+            if !broker::constant_time_eq(password.as_bytes(), self.ops_password.expose().as_bytes())
+            {
+                return Err(Refusal::BadCredentials);
+            }
+            // A device's id would take over that device's session.
+            if DeviceId::parse(client_id).is_ok() {
+                return Err(Refusal::IdentifierRejected);
+            }
+            return Ok(broker::Login::Ops);
         }
-        client_id == username && self.bridge.authenticate(username, password).is_ok()
+        match self.bridge.authenticate(username, password) {
+            Ok(_) if client_id == username => Ok(broker::Login::Device(username.to_owned())),
+            Ok(_) => Err(Refusal::IdentifierRejected),
+            Err(AuthFailure::Disabled | AuthFailure::Invalidated) => Err(Refusal::NotAuthorized),
+            Err(AuthFailure::UnknownDevice | AuthFailure::WrongSecret) => {
+                Err(Refusal::BadCredentials)
+            }
+        }
     }
 }
 

@@ -34,6 +34,9 @@ data = "127.0.0.1:8081"
 mode = "embedded"
 # embedded: where devices connect with MQTT.
 listen = "127.0.0.1:1883"
+# embedded: most MQTT connections at once (the bridge's own link is one). At the limit new
+# logins go unanswered and /v1/health reports the broker unavailable.
+max_connections = 20000
 # external: the broker to publish hints to, as mqtt://host:port.
 url = "mqtt://127.0.0.1:1883"
 # external: the bridge's own client id and login at that broker.
@@ -150,6 +153,7 @@ pub enum BrokerMode {
 pub struct BrokerConfig {
     pub mode: BrokerMode,
     pub listen: SocketAddr,
+    pub max_connections: usize,
     pub url: String,
     pub client_id: String,
     pub username: String,
@@ -162,6 +166,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             mode: BrokerMode::Embedded,
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            max_connections: 20_000,
             url: "mqtt://127.0.0.1:1883".into(),
             client_id: "cloud-bridge".into(),
             username: String::new(),
@@ -308,6 +313,9 @@ impl Config {
         }
         if self.store.min_flush_interval_us > 100_000 {
             return bad("store.min_flush_interval_us must be at most 100000 (0.1 s)");
+        }
+        if self.broker.max_connections < 2 {
+            return bad("broker.max_connections must be at least 2 (the bridge's link is one)");
         }
         if self.broker.queue == 0 {
             return bad("broker.queue must be positive");

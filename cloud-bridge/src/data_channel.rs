@@ -29,6 +29,7 @@ use tracing::Instrument;
 
 use crate::bridge::Bridge;
 use crate::core::AuthFailure;
+use crate::sessions::DataSession;
 
 /// Deadlines and bounds of the data channel.
 #[derive(Debug, Clone)]
@@ -184,8 +185,16 @@ impl Connection {
             }
         };
         tracing::Span::current().record("device", tracing::field::display(&device));
+        // Registered before the second check: a revocation between the hello and here is seen
+        // by the check, one after it cancels the session.
+        let session = self.bridge.data_session(&device);
+        if let Some(e) = self.bridge.refusal(&device) {
+            self.refuse(&mut ws, e.body()).await;
+            return;
+        }
         self.bridge.data_connected(&device, true);
-        let end = self.serve(&mut ws, &device).await;
+        let end = self.serve(&mut ws, &device, &session).await;
+        drop(session);
         self.bridge.data_connected(&device, false);
         match end {
             End::Refused(error) => {
@@ -336,7 +345,7 @@ impl Connection {
         Ok(device)
     }
 
-    async fn serve(&self, ws: &mut Ws, device: &DeviceId) -> End {
+    async fn serve(&self, ws: &mut Ws, device: &DeviceId, session: &DataSession) -> End {
         let mut inflight = FuturesUnordered::new();
         let mut ping = tokio::time::interval(self.settings.ping_interval);
         ping.reset();
@@ -345,6 +354,13 @@ impl Connection {
             let idle_deadline = last_heard + self.settings.idle_timeout;
             tokio::select! {
                 _ = self.shutdown.cancelled() => return End::Shutdown,
+                _ = session.revoked() => {
+                    let error = self.bridge.refusal(device).map_or_else(
+                        || ErrorBody::new(ErrorCode::DeviceDisabled, "device is disabled"),
+                        |e| e.body(),
+                    );
+                    return End::Refused(error);
+                }
                 _ = tokio::time::sleep_until(idle_deadline) => {
                     return End::Refused(ErrorBody::new(ErrorCode::HelloTimeout, "no frame from the device within the idle timeout"));
                 }

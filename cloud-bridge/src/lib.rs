@@ -7,6 +7,7 @@
 //! | [`bridge`] | the service around `core`: durability before acknowledgement, long-poll, effects |
 //! | [`notifier`] | hints and ops events out to MQTT, presence in; embedded or external broker |
 //! | [`data_channel`] | the devices' WebSocket connections |
+//! | [`sessions`] | open data-channel connections by device, closed at once on revocation |
 //! | [`admin`] | the admin HTTP API |
 //! | [`client`] | a typed client of the admin API |
 //! | [`config`] | the configuration file and its defaults |
@@ -27,6 +28,7 @@ pub mod data_channel;
 pub mod export;
 pub mod notifier;
 pub mod server;
+pub mod sessions;
 pub mod store;
 
 pub use config::Config;

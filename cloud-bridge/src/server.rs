@@ -164,6 +164,7 @@ pub async fn start(
         BrokerMode::Embedded => {
             let settings = broker::BrokerSettings {
                 listen: config.broker.listen,
+                max_connections: config.broker.max_connections,
                 ..broker::BrokerSettings::default()
             };
             let auth = bridge.mqtt_authenticator(admin_token.clone());
@@ -178,7 +179,9 @@ pub async fn start(
                 bridge.clone(),
                 shutdown.clone(),
             ));
-            embedded.addr().to_string()
+            let addr = embedded.addr().to_string();
+            bridge.attach_broker(embedded);
+            addr
         }
         BrokerMode::External => {
             let (host, port) = config.external_addr()?;

@@ -171,6 +171,9 @@ pub enum AgentEvent {
         endpoint: String,
     },
     MqttDown(String),
+    /// The broker refused the login (wrong credentials, device disabled): the notification
+    /// channel stays down until the links restart; the data channel says why.
+    MqttRefused(String),
     /// The data channel is connected (or moved) to `endpoint`.
     DataUp {
         endpoint: String,
@@ -1000,6 +1003,13 @@ impl Agent {
                         self.mqtt_up = false;
                         self.mqtt_endpoint = None;
                         self.emit(AgentEvent::MqttDown(reason));
+                        want_sync = true;
+                    }
+                    Some(LinkEvent::Refused(reason)) => {
+                        self.mqtt_up = false;
+                        self.mqtt_endpoint = None;
+                        self.emit(AgentEvent::MqttRefused(reason));
+                        // The data channel learns why (disabled, invalidated) and acts on it.
                         want_sync = true;
                     }
                     Some(LinkEvent::Hint(hint)) => {

@@ -11,6 +11,11 @@
 //! starts again from the best. While connected to any but the best, it tries the better ones
 //! every `probe_interval` in the background and moves over as soon as one answers, closing
 //! the old link cleanly (no last will).
+//!
+//! A broker that refuses the login with a CONNACK return code (bad credentials, not
+//! authorized, identifier rejected) has answered, not failed: another would not differ, so the
+//! link reports [`LinkEvent::Refused`] and stops trying until it is started again (with new
+//! credentials or settings). The data channel then tells the agent why.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,6 +40,8 @@ pub enum LinkEvent {
         endpoint: String,
     },
     Down(String),
+    /// The broker refused the login; the link has stopped.
+    Refused(String),
     Hint(Hint),
 }
 
@@ -225,6 +232,16 @@ pub async fn run(
                     }
                 }
                 Ok(_) => {}
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                    let endpoint = &settings.endpoints[link.index];
+                    let reason = format!("{endpoint} refused the login: {code:?}");
+                    tracing::warn!(%reason, "MQTT login refused; not retrying");
+                    link.up = false;
+                    let _ = events.send(LinkEvent::Refused(reason)).await;
+                    // Nothing to close: the broker closed the connection after its answer.
+                    shutdown.cancelled().await;
+                    return;
+                }
                 Err(e) => {
                     // A probe under way may be what ended this link (a takeover of our
                     // session through another address of the same broker): let it finish.

@@ -517,8 +517,12 @@ pub struct CancelJob {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
+    /// `ok`, or `unavailable` (answered with 503) when a part cannot serve.
     pub status: String,
     pub broker: String,
     pub devices: u64,
     pub jobs: u64,
+    /// What cannot serve, and why; empty when `status` is `ok`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }

@@ -23,10 +23,20 @@ pub const OPS_FILTER: &str = "fleet/events/#";
 pub const OPS_PREFIX: &str = "fleet/events/";
 
 pub fn notify(device: &DeviceId) -> String {
-    format!("devices/{device}/notify")
+    notify_of(device.as_str())
 }
 
 pub fn presence(device: &DeviceId) -> String {
+    presence_of(device.as_str())
+}
+
+/// [`notify`] for an id not (yet) checked as a [`DeviceId`], as a broker sees its clients.
+pub fn notify_of(device: &str) -> String {
+    format!("devices/{device}/notify")
+}
+
+/// [`presence`] for an id not (yet) checked as a [`DeviceId`].
+pub fn presence_of(device: &str) -> String {
     format!("devices/{device}/presence")
 }
 

@@ -772,6 +772,9 @@ fn log_event(event: &AgentEvent) {
         AgentEvent::MqttDown(reason) => {
             tracing::warn!(%reason, "notification channel down; long-polling the data channel")
         }
+        AgentEvent::MqttRefused(reason) => {
+            tracing::error!(%reason, "notification channel refused; using the data channel only")
+        }
         AgentEvent::DataUp { endpoint } => tracing::info!(%endpoint, "data channel up"),
         AgentEvent::SettingsApplied { revision } => {
             tracing::info!(revision, "server settings applied; reconnecting with them")

@@ -22,10 +22,11 @@ use tracing_subscriber::{
 
 pub use link::alerts;
 pub use link::local;
+pub use link::local::SessionControl;
 pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
-pub use server::{Broker, LinkType, Server};
+pub use server::{Broker, LinkType, RouterHealth, Server};
 
 pub use self::router::shared_subs::Strategy;
 
@@ -48,10 +49,49 @@ pub type ClientId = String;
 pub type AuthUser = String;
 pub type AuthPass = String;
 pub type AuthHandler = Arc<
-    dyn Fn(ClientId, AuthUser, AuthPass) -> Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+    dyn Fn(ClientId, AuthUser, AuthPass) -> Pin<Box<dyn std::future::Future<Output = AuthResult> + Send>>
         + Send
         + Sync,
 >;
+
+/// What an authentication handler answers (patch 3, see PATCHES.md).
+#[derive(Clone)]
+pub enum AuthResult {
+    /// The connection is accepted. With an authorizer, its last will, every SUBSCRIBE filter
+    /// and every PUBLISH are checked against it; without one, everything is allowed.
+    Allow(Option<Arc<dyn Authorizer>>),
+    /// The connection is refused with this CONNACK return code before the socket is closed.
+    Refuse(protocol::ConnectReturnCode),
+}
+
+impl From<bool> for AuthResult {
+    fn from(allowed: bool) -> AuthResult {
+        if allowed {
+            AuthResult::Allow(None)
+        } else {
+            AuthResult::Refuse(protocol::ConnectReturnCode::BadUserNamePassword)
+        }
+    }
+}
+
+impl fmt::Debug for AuthResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthResult::Allow(a) => write!(f, "Allow(authorizer: {})", a.is_some()),
+            AuthResult::Refuse(code) => write!(f, "Refuse({code:?})"),
+        }
+    }
+}
+
+/// Decides, for one authenticated connection, what it may subscribe to and publish (patch 3).
+///
+/// Called on the router thread for every SUBSCRIBE filter and PUBLISH, so it must be quick and
+/// must not block. A refused filter gets the SUBACK failure code (0x80); a refused publish
+/// (or last will, checked at CONNECT) closes the connection, as MQTT 3.1.1 allows.
+pub trait Authorizer: Send + Sync + 'static {
+    fn may_subscribe(&self, filter: &str, qos: protocol::QoS) -> bool;
+    fn may_publish(&self, topic: &str, qos: protocol::QoS, retain: bool) -> bool;
+}
 
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
@@ -124,7 +164,8 @@ impl ServerSettings {
     pub fn set_auth_handler<F, O>(&mut self, auth_fn: F)
     where
         F: Fn(ClientId, AuthUser, AuthPass) -> O + Send + Sync + 'static,
-        O: IntoFuture<Output = bool> + 'static,
+        O: IntoFuture + 'static,
+        O::Output: Into<AuthResult>,
         O::IntoFuture: Send,
     {
         self.connections.set_auth_handler(auth_fn)
@@ -160,12 +201,13 @@ impl ConnectionSettings {
     pub fn set_auth_handler<F, O>(&mut self, auth_fn: F)
     where
         F: Fn(ClientId, AuthUser, AuthPass) -> O + Send + Sync + 'static,
-        O: IntoFuture<Output = bool> + 'static,
+        O: IntoFuture + 'static,
+        O::Output: Into<AuthResult>,
         O::IntoFuture: Send,
     {
         self.external_auth = Some(Arc::new(move |client_id, username, password| {
             let auth = auth_fn(client_id, username, password).into_future();
-            Box::pin(auth)
+            Box::pin(async move { auth.await.into() })
         }));
     }
 }

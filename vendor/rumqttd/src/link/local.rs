@@ -49,6 +49,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // none by default: everything allowed (patch 3)
+    authorizer: Option<Arc<dyn crate::Authorizer>>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,7 +64,14 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            authorizer: None,
         }
+    }
+
+    /// Checks this link's subscriptions and publishes (patch 3).
+    pub fn authorizer(mut self, authorizer: Option<Arc<dyn crate::Authorizer>>) -> Self {
+        self.authorizer = authorizer;
+        self
     }
 
     pub fn tenant_id(mut self, tenant_id: Option<String>) -> Self {
@@ -111,6 +120,7 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
+        connection.authorizer = crate::router::ConnectionAuthorizer(self.authorizer);
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();
@@ -137,6 +147,44 @@ impl<'a> LinkBuilder<'a> {
         let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
         let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
         Ok((tx, rx, notification))
+    }
+}
+
+/// Closes clients' connections from outside the router (patch 4, see PATCHES.md).
+#[derive(Clone)]
+pub struct SessionControl {
+    router_tx: Sender<(ConnectionId, Event)>,
+}
+
+impl SessionControl {
+    pub(crate) fn new(router_tx: Sender<(ConnectionId, Event)>) -> SessionControl {
+        SessionControl { router_tx }
+    }
+
+    /// Closes the connection of `client_id` if it has one, and forgets its persistent session.
+    /// Waits at most `timeout` for room in the router's queue.
+    pub fn disconnect(
+        &self,
+        client_id: &str,
+        timeout: std::time::Duration,
+    ) -> Result<(), LinkError> {
+        self.router_tx
+            .send_timeout(
+                (0, Event::DisconnectClient(client_id.to_owned())),
+                timeout,
+            )
+            .map_err(|e| match e {
+                flume::SendTimeoutError::Timeout(m) => {
+                    LinkError::TrySend(TrySendError::Full(m))
+                }
+                flume::SendTimeoutError::Disconnected(m) => LinkError::Send(SendError(m)),
+            })
+    }
+}
+
+impl std::fmt::Debug for SessionControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionControl").finish_non_exhaustive()
     }
 }
 

@@ -4,7 +4,7 @@ use crate::link::network::Network;
 use crate::local::LinkBuilder;
 use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
 use crate::router::{Event, Notification};
-use crate::{ConnectionId, ConnectionSettings};
+use crate::{AuthResult, Authorizer, ConnectionId, ConnectionSettings};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
 use std::cmp::min;
@@ -68,6 +68,7 @@ impl<P: Protocol> RemoteLink<P> {
         connect_packet: Packet,
         dynamic_filters: bool,
         assigned_client_id: Option<String>,
+        authorizer: Option<Arc<dyn Authorizer>>,
     ) -> Result<RemoteLink<P>, Error> {
         let Packet::Connect(connect, props, lastwill, lastwill_props, _) = connect_packet else {
             return Err(Error::NotConnectPacket(connect_packet));
@@ -100,6 +101,7 @@ impl<P: Protocol> RemoteLink<P> {
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
+            .authorizer(authorizer)
             .build()?;
 
         let id = link_rx.id();
@@ -171,10 +173,14 @@ impl<P: Protocol> RemoteLink<P> {
 
 /// Read MQTT connect packet from network and verify it.
 /// authentication and checks are done here.
+///
+/// Patch 3: a refused login is answered with a CONNACK carrying the handler's return code
+/// before the error is returned, and the last will must pass the connection's authorizer,
+/// which is returned with the packet.
 pub async fn mqtt_connect<P>(
     config: Arc<ConnectionSettings>,
     network: &mut Network<P>,
-) -> Result<Packet, Error>
+) -> Result<(Packet, Option<Arc<dyn Authorizer>>), Error>
 where
     P: Protocol,
 {
@@ -188,14 +194,41 @@ where
     })
     .await??;
 
-    let (connect, _props, login) = match packet {
-        Packet::Connect(ref connect, ref props, _, _, ref login) => (connect, props, login),
+    let (connect, _props, will, login) = match packet {
+        Packet::Connect(ref connect, ref props, ref will, _, ref login) => {
+            (connect, props, will, login)
+        }
         packet => return Err(Error::NotConnectPacket(packet)),
     };
 
     Span::current().record("client_id", &connect.client_id);
 
-    handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+    let refuse = |code: ConnectReturnCode| {
+        Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code,
+            },
+            None,
+        )
+    };
+    let authorizer = match handle_auth(config.clone(), login.as_ref(), &connect.client_id).await {
+        Ok(authorizer) => authorizer,
+        Err(code) => {
+            // Best effort: the peer may already be gone.
+            let _ = time::timeout(Duration::from_secs(1), network.write(refuse(code))).await;
+            return Err(Error::InvalidAuth);
+        }
+    };
+    if let (Some(authorizer), Some(will)) = (&authorizer, will) {
+        let allowed = std::str::from_utf8(&will.topic)
+            .is_ok_and(|topic| authorizer.may_publish(topic, will.qos, will.retain));
+        if !allowed {
+            let code = ConnectReturnCode::NotAuthorized;
+            let _ = time::timeout(Duration::from_secs(1), network.write(refuse(code))).await;
+            return Err(Error::InvalidAuth);
+        }
+    }
 
     // When keep_alive feature is disabled client can live forever, which is not good in
     // distributed broker context so currenlty we don't allow it.
@@ -219,52 +252,52 @@ where
     }
 
     // Ok((connect, props, lastwill, lastwill_props))
-    Ok(packet)
+    Ok((packet, authorizer))
 }
 
+/// The authorizer of an accepted login, or the CONNACK return code of a refused one.
 async fn handle_auth(
     config: Arc<ConnectionSettings>,
     login: Option<&Login>,
     client_id: &str,
-) -> Result<(), Error> {
+) -> Result<Option<Arc<dyn Authorizer>>, ConnectReturnCode> {
     if config.auth.is_none() && config.external_auth.is_none() {
-        return Ok(());
+        return Ok(None);
     }
 
     // if authentication is configured and connect packet doesn't have login details
     // return an error
     let Some(login) = login else {
-        return Err(Error::InvalidAuth);
+        return Err(ConnectReturnCode::NotAuthorized);
     };
 
     let username = &login.username;
     let password = &login.password;
 
     if let Some(auth) = &config.external_auth {
-        if !auth(
+        return match auth(
             client_id.to_owned(),
             username.to_owned(),
             password.to_owned(),
         )
         .await
         {
-            return Err(Error::InvalidAuth);
-        }
-
-        return Ok(());
+            AuthResult::Allow(authorizer) => Ok(authorizer),
+            AuthResult::Refuse(code) => Err(code),
+        };
     }
 
     if let Some(pairs) = &config.auth {
         if let Some(stored_password) = pairs.get(username) {
             if stored_password.as_bytes().ct_eq(password.as_bytes()).into() {
-                return Ok(());
+                return Ok(None);
             }
         }
 
-        return Err(Error::InvalidAuth);
+        return Err(ConnectReturnCode::BadUserNamePassword);
     }
 
-    Err(Error::InvalidAuth)
+    Err(ConnectReturnCode::NotAuthorized)
 }
 
 #[cfg(test)]

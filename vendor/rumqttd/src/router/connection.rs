@@ -4,6 +4,7 @@ use crate::protocol::LastWillProperties;
 use crate::Filter;
 use crate::{protocol::LastWill, Topic};
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::ConnectionEvents;
 
@@ -33,6 +34,33 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// What this connection may subscribe to and publish; `None` allows everything (local
+    /// links, or listeners without an authorizer). Patch 3, see PATCHES.md.
+    pub(crate) authorizer: ConnectionAuthorizer,
+}
+
+/// The authorizer of one connection, with a `Debug` that does not need one from it.
+#[derive(Clone, Default)]
+pub(crate) struct ConnectionAuthorizer(pub(crate) Option<Arc<dyn crate::Authorizer>>);
+
+impl std::fmt::Debug for ConnectionAuthorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConnectionAuthorizer({})", self.0.is_some())
+    }
+}
+
+impl ConnectionAuthorizer {
+    pub(crate) fn may_subscribe(&self, filter: &str, qos: crate::protocol::QoS) -> bool {
+        self.0.as_ref().is_none_or(|a| a.may_subscribe(filter, qos))
+    }
+
+    /// A topic that is not UTF-8 is refused whenever there is an authorizer.
+    pub(crate) fn may_publish(&self, topic: &[u8], qos: crate::protocol::QoS, retain: bool) -> bool {
+        match &self.0 {
+            None => true,
+            Some(a) => std::str::from_utf8(topic).is_ok_and(|t| a.may_publish(t, qos, retain)),
+        }
+    }
 }
 
 impl Connection {
@@ -66,6 +94,7 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            authorizer: ConnectionAuthorizer::default(),
         }
     }
 

@@ -103,6 +103,11 @@ impl DataLog {
         })
     }
 
+    /// Patch 6: how many topics and filters the router holds (neither is ever freed).
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.publish_filters.len(), self.filter_indexes.len())
+    }
+
     pub fn meter(&mut self, filter: &str) -> Option<&mut SubscriptionMeter> {
         let data = self.native.get_mut(*self.filter_indexes.get(filter)?)?;
         Some(&mut data.meter)

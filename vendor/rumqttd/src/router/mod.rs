@@ -27,6 +27,7 @@ mod waiters;
 
 pub use alertlog::Alert;
 pub use connection::Connection;
+pub(crate) use connection::ConnectionAuthorizer;
 pub use routing::Router;
 pub use waiters::Waiters;
 
@@ -65,6 +66,9 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    /// Close the connection of this client id, if any, and forget its persistent session
+    /// (patch 4, see PATCHES.md)
+    DisconnectClient(String),
 }
 
 /// Notification from router to connection

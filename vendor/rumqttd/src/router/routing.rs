@@ -102,6 +102,8 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// Patch 6: where the router reports its sizes and why it stopped
+    health: crate::RouterHealth,
 }
 
 impl Router {
@@ -143,6 +145,7 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            health: crate::RouterHealth::default(),
         }
     }
 
@@ -161,13 +164,32 @@ impl Router {
     /// For that reason, all the public methods should start the router in the
     /// background
     #[tracing::instrument(skip_all)]
-    pub fn spawn(mut self) -> Sender<(ConnectionId, Event)> {
+    pub fn spawn(self) -> Sender<(ConnectionId, Event)> {
+        self.spawn_watched(crate::RouterHealth::default())
+    }
+
+    /// Like [`Router::spawn`], and records in `health` why the router thread stopped, panics
+    /// included (patch 6, see PATCHES.md).
+    pub fn spawn_watched(mut self, health: crate::RouterHealth) -> Sender<(ConnectionId, Event)> {
         let router = thread::Builder::new().name(format!("router-{}", self.id));
         let link = self.link();
+        self.health = health.clone();
         router
             .spawn(move || {
-                let e = self.run(0);
-                error!(reason=?e, "Router done!");
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(0)));
+                let reason = match run {
+                    Ok(e) => format!("router stopped: {e:?}"),
+                    Err(panic) => {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".to_owned());
+                        format!("router thread panicked: {message}")
+                    }
+                };
+                error!(reason, "Router done!");
+                health.set_stopped(reason);
             })
             .unwrap();
         link
@@ -261,7 +283,19 @@ impl Router {
                 #[cfg(feature = "validate-tenant-prefix")]
                 _tenant_id,
             ),
+            Event::DisconnectClient(client_id) => self.handle_disconnect_client(&client_id),
         }
+    }
+
+    /// Closes the connection of `client_id` (its link sees the router drop it and closes the
+    /// socket) and forgets its persistent session, so nothing of it is kept or delivered.
+    /// Patch 4, see PATCHES.md.
+    fn handle_disconnect_client(&mut self, client_id: &str) {
+        if let Some(&id) = self.connection_map.get(client_id) {
+            info!(client_id, "Disconnecting client on request");
+            self.handle_disconnection(id, None);
+        }
+        self.graveyard.retrieve(client_id);
     }
 
     fn handle_new_connection(
@@ -505,12 +539,14 @@ impl Router {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
                     request.cursor = *cursor;
                     // reset the group cursor
-                    if let Some(group_name) = &request.group {
-                        // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
+                    // The group is gone when this client was its last member (removed
+                    // above); a client can make that happen, so it must not panic (patch 5).
+                    if let Some(group) = request
+                        .group
+                        .as_ref()
+                        .and_then(|name| self.shared_subscriptions.get_mut(name))
+                    {
+                        group.cursor = *cursor;
                     }
                 }
             }
@@ -563,6 +599,18 @@ impl Router {
 
                     let qos = publish.qos;
                     let pkid = publish.pkid;
+
+                    // Patch 3: a publish the connection's authorizer refuses closes it before
+                    // anything is acknowledged or stored (MQTT 3.1.1 has no negative PUBACK).
+                    if !self.connections[id].authorizer.may_publish(
+                        &publish.topic,
+                        qos,
+                        publish.retain,
+                    ) {
+                        warn!(topic = ?publish.topic, "Publish not authorized, disconnecting");
+                        disconnect = true;
+                        break;
+                    }
 
                     // Prepare acks for the above publish
                     // If any of the publish in the batch results in force flush,
@@ -655,8 +703,16 @@ impl Router {
                             tracing::info_span!("subscribe", topic = f.path, pkid = subscribe.pkid);
                         let _guard = span.enter();
 
-                        info!("Adding subscription on topic {}", f.path);
                         let connection = self.connections.get_mut(id).unwrap();
+
+                        // Patch 3: a filter the authorizer refuses gets the failure return
+                        // code; nothing is created for it.
+                        if !connection.authorizer.may_subscribe(&f.path, f.qos) {
+                            debug!("Subscription not authorized: {}", f.path);
+                            return_codes.push(SubscribeReasonCode::Failure);
+                            continue;
+                        }
+                        info!("Adding subscription on topic {}", f.path);
 
                         if let Err(e) = validate_subscription(connection, f) {
                             warn!(reason = ?e,"Subscription cannot be validated: {}", e);
@@ -905,6 +961,7 @@ impl Router {
         if disconnect {
             self.handle_disconnection(id, disconnect_reason);
         }
+        self.health.set_sizes(self.datalog.sizes());
     }
 
     /// Apply filter and prepare this connection to receive subscription data

@@ -67,6 +67,41 @@ pub enum Error {
 pub struct Broker {
     config: Arc<Config>,
     router_tx: Sender<(ConnectionId, Event)>,
+    router_health: RouterHealth,
+}
+
+/// Whether the router thread still runs, and if not, why (patch 6, see PATCHES.md).
+#[derive(Clone, Default, Debug)]
+pub struct RouterHealth {
+    stopped: Arc<Mutex<Option<String>>>,
+    topics: Arc<std::sync::atomic::AtomicUsize>,
+    filters: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RouterHealth {
+    /// `None` while the router runs; the reason once it stopped or panicked.
+    pub fn stopped(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// How many topics and filters the router holds, as of the last packets it handled.
+    pub fn sizes(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.topics.load(Relaxed), self.filters.load(Relaxed))
+    }
+
+    pub(crate) fn set_sizes(&self, (topics, filters): (usize, usize)) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.topics.store(topics, Relaxed);
+        self.filters.store(filters, Relaxed);
+    }
+
+    pub(crate) fn set_stopped(&self, reason: String) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
 }
 
 impl Broker {
@@ -74,6 +109,7 @@ impl Broker {
         let config = Arc::new(config);
         let router_config = config.router.clone();
         let router: Router = Router::new(config.id, router_config);
+        let router_health = RouterHealth::default();
 
         // Setup cluster if cluster settings are configured.
         match config.cluster.clone() {
@@ -85,13 +121,21 @@ impl Broker {
                 // Broker::setup_remote_cluster(&mut router, node_id, &mut cluster);
 
                 // Start router first and then cluster in the background
-                let router_tx = router.spawn();
+                let router_tx = router.spawn_watched(router_health.clone());
                 // cluster.spawn();
-                Broker { config, router_tx }
+                Broker {
+                    config,
+                    router_tx,
+                    router_health,
+                }
             }
             None => {
-                let router_tx = router.spawn();
-                Broker { config, router_tx }
+                let router_tx = router.spawn_watched(router_health.clone());
+                Broker {
+                    config,
+                    router_tx,
+                    router_health,
+                }
             }
         }
     }
@@ -145,6 +189,16 @@ impl Broker {
     pub fn alerts(&self) -> Result<alerts::AlertsLink, alerts::LinkError> {
         let link = alerts::AlertsLink::new(self.router_tx.clone())?;
         Ok(link)
+    }
+
+    /// Whether the router thread runs (patch 6).
+    pub fn router_health(&self) -> RouterHealth {
+        self.router_health.clone()
+    }
+
+    /// Closes clients' connections on request (patch 4).
+    pub fn sessions(&self) -> local::SessionControl {
+        local::SessionControl::new(self.router_tx.clone())
     }
 
     pub fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), local::LinkError> {
@@ -390,12 +444,23 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             listen_addr = self.config.listen.to_string(),
             "Listening for remote connections",
         );
+        // Patch 7: a failing accept (out of descriptors, typically) backs off instead of
+        // spinning, and is logged once per backoff rather than once per try.
+        let mut accept_backoff = Duration::ZERO;
         loop {
             // Await new network connection.
             let (stream, addr) = match listener.accept().await {
-                Ok((s, r)) => (s, r),
+                Ok((s, r)) => {
+                    accept_backoff = Duration::ZERO;
+                    (s, r)
+                }
                 Err(e) => {
-                    error!(error=?e, "Unable to accept socket.");
+                    accept_backoff = (accept_backoff * 2)
+                        .clamp(Duration::from_millis(5), Duration::from_secs(1));
+                    if accept_backoff >= Duration::from_secs(1) || accept_backoff == Duration::from_millis(5) {
+                        error!(error=?e, backoff_ms = accept_backoff.as_millis() as u64, "Unable to accept socket.");
+                    }
+                    time::sleep(accept_backoff).await;
                     continue;
                 }
             };
@@ -506,7 +571,7 @@ async fn remote<P: Protocol>(
 
     let dynamic_filters = config.dynamic_filters;
 
-    let connect_packet = match mqtt_connect(config, &mut network).await {
+    let (connect_packet, authorizer) = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
@@ -535,19 +600,26 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    // Patch 5: no unwrap here. The sender of a connection that ended early may have no
+    // receiver any more, and a panic while the lock is held would poison it for every later
+    // connection on this listener.
+    let previous = will_handlers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&client_id);
+    if let Some(sender) = previous {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        sender.try_send(awaiting_will).ok();
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
     will_handlers
         .lock()
-        .unwrap()
+        .unwrap_or_else(|p| p.into_inner())
         .insert(client_id.clone(), will_tx);
 
     // Start the link
@@ -558,12 +630,17 @@ async fn remote<P: Protocol>(
         connect_packet,
         dynamic_filters,
         assigned_client_id,
+        authorizer,
     )
     .await
     {
         Ok(l) => l,
         Err(e) => {
             error!(error=?e, "Remote link error");
+            will_handlers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&client_id);
             return;
         }
     };
@@ -611,7 +688,10 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            will_handlers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&client_id);
             // as will delay interval has passed, publish the will message
             true
         }

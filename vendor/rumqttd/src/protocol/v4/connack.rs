@@ -55,6 +55,7 @@ fn connect_code(return_code: ConnectReturnCode) -> u8 {
         ConnectReturnCode::ServiceUnavailable => 3,
         ConnectReturnCode::BadUserNamePassword => 4,
         ConnectReturnCode::NotAuthorized => 5,
-        _ => unreachable!(),
+        // MQTT 5 codes have no 3.1.1 equivalent; never panic on them (patch 5).
+        _ => 3,
     }
 }
