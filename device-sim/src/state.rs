@@ -1,5 +1,8 @@
 //! Where the agent keeps its [`AgentState`]: a file replaced atomically (write, fsync, rename,
 //! fsync the directory), or memory for large simulated fleets.
+//!
+//! The state holds the device secret: on Unix the file is readable by its owner only (0600)
+//! and a state directory the store creates is private (0700).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -64,13 +67,13 @@ impl StateStore for FileStateStore {
 
     fn save(&mut self, state: &AgentState) -> Result<(), StateError> {
         let path = self.path();
-        std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        create_private_dir(&self.dir).map_err(io_err(&self.dir))?;
         let bytes = schemas::encode(state).map_err(|e| StateError::Corrupt {
             path: path.clone(),
             detail: e.to_string(),
         })?;
         let tmp = path.with_extension("tmp");
-        let mut file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut file = create_private_file(&tmp).map_err(io_err(&tmp))?;
         file.write_all(&bytes).map_err(io_err(&tmp))?;
         file.sync_data().map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
@@ -79,6 +82,28 @@ impl StateStore for FileStateStore {
             .map_err(io_err(&self.dir))?;
         Ok(())
     }
+}
+
+/// Creates `dir` and its missing parents, the new ones readable by the owner only.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Creates or truncates `path`, readable and writable by the owner only (also when it existed
+/// with wider permissions, as a file left by an older version would).
+fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(path)?;
+    #[cfg(unix)]
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(file)
 }
 
 /// State in memory, shared between clones: a test or the simulator can "restart" an agent by
@@ -131,5 +156,35 @@ mod tests {
         assert_eq!(store.load().unwrap(), Some(state));
         std::fs::write(dir.path().join("agent-state.msgpack"), b"\xc1garbage").unwrap();
         assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_state_file_and_a_new_state_dir_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("printer-1");
+        // A file an older version left readable by everyone.
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("agent-state.tmp"), b"old").unwrap();
+        std::fs::set_permissions(
+            dir.join("agent-state.tmp"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        FileStateStore::new(&dir)
+            .save(&AgentState::default())
+            .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join("agent-state.msgpack")), 0o600);
+
+        let fresh = parent.path().join("a/b");
+        FileStateStore::new(&fresh)
+            .save(&AgentState::default())
+            .unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        assert_eq!(mode(&parent.path().join("a")), 0o700);
+        assert_eq!(mode(&fresh.join("agent-state.msgpack")), 0o600);
     }
 }

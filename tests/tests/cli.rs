@@ -146,3 +146,17 @@ async fn export_writes_every_record_as_json_lines() {
         device.get("secret").is_none() && device["secret_sha256"].as_str().unwrap().len() == 64
     );
 }
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_dir_and_the_admin_token_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let data = parent.path().join("var/data");
+    let bridge = e2e_tests::InProcessBridge::start_with(|c| c.data_dir = data.clone()).await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&parent.path().join("var")), 0o700);
+    assert_eq!(mode(&data.join("admin-token")), 0o600);
+    drop(bridge);
+}
