@@ -172,7 +172,7 @@ pub enum AgentEvent {
     },
     MqttDown(String),
     /// The broker refused the login (wrong credentials, device disabled): the notification
-    /// channel stays down until the links restart; the data channel says why.
+    /// channel asks again only after the longest backoff; the data channel says why.
     MqttRefused(String),
     /// The data channel is connected (or moved) to `endpoint`.
     DataUp {

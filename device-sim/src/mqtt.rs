@@ -13,9 +13,10 @@
 //! the old link cleanly (no last will).
 //!
 //! A broker that refuses the login with a CONNACK return code (bad credentials, not
-//! authorized, identifier rejected) has answered, not failed: another would not differ, so the
-//! link reports [`LinkEvent::Refused`] and stops trying until it is started again (with new
-//! credentials or settings). The data channel then tells the agent why.
+//! authorized, identifier rejected) has answered, not failed: the next broker is not tried,
+//! the link reports [`LinkEvent::Refused`] and asks the same broker again only after the longest
+//! backoff (an operator may provision the device's credentials meanwhile). The data channel
+//! tells the agent why.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -40,7 +41,7 @@ pub enum LinkEvent {
         endpoint: String,
     },
     Down(String),
-    /// The broker refused the login; the link has stopped.
+    /// The broker refused the login; the link asks again after the longest backoff.
     Refused(String),
     Hint(Hint),
 }
@@ -235,12 +236,20 @@ pub async fn run(
                 Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
                     let endpoint = &settings.endpoints[link.index];
                     let reason = format!("{endpoint} refused the login: {code:?}");
-                    tracing::warn!(%reason, "MQTT login refused; not retrying");
-                    link.up = false;
-                    let _ = events.send(LinkEvent::Refused(reason)).await;
-                    // Nothing to close: the broker closed the connection after its answer.
-                    shutdown.cancelled().await;
-                    return;
+                    let delay = jitter(settings.backoff_max);
+                    tracing::warn!(%reason, ?delay, "MQTT login refused; trying this broker again later");
+                    probe = None;
+                    probe_at = None;
+                    if events.send(LinkEvent::Refused(reason)).await.is_err() {
+                        break;
+                    }
+                    // Not the next broker: this one has answered. Ask it again only after the
+                    // longest backoff (an operator may provision the credentials meanwhile).
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    link = Link::new(&settings, &credentials, link.index);
                 }
                 Err(e) => {
                     // A probe under way may be what ended this link (a takeover of our
