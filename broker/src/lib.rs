@@ -96,18 +96,60 @@ pub trait Authenticator: Send + Sync + 'static {
     ) -> Result<Login, Refusal>;
 }
 
+/// Lets through at most a number of log lines per second, and counts the rest: for events a
+/// peer can cause at will (refusals, accept errors), so that the log grows at a bounded rate.
+#[derive(Debug)]
+pub struct LogLimiter {
+    per_second: u32,
+    started: Instant,
+    /// Start of the current one-second window (ms since `started`), lines let through in it,
+    /// and lines held back since the last one let through.
+    window: Mutex<(u64, u32, u64)>,
+    suppressed_total: AtomicU64,
+}
+
+impl LogLimiter {
+    pub fn per_second(per_second: u32) -> LogLimiter {
+        LogLimiter {
+            per_second,
+            started: Instant::now(),
+            window: Mutex::new((0, 0, 0)),
+            suppressed_total: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a line may be logged now, `n` being how many were held back since the
+    /// last one; `None` when this one is held back.
+    pub fn allow(&self) -> Option<u64> {
+        let now = self.started.elapsed().as_millis() as u64;
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if now.saturating_sub(w.0) >= 1000 {
+            w.0 = now;
+            w.1 = 0;
+        }
+        if w.1 < self.per_second {
+            w.1 += 1;
+            Some(std::mem::take(&mut w.2))
+        } else {
+            w.2 += 1;
+            self.suppressed_total.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+
+    /// Lines held back since the start.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed_total.load(Ordering::Relaxed)
+    }
+}
+
 /// What the broker refused, since it started.
 #[derive(Debug)]
 pub struct BrokerStats {
     pub connects_refused: AtomicU64,
     pub subscribes_refused: AtomicU64,
     pub publishes_refused: AtomicU64,
-    /// Refusals not logged because too many came at once.
-    pub refusals_not_logged: AtomicU64,
-    /// When the last refusal was logged (milliseconds since `started`), and how many in the
-    /// second that began then.
-    log_window: Mutex<(u64, u32)>,
-    started: Instant,
+    log: LogLimiter,
 }
 
 impl BrokerStats {
@@ -119,25 +161,17 @@ impl BrokerStats {
             connects_refused: AtomicU64::new(0),
             subscribes_refused: AtomicU64::new(0),
             publishes_refused: AtomicU64::new(0),
-            refusals_not_logged: AtomicU64::new(0),
-            log_window: Mutex::new((0, 0)),
-            started: Instant::now(),
+            log: LogLimiter::per_second(Self::LOG_PER_SECOND),
         }
     }
 
-    /// Whether a refusal may be logged now (at most [`Self::LOG_PER_SECOND`] per second).
+    /// Refusals not logged because too many came at once.
+    pub fn refusals_not_logged(&self) -> u64 {
+        self.log.suppressed()
+    }
+
     fn may_log(&self) -> bool {
-        let now = self.started.elapsed().as_millis() as u64;
-        let mut window = self.log_window.lock().unwrap_or_else(|p| p.into_inner());
-        if now.saturating_sub(window.0) >= 1000 {
-            *window = (now, 0);
-        }
-        window.1 += 1;
-        let allowed = window.1 <= Self::LOG_PER_SECOND;
-        if !allowed {
-            self.refusals_not_logged.fetch_add(1, Ordering::Relaxed);
-        }
-        allowed
+        self.log.allow().is_some()
     }
 
     fn refused_subscribe(&self, who: &str, filter: &str) {
@@ -263,6 +297,10 @@ pub struct BrokerSettings {
     pub ready_timeout: Duration,
     /// How often the watchdog logs in to check the broker serves.
     pub health_interval: Duration,
+    /// TLS for the MQTT listener (mqtts://): every connection must do its handshake first.
+    pub tls: Option<Arc<tls::rustls::ServerConfig>>,
+    /// A client must finish its TLS handshake within this time.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for BrokerSettings {
@@ -276,6 +314,8 @@ impl Default for BrokerSettings {
             notify_segment_bytes: 1024,
             ready_timeout: Duration::from_secs(10),
             health_interval: Duration::from_secs(2),
+            tls: None,
+            tls_handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -298,6 +338,27 @@ pub enum BrokerError {
     Link(String),
     #[error("cannot start the broker thread: {0}")]
     Thread(std::io::Error),
+}
+
+/// Makes every accepted connection do its TLS handshake (in its own task, under the deadline).
+fn tls_wrapper(
+    config: Arc<tls::rustls::ServerConfig>,
+    timeout: Duration,
+) -> rumqttd::StreamWrapper {
+    let acceptor = tls::TlsAcceptor::from(config);
+    rumqttd::StreamWrapper(Arc::new(move |tcp| {
+        let acceptor = acceptor.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => Ok(Box::new(stream) as Box<dyn rumqttd::Stream>),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                )),
+            }
+        })
+    }))
 }
 
 /// A running embedded broker. Clones share it.
@@ -369,7 +430,7 @@ impl EmbeddedBroker {
         auth: Arc<dyn Authenticator>,
     ) -> Result<(EmbeddedBroker, BridgeLink), BrokerError> {
         let addr = pick_addr(settings.listen)?;
-        let probe = ProbeIdentity::new();
+        let probe = ProbeIdentity::new(settings.tls.is_some());
         let stats = Arc::new(BrokerStats::new());
         let config = rumqttd_config(settings, addr, auth, probe.clone(), stats.clone());
         let mut broker = rumqttd::Broker::new(config);
@@ -489,15 +550,17 @@ fn pick_addr(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
     })
 }
 
-/// A one-time identity that only the readiness probe knows.
+/// A one-time identity that only the readiness probe knows, and how it reaches the listener.
 #[derive(Clone)]
 struct ProbeIdentity {
     client_id: String,
     password: String,
+    /// With a TLS listener: a client that checks nothing but that its own listener answers.
+    tls: Option<Arc<tls::rustls::ClientConfig>>,
 }
 
 impl ProbeIdentity {
-    fn new() -> ProbeIdentity {
+    fn new(tls: bool) -> ProbeIdentity {
         let mut hasher = Sha256::new();
         hasher.update(format!(
             "{:?}{:?}",
@@ -510,6 +573,7 @@ impl ProbeIdentity {
         ProbeIdentity {
             client_id: format!("broker-probe-{}", &hex[..16]),
             password: hex[16..].to_owned(),
+            tls: tls.then(tls::self_probe_config),
         }
     }
 }
@@ -571,6 +635,11 @@ fn rumqttd_config(
             tls: None,
             next_connection_delay_ms: settings.next_connection_delay_ms,
             connections,
+            stream_wrapper: settings
+                .tls
+                .clone()
+                .map(|c| tls_wrapper(c, settings.tls_handshake_timeout)),
+            max_connections: Some(settings.max_connections),
         },
     );
     let mut custom_segment = HashMap::new();
@@ -628,11 +697,23 @@ fn wait_ready(
 }
 
 fn probe_once(addr: SocketAddr, probe: &ProbeIdentity) -> Result<(), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
         .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
+    for timeout in [
+        tcp.set_read_timeout(Some(Duration::from_secs(2))),
+        tcp.set_write_timeout(Some(Duration::from_secs(2))),
+    ] {
+        timeout.map_err(|e| e.to_string())?;
+    }
+    let mut stream: Box<dyn ReadWrite> = match &probe.tls {
+        None => Box::new(tcp),
+        Some(config) => {
+            let name = tls::server_name(&addr.ip().to_string()).map_err(|e| e.to_string())?;
+            let session = tls::rustls::ClientConnection::new(config.clone(), name)
+                .map_err(|e| format!("TLS: {e}"))?;
+            Box::new(tls::rustls::StreamOwned::new(session, tcp))
+        }
+    };
     stream
         .write_all(&connect_packet(probe))
         .map_err(|e| format!("write: {e}"))?;
@@ -648,6 +729,9 @@ fn probe_once(addr: SocketAddr, probe: &ProbeIdentity) -> Result<(), String> {
         Err(format!("unexpected CONNACK {connack:02x?}"))
     }
 }
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 fn connect_packet(probe: &ProbeIdentity) -> Vec<u8> {
     fn string(out: &mut Vec<u8>, s: &str) {
@@ -846,6 +930,16 @@ mod tests {
         let stats = BrokerStats::new();
         let logged = (0..1000).filter(|_| stats.may_log()).count();
         assert_eq!(logged, BrokerStats::LOG_PER_SECOND as usize);
-        assert_eq!(stats.refusals_not_logged.load(Ordering::Relaxed), 990);
+        assert_eq!(stats.refusals_not_logged(), 990);
+    }
+
+    #[test]
+    fn a_limiter_reports_what_it_held_back_with_the_next_line() {
+        let limiter = LogLimiter::per_second(2);
+        assert_eq!(limiter.allow(), Some(0));
+        assert_eq!(limiter.allow(), Some(0));
+        assert_eq!(limiter.allow(), None);
+        assert_eq!(limiter.allow(), None);
+        assert_eq!(limiter.suppressed(), 2);
     }
 }

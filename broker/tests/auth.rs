@@ -318,6 +318,8 @@ async fn a_dropped_shared_subscription_does_not_stop_the_router() {
                 external_auth: None,
                 dynamic_filters: true,
             },
+            stream_wrapper: None,
+            max_connections: None,
         },
     );
     let config = rumqttd::Config {

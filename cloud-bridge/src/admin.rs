@@ -141,6 +141,23 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
         .with_state(state)
 }
 
+/// Answers 408 `timeout` for a request (body included) not answered within `limit`: a client
+/// that trickles its body cannot hold a connection and a task for ever.
+pub fn with_request_timeout(router: Router, limit: std::time::Duration) -> Router {
+    router.layer(middleware::from_fn(
+        move |req: Request, next: Next| async move {
+            match tokio::time::timeout(limit, next.run(req)).await {
+                Ok(response) => response,
+                Err(_) => ApiFailure::new(
+                    ErrorCode::Timeout,
+                    format!("the request was not complete within {} s", limit.as_secs()),
+                )
+                .into_response(),
+            }
+        },
+    ))
+}
+
 /// An API error response.
 #[derive(Debug)]
 pub struct ApiFailure(StatusCode, ApiError);
@@ -176,6 +193,7 @@ fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::RegistrationCodeInvalid => StatusCode::FORBIDDEN,
         ErrorCode::UnsupportedSetting => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Overloaded | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Timeout => StatusCode::REQUEST_TIMEOUT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -379,7 +397,7 @@ async fn metrics(State(state): State<AppState>) -> Json<MetricsView> {
                 connects_refused: get(&r.connects_refused),
                 subscribes_refused: get(&r.subscribes_refused),
                 publishes_refused: get(&r.publishes_refused),
-                refusals_not_logged: get(&r.refusals_not_logged),
+                refusals_not_logged: r.refusals_not_logged(),
             }
         }),
     })

@@ -28,6 +28,27 @@ admin_token = ""
 admin = "127.0.0.1:8080"
 # Device data channel (WebSocket).
 data = "127.0.0.1:8081"
+# Without [tls], a listener on an address other than loopback refuses to start unless this
+# is true (secrets and payloads would cross the network in clear).
+allow_plaintext = false
+
+[tls]
+# Certificate chain and private key (PEM). Both set: the admin API (https://), the data
+# channel (wss://) and the embedded broker's MQTT listener (mqtts://) speak TLS only.
+# `cloud-bridge tls init` writes a private CA and these into <data_dir>/tls.
+cert = ""
+key = ""
+# A client must finish its TLS handshake within this time.
+handshake_timeout_ms = 5000
+
+[admin]
+# Most admin API connections open at once; more wait to be accepted.
+max_connections = 512
+# A request's headers must arrive within this time, and so must the next request on an idle
+# keep-alive connection; otherwise the connection is closed.
+header_timeout_secs = 10
+# A request (its body included) must be answered within this time (408 otherwise).
+request_timeout_secs = 30
 
 [broker]
 # "embedded": run rumqttd in this process. "external": use any MQTT 3.1.1 broker.
@@ -35,10 +56,14 @@ mode = "embedded"
 # embedded: where devices connect with MQTT.
 listen = "127.0.0.1:1883"
 # embedded: most MQTT connections at once (the bridge's own link is one). At the limit new
-# logins go unanswered and /v1/health reports the broker unavailable.
-max_connections = 20000
-# external: the broker to publish hints to, as mqtt://host:port.
+# logins go unanswered and /v1/health reports the broker unavailable. The three listeners'
+# caps together must leave room in the process's descriptor limit: at start they are scaled
+# down to fit it, with a warning.
+max_connections = 10000
+# external: the broker to publish hints to, as mqtt://host:port or mqtts://host:port (TLS).
 url = "mqtt://127.0.0.1:1883"
+# external with mqtts://: CA certificate (PEM) to verify the broker with; empty: the system's.
+ca_file = ""
 # external: the bridge's own client id and login at that broker.
 client_id = "cloud-bridge"
 username = ""
@@ -77,7 +102,7 @@ hello_timeout_ms = 5000
 ping_interval_secs = 15
 # A device silent this long (no frame, no pong) is disconnected.
 idle_timeout_secs = 45
-max_connections = 20000
+max_connections = 8000
 # Requests one device may have in flight at once.
 max_inflight = 8
 "#;
@@ -93,6 +118,8 @@ pub struct Config {
     pub devices: Devices,
     pub store: StoreConfig,
     pub data_channel: DataChannel,
+    pub tls: TlsConfig,
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -106,6 +133,54 @@ impl Default for Config {
             devices: Devices::default(),
             store: StoreConfig::default(),
             data_channel: DataChannel::default(),
+            tls: TlsConfig::default(),
+            admin: AdminConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            handshake_timeout_ms: 5000,
+        }
+    }
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub max_connections: usize,
+    pub header_timeout_secs: u64,
+    pub request_timeout_secs: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            max_connections: 512,
+            header_timeout_secs: 10,
+            request_timeout_secs: 30,
         }
     }
 }
@@ -130,6 +205,7 @@ impl std::fmt::Debug for RedactedString {
 pub struct Listen {
     pub admin: SocketAddr,
     pub data: SocketAddr,
+    pub allow_plaintext: bool,
 }
 
 impl Default for Listen {
@@ -137,6 +213,7 @@ impl Default for Listen {
         Listen {
             admin: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            allow_plaintext: false,
         }
     }
 }
@@ -155,6 +232,7 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     pub max_connections: usize,
     pub url: String,
+    pub ca_file: PathBuf,
     pub client_id: String,
     pub username: String,
     pub password: RedactedString,
@@ -166,8 +244,9 @@ impl Default for BrokerConfig {
         BrokerConfig {
             mode: BrokerMode::Embedded,
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
-            max_connections: 20_000,
+            max_connections: 10_000,
             url: "mqtt://127.0.0.1:1883".into(),
+            ca_file: PathBuf::new(),
             client_id: "cloud-bridge".into(),
             username: String::new(),
             password: RedactedString::default(),
@@ -248,7 +327,7 @@ impl Default for DataChannel {
             hello_timeout_ms: 5000,
             ping_interval_secs: 15,
             idle_timeout_secs: 45,
-            max_connections: 20_000,
+            max_connections: 8_000,
             max_inflight: 8,
         }
     }
@@ -323,33 +402,77 @@ impl Config {
         if self.broker.mode == BrokerMode::External {
             self.external_addr()?;
         }
+        if self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty() {
+            return bad("tls.cert and tls.key go together: set both or neither");
+        }
+        if self.tls.handshake_timeout_ms == 0 {
+            return bad("tls.handshake_timeout_ms must be positive");
+        }
+        if self.admin.max_connections == 0
+            || self.admin.header_timeout_secs == 0
+            || self.admin.request_timeout_secs == 0
+        {
+            return bad(
+                "admin.max_connections, header_timeout_secs and request_timeout_secs must be positive",
+            );
+        }
+        if self.data_channel.max_connections == 0 {
+            return bad("data_channel.max_connections must be positive");
+        }
+        if !self.tls.enabled() && !self.listen.allow_plaintext {
+            let mut exposed = vec![
+                ("listen.admin", self.listen.admin),
+                ("listen.data", self.listen.data),
+            ];
+            if self.broker.mode == BrokerMode::Embedded {
+                exposed.push(("broker.listen", self.broker.listen));
+            }
+            if let Some((name, addr)) = exposed.into_iter().find(|(_, a)| !a.ip().is_loopback()) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} is {addr}, reachable from other machines, and TLS is off: device \
+                     secrets, the admin token and job payloads would cross the network in \
+                     clear. Set tls.cert and tls.key (`cloud-bridge tls init` makes a private \
+                     CA and a certificate), or pass --allow-plaintext (listen.allow_plaintext) \
+                     if plain text is intended (TLS ends in front of the bridge)"
+                )));
+            }
+        }
         Ok(())
     }
 
-    /// Host and port of `broker.url`.
+    /// Host and port of `broker.url`, and whether it asks for TLS (`mqtts://`).
     pub fn external_addr(&self) -> Result<(String, u16), ConfigError> {
+        Ok(self.external_endpoint()?.0)
+    }
+
+    /// Host, port and TLS of `broker.url`.
+    pub fn external_endpoint(&self) -> Result<((String, u16), bool), ConfigError> {
         let url = &self.broker.url;
-        let rest = url
+        let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("mqtts://") {
+            (r, true, 8883)
+        } else if let Some(r) = url
             .strip_prefix("mqtt://")
             .or_else(|| url.strip_prefix("tcp://"))
-            .ok_or_else(|| {
-                ConfigError::Invalid(format!(
-                    "broker.url {url:?} must start with mqtt:// (TLS brokers are not supported yet)"
-                ))
-            })?;
+        {
+            (r, false, 1883)
+        } else {
+            return Err(ConfigError::Invalid(format!(
+                "broker.url {url:?} must start with mqtt:// or mqtts://"
+            )));
+        };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (
+            Some((h, p)) if !h.ends_with(':') => (
                 h,
                 p.parse::<u16>()
                     .map_err(|_| ConfigError::Invalid(format!("broker.url {url:?}: bad port")))?,
             ),
-            None => (rest, 1883),
+            _ => (rest, default_port),
         };
         if host.is_empty() {
             return Err(ConfigError::Invalid(format!("broker.url {url:?}: no host")));
         }
-        Ok((host.trim_matches(['[', ']']).to_owned(), port))
+        Ok(((host.trim_matches(['[', ']']).to_owned(), port), tls))
     }
 
     pub fn job_policy(&self) -> JobPolicy {
@@ -416,6 +539,49 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("lease_secs"));
         let c = Config::from_toml("[broker]\nmode = \"external\"\nurl = \"http://x\"\n").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("mqtt://"));
+        let c = Config::from_toml("[tls]\ncert = \"a.pem\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("tls.key"));
+    }
+
+    #[test]
+    fn a_listener_beyond_loopback_needs_tls_or_an_explicit_plaintext() {
+        for (section, key) in [
+            ("listen", "admin"),
+            ("listen", "data"),
+            ("broker", "listen"),
+        ] {
+            let text = format!("[{section}]\n{key} = \"0.0.0.0:9000\"\n");
+            let c = Config::from_toml(&text).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{section}.{key}")) && e.contains("TLS"),
+                "{e}"
+            );
+            let text = format!(
+                "[{section}]\n{key} = \"0.0.0.0:9000\"\n[tls]\ncert = \"c\"\nkey = \"k\"\n"
+            );
+            Config::from_toml(&text).unwrap().validate().unwrap();
+        }
+        let c = Config::from_toml("[listen]\nadmin = \"0.0.0.0:9000\"\nallow_plaintext = true\n")
+            .unwrap();
+        c.validate().unwrap();
+        // An external broker's address is not ours to listen on.
+        let c = Config::from_toml("[broker]\nmode = \"external\"\nlisten = \"0.0.0.0:1883\"\n")
+            .unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn external_broker_urls() {
+        let at = |url: &str| {
+            let mut c = Config::default();
+            c.broker.url = url.into();
+            c.external_endpoint().map_err(|e| e.to_string())
+        };
+        assert_eq!(at("mqtt://b:1884"), Ok((("b".into(), 1884), false)));
+        assert_eq!(at("mqtts://b"), Ok((("b".into(), 8883), true)));
+        assert_eq!(at("mqtts://[::1]:8884"), Ok((("::1".into(), 8884), true)));
+        assert!(at("ws://b").is_err());
     }
 
     #[test]

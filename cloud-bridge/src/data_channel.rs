@@ -6,7 +6,6 @@
 //! connection (a long-polling sync must not hold up a status report); a device sending more gets
 //! `overloaded` errors. Responses are written in completion order, each with a write deadline.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +17,6 @@ use schemas::data::{
     ServerFrame, Welcome,
 };
 use schemas::{DeviceId, PROTOCOL_VERSION, UnixMillis};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -29,6 +26,7 @@ use tracing::Instrument;
 
 use crate::bridge::Bridge;
 use crate::core::AuthFailure;
+use crate::listener::{self, Accepted, Listener};
 use crate::sessions::DataSession;
 
 /// Deadlines and bounds of the data channel.
@@ -54,57 +52,38 @@ impl Default for DataChannelSettings {
             write_timeout: Duration::from_secs(10),
             max_frame_bytes: schemas::MAX_FRAME_BYTES,
             max_inflight: 8,
-            max_connections: 20_000,
+            max_connections: 8_000,
         }
     }
 }
 
-/// Accepts data-channel connections until `shutdown`; connection tasks go on `tracker`.
+/// Accepts data-channel connections until `shutdown`; connection tasks go on `tracker`. The
+/// listener caps the connections open at once (its `max_connections`) and does TLS when set.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     bridge: Bridge,
     settings: DataChannelSettings,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let settings = Arc::new(settings);
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.cancelled() => return,
         };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors, typically: pause instead of spinning.
-                tracing::warn!(error = %e, "data channel accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "data channel at max_connections; refusing");
-            drop(stream);
-            continue;
-        };
+        let peer = accepted.peer;
         let span = tracing::info_span!("data", %peer, device = tracing::field::Empty);
         let conn = Connection {
             bridge: bridge.clone(),
             settings: settings.clone(),
             shutdown: shutdown.clone(),
         };
-        tracker.spawn(
-            async move {
-                conn.run(stream, peer).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        tracker.spawn(async move { conn.run(accepted).await }.instrument(span));
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<listener::Connection>;
 
 struct Connection {
     bridge: Bridge,
@@ -155,15 +134,17 @@ fn read_error(e: &tungstenite::Error) -> ErrorBody {
 }
 
 impl Connection {
-    async fn run(self, stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
-        let accepted = tokio::time::timeout(
-            self.settings.handshake_timeout,
+    async fn run(self, accepted: Accepted) {
+        let peer = accepted.peer;
+        // The TLS handshake (if any) and the WebSocket handshake share one deadline.
+        let accepted = tokio::time::timeout(self.settings.handshake_timeout, async {
+            let stream = accepted.handshake().await.map_err(tungstenite::Error::Io)?;
             tokio_tungstenite::accept_async_with_config(
                 stream,
                 Some(ws_config(self.settings.max_frame_bytes)),
-            ),
-        )
+            )
+            .await
+        })
         .await;
         let mut ws = match accepted {
             Ok(Ok(ws)) => ws,

@@ -9,6 +9,8 @@
 //! | [`data_channel`] | the devices' WebSocket connections |
 //! | [`sessions`] | open data-channel connections by device, closed at once on revocation |
 //! | [`admin`] | the admin HTTP API |
+//! | [`http`] | serving the admin API: header, idle and request timeouts, graceful shutdown |
+//! | [`listener`] | connection caps per listener, accept backoff, TLS handshakes under a deadline |
 //! | [`client`] | a typed client of the admin API |
 //! | [`config`] | the configuration file and its defaults |
 //! | [`server`] | start-up, wiring, graceful shutdown |
@@ -26,6 +28,8 @@ pub mod config;
 pub mod core;
 pub mod data_channel;
 pub mod export;
+pub mod http;
+pub mod listener;
 pub mod notifier;
 pub mod server;
 pub mod sessions;

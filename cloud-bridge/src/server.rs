@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use schemas::Secret;
 use tokio::net::TcpListener;
@@ -18,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::bridge::Bridge;
 use crate::config::{BrokerMode, Config, ConfigError};
 use crate::core::Core;
+use crate::listener::Listener;
 use crate::notifier::{self, ExternalBroker, Notifier};
 use crate::store::{Committer, SledStore, StoreError};
 
@@ -29,6 +31,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -71,6 +75,8 @@ impl Listeners {
 pub struct Running {
     pub admin_addr: SocketAddr,
     pub data_addr: SocketAddr,
+    /// Whether the listeners speak TLS (https://, wss://, and mqtts:// on the embedded broker).
+    pub tls: bool,
     /// Where devices reach MQTT: the embedded broker, or the configured external one.
     pub mqtt_addr: String,
     pub admin_token: Secret,
@@ -159,6 +165,12 @@ pub async fn start(
         .map_err(|e| StoreError::Open(e.to_string()))??;
     let committer = Committer::new(Arc::new(store), config.store.min_flush_interval());
     let core = Core::load(committer.clone(), config.job_policy())?;
+    let server_tls = if config.tls.enabled() {
+        Some(tls::server_config(&config.tls.cert, &config.tls.key)?)
+    } else {
+        None
+    };
+    let caps = Caps::fitted(&config);
     let notifier = Notifier::new(config.broker.queue);
     let mode = match config.broker.mode {
         BrokerMode::Embedded => "embedded",
@@ -174,7 +186,9 @@ pub async fn start(
         BrokerMode::Embedded => {
             let settings = broker::BrokerSettings {
                 listen: config.broker.listen,
-                max_connections: config.broker.max_connections,
+                max_connections: caps.mqtt,
+                tls: server_tls.clone(),
+                tls_handshake_timeout: config.tls.handshake_timeout(),
                 ..broker::BrokerSettings::default()
             };
             let auth = bridge.mqtt_authenticator(admin_token.clone());
@@ -215,9 +229,17 @@ pub async fn start(
 
     tracker.spawn(bridge.clone().run_reaper(shutdown.clone()));
 
+    let acceptor = server_tls.map(tls::TlsAcceptor::from);
     let data_addr = listeners.data.local_addr().map_err(io("data listener"))?;
-    tracker.spawn(crate::data_channel::serve(
+    let data_listener = Listener::new(
         listeners.data,
+        "data channel",
+        caps.data,
+        acceptor.clone(),
+        config.tls.handshake_timeout(),
+    );
+    tracker.spawn(crate::data_channel::serve(
+        data_listener,
         bridge.clone(),
         config.data_channel_settings(),
         shutdown.clone(),
@@ -225,21 +247,32 @@ pub async fn start(
     ));
 
     let admin_addr = listeners.admin.local_addr().map_err(io("admin listener"))?;
-    let app = crate::admin::router(bridge.clone(), admin_token.clone());
-    let admin_shutdown = shutdown.clone();
-    tracker.spawn(async move {
-        let served = axum::serve(listeners.admin, app)
-            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "admin API stopped");
-        }
-    });
+    let admin_listener = Listener::new(
+        listeners.admin,
+        "admin API",
+        caps.admin,
+        acceptor.clone(),
+        config.tls.handshake_timeout(),
+    );
+    let app = crate::admin::with_request_timeout(
+        crate::admin::router(bridge.clone(), admin_token.clone()),
+        Duration::from_secs(config.admin.request_timeout_secs),
+    );
+    tracker.spawn(crate::http::serve(
+        admin_listener,
+        app,
+        crate::http::HttpSettings {
+            header_timeout: Duration::from_secs(config.admin.header_timeout_secs),
+        },
+        shutdown.clone(),
+        tracker.clone(),
+    ));
 
     tracing::info!(%admin_addr, %data_addr, mqtt = %mqtt_addr, broker = mode, "cloud bridge ready");
     Ok(Running {
         admin_addr,
         data_addr,
+        tls: acceptor.is_some(),
         mqtt_addr,
         admin_token,
         bridge,
@@ -248,4 +281,99 @@ pub async fn start(
         flusher,
         flusher_stop,
     })
+}
+
+/// Descriptors kept free beside the listeners' caps: the store's files, the broker's and the
+/// runtime's own, outgoing connections.
+const RESERVED_DESCRIPTORS: usize = 512;
+
+/// The connection caps of the three listeners, fitted to the process's descriptor limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Caps {
+    mqtt: usize,
+    data: usize,
+    admin: usize,
+}
+
+impl Caps {
+    fn fitted(config: &Config) -> Caps {
+        let wanted = Caps {
+            mqtt: if config.broker.mode == BrokerMode::Embedded {
+                config.broker.max_connections
+            } else {
+                0
+            },
+            data: config.data_channel.max_connections,
+            admin: config.admin.max_connections,
+        };
+        let Some(limit) = descriptor_limit() else {
+            return Caps {
+                mqtt: wanted.mqtt.max(2),
+                ..wanted
+            };
+        };
+        let fitted = wanted.fit(limit.saturating_sub(RESERVED_DESCRIPTORS));
+        if fitted != wanted {
+            tracing::warn!(
+                limit,
+                mqtt = fitted.mqtt,
+                data = fitted.data,
+                admin = fitted.admin,
+                "the listeners' max_connections exceed the descriptor limit (ulimit -n); scaled down to fit"
+            );
+        }
+        Caps {
+            mqtt: fitted.mqtt.max(2),
+            ..fitted
+        }
+    }
+
+    /// Scales every cap down by the same factor so that they sum to at most `room` (each at
+    /// least 1).
+    fn fit(self, room: usize) -> Caps {
+        let sum = self.mqtt + self.data + self.admin;
+        if sum <= room {
+            return self;
+        }
+        let scale = |n: usize| {
+            if n == 0 {
+                0
+            } else {
+                ((n as u128 * room as u128 / sum as u128) as usize).max(1)
+            }
+        };
+        Caps {
+            mqtt: scale(self.mqtt),
+            data: scale(self.data),
+            admin: scale(self.admin),
+        }
+    }
+}
+
+/// The soft limit on open descriptors, where the system tells it (Linux: /proc/self/limits).
+fn descriptor_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_are_scaled_to_the_room_left() {
+        let caps = Caps {
+            mqtt: 10_000,
+            data: 8_000,
+            admin: 512,
+        };
+        assert_eq!(caps.fit(20_000), caps);
+        let small = caps.fit(1024 - RESERVED_DESCRIPTORS);
+        assert!(small.mqtt + small.data + small.admin <= 512, "{small:?}");
+        assert!(small.mqtt > small.data && small.data > small.admin && small.admin >= 1);
+        if cfg!(target_os = "linux") {
+            assert!(descriptor_limit().is_some_and(|l| l > 0));
+        }
+    }
 }

@@ -434,6 +434,8 @@ pub enum ErrorCode {
     RegistrationCodeInvalid,
     /// A print setting the target printer cannot honour (the message names it).
     UnsupportedSetting,
+    /// The request took longer than the server allows (the admin API's request timeout).
+    Timeout,
     #[serde(other)]
     Unknown,
 }
@@ -464,6 +466,7 @@ impl ErrorCode {
             ErrorCode::Expired => "expired",
             ErrorCode::RegistrationCodeInvalid => "registration_code_invalid",
             ErrorCode::UnsupportedSetting => "unsupported_setting",
+            ErrorCode::Timeout => "timeout",
             ErrorCode::Unknown => "unknown",
         }
     }

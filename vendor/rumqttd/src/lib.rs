@@ -158,6 +158,38 @@ pub struct ServerSettings {
     pub tls: Option<TlsConfig>,
     pub next_connection_delay_ms: u64,
     pub connections: ConnectionSettings,
+    /// Patch 8: wraps every accepted TCP connection (in a TLS session, say) in the
+    /// connection's own task, under `connections.connection_timeout_ms`; `None`: plain TCP
+    /// (or `tls` above, handled as upstream does).
+    #[serde(skip)]
+    pub stream_wrapper: Option<StreamWrapper>,
+    /// Patch 8: most TCP connections open at once on this listener, before and after their
+    /// CONNECT; more wait in the kernel's backlog until one closes. `None`: no limit.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+}
+
+/// Any stream a listener can serve MQTT on (patch 8).
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T> Stream for T where T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+/// Turns an accepted TCP connection into the stream MQTT is served on (patch 8).
+#[derive(Clone)]
+pub struct StreamWrapper(
+    pub  Arc<
+        dyn Fn(
+                tokio::net::TcpStream,
+            )
+                -> Pin<Box<dyn std::future::Future<Output = std::io::Result<Box<dyn Stream>>> + Send>>
+            + Send
+            + Sync,
+    >,
+);
+
+impl fmt::Debug for StreamWrapper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StreamWrapper")
+    }
 }
 
 impl ServerSettings {

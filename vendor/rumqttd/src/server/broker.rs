@@ -447,7 +447,21 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         // Patch 7: a failing accept (out of descriptors, typically) backs off instead of
         // spinning, and is logged once per backoff rather than once per try.
         let mut accept_backoff = Duration::ZERO;
+        // Patch 8: a slot per open connection, taken before accepting.
+        let slots = self
+            .config
+            .max_connections
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+        let wrapper = self.config.stream_wrapper.clone();
+        let wrap_timeout = Duration::from_millis(config.connection_timeout_ms.into());
         loop {
+            let slot = match &slots {
+                Some(slots) => match slots.clone().acquire_owned().await {
+                    Ok(slot) => Some(slot),
+                    Err(_) => return Ok(()),
+                },
+                None => None,
+            };
             // Await new network connection.
             let (stream, addr) = match listener.accept().await {
                 Ok((s, r)) => {
@@ -464,6 +478,42 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     continue;
                 }
             };
+
+            // Patch 8: with a stream wrapper, the wrapping (a TLS handshake) happens in the
+            // connection's own task, under a deadline, instead of holding up the accept loop.
+            if let Some(wrapper) = wrapper.clone() {
+                let config = config.clone();
+                let router_tx = self.router_tx.clone();
+                let protocol = self.protocol.clone();
+                let will_handlers = self.awaiting_will_handler.clone();
+                task::spawn(
+                    async move {
+                        let _slot = slot;
+                        let _ = stream.set_nodelay(true);
+                        let network: Box<dyn N> =
+                            match time::timeout(wrap_timeout, (wrapper.0)(stream)).await {
+                                Ok(Ok(s)) => Box::new(s),
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, ?addr, "stream wrapper failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(?addr, "stream wrapper timed out");
+                                    return;
+                                }
+                            };
+                        remote(config, None, router_tx, network, protocol, will_handlers).await
+                    }
+                    .instrument(tracing::error_span!(
+                        "remote_link",
+                        client_id = field::Empty,
+                        connection_id = field::Empty,
+                    )),
+                );
+                count += 1;
+                time::sleep(delay).await;
+                continue;
+            }
 
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
@@ -509,14 +559,15 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     )
                 }
                 LinkType::Remote => task::spawn(
-                    remote(
-                        config,
-                        tenant_id.clone(),
-                        router_tx,
-                        network,
-                        protocol,
-                        self.awaiting_will_handler.clone(),
-                    )
+                    {
+                        let will_handlers = self.awaiting_will_handler.clone();
+                        let tenant_id = tenant_id.clone();
+                        async move {
+                            let _slot = slot;
+                            remote(config, tenant_id, router_tx, network, protocol, will_handlers)
+                                .await
+                        }
+                    }
                     .instrument(tracing::error_span!(
                         "remote_link",
                         ?tenant_id,
