@@ -29,6 +29,27 @@ enum Command {
         #[arg(long, env = "CLOUD_BRIDGE_DATA_DIR", default_value = "data")]
         data_dir: PathBuf,
     },
+    /// TLS certificates.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCommand {
+    /// Create a private CA and a server certificate signed by it in <data_dir>/tls; then start
+    /// with the --tls-cert and --tls-key it prints, and give devices and clients its ca.pem.
+    Init {
+        #[arg(long, env = "CLOUD_BRIDGE_DATA_DIR", default_value = "data")]
+        data_dir: PathBuf,
+        /// A DNS name or IP address devices reach the server by (repeat for more);
+        /// localhost, 127.0.0.1 and ::1 are always included.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Replace certificates already there (the old CA is no longer trusted by anyone who
+        /// receives the new one).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -65,6 +86,18 @@ struct ServeArgs {
     /// Job lease in seconds.
     #[arg(long, env = "CLOUD_BRIDGE_LEASE_SECS")]
     lease_secs: Option<u64>,
+    /// Certificate chain (PEM) for TLS on every listener (`cloud-bridge tls init` makes one).
+    #[arg(long, env = "CLOUD_BRIDGE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "CLOUD_BRIDGE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// External broker over mqtts://: the CA (PEM) to verify it with (default: system roots).
+    #[arg(long, env = "CLOUD_BRIDGE_MQTT_CA_FILE")]
+    mqtt_ca_file: Option<PathBuf>,
+    /// Listen beyond loopback without TLS (when TLS ends in front of the bridge).
+    #[arg(long, env = "CLOUD_BRIDGE_ALLOW_PLAINTEXT")]
+    allow_plaintext: bool,
 }
 
 impl ServeArgs {
@@ -103,6 +136,16 @@ impl ServeArgs {
         if let Some(v) = self.lease_secs {
             config.jobs.lease_secs = v;
         }
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            config.tls.cert = cert;
+            config.tls.key = key;
+        }
+        if let Some(v) = self.mqtt_ca_file {
+            config.broker.ca_file = v;
+        }
+        if self.allow_plaintext {
+            config.listen.allow_plaintext = true;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -125,6 +168,34 @@ pub fn main() -> anyhow::Result<()> {
             eprintln!("exported {lines} records");
             Ok(())
         }
+        Command::Tls(TlsCommand::Init {
+            data_dir,
+            names,
+            force,
+        }) => {
+            let dir = data_dir.join("tls");
+            let files = tls::create_private_ca(&dir, &names, force)?;
+            println!(
+                "wrote a private CA and a server certificate to {}",
+                dir.display()
+            );
+            println!("start the bridge with TLS on every listener:");
+            println!(
+                "  cloud-bridge serve --data-dir {} --tls-cert {} --tls-key {}",
+                data_dir.display(),
+                files.server_cert.display(),
+                files.server_key.display()
+            );
+            println!(
+                "devices and clients verify the server with {} (device-sim --ca-file, mosquitto_sub --cafile, curl --cacert)",
+                files.ca_cert.display()
+            );
+            println!(
+                "keep {} offline: whoever holds it can impersonate the server",
+                files.ca_key.display()
+            );
+            Ok(())
+        }
         Command::Serve(args) => {
             let config = (*args).config()?;
             tokio::runtime::Builder::new_multi_thread()
@@ -143,13 +214,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let running = crate::start(config, listeners, shutdown.clone()).await?;
     // One machine-readable line on stdout, for scripts and the test harness.
+    let (http, ws) = if running.tls {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     println!(
         "{}",
         serde_json::json!({
             "ready": true,
-            "admin": format!("http://{}", running.admin_addr),
-            "data": format!("ws://{}", running.data_addr),
+            "admin": format!("{http}://{}", running.admin_addr),
+            "data": format!("{ws}://{}", running.data_addr),
             "mqtt": running.mqtt_addr,
+            "tls": running.tls,
+            "mqtt_tls": running.mqtt_tls,
             "admin_token_file": data_dir.join("admin-token"),
         })
     );

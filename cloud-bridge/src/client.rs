@@ -7,7 +7,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use schemas::api::{
     ApiError, CancelJob, CompanionCreated, CompanionView, CreateCompanion, CreateEnrollmentToken,
@@ -54,19 +53,36 @@ impl ClientError {
 pub struct AdminClient {
     base: String,
     token: Secret,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<connector::Connector, Full<Bytes>>,
     timeout: Duration,
 }
 
 impl AdminClient {
-    /// `base` is like `http://127.0.0.1:8080`.
+    /// `base` is like `http://127.0.0.1:8080`; an `https://` base is verified against the
+    /// system's roots (see [`AdminClient::with_tls`] for a private CA).
     pub fn new(base: impl Into<String>, token: Secret) -> AdminClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+        Self::build(base.into(), token, None)
+    }
+
+    /// An `https://` API whose certificate is verified with `tls` (a private CA, say:
+    /// [`tls::client_config`]).
+    pub fn with_tls(
+        base: impl Into<String>,
+        token: Secret,
+        tls: std::sync::Arc<tls::rustls::ClientConfig>,
+    ) -> AdminClient {
+        Self::build(base.into(), token, Some(tls))
+    }
+
+    fn build(
+        base: String,
+        token: Secret,
+        tls: Option<std::sync::Arc<tls::rustls::ClientConfig>>,
+    ) -> AdminClient {
         AdminClient {
-            base: base.into().trim_end_matches('/').to_owned(),
+            base: base.trim_end_matches('/').to_owned(),
             token,
-            http: Client::builder(TokioExecutor::new()).build(connector),
+            http: Client::builder(TokioExecutor::new()).build(connector::Connector::new(tls)),
             timeout: Duration::from_secs(30),
         }
     }
@@ -510,4 +526,117 @@ fn encode_path(raw: &str) -> String {
         }
     }
     out
+}
+
+/// Connections for the client: TCP (TCP_NODELAY) and, for `https://`, TLS.
+mod connector {
+    use std::future::Future;
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::{Arc, OnceLock};
+    use std::task::{Context, Poll};
+
+    use hyper::Uri;
+    use hyper_util::client::legacy::connect::{Connected, Connection};
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    #[derive(Debug, Clone)]
+    pub(super) struct Connector {
+        /// Given, or built from the system's roots on the first `https://` request.
+        tls: Arc<OnceLock<Result<Arc<tls::rustls::ClientConfig>, String>>>,
+    }
+
+    impl Connector {
+        pub(super) fn new(tls: Option<Arc<tls::rustls::ClientConfig>>) -> Connector {
+            let cell = OnceLock::new();
+            if let Some(config) = tls {
+                let _ = cell.set(Ok(config));
+            }
+            Connector {
+                tls: Arc::new(cell),
+            }
+        }
+    }
+
+    /// A connection the client pool can hold.
+    #[derive(Debug)]
+    pub(super) struct Stream(tls::MaybeTls);
+
+    impl Connection for Stream {
+        fn connected(&self) -> Connected {
+            Connected::new()
+        }
+    }
+
+    impl AsyncRead for Stream {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Stream {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        }
+    }
+
+    type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<Stream>>> + Send>>;
+
+    impl tower_service::Service<Uri> for Connector {
+        type Response = TokioIo<Stream>;
+        type Error = io::Error;
+        type Future = Connecting;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, uri: Uri) -> Connecting {
+            let tls = self.tls.clone();
+            Box::pin(async move {
+                let secure = match uri.scheme_str() {
+                    Some("https") => true,
+                    Some("http") => false,
+                    other => {
+                        return Err(io::Error::other(format!("unsupported scheme {other:?}")));
+                    }
+                };
+                let host = uri
+                    .host()
+                    .ok_or_else(|| io::Error::other("no host"))?
+                    .trim_matches(['[', ']'])
+                    .to_owned();
+                let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                let _ = tcp.set_nodelay(true);
+                if !secure {
+                    return Ok(TokioIo::new(Stream(tls::MaybeTls::Plain(tcp))));
+                }
+                let config = tls
+                    .get_or_init(|| tls::client_config(None).map_err(|e| e.to_string()))
+                    .clone()
+                    .map_err(io::Error::other)?;
+                let name = tls::server_name(&host).map_err(io::Error::other)?;
+                let stream = tls::TlsConnector::from(config).connect(name, tcp).await?;
+                Ok(TokioIo::new(Stream(stream.into())))
+            })
+        }
+    }
 }

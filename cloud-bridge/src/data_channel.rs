@@ -138,15 +138,17 @@ impl Connection {
         let peer = accepted.peer;
         // The TLS handshake (if any) and the WebSocket handshake share one deadline.
         let accepted = tokio::time::timeout(self.settings.handshake_timeout, async {
-            let stream = accepted.handshake().await.map_err(tungstenite::Error::Io)?;
-            tokio_tungstenite::accept_async_with_config(
+            let (stream, slot) = accepted.handshake().await.map_err(tungstenite::Error::Io)?;
+            let ws = tokio_tungstenite::accept_async_with_config(
                 stream,
                 Some(ws_config(self.settings.max_frame_bytes)),
             )
-            .await
+            .await?;
+            Ok::<_, tungstenite::Error>((ws, slot))
         })
         .await;
-        let mut ws = match accepted {
+        // The slot is held as long as the connection is open.
+        let (mut ws, _slot) = match accepted {
             Ok(Ok(ws)) => ws,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "websocket handshake failed");

@@ -45,7 +45,7 @@ pub async fn serve(
         let failures = failures.clone();
         tracker.spawn(async move {
             let peer = accepted.peer;
-            let connection = match accepted.handshake().await {
+            let (connection, _slot) = match accepted.handshake().await {
                 Ok(c) => c,
                 Err(e) => {
                     if let Some(suppressed) = failures.allow() {

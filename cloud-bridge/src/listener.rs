@@ -9,12 +9,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -58,18 +55,8 @@ impl std::fmt::Debug for Accepted {
     }
 }
 
-/// A plain or TLS connection, with the slot it holds until dropped.
-#[derive(Debug)]
-pub struct Connection {
-    stream: Stream,
-    _slot: OwnedSemaphorePermit,
-}
-
-#[derive(Debug)]
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tls::server::TlsStream<TcpStream>>),
-}
+/// A plain or TLS connection.
+pub type Connection = tls::MaybeTls;
 
 impl Listener {
     pub fn new(
@@ -135,15 +122,16 @@ impl Listener {
 }
 
 impl Accepted {
-    /// Finishes the TLS handshake (within the deadline) when the listener has TLS.
-    pub async fn handshake(self) -> io::Result<Connection> {
+    /// Finishes the TLS handshake (within the deadline) when the listener has TLS. The slot
+    /// comes back with the connection: hold it as long as the connection is open.
+    pub async fn handshake(self) -> io::Result<(Connection, OwnedSemaphorePermit)> {
         let stream = match self.tls {
-            None => Stream::Plain(self.stream),
+            None => Connection::Plain(self.stream),
             Some(acceptor) => {
                 match tokio::time::timeout(self.handshake_timeout, acceptor.accept(self.stream))
                     .await
                 {
-                    Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                    Ok(Ok(tls)) => tls.into(),
                     Ok(Err(e)) => return Err(e),
                     Err(_) => {
                         return Err(io::Error::new(
@@ -154,67 +142,6 @@ impl Accepted {
                 }
             }
         };
-        Ok(Connection {
-            stream,
-            _slot: self.slot,
-        })
-    }
-}
-
-impl AsyncRead for Connection {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Connection {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
+        Ok((stream, self.slot))
     }
 }

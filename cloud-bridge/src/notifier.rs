@@ -319,6 +319,8 @@ pub struct ExternalBroker {
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<schemas::Secret>,
+    /// `mqtts://`: the broker is verified with this.
+    pub tls: Option<std::sync::Arc<tls::rustls::ClientConfig>>,
 }
 
 /// Drains the outbox into an external MQTT broker and reads presence from it. Reconnects with
@@ -329,6 +331,11 @@ pub async fn run_external(cfg: ExternalBroker, bridge: Bridge, shutdown: Cancell
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(true);
     opts.set_max_packet_size(64 * 1024, 64 * 1024);
+    if let Some(config) = &cfg.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(config.clone()),
+        ));
+    }
     if let Some(user) = &cfg.username {
         let pass = cfg
             .password

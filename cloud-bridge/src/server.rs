@@ -79,6 +79,8 @@ pub struct Running {
     pub tls: bool,
     /// Where devices reach MQTT: the embedded broker, or the configured external one.
     pub mqtt_addr: String,
+    /// Whether devices reach MQTT over TLS (`mqtts://`).
+    pub mqtt_tls: bool,
     pub admin_token: Secret,
     pub bridge: Bridge,
     shutdown: CancellationToken,
@@ -182,6 +184,7 @@ pub async fn start(
     let flusher_stop = CancellationToken::new();
     let flusher = tokio::spawn(committer.clone().run_flusher(flusher_stop.clone()));
 
+    let mut mqtt_tls = server_tls.is_some();
     let mqtt_addr = match config.broker.mode {
         BrokerMode::Embedded => {
             let settings = broker::BrokerSettings {
@@ -208,8 +211,18 @@ pub async fn start(
             addr
         }
         BrokerMode::External => {
-            let (host, port) = config.external_addr()?;
+            let ((host, port), secure) = config.external_endpoint()?;
+            mqtt_tls = secure;
+            let tls = if secure {
+                let ca = &config.broker.ca_file;
+                Some(tls::client_config(
+                    (!ca.as_os_str().is_empty()).then_some(ca.as_path()),
+                )?)
+            } else {
+                None
+            };
             let external = ExternalBroker {
+                tls,
                 host: host.clone(),
                 port,
                 client_id: config.broker.client_id.clone(),
@@ -273,6 +286,7 @@ pub async fn start(
         admin_addr,
         data_addr,
         tls: acceptor.is_some(),
+        mqtt_tls,
         mqtt_addr,
         admin_token,
         bridge,

@@ -116,6 +116,10 @@ pub struct AgentConfig {
     /// The printer's page counters: read whole (see [`crate::counters`]) and reported after
     /// every job and on [`AgentHandle::report_counters`], with consent.
     pub counters: Option<Arc<dyn CounterSource>>,
+    /// TLS servers (`wss://`, `mqtts://` endpoints) are verified against this CA certificate
+    /// (PEM), or against the system's roots when `None`. A client configuration already in
+    /// `session.tls` (one shared by a simulated fleet, say) is used as it is.
+    pub ca_file: Option<std::path::PathBuf>,
     pub session: SessionSettings,
     pub agent_name: String,
 }
@@ -156,6 +160,7 @@ impl AgentConfig {
             readings: None,
             printer: None,
             counters: None,
+            ca_file: None,
             session: SessionSettings::default(),
             agent_name: concat!("device-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
         }
@@ -625,6 +630,7 @@ pub fn start(
         mqtt_endpoint: None,
         last_report: None,
         relink: false,
+        tls_failed: false,
         lan_endpoint: None,
         nudges: None,
         poll_at: None,
@@ -670,6 +676,8 @@ struct Agent {
     last_report: Option<SettingsReport>,
     /// New settings were applied: restart the links with them after this round.
     relink: bool,
+    /// Building the TLS client configuration failed (logged once).
+    tls_failed: bool,
     /// Where the LAN endpoint listens.
     lan_endpoint: Option<String>,
     /// Checks nudges for this identity.
@@ -1303,7 +1311,7 @@ impl Agent {
 
     /// Starts the notification link on the current brokers; `None` without any.
     fn start_mqtt(
-        &self,
+        &mut self,
         credentials: &Credentials,
         shutdown: &CancellationToken,
     ) -> Option<MqttLink> {
@@ -1317,6 +1325,7 @@ impl Agent {
             backoff_min: self.config.backoff_min,
             backoff_max: self.config.slow_poll,
             probe_interval: self.config.probe_interval,
+            tls: self.tls_client(),
         };
         let (tx, events) = mpsc::channel(64);
         let stop = shutdown.child_token();
@@ -1555,6 +1564,27 @@ impl Agent {
         }
     }
 
+    /// How TLS servers are verified, built the first time an endpoint asks for TLS (so that a
+    /// device without TLS endpoints never reads certificates). A failure is logged once and
+    /// leaves TLS endpoints unusable; they are never tried in plain text.
+    fn tls_client(&mut self) -> Option<Arc<tls::rustls::ClientConfig>> {
+        if self.config.session.tls.is_none() && !self.tls_failed {
+            let endpoints = self.endpoints();
+            let wanted = endpoints.data.iter().any(|u| u.starts_with("wss://"))
+                || endpoints.mqtt.iter().any(|m| m.starts_with("mqtts://"));
+            if wanted {
+                match tls::client_config(self.config.ca_file.as_deref()) {
+                    Ok(config) => self.config.session.tls = Some(config),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot verify TLS servers; TLS endpoints are unusable");
+                        self.tls_failed = true;
+                    }
+                }
+            }
+        }
+        self.config.session.tls.clone()
+    }
+
     /// Connects the data channel through the first endpoint that answers, best first; while
     /// a worse endpoint works and it is not yet time to try the better ones, from that one.
     async fn connect_data(
@@ -1562,6 +1592,7 @@ impl Agent {
         auth: HelloAuth,
     ) -> Result<(DataSession, Welcome), SessionError> {
         let list = self.endpoints().data;
+        self.tls_client();
         let now = Instant::now();
         let start = match (&self.data_last_good, self.retry_better_at) {
             (Some(good), Some(at)) if at > now => list.iter().position(|e| e == good).unwrap_or(0),

@@ -25,7 +25,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use schemas::agent::Credentials;
 use schemas::hint::{Hint, MAX_HINT_BYTES, Presence};
-use schemas::settings::parse_broker;
+use schemas::settings::{MqttEndpoint, parse_mqtt_endpoint};
 use schemas::topics;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -55,6 +55,8 @@ pub struct MqttSettings {
     pub backoff_max: Duration,
     /// While on any broker but the best, how often to try the better ones.
     pub probe_interval: Duration,
+    /// How `mqtts://` brokers are verified; `None`: they cannot be used.
+    pub tls: Option<std::sync::Arc<tls::rustls::ClientConfig>>,
 }
 
 /// How long a connection attempt (TCP, CONNECT, CONNACK) may take.
@@ -72,9 +74,26 @@ impl Link {
     fn new(settings: &MqttSettings, credentials: &Credentials, index: usize) -> Link {
         let id = credentials.device_id.as_str().to_owned();
         // Checked when the settings were applied; a bad one fails to connect and is skipped.
-        let (host, port) = parse_broker(&settings.endpoints[index]).unwrap_or_default();
+        let endpoint = parse_mqtt_endpoint(&settings.endpoints[index]).unwrap_or(MqttEndpoint {
+            host: String::new(),
+            port: 0,
+            tls: false,
+        });
         let offline = schemas::encode(&Presence::Offline).unwrap_or_default();
-        let mut opts = MqttOptions::new(id.clone(), host, port);
+        // mqtts:// with nothing to verify the broker with (the agent logged why): port 0,
+        // which fails like an unreachable broker, never a fall back to plain text.
+        let tls = endpoint.tls.then(|| settings.tls.clone());
+        let port = if matches!(tls, Some(None)) {
+            0
+        } else {
+            endpoint.port
+        };
+        let mut opts = MqttOptions::new(id.clone(), endpoint.host.clone(), port);
+        if let Some(Some(config)) = tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(config),
+            ));
+        }
         opts.set_credentials(id, credentials.secret.expose().to_owned());
         opts.set_clean_session(false);
         opts.set_keep_alive(settings.keep_alive);

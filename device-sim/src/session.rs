@@ -43,6 +43,37 @@ impl SessionError {
     }
 }
 
+/// TCP to the URL's host and port (TCP_NODELAY on), then TLS for `wss://`, verifying the server
+/// with `tls`.
+async fn open_stream(
+    url: &str,
+    tls: Option<&Arc<tls::rustls::ClientConfig>>,
+) -> Result<tls::MaybeTls, String> {
+    let secure = schemas::settings::parse_data_url(url)?;
+    let authority = url
+        .split_once("://")
+        .map(|(_, rest)| rest.split('/').next().unwrap_or_default())
+        .unwrap_or_default();
+    let (host, port) = schemas::settings::parse_broker(authority)?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    if !secure {
+        return Ok(tls::MaybeTls::Plain(tcp));
+    }
+    let config = tls.ok_or_else(|| {
+        "wss:// needs a way to verify the server: a CA file (ca_file) or the system's roots"
+            .to_owned()
+    })?;
+    let name = tls::server_name(&host).map_err(|e| e.to_string())?;
+    let stream = tls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    Ok(stream.into())
+}
+
 /// Timeouts of the device side.
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
@@ -52,6 +83,9 @@ pub struct SessionSettings {
     pub ping_interval: Duration,
     /// Nothing heard from the server for this long: the connection is dead.
     pub idle_timeout: Duration,
+    /// How `wss://` servers are verified (the agent builds it from its `ca_file`, or the
+    /// system's roots). `None`: `wss://` endpoints cannot be used.
+    pub tls: Option<Arc<tls::rustls::ClientConfig>>,
 }
 
 impl Default for SessionSettings {
@@ -61,6 +95,7 @@ impl Default for SessionSettings {
             reply_timeout: Duration::from_secs(15),
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -100,13 +135,15 @@ impl DataSession {
             .write_buffer_size(0)
             .max_message_size(Some(schemas::MAX_FRAME_BYTES))
             .max_frame_size(Some(schemas::MAX_FRAME_BYTES));
-        let (mut ws, _) = tokio::time::timeout(
-            settings.connect_timeout,
-            tokio_tungstenite::connect_async_with_config(url, Some(config), true),
-        )
+        let (mut ws, _) = tokio::time::timeout(settings.connect_timeout, async {
+            let stream = open_stream(url, settings.tls.as_ref()).await?;
+            tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+                .await
+                .map_err(|e| e.to_string())
+        })
         .await
         .map_err(|_| connect_err("timed out".into()))?
-        .map_err(|e| connect_err(e.to_string()))?;
+        .map_err(connect_err)?;
 
         let hello = ClientFrame::Hello(Hello {
             protocol: PROTOCOL_VERSION,
@@ -217,8 +254,7 @@ impl DataSession {
     }
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = tokio_tungstenite::WebSocketStream<tls::MaybeTls>;
 
 async fn run(
     mut ws: Ws,

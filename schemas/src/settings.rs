@@ -15,9 +15,11 @@ pub const MAX_ENDPOINT_LEN: usize = 256;
 /// URL.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoints {
-    /// Data channel URLs, `ws://host:port[/path]`; at least one.
+    /// Data channel URLs, `ws://host:port[/path]` or `wss://host:port[/path]` (TLS); at least
+    /// one.
     pub data: Vec<String>,
-    /// MQTT brokers, `host:port`. Empty: no notification channel (the device long-polls).
+    /// MQTT brokers, `host:port` or `mqtt://host:port`, or `mqtts://host:port` (TLS). Empty:
+    /// no notification channel (the device long-polls).
     #[serde(default)]
     pub mqtt: Vec<String>,
 }
@@ -45,7 +47,7 @@ impl Endpoints {
             parse_data_url(url).map_err(|problem| bad(url, problem))?;
         }
         for broker in &self.mqtt {
-            parse_broker(broker).map_err(|problem| bad(broker, problem))?;
+            parse_mqtt_endpoint(broker).map_err(|problem| bad(broker, problem))?;
         }
         for list in [&self.data, &self.mqtt] {
             if let Some(dup) = list
@@ -127,18 +129,61 @@ pub fn parse_broker(endpoint: &str) -> Result<(String, u16), String> {
     Ok((host.to_owned(), port))
 }
 
-/// Checks a data channel URL: `ws://host:port[/path]`. TLS (`wss://`) is not offered yet.
-pub fn parse_data_url(url: &str) -> Result<(), String> {
-    let rest = url.strip_prefix("ws://").ok_or_else(|| {
-        "must start with ws:// (wss:// is not supported by this version)".to_owned()
-    })?;
+/// An MQTT broker a device connects to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttEndpoint {
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://`: TLS, the server verified against the device's CA (or the system's roots).
+    pub tls: bool,
+}
+
+/// Parses `host:port`, `mqtt://host:port` or `mqtts://host:port` (`mqtts://host` means port
+/// 8883).
+pub fn parse_mqtt_endpoint(endpoint: &str) -> Result<MqttEndpoint, String> {
+    if let Some(rest) = endpoint.strip_prefix("mqtts://") {
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = if rest
+            .rsplit_once(':')
+            .is_some_and(|(h, _)| !h.ends_with(':'))
+        {
+            parse_broker(rest)?
+        } else {
+            parse_broker(&format!("{rest}:8883"))?
+        };
+        return Ok(MqttEndpoint {
+            host,
+            port,
+            tls: true,
+        });
+    }
+    if endpoint.contains("://") && !endpoint.starts_with("mqtt://") {
+        return Err("must be host:port, mqtt://host:port or mqtts://host:port".into());
+    }
+    let rest = endpoint.trim_start_matches("mqtt://").trim_end_matches('/');
+    let (host, port) = parse_broker(rest)?;
+    Ok(MqttEndpoint {
+        host,
+        port,
+        tls: false,
+    })
+}
+
+/// Checks a data channel URL, `ws://host:port[/path]` or `wss://host:port[/path]`; returns
+/// whether it asks for TLS.
+pub fn parse_data_url(url: &str) -> Result<bool, String> {
+    let (rest, tls) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => return Err("must start with ws:// or wss://".to_owned()),
+    };
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("contains whitespace".into());
     }
     let authority = rest.split('/').next().unwrap_or_default();
     parse_broker(authority)
-        .map(|_| ())
-        .map_err(|e| format!("{e} (ws://host:port expected)"))
+        .map(|_| tls)
+        .map_err(|e| format!("{e} (ws://host:port or wss://host:port expected)"))
 }
 
 /// Settings given to a device. New kinds of settings are added as optional fields.
@@ -193,11 +238,32 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_endpoints_say_whether_they_want_tls() {
+        let at = |s: &str| parse_mqtt_endpoint(s).map(|e| (e.host, e.port, e.tls));
+        assert_eq!(at("a:1883"), Ok(("a".into(), 1883, false)));
+        assert_eq!(at("mqtt://a:1884/"), Ok(("a".into(), 1884, false)));
+        assert_eq!(at("mqtts://a"), Ok(("a".into(), 8883, true)));
+        assert_eq!(at("mqtts://[::1]:8884"), Ok(("::1".into(), 8884, true)));
+        assert_eq!(parse_data_url("wss://a:443/x"), Ok(true));
+        assert_eq!(parse_data_url("ws://a:80"), Ok(false));
+    }
+
+    #[test]
     fn validates_endpoints() {
         assert!(
             eps(
-                &["ws://a.example:8081", "ws://10.0.0.2:80/data"],
-                &["a:1883", "[::1]:1884"]
+                &[
+                    "ws://a.example:8081",
+                    "ws://10.0.0.2:80/data",
+                    "wss://a.example:443"
+                ],
+                &[
+                    "a:1883",
+                    "[::1]:1884",
+                    "mqtt://b:1883",
+                    "mqtts://c:8883",
+                    "mqtts://d"
+                ]
             )
             .validate()
             .is_ok()
@@ -207,13 +273,7 @@ mod tests {
             eps(&[], &["a:1"]).validate(),
             Err(EndpointError::NoDataEndpoint)
         );
-        for bad_data in [
-            "http://a:1",
-            "wss://a:1",
-            "ws://a",
-            "ws://:80",
-            "ws://a b:1",
-        ] {
+        for bad_data in ["http://a:1", "wss://a", "ws://a", "ws://:80", "ws://a b:1"] {
             assert!(
                 matches!(
                     eps(&[bad_data], &[]).validate(),
@@ -222,7 +282,15 @@ mod tests {
                 "{bad_data}"
             );
         }
-        for bad_broker in ["a", "a:0", "a:99999", ":1883", "mqtt://a:1883"] {
+        for bad_broker in [
+            "a",
+            "a:0",
+            "a:99999",
+            ":1883",
+            "tcp://a:1883",
+            "ws://a:1",
+            "mqtts://:1",
+        ] {
             assert!(
                 matches!(
                     eps(&["ws://a:1"], &[bad_broker]).validate(),

@@ -48,12 +48,46 @@ pub struct Endpoints {
     pub admin: String,
     pub data_url: String,
     pub mqtt: (String, u16),
+    /// Devices reach MQTT over TLS (`mqtts://`).
+    pub mqtt_tls: bool,
     pub admin_token: Secret,
+    /// The CA the bridge's certificate is verified with, when its listeners speak TLS.
+    pub ca: Option<PathBuf>,
 }
 
 impl Endpoints {
     pub fn client(&self) -> AdminClient {
-        AdminClient::new(self.admin.clone(), self.admin_token.clone())
+        match self.tls_client() {
+            Some(tls) => AdminClient::with_tls(self.admin.clone(), self.admin_token.clone(), tls),
+            None => AdminClient::new(self.admin.clone(), self.admin_token.clone()),
+        }
+    }
+
+    /// A client configuration trusting [`Self::ca`].
+    pub fn tls_client(&self) -> Option<Arc<tls::rustls::ClientConfig>> {
+        self.ca
+            .as_ref()
+            .map(|ca| tls::client_config(Some(ca)).expect("the test CA loads"))
+    }
+
+    /// The broker as a device's endpoint list spells it.
+    pub fn mqtt_endpoint(&self) -> String {
+        let (host, port) = &self.mqtt;
+        let scheme = if self.mqtt_tls { "mqtts" } else { "mqtt" };
+        format!("{scheme}://{host}:{port}")
+    }
+
+    /// MQTT options for a test client of the bridge's broker (TLS when it speaks TLS).
+    pub fn mqtt_options(&self, client_id: &str, user: &str, pass: &str) -> MqttOptions {
+        let mut opts = MqttOptions::new(client_id, self.mqtt.0.clone(), self.mqtt.1);
+        opts.set_credentials(user, pass);
+        if self.mqtt_tls {
+            let tls = self.tls_client().expect("a TLS broker needs Endpoints::ca");
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+        }
+        opts
     }
 
     /// An agent config for a simulated device that registers with `token`.
@@ -64,6 +98,10 @@ impl Endpoints {
             device_info(serial),
         );
         config.enrollment_token = Some(token.clone());
+        if self.mqtt_tls {
+            config.endpoints.mqtt = vec![self.mqtt_endpoint()];
+        }
+        config.ca_file = self.ca.clone();
         // Tests of device information opt out explicitly.
         config.consent_at_setup = true;
         config.backoff_min = Duration::from_millis(50);
@@ -165,8 +203,7 @@ pub async fn mqtt_connect(
     user: &str,
     pass: &str,
 ) -> Result<(), String> {
-    let mut opts = MqttOptions::new(client_id, ep.mqtt.0.clone(), ep.mqtt.1);
-    opts.set_credentials(user, pass);
+    let opts = ep.mqtt_options(client_id, user, pass);
     let (_client, mut eventloop) = AsyncClient::new(opts, 10);
     tokio::time::timeout(SOON, async {
         loop {
@@ -179,6 +216,11 @@ pub async fn mqtt_connect(
     })
     .await
     .expect("no answer from the broker")
+}
+
+/// Where [`InProcessBridge::start_tls`] (and `cloud-bridge tls init`) put the CA certificate.
+pub fn tls_ca(data_dir: &Path) -> PathBuf {
+    data_dir.join("tls").join("ca.pem")
 }
 
 /// The socket address of a `ws://host:port` URL with a numeric host.
@@ -272,7 +314,9 @@ impl BridgeProcess {
             admin: ready["admin"].as_str().unwrap().to_owned(),
             data_url: ready["data"].as_str().unwrap().to_owned(),
             mqtt: split_host_port(ready["mqtt"].as_str().unwrap()),
+            mqtt_tls: ready["mqtt_tls"].as_bool().unwrap_or(false),
             admin_token: Secret::new(token.trim()),
+            ca: None,
         };
         // Keep reading stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -333,6 +377,18 @@ impl InProcessBridge {
         Self::start_with(|_| {}).await
     }
 
+    /// With TLS on every listener, from a private CA made for this bridge
+    /// ([`Endpoints::ca`] holds its certificate).
+    pub async fn start_tls(adjust: impl FnOnce(&mut cloud_bridge::Config)) -> InProcessBridge {
+        Self::start_with(|c| {
+            let files = tls::create_private_ca(&c.data_dir.join("tls"), &[], false).unwrap();
+            c.tls.cert = files.server_cert;
+            c.tls.key = files.server_key;
+            adjust(c)
+        })
+        .await
+    }
+
     pub async fn start_with(adjust: impl FnOnce(&mut cloud_bridge::Config)) -> InProcessBridge {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
@@ -348,11 +404,19 @@ impl InProcessBridge {
         let running = cloud_bridge::start(config, listeners, CancellationToken::new())
             .await
             .unwrap();
+        let (http, ws) = if running.tls {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
+        let ca = running.tls.then(|| tls_ca(dir.path()));
         let endpoints = Endpoints {
-            admin: format!("http://{}", running.admin_addr),
-            data_url: format!("ws://{}", running.data_addr),
+            admin: format!("{http}://{}", running.admin_addr),
+            data_url: format!("{ws}://{}", running.data_addr),
             mqtt: split_host_port(&running.mqtt_addr),
+            mqtt_tls: running.mqtt_tls,
             admin_token: running.admin_token.clone(),
+            ca,
         };
         InProcessBridge {
             endpoints,
@@ -425,12 +489,11 @@ pub struct OpsWatcher {
 
 impl OpsWatcher {
     pub async fn start(endpoints: &Endpoints) -> OpsWatcher {
-        let mut opts = MqttOptions::new(
-            format!("ops-watch-{}", free_port()),
-            endpoints.mqtt.0.clone(),
-            endpoints.mqtt.1,
+        let mut opts = endpoints.mqtt_options(
+            &format!("ops-watch-{}", free_port()),
+            "ops",
+            endpoints.admin_token.expose(),
         );
-        opts.set_credentials("ops", endpoints.admin_token.expose());
         opts.set_max_packet_size(64 * 1024, 64 * 1024);
         let (client, mut eventloop) = AsyncClient::new(opts, 10);
         let (tx, events) = mpsc::unbounded_channel();
@@ -530,7 +593,25 @@ pattern write devices/%u/presence\n";
     }
 
     pub async fn start(dir: &Path, users: &[(&str, &str)]) -> Mosquitto {
+        Self::start_with(dir, users, None).await
+    }
+
+    /// With TLS only, with the certificate and key that `tls::create_private_ca` wrote to
+    /// `tls_dir`.
+    pub async fn start_tls(dir: &Path, users: &[(&str, &str)], tls_dir: &Path) -> Mosquitto {
+        Self::start_with(dir, users, Some(tls_dir)).await
+    }
+
+    async fn start_with(dir: &Path, users: &[(&str, &str)], tls: Option<&Path>) -> Mosquitto {
         let port = free_port();
+        let tls = tls.map(|d| {
+            format!(
+                "cafile {}\ncertfile {}\nkeyfile {}\n",
+                d.join("ca.pem").display(),
+                d.join("server.pem").display(),
+                d.join("server-key.pem").display()
+            )
+        });
         let passwords = dir.join("passwords");
         std::fs::write(&passwords, "").unwrap();
         let acl = dir.join("acl");
@@ -539,8 +620,9 @@ pattern write devices/%u/presence\n";
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\n\
+                "listener {port} 127.0.0.1\n{}allow_anonymous false\npassword_file {}\nacl_file {}\n\
                  use_username_as_clientid true\npersistence false\nlog_dest stderr\nlog_type error\n",
+                tls.map(|t| format!("{t}{}", Self::keep_root())).unwrap_or_default(),
                 passwords.display(),
                 acl.display()
             ),
@@ -573,6 +655,16 @@ pattern write devices/%u/presence\n";
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         m
+    }
+
+    /// Run as root, mosquitto drops to its own user before it reads certificates, and could not
+    /// read them in the test's private directory: keep it root there.
+    fn keep_root() -> &'static str {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata("/proc/self") {
+            Ok(m) if m.uid() == 0 => "user root\n",
+            _ => "",
+        }
     }
 
     fn passwd(file: &Path, user: &str, pass: &str) {

@@ -21,6 +21,9 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 pub use rustls;
 pub use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
+mod stream;
+pub use stream::MaybeTls;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{path}: {detail}")]
@@ -108,6 +111,7 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
 }
 
 /// The files [`create_private_ca`] writes.
+#[cfg(feature = "ca")]
 #[derive(Debug, Clone)]
 pub struct CaFiles {
     /// The CA's certificate: what clients trust (`--ca-file`, `mosquitto_sub --cafile`).
@@ -118,6 +122,7 @@ pub struct CaFiles {
     pub server_key: PathBuf,
 }
 
+#[cfg(feature = "ca")]
 impl CaFiles {
     pub fn in_dir(dir: &Path) -> CaFiles {
         CaFiles {
@@ -132,6 +137,7 @@ impl CaFiles {
 /// Creates a private CA and a server certificate for `names` (DNS names or IP addresses;
 /// `localhost`, `127.0.0.1` and `::1` are always included) in `dir`. Keys are written readable
 /// by their owner only. Existing files are kept unless `force`.
+#[cfg(feature = "ca")]
 pub fn create_private_ca(dir: &Path, names: &[String], force: bool) -> Result<CaFiles, TlsError> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
     let files = CaFiles::in_dir(dir);
@@ -192,6 +198,7 @@ pub fn create_private_ca(dir: &Path, names: &[String], force: bool) -> Result<Ca
     Ok(files)
 }
 
+#[cfg(feature = "ca")]
 fn create_dir(dir: &Path) -> Result<(), TlsError> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
@@ -203,6 +210,7 @@ fn create_dir(dir: &Path) -> Result<(), TlsError> {
     })
 }
 
+#[cfg(feature = "ca")]
 fn write(path: &Path, text: &str, private: bool) -> Result<(), TlsError> {
     use std::io::Write;
     let io = |e: std::io::Error| TlsError::File {
@@ -296,7 +304,7 @@ pub fn server_name(host: &str) -> Result<rustls::pki_types::ServerName<'static>,
         .map_err(|e| TlsError::Config(format!("{host:?} is not a server name: {e}")))
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "ca"))]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
