@@ -51,8 +51,9 @@ pub enum Login {
     /// A device, by its id: it may subscribe to its own notify topic and publish its own
     /// presence, nothing else.
     Device(String),
-    /// An operations tool: it may subscribe under `fleet/events/` and publish nothing.
-    Ops,
+    /// An operations tool, by its login (username): it may subscribe under `fleet/events/`
+    /// and publish nothing.
+    Ops(String),
 }
 
 /// Why an MQTT CONNECT was refused: each is answered with its MQTT 3.1.1 CONNACK return code.
@@ -370,6 +371,9 @@ pub struct EmbeddedBroker {
 
 #[derive(Debug)]
 struct Shared {
+    /// Client ids that logged in as each operations login, so that revoking one closes its
+    /// sessions (whatever client ids they chose).
+    ops_sessions: Arc<Mutex<HashMap<String, std::collections::HashSet<String>>>>,
     stats: Arc<BrokerStats>,
     router: RouterHealth,
     sessions: SessionControl,
@@ -432,12 +436,21 @@ impl EmbeddedBroker {
         let addr = pick_addr(settings.listen)?;
         let probe = ProbeIdentity::new(settings.tls.is_some());
         let stats = Arc::new(BrokerStats::new());
-        let config = rumqttd_config(settings, addr, auth, probe.clone(), stats.clone());
+        let ops_sessions = Arc::new(Mutex::new(HashMap::new()));
+        let config = rumqttd_config(
+            settings,
+            addr,
+            auth,
+            probe.clone(),
+            stats.clone(),
+            ops_sessions.clone(),
+        );
         let mut broker = rumqttd::Broker::new(config);
         let (tx, rx) = broker
             .link("cloud-bridge")
             .map_err(|e| BrokerError::Link(e.to_string()))?;
         let shared = Arc::new(Shared {
+            ops_sessions,
             stats,
             router: broker.router_health(),
             sessions: broker.sessions(),
@@ -497,6 +510,22 @@ impl EmbeddedBroker {
             .sessions
             .disconnect(client_id, Duration::from_secs(1))
             .map_err(|e| BrokerError::Link(e.to_string()))
+    }
+
+    /// Closes every session that logged in as the operations login `login` (see
+    /// [`Login::Ops`]); the authenticator refuses it from then on.
+    pub fn disconnect_login(&self, login: &str) -> Result<usize, BrokerError> {
+        let clients = self
+            .shared
+            .ops_sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(login)
+            .unwrap_or_default();
+        for client in &clients {
+            self.disconnect(client)?;
+        }
+        Ok(clients.len())
     }
 
     /// Logs in every `interval`; two failures in a row mark the broker down until one succeeds.
@@ -584,6 +613,7 @@ fn rumqttd_config(
     auth: Arc<dyn Authenticator>,
     probe: ProbeIdentity,
     stats: Arc<BrokerStats>,
+    ops_sessions: Arc<Mutex<HashMap<String, std::collections::HashSet<String>>>>,
 ) -> Config {
     let mut connections = ConnectionSettings {
         connection_timeout_ms: settings.connection_timeout_ms,
@@ -615,9 +645,17 @@ fn rumqttd_config(
                     device,
                     stats: stats.clone(),
                 }))),
-                Ok(Some(Login::Ops)) => AuthResult::Allow(Some(Arc::new(OpsRules {
-                    stats: stats.clone(),
-                }))),
+                Ok(Some(Login::Ops(login))) => {
+                    ops_sessions
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(login)
+                        .or_default()
+                        .insert(client_id.clone());
+                    AuthResult::Allow(Some(Arc::new(OpsRules {
+                        stats: stats.clone(),
+                    })))
+                }
                 Err(refusal) => {
                     stats.refused_connect(&client_id, refusal);
                     AuthResult::Refuse(refusal.return_code())

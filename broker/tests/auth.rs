@@ -25,7 +25,7 @@ impl Authenticator for Fleet {
         password: &str,
     ) -> Result<Login, Refusal> {
         match (username, password) {
-            ("ops", "ops-pass") => Ok(Login::Ops),
+            ("ops", "ops-pass") => Ok(Login::Ops("ops".into())),
             ("dev-off", "right") => Err(Refusal::NotAuthorized),
             ("dev-a" | "dev-b", "right") if client_id == username => {
                 Ok(Login::Device(username.to_owned()))

@@ -27,6 +27,7 @@
 //! | `GET /v1/devices` | list devices |
 //! | `GET /v1/devices/{id}` | one device |
 //! | `POST /v1/devices/{id}/disable` | refuse the device everywhere from now on |
+//! | `POST`, `GET /v1/ops-logins`; `DELETE /v1/ops-logins/{id}` | MQTT logins for operations (watch `fleet/events/` only); revoke one (its sessions close) |
 //! | `GET /v1/devices/{id}/requests?after=N&limit=M` | requests from the device's outbox |
 //! | `POST /v1/devices/{id}/consent-query` | ask the device to report its consent setting |
 //! | `GET /v1/devices/{id}/jobs` | the device's jobs |
@@ -82,6 +83,14 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
     let admin_only = Router::new()
         .route("/v1/metrics", get(metrics))
         .route("/v1/owners", post(create_owner))
+        .route(
+            "/v1/ops-logins",
+            post(create_ops_login).get(list_ops_logins),
+        )
+        .route(
+            "/v1/ops-logins/:id",
+            axum::routing::delete(revoke_ops_login),
+        )
         .route("/v1/enrollment-tokens", post(create_enrollment))
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/:id", get(get_device))
@@ -670,6 +679,29 @@ async fn get_application(
     let id = ApplicationId::parse(&id)
         .map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e.to_string()))?;
     Ok(Json(state.bridge.application(&id).await?))
+}
+
+async fn create_ops_login(
+    State(state): State<AppState>,
+    Body(req): Body<schemas::api::CreateOpsLogin>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.bridge.create_ops_login(req).await?),
+    ))
+}
+
+async fn list_ops_logins(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.bridge.ops_logins().await?))
+}
+
+async fn revoke_ops_login(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let id = schemas::OpsId::parse(&id)
+        .map_err(|e| ApiFailure::new(ErrorCode::NotFound, e.to_string()))?;
+    Ok(Json(state.bridge.revoke_ops_login(&id).await?))
 }
 
 async fn create_owner(

@@ -188,19 +188,7 @@ impl Bridge {
 
     /// Why `device` may no longer use its connections, if it may not.
     pub fn refusal(&self, device: &DeviceId) -> Option<CoreError> {
-        let core = self.core();
-        match core.device(device) {
-            Err(e) => Some(e),
-            Ok(d) if d.invalidated.is_some() => Some(CoreError::new(
-                ErrorCode::DeviceInvalidated,
-                "device id was invalidated; register again",
-            )),
-            Ok(d) if d.disabled => Some(CoreError::new(
-                ErrorCode::DeviceDisabled,
-                "device is disabled",
-            )),
-            Ok(_) => None,
-        }
+        self.core().active_device(device).err()
     }
 
     async fn durable_read(&self, ticket: Ticket) -> CoreResult<()> {
@@ -607,6 +595,56 @@ impl Bridge {
         })
     }
 
+    /// A new MQTT login for operations; its password is in the answer only.
+    pub async fn create_ops_login(
+        &self,
+        req: schemas::api::CreateOpsLogin,
+    ) -> CoreResult<schemas::api::OpsLoginCreated> {
+        let password = Secret::from_random(rand::random());
+        let id = schemas::OpsId::from_random(rand::random());
+        let (record, ticket) =
+            self.core()
+                .create_ops_login(id, req.name, &password, UnixMillis::now())?;
+        self.finish(ticket, Effects::default()).await?;
+        Ok(schemas::api::OpsLoginCreated {
+            ops_id: record.ops_id,
+            name: record.name,
+            password,
+            created_at: record.created_at,
+        })
+    }
+
+    pub async fn ops_logins(&self) -> CoreResult<Vec<schemas::api::OpsLoginView>> {
+        let (list, ticket) = {
+            let core = self.core();
+            (core.ops_logins(), core.read_ticket())
+        };
+        self.durable_read(ticket).await?;
+        Ok(list.iter().map(schemas::api::OpsLoginView::from).collect())
+    }
+
+    /// Revokes an ops login and closes its open MQTT sessions.
+    pub async fn revoke_ops_login(
+        &self,
+        id: &schemas::OpsId,
+    ) -> CoreResult<schemas::api::OpsLoginView> {
+        let (record, ticket) = self.core().revoke_ops_login(id, UnixMillis::now())?;
+        self.finish(ticket, Effects::default()).await?;
+        if let Some(embedded) = self.inner.embedded.get().cloned() {
+            let login = id.as_str().to_owned();
+            let closed = tokio::task::spawn_blocking(move || embedded.disconnect_login(&login))
+                .await
+                .map_err(|e| CoreError::new(ErrorCode::Internal, e.to_string()))?;
+            match closed {
+                Ok(n) => tracing::info!(ops_login = %id, sessions = n, "ops login revoked"),
+                Err(e) => {
+                    tracing::error!(ops_login = %id, error = %e, "could not close its sessions")
+                }
+            }
+        }
+        Ok(schemas::api::OpsLoginView::from(&record))
+    }
+
     pub async fn create_companion(
         &self,
         owner: &OwnerId,
@@ -991,12 +1029,12 @@ impl Bridge {
     }
 
     /// An [`broker::Authenticator`] backed by the registry. Devices log in with their id as
-    /// client id and username and their secret as password; operations tools log in as
-    /// [`OPS_USERNAME`] with the admin token, under any client id that is not a device id.
-    pub fn mqtt_authenticator(&self, ops_password: Secret) -> Arc<dyn broker::Authenticator> {
+    /// client id and username and their secret as password; operations tools with an ops
+    /// login (`POST /v1/ops-logins`: its id as username), under any client id that is not a
+    /// device id.
+    pub fn mqtt_authenticator(&self) -> Arc<dyn broker::Authenticator> {
         Arc::new(MqttAuth {
             bridge: self.clone(),
-            ops_password,
         })
     }
 
@@ -1029,13 +1067,9 @@ impl Bridge {
     }
 }
 
-/// The MQTT username of operations tools (mosquitto_sub, dashboards).
-pub const OPS_USERNAME: &str = "ops";
-
 #[derive(Debug)]
 struct MqttAuth {
     bridge: Bridge,
-    ops_password: Secret,
 }
 
 impl broker::Authenticator for MqttAuth {
@@ -1046,16 +1080,15 @@ impl broker::Authenticator for MqttAuth {
         password: &str,
     ) -> Result<broker::Login, broker::Refusal> {
         use broker::Refusal;
-        if username == OPS_USERNAME {
-            if !broker::constant_time_eq(password.as_bytes(), self.ops_password.expose().as_bytes())
-            {
-                return Err(Refusal::BadCredentials);
-            }
-            // A device's id would take over that device's session.
-            if DeviceId::parse(client_id).is_ok() {
-                return Err(Refusal::IdentifierRejected);
-            }
-            return Ok(broker::Login::Ops);
+        if username.starts_with(schemas::OpsId::PREFIX) {
+            let login = self.bridge.core().authenticate_ops(username, password);
+            return match login {
+                Err(crate::core::OpsLoginFailure::BadCredentials) => Err(Refusal::BadCredentials),
+                Err(crate::core::OpsLoginFailure::Revoked) => Err(Refusal::NotAuthorized),
+                // A device's id would take over that device's session.
+                Ok(_) if DeviceId::parse(client_id).is_ok() => Err(Refusal::IdentifierRejected),
+                Ok(id) => Ok(broker::Login::Ops(id.as_str().to_owned())),
+            };
         }
         match self.bridge.authenticate(username, password) {
             Ok(_) if client_id == username => Ok(broker::Login::Device(username.to_owned())),

@@ -212,6 +212,36 @@ impl AdminClient {
         Ok(self.call(Method::POST, "/v1/owners", Some(&req)).await?.1)
     }
 
+    /// A new MQTT login for operations tools; the password is in the answer only.
+    pub async fn create_ops_login(
+        &self,
+        name: &str,
+    ) -> Result<schemas::api::OpsLoginCreated, ClientError> {
+        let req = schemas::api::CreateOpsLogin { name: name.into() };
+        Ok(self
+            .call(Method::POST, "/v1/ops-logins", Some(&req))
+            .await?
+            .1)
+    }
+
+    pub async fn ops_logins(&self) -> Result<Vec<schemas::api::OpsLoginView>, ClientError> {
+        Ok(self
+            .call(Method::GET, "/v1/ops-logins", None::<&()>)
+            .await?
+            .1)
+    }
+
+    /// Revokes an ops login: it is refused from now on and its open sessions close.
+    pub async fn revoke_ops_login(
+        &self,
+        id: &schemas::OpsId,
+    ) -> Result<schemas::api::OpsLoginView, ClientError> {
+        Ok(self
+            .call(Method::DELETE, &format!("/v1/ops-logins/{id}"), None::<&()>)
+            .await?
+            .1)
+    }
+
     /// Creates a companion of the calling owner.
     pub async fn create_companion(&self, name: &str) -> Result<CompanionCreated, ClientError> {
         let req = CreateCompanion { name: name.into() };

@@ -283,16 +283,19 @@ impl Connection {
                     .authenticate(device_id.as_str(), secret.expose())
                 {
                     Ok(d) => (d, None),
-                    Err(AuthFailure::Invalidated) => {
-                        return Err(ErrorBody::new(
-                            ErrorCode::DeviceInvalidated,
-                            "device id was invalidated; register again",
-                        ));
-                    }
-                    Err(AuthFailure::Disabled) => {
-                        return Err(ErrorBody::new(
-                            ErrorCode::DeviceDisabled,
-                            "device is disabled",
+                    // With the reason (why it was invalidated), as its requests would get it.
+                    Err(failure @ (AuthFailure::Invalidated | AuthFailure::Disabled)) => {
+                        return Err(self.bridge.refusal(&device_id).map_or_else(
+                            || match failure {
+                                AuthFailure::Invalidated => ErrorBody::new(
+                                    ErrorCode::DeviceInvalidated,
+                                    "device id was invalidated; register again",
+                                ),
+                                _ => {
+                                    ErrorBody::new(ErrorCode::DeviceDisabled, "device is disabled")
+                                }
+                            },
+                            |e| e.body(),
                         ));
                     }
                     Err(AuthFailure::UnknownDevice | AuthFailure::WrongSecret) => {

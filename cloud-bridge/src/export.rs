@@ -1,7 +1,8 @@
 //! `cloud-bridge export`: every record as JSON lines, so data can be inspected, backed up, or
 //! moved to another store. One object per line, with a `"type"` of `device`, `enrollment`,
 //! `job` (with `payload_base64`), `feed`, `device_request`, `owner`, `companion`, `service`,
-//! `application`, `instruction`, `contract`, `user` or `held_job` (with `payload_base64`).
+//! `application`, `instruction`, `contract`, `user`, `held_job` (with `payload_base64`) or
+//! `ops_login` (with the password as its SHA-256 only).
 
 use std::io::Write;
 
@@ -9,7 +10,8 @@ use base64::Engine as _;
 use schemas::feed::FeedEntry;
 use schemas::print::{HeldJobRecord, UserRecord};
 use schemas::records::{
-    CompanionRecord, DeviceRecord, DeviceRequestRecord, EnrollmentRecord, JobRecord, OwnerRecord,
+    CompanionRecord, DeviceRecord, DeviceRequestRecord, EnrollmentRecord, JobRecord,
+    OpsLoginRecord, OwnerRecord,
 };
 use schemas::services::{ApplicationRecord, ContractRecord, InstructionRecord, ServiceRecord};
 use serde::Serialize;
@@ -52,6 +54,7 @@ enum Line<'a> {
         held: &'a HeldJobRecord,
         payload_base64: String,
     },
+    OpsLogin(&'a OpsLoginRecord),
 }
 
 fn decode<T: serde::de::DeserializeOwned>(k: &[u8], v: &[u8]) -> Result<T, StoreError> {
@@ -76,6 +79,10 @@ pub fn export(store: &dyn Store, out: &mut impl Write) -> Result<u64, ExportErro
     }
     for (k, v) in store.scan_prefix(b"e/")? {
         write_line(out, &Line::Enrollment(&decode(&k, &v)?))?;
+        lines += 1;
+    }
+    for (k, v) in store.scan_prefix(b"q/")? {
+        write_line(out, &Line::OpsLogin(&decode(&k, &v)?))?;
         lines += 1;
     }
     for (k, v) in store.scan_prefix(b"j/")? {

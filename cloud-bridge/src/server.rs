@@ -194,7 +194,7 @@ pub async fn start(
                 tls_handshake_timeout: config.tls.handshake_timeout(),
                 ..broker::BrokerSettings::default()
             };
-            let auth = bridge.mqtt_authenticator(admin_token.clone());
+            let auth = bridge.mqtt_authenticator();
             let (embedded, link) =
                 tokio::task::spawn_blocking(move || broker::EmbeddedBroker::start(&settings, auth))
                     .await

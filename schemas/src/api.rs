@@ -451,6 +451,43 @@ pub struct CreateOwner {
     pub name: String,
 }
 
+/// `POST /v1/ops-logins`: an MQTT login for operations tools (dashboards, mosquitto_sub).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOpsLogin {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpsLoginCreated {
+    /// The MQTT username.
+    pub ops_id: crate::OpsId,
+    pub name: String,
+    /// The MQTT password. Shown once; only its hash is stored.
+    pub password: Secret,
+    pub created_at: UnixMillis,
+}
+
+/// An ops login as listed (no secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpsLoginView {
+    pub ops_id: crate::OpsId,
+    pub name: String,
+    pub created_at: UnixMillis,
+    pub revoked_at: Option<UnixMillis>,
+}
+
+impl From<&crate::records::OpsLoginRecord> for OpsLoginView {
+    fn from(r: &crate::records::OpsLoginRecord) -> OpsLoginView {
+        OpsLoginView {
+            ops_id: r.ops_id.clone(),
+            name: r.name.clone(),
+            created_at: r.created_at,
+            revoked_at: r.revoked_at,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OwnerCreated {
     pub owner_id: OwnerId,

@@ -35,7 +35,7 @@ macro_rules! prefixed_id {
         pub struct $name(String);
 
         impl $name {
-            const PREFIX: &'static str = $prefix;
+            pub const PREFIX: &'static str = $prefix;
             const EXPECTED: &'static str = concat!($prefix, " followed by 16 lowercase hex digits");
 
             /// Builds an id from 8 random bytes.
@@ -118,6 +118,10 @@ prefixed_id!(
     /// A person who prints: their jobs wait in their virtual printer until they release them
     /// at a device.
     UserId, "usr-", "user id"
+);
+prefixed_id!(
+    /// An operations login to the embedded broker (read-only ops events); its MQTT username.
+    OpsId, "ops-", "ops login id"
 );
 prefixed_id!(
     /// A customer's application for a service, covering some of its devices.

@@ -35,7 +35,7 @@ pub mod topics;
 
 pub use codec::{DecodeError, EncodeError, decode, encode};
 pub use ids::{
-    ApplicationId, CompanionId, DeviceId, FeedSeq, IdError, InstructionId, JobId, OwnerId,
+    ApplicationId, CompanionId, DeviceId, FeedSeq, IdError, InstructionId, JobId, OpsId, OwnerId,
     RequestId, Secret, UnixMillis, UserId,
 };
 

@@ -9,7 +9,7 @@ use crate::outbox::{DeviceRequest, RequestNo};
 use crate::print::{Capabilities, PageCounters, PrintSettings};
 use crate::services::ServiceUse;
 use crate::settings::{ReportedSettings, SettingsRecord};
-use crate::{CompanionId, DeviceId, FeedSeq, JobId, OwnerId, UnixMillis};
+use crate::{CompanionId, DeviceId, FeedSeq, JobId, OpsId, OwnerId, UnixMillis};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -111,6 +111,19 @@ pub struct OwnerRecord {
     /// SHA-256 of the owner's API token, hex.
     pub token_sha256: String,
     pub created_at: UnixMillis,
+}
+
+/// `q/{ops_id}`: an operations login to the embedded broker. It may subscribe under
+/// `fleet/events/` and nothing else; revoked, it is refused and its sessions are closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpsLoginRecord {
+    pub ops_id: OpsId,
+    pub name: String,
+    /// SHA-256 of the password, hex.
+    pub password_sha256: String,
+    pub created_at: UnixMillis,
+    #[serde(default)]
+    pub revoked_at: Option<UnixMillis>,
 }
 
 /// `c/{companion_id}`

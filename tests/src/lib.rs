@@ -480,7 +480,8 @@ pub async fn wait_past(at: schemas::UnixMillis) {
 
 pub use device_sim::fleet::proxy::CutProxy as TcpProxy;
 
-/// An MQTT client following `fleet/events/#` as operations would, logged in as `ops`.
+/// An MQTT client following `fleet/events/#` as operations would, with an ops login of its
+/// own (`POST /v1/ops-logins`).
 #[derive(Debug)]
 pub struct OpsWatcher {
     pub events: mpsc::UnboundedReceiver<OpsEvent>,
@@ -489,10 +490,15 @@ pub struct OpsWatcher {
 
 impl OpsWatcher {
     pub async fn start(endpoints: &Endpoints) -> OpsWatcher {
+        let login = endpoints
+            .client()
+            .create_ops_login("test ops watcher")
+            .await
+            .expect("creating an ops login");
         let mut opts = endpoints.mqtt_options(
             &format!("ops-watch-{}", free_port()),
-            "ops",
-            endpoints.admin_token.expose(),
+            login.ops_id.as_str(),
+            login.password.expose(),
         );
         opts.set_max_packet_size(64 * 1024, 64 * 1024);
         let (client, mut eventloop) = AsyncClient::new(opts, 10);

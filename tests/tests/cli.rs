@@ -160,3 +160,53 @@ async fn the_data_dir_and_the_admin_token_are_private() {
     assert_eq!(mode(&data.join("admin-token")), 0o600);
     drop(bridge);
 }
+
+#[test]
+fn listening_beyond_loopback_without_tls_is_refused_unless_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&[
+        "serve",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--admin-listen",
+        "0.0.0.0:0",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("listen.admin")
+            && stderr.contains("TLS")
+            && stderr.contains("--allow-plaintext"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn tls_init_writes_a_ca_and_a_certificate_and_keeps_existing_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let out = run(&[
+        "tls",
+        "init",
+        "--data-dir",
+        data,
+        "--name",
+        "printers.example",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("--tls-cert") && printed.contains("ca.pem"),
+        "{printed}"
+    );
+    let tls_dir = dir.path().join("tls");
+    tls::server_config(&tls_dir.join("server.pem"), &tls_dir.join("server-key.pem")).unwrap();
+    tls::client_config(Some(&tls_dir.join("ca.pem"))).unwrap();
+    let again = run(&["tls", "init", "--data-dir", data]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+}

@@ -448,16 +448,42 @@ async fn refused_logins_get_their_return_code() {
         refused(connack(&mut l).await),
         ConnectReturnCode::BadClientId
     );
-    let (_c, mut l) = AsyncClient::new(options(ep, "ops-1", "ops", "wrong"), 10);
-    assert_eq!(
-        refused(connack(&mut l).await),
-        ConnectReturnCode::BadUserNamePassword
-    );
-    let (_c, mut l) = AsyncClient::new(options(ep, id, "ops", ep.admin_token.expose()), 10);
+    // Operations log in with an ops login of their own, not with the admin token.
+    let ops = ep.client().create_ops_login("dashboard").await.unwrap();
+    let user = ops.ops_id.as_str();
+    for (user, pass) in [
+        (user, "wrong"),
+        ("ops", ep.admin_token.expose()),
+        (user, ep.admin_token.expose()),
+    ] {
+        let (_c, mut l) = AsyncClient::new(options(ep, "watch-1", user, pass), 10);
+        assert_eq!(
+            refused(connack(&mut l).await),
+            ConnectReturnCode::BadUserNamePassword,
+            "{user}"
+        );
+    }
+    let (_c, mut l) = AsyncClient::new(options(ep, id, user, ops.password.expose()), 10);
     assert_eq!(
         refused(connack(&mut l).await),
         ConnectReturnCode::BadClientId
     );
+    let (_c, mut watching) =
+        AsyncClient::new(options(ep, "watch-1", user, ops.password.expose()), 10);
+    connack(&mut watching).await.unwrap();
+    // Revoked: its open session closes, and it is refused from then on.
+    ep.client().revoke_ops_login(&ops.ops_id).await.unwrap();
+    assert!(
+        next_incoming(&mut watching).await.is_err(),
+        "the revoked login's session stayed open"
+    );
+    let (_c, mut l) = AsyncClient::new(options(ep, "watch-1", user, ops.password.expose()), 10);
+    assert_eq!(
+        refused(connack(&mut l).await),
+        ConnectReturnCode::NotAuthorized
+    );
+    let listed = ep.client().ops_logins().await.unwrap();
+    assert!(listed[0].revoked_at.is_some());
     ep.client().disable_device(&a.device_id).await.unwrap();
     let (_c, mut l) = AsyncClient::new(as_device(ep, &a), 10);
     assert_eq!(
@@ -483,8 +509,11 @@ async fn a_broker_that_cannot_take_logins_turns_health_503() {
         .await
         .unwrap();
     assert_eq!(status.as_u16(), 200);
-    let (_ops, mut ops_loop) =
-        AsyncClient::new(options(ep, "ops-full", "ops", ep.admin_token.expose()), 10);
+    let ops = ep.client().create_ops_login("filler").await.unwrap();
+    let (_ops, mut ops_loop) = AsyncClient::new(
+        options(ep, "ops-full", ops.ops_id.as_str(), ops.password.expose()),
+        10,
+    );
     connack(&mut ops_loop).await.unwrap();
     let holder = tokio::spawn(async move { while ops_loop.poll().await.is_ok() {} });
 

@@ -40,14 +40,14 @@ fn ops_subscriber(
     dir: &Path,
     port: u16,
     ca: &Path,
-    password: &str,
+    (user, password): (&str, &str),
     count: usize,
 ) -> tokio::process::Child {
     let config_home = dir.join("xdg");
     std::fs::create_dir_all(&config_home).unwrap();
     std::fs::write(
         config_home.join("mosquitto_sub"),
-        format!("-u ops\n-P {password}\n"),
+        format!("-u {user}\n-P {password}\n"),
     )
     .unwrap();
     // stdbuf: mosquitto_sub's output is line-buffered only on a terminal.
@@ -82,12 +82,13 @@ async fn the_pipeline_runs_with_tls_on_every_listener() {
     let ca = ep.ca.clone().unwrap();
     let mut ops = OpsWatcher::start(ep).await;
 
-    // Operations follow with mosquitto_sub over TLS as the ops login.
+    // Operations follow with mosquitto_sub over TLS, with an ops login of their own.
+    let login = ep.client().create_ops_login("mosquitto_sub").await.unwrap();
     let mut sub = ops_subscriber(
         bridge.dir.path(),
         ep.mqtt.1,
         &ca,
-        ep.admin_token.expose(),
+        (login.ops_id.as_str(), login.password.expose()),
         2,
     );
     let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap()).lines();
@@ -176,8 +177,8 @@ async fn the_pipeline_runs_with_tls_on_every_listener() {
                 ..ep.clone()
             },
             "ops-plain",
-            "ops",
-            ep.admin_token.expose()
+            login.ops_id.as_str(),
+            login.password.expose()
         )
         .await
         .is_err()
@@ -203,7 +204,7 @@ async fn the_pipeline_runs_with_tls_on_every_listener() {
         other.ca_cert.parent().unwrap(),
         ep.mqtt.1,
         &other.ca_cert,
-        ep.admin_token.expose(),
+        (login.ops_id.as_str(), login.password.expose()),
         1,
     );
     let status = tokio::time::timeout(Duration::from_secs(10), wrong.wait())

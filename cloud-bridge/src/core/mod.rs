@@ -38,6 +38,7 @@ use crate::store::{Batch, Committer, StoreError, Ticket};
 mod contracts;
 mod held;
 mod nudge;
+mod ops_logins;
 mod owner;
 mod principals;
 mod queues;
@@ -45,6 +46,7 @@ mod requests;
 mod services;
 mod settings;
 
+pub use ops_logins::OpsLoginFailure;
 pub use owner::OwnerVerdict;
 pub use principals::Principal;
 pub use services::ServiceRegistration;
@@ -237,6 +239,7 @@ pub struct Core {
     held: HashMap<JobId, HeldJobRecord>,
     /// SHA-256 of a print session's token → the session.
     sessions: HashMap<String, held::PrintSession>,
+    ops_logins: HashMap<schemas::OpsId, schemas::records::OpsLoginRecord>,
 }
 
 impl Core {
@@ -262,7 +265,12 @@ impl Core {
             users: HashMap::new(),
             held: HashMap::new(),
             sessions: HashMap::new(),
+            ops_logins: HashMap::new(),
         };
+        for (k, v) in store.scan_prefix(b"q/")? {
+            let q: schemas::records::OpsLoginRecord = decode(&k, &v)?;
+            core.ops_logins.insert(q.ops_id.clone(), q);
+        }
         for (k, v) in store.scan_prefix(b"u/")? {
             let u: UserRecord = decode(&k, &v)?;
             if !u.token_sha256.is_empty() {
@@ -658,7 +666,8 @@ impl Core {
         Ok((now, ticket))
     }
 
-    fn active_device(&self, id: &DeviceId) -> CoreResult<&DeviceRecord> {
+    /// The device, if it may use its connections; why not otherwise.
+    pub(crate) fn active_device(&self, id: &DeviceId) -> CoreResult<&DeviceRecord> {
         let device = self.device(id)?;
         if let Some(inv) = &device.invalidated {
             return Err(CoreError::new(

@@ -1,0 +1,129 @@
+//! Operations logins to the embedded broker: each may only watch ops events (`fleet/events/`),
+//! is stored as a SHA-256 of its password, and can be revoked, after which it is refused and
+//! its open sessions are closed. They replace logging in to MQTT with the admin token, which
+//! opens the whole API.
+
+use schemas::data::ErrorCode;
+use schemas::records::OpsLoginRecord;
+use schemas::{OpsId, Secret, UnixMillis};
+
+use super::{Core, CoreError, CoreResult, check_name, encode, key, sha256_hex};
+use crate::store::{Batch, Ticket};
+
+/// Why an ops login was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsLoginFailure {
+    /// No such login, or the wrong password.
+    BadCredentials,
+    Revoked,
+}
+
+impl Core {
+    pub fn create_ops_login(
+        &mut self,
+        ops_id: OpsId,
+        name: String,
+        password: &Secret,
+        now: UnixMillis,
+    ) -> CoreResult<(OpsLoginRecord, Ticket)> {
+        check_name(&name)?;
+        if self.ops_logins.contains_key(&ops_id) {
+            return Err(CoreError::new(
+                ErrorCode::Conflict,
+                "ops login id collision; retry",
+            ));
+        }
+        let record = OpsLoginRecord {
+            ops_id: ops_id.clone(),
+            name,
+            password_sha256: sha256_hex(password.expose().as_bytes()),
+            created_at: now,
+            revoked_at: None,
+        };
+        let mut batch = Batch::default();
+        batch.put(key("q", ops_id.as_str()), encode(&record)?);
+        let ticket = self.commit(batch)?;
+        self.ops_logins.insert(ops_id, record.clone());
+        Ok((record, ticket))
+    }
+
+    /// Every ops login, revoked ones included, oldest first.
+    pub fn ops_logins(&self) -> Vec<OpsLoginRecord> {
+        let mut all: Vec<OpsLoginRecord> = self.ops_logins.values().cloned().collect();
+        all.sort_by_key(|r| (r.created_at, r.ops_id.as_str().to_owned()));
+        all
+    }
+
+    /// Revokes a login; revoking it again changes nothing.
+    pub fn revoke_ops_login(
+        &mut self,
+        ops_id: &OpsId,
+        now: UnixMillis,
+    ) -> CoreResult<(OpsLoginRecord, Ticket)> {
+        let mut record =
+            self.ops_logins.get(ops_id).cloned().ok_or_else(|| {
+                CoreError::new(ErrorCode::NotFound, format!("no ops login {ops_id}"))
+            })?;
+        if record.revoked_at.is_some() {
+            return Ok((record, self.read_ticket()));
+        }
+        record.revoked_at = Some(now);
+        let mut batch = Batch::default();
+        batch.put(key("q", ops_id.as_str()), encode(&record)?);
+        let ticket = self.commit(batch)?;
+        self.ops_logins.insert(ops_id.clone(), record.clone());
+        Ok((record, ticket))
+    }
+
+    /// Checks an MQTT login as operations: the id as username, its password.
+    pub fn authenticate_ops(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<OpsId, OpsLoginFailure> {
+        let id = OpsId::parse(username).map_err(|_| OpsLoginFailure::BadCredentials)?;
+        let record = self
+            .ops_logins
+            .get(&id)
+            .ok_or(OpsLoginFailure::BadCredentials)?;
+        let presented = sha256_hex(password.as_bytes());
+        if !broker::constant_time_eq(presented.as_bytes(), record.password_sha256.as_bytes()) {
+            return Err(OpsLoginFailure::BadCredentials);
+        }
+        if record.revoked_at.is_some() {
+            return Err(OpsLoginFailure::Revoked);
+        }
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::tests::core;
+
+    #[test]
+    fn an_ops_login_works_until_revoked() {
+        let mut core = core();
+        let id = OpsId::parse("ops-00000000000000a1").unwrap();
+        let password = Secret::new("pw");
+        core.create_ops_login(id.clone(), "grafana".into(), &password, UnixMillis(1))
+            .unwrap();
+        assert_eq!(core.authenticate_ops(id.as_str(), "pw"), Ok(id.clone()));
+        assert_eq!(
+            core.authenticate_ops(id.as_str(), "wrong"),
+            Err(OpsLoginFailure::BadCredentials)
+        );
+        assert_eq!(
+            core.authenticate_ops("ops-00000000000000ff", "pw"),
+            Err(OpsLoginFailure::BadCredentials)
+        );
+        core.revoke_ops_login(&id, UnixMillis(2)).unwrap();
+        assert_eq!(
+            core.authenticate_ops(id.as_str(), "pw"),
+            Err(OpsLoginFailure::Revoked)
+        );
+        assert_eq!(core.ops_logins()[0].revoked_at, Some(UnixMillis(2)));
+        assert!(core.ops_logins()[0].password_sha256 != "pw");
+    }
+}
