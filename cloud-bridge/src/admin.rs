@@ -359,6 +359,8 @@ struct MetricsView {
     presence_received: u64,
     presence_dropped: u64,
     store_flushes: u64,
+    /// Idle admin connections closed to make room for new ones.
+    admin_connections_evicted: u64,
     /// The embedded broker's health and what it refused (absent with an external broker).
     #[serde(skip_serializing_if = "Option::is_none")]
     embedded_broker: Option<EmbeddedBrokerView>,
@@ -396,6 +398,7 @@ async fn metrics(State(state): State<AppState>) -> Json<MetricsView> {
         presence_received: get(&n.presence_received),
         presence_dropped: get(&n.presence_dropped),
         store_flushes: state.bridge.committer().flush_count(),
+        admin_connections_evicted: get(&m.admin_evicted),
         embedded_broker: state.bridge.embedded_broker().map(|b| {
             let r = b.stats();
             let (topics, filters) = b.sizes();

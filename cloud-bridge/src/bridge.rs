@@ -50,6 +50,8 @@ pub struct Metrics {
     pub data_connections: AtomicU64,
     pub data_connections_open: AtomicU64,
     pub presence_hints: AtomicU64,
+    /// Idle admin connections closed to make room for new ones (at `admin.max_connections`).
+    pub admin_evicted: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]

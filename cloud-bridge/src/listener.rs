@@ -37,6 +37,13 @@ impl std::fmt::Debug for Listener {
     }
 }
 
+/// A connection accepted, and whether another was closed to make room for it.
+#[derive(Debug)]
+pub struct Admitted {
+    pub accepted: Accepted,
+    pub made_room: bool,
+}
+
 /// A connection accepted, holding its slot; [`Accepted::handshake`] finishes it.
 pub struct Accepted {
     stream: TcpStream,
@@ -91,21 +98,39 @@ impl Listener {
 
     /// The next connection, once a slot is free. Never fails: errors are logged and retried.
     pub async fn accept(&self) -> Accepted {
+        self.accept_or_make_room(|| false).await.accepted
+    }
+
+    /// Like [`Listener::accept`], but when every slot is taken `make_room` may close a
+    /// connection (returning true) and its slot is used as soon as it is free.
+    pub async fn accept_or_make_room(&self, make_room: impl Fn() -> bool) -> Admitted {
         let mut backoff = Duration::ZERO;
+        let mut made_room = false;
         loop {
-            let Ok(slot) = self.slots.clone().acquire_owned().await else {
-                // The semaphore is never closed; wait for ever rather than spin.
-                return std::future::pending().await;
+            let slot = match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    made_room |= make_room();
+                    match self.slots.clone().acquire_owned().await {
+                        Ok(slot) => slot,
+                        // The semaphore is never closed; wait for ever rather than spin.
+                        Err(_) => return std::future::pending().await,
+                    }
+                }
             };
             match self.inner.accept().await {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    return Accepted {
+                    let accepted = Accepted {
                         stream,
                         peer,
                         slot,
                         tls: self.tls.clone(),
                         handshake_timeout: self.handshake_timeout,
+                    };
+                    return Admitted {
+                        accepted,
+                        made_room,
                     };
                 }
                 Err(e) => {

@@ -276,6 +276,7 @@ pub async fn start(
         app,
         crate::http::HttpSettings {
             header_timeout: Duration::from_secs(config.admin.header_timeout_secs),
+            evicted: bridge.metrics().admin_evicted.clone(),
         },
         shutdown.clone(),
         tracker.clone(),

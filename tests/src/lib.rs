@@ -266,11 +266,23 @@ pub struct BridgeProcess {
     pub endpoints: Endpoints,
     pub data_dir: PathBuf,
     args: Vec<String>,
+    /// Where its log goes, if not to the test's standard error (then with the binary's own
+    /// default filter).
+    log: Option<PathBuf>,
 }
 
 impl BridgeProcess {
     /// Starts a bridge with its data in `data_dir`, on fresh ports, plus `extra` flags.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> BridgeProcess {
+        Self::start_logged(data_dir, extra, None).await
+    }
+
+    /// Like [`Self::start`], with its log (the binary's default filter) written to `log`.
+    pub async fn start_logged(
+        data_dir: &Path,
+        extra: &[&str],
+        log: Option<&Path>,
+    ) -> BridgeProcess {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--data-dir".into(),
@@ -285,19 +297,32 @@ impl BridgeProcess {
             args.push(format!("127.0.0.1:{}", free_port()));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(data_dir, args).await
+        Self::spawn(data_dir, args, log.map(Path::to_owned)).await
     }
 
-    async fn spawn(data_dir: &Path, args: Vec<String>) -> BridgeProcess {
-        let mut child = Command::new(bridge_binary())
-            .args(&args)
-            .env(
-                "RUST_LOG",
+    async fn spawn(data_dir: &Path, args: Vec<String>, log: Option<PathBuf>) -> BridgeProcess {
+        let (filter, stderr) = match &log {
+            // The binary's own default filter, as an operator would run it.
+            Some(path) => (
+                String::new(),
+                std::process::Stdio::from(std::fs::File::create(path).unwrap()),
+            ),
+            None => (
                 std::env::var("BRIDGE_LOG")
                     .unwrap_or_else(|_| "warn,rumqttd=error,rumqttd::server::broker=off".into()),
-            )
+                std::process::Stdio::inherit(),
+            ),
+        };
+        let mut command = Command::new(bridge_binary());
+        if filter.is_empty() {
+            command.env_remove("RUST_LOG");
+        } else {
+            command.env("RUST_LOG", filter);
+        }
+        let mut child = command
+            .args(&args)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("cannot start the cloud-bridge binary");
@@ -325,6 +350,7 @@ impl BridgeProcess {
             endpoints,
             data_dir: data_dir.to_owned(),
             args,
+            log,
         }
     }
 
@@ -332,7 +358,7 @@ impl BridgeProcess {
     pub async fn restart(&mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
-        let again = Self::spawn(&self.data_dir, self.args.clone()).await;
+        let again = Self::spawn(&self.data_dir, self.args.clone(), self.log.clone()).await;
         *self = again;
     }
 
