@@ -226,7 +226,8 @@ impl Notifier {
     }
 }
 
-fn parse_presence(topic: &[u8], payload: &[u8]) -> Option<(DeviceId, Presence)> {
+/// The device and presence of a message on a presence topic; `None` for anything else.
+pub fn parse_presence(topic: &[u8], payload: &[u8]) -> Option<(DeviceId, Presence)> {
     let device = topics::parse_presence(std::str::from_utf8(topic).ok()?)?;
     let presence = schemas::codec::decode_limited::<Presence>(payload, MAX_HINT_BYTES).ok()?;
     Some((device, presence))

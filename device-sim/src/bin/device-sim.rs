@@ -41,7 +41,8 @@ struct Common {
         value_delimiter = ','
     )]
     data_url: Vec<String>,
-    /// MQTT broker, host:port; several, comma-separated, are tried in order.
+    /// MQTT broker, host:port (mqtts://host:port for TLS); several, comma-separated, are
+    /// tried in order.
     #[arg(
         long,
         env = "DEVICE_SIM_MQTT",
@@ -56,9 +57,14 @@ struct Common {
     /// Poll only; no MQTT notification channel.
     #[arg(long)]
     no_mqtt: bool,
-    /// Enrollment token for registration (needed until the device has credentials).
+    /// Enrollment token for registration (needed until the device has credentials). Prefer
+    /// the environment variable: a command line is visible to every user (ps).
     #[arg(long, env = "DEVICE_SIM_ENROLLMENT_TOKEN", hide_env_values = true)]
     enrollment_token: Option<String>,
+    /// CA certificate (PEM) that wss:// and mqtts:// servers are verified against (default:
+    /// the system's roots); `cloud-bridge tls init` writes one to <data_dir>/tls/ca.pem.
+    #[arg(long, env = "DEVICE_SIM_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Device model.
     #[arg(long, default_value = "MFP-4000")]
     model: String,
@@ -441,6 +447,7 @@ fn config(common: &Common, serial: String) -> anyhow::Result<AgentConfig> {
     config.probe_interval = common.probe_interval;
     config.lan_listen = common.lan_listen;
     config.enrollment_token = common.enrollment_token.clone().map(Secret::new);
+    config.ca_file = common.ca_file.clone();
     config.long_poll = common.long_poll;
     config.poll_interval = common.poll_interval;
     Ok(config)

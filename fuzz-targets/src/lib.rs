@@ -1,0 +1,543 @@
+//! What each fuzz target runs on its input, and the seeds of its corpus.
+//!
+//! Every decoder of bytes a peer controls has a target here: data-channel frames (hellos, and
+//! requests run through the real handler for a registered device), the frames the agent reads,
+//! hints, presence messages, stored records as read back, the embedded broker's MQTT packet
+//! reader (and writer, for what it decoded), admin API requests through the real router, and
+//! LAN poll-now nudges. A target panics only on a bug: a decode error is a value, and the admin
+//! API never answers 5xx. `fuzz/fuzz_targets/*.rs` hand libFuzzer's input to these functions;
+//! `tests/tests/fuzz_corpus.rs` runs them on the committed corpus in the normal test suite.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::BytesMut;
+use cloud_bridge::bridge::Bridge;
+use cloud_bridge::store::{Committer, MemStore};
+use rumqttd::protocol::Protocol;
+use schemas::data::{ClientFrame, Request, ServerFrame};
+use schemas::{DeviceId, Secret};
+
+/// The names of the targets, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/`.
+pub const TARGETS: &[&str] = &[
+    "data_frame",
+    "server_frame",
+    "hint",
+    "presence",
+    "stored_record",
+    "mqtt_packet",
+    "admin_request",
+    "lan_nudge",
+];
+
+/// Runs target `name` on `data`.
+pub fn run(name: &str, data: &[u8]) {
+    match name {
+        "data_frame" => data_frame(data),
+        "server_frame" => server_frame(data),
+        "hint" => hint(data),
+        "presence" => presence(data),
+        "stored_record" => stored_record(data),
+        "mqtt_packet" => mqtt_packet(data),
+        "admin_request" => admin_request(data),
+        "lan_nudge" => lan_nudge(data),
+        other => panic!("no fuzz target {other}"),
+    }
+}
+
+/// A bridge in memory with one registered device, shared by every run of a process.
+struct World {
+    runtime: tokio::runtime::Runtime,
+    bridge: Bridge,
+    committer: Arc<Committer>,
+    device: DeviceId,
+    device_secret: Secret,
+    admin: axum::Router,
+    admin_token: Secret,
+}
+
+/// Runs before the world is made anew: what the runs create (tokens, jobs, users) stays in its
+/// store, and millions of runs would otherwise grow it without bound.
+const RUNS_PER_WORLD: u32 = 20_000;
+
+thread_local! {
+    static WORLD: std::cell::RefCell<Option<(World, u32)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` on this thread's world, made anew every [`RUNS_PER_WORLD`] runs.
+fn with_world<R>(f: impl FnOnce(&World) -> R) -> R {
+    WORLD.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot
+            .as_ref()
+            .is_none_or(|(_, runs)| *runs >= RUNS_PER_WORLD)
+        {
+            *slot = None;
+            *slot = Some((World::new(), 0));
+        }
+        let (world, runs) = slot.as_mut().expect("just made");
+        *runs += 1;
+        f(world)
+    })
+}
+
+impl World {
+    fn new() -> World {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let committer = Committer::new(Arc::new(MemStore::default()), std::time::Duration::ZERO);
+        let config = cloud_bridge::Config::default();
+        let core = cloud_bridge::core::Core::load(committer.clone(), config.job_policy())
+            .expect("an empty store loads");
+        let notifier = cloud_bridge::notifier::Notifier::new(1024);
+        let bridge = Bridge::new(core, committer.clone(), notifier, "embedded");
+        let admin_token = Secret::new("fuzz-admin-token");
+        let admin = cloud_bridge::admin::router(bridge.clone(), admin_token.clone());
+        let (device, device_secret) = runtime.block_on(async {
+            // The flusher makes writes durable; requests wait for it.
+            tokio::spawn(
+                committer
+                    .clone()
+                    .run_flusher(tokio_util::sync::CancellationToken::new()),
+            );
+            let token = bridge
+                .create_enrollment(schemas::api::CreateEnrollmentToken {
+                    customer: "fuzz".into(),
+                    max_uses: Some(1),
+                    ttl_secs: None,
+                })
+                .await
+                .expect("an enrollment token")
+                .token;
+            let (record, secret) = bridge
+                .register(&schemas::data::Registration {
+                    enrollment_token: token,
+                    serial: "SN-FUZZ".into(),
+                    model: "MFP-4000".into(),
+                    destination: "EU".into(),
+                    time_zone: "Europe/Berlin".into(),
+                    owner: None,
+                })
+                .await
+                .expect("a registration");
+            (record.device_id, secret)
+        });
+        World {
+            runtime,
+            bridge,
+            committer,
+            device,
+            device_secret,
+            admin,
+            admin_token,
+        }
+    }
+}
+
+/// A data-channel frame as the server reads it; a request is run through the real handler for
+/// a registered device (long-polls do not wait). A decoded frame must encode and decode again.
+pub fn data_frame(data: &[u8]) {
+    let Ok(frame) = schemas::decode::<ClientFrame>(data) else {
+        return;
+    };
+    let again = schemas::encode(&frame).expect("a decoded frame encodes");
+    schemas::decode::<ClientFrame>(&again).expect("an encoded frame decodes");
+    if let ClientFrame::Request { body, .. } = frame {
+        let body = match body {
+            Request::Sync {
+                after, limit, ack, ..
+            } => Request::Sync {
+                after,
+                wait_ms: 0,
+                limit,
+                ack,
+            },
+            other => other,
+        };
+        with_world(|w| {
+            // Any answer is fine, an error included; a panic is not.
+            let _ = w.runtime.block_on(w.bridge.handle(&w.device, body));
+        });
+    }
+}
+
+/// A frame as the device agent reads it from the server.
+pub fn server_frame(data: &[u8]) {
+    let _ = schemas::decode::<ServerFrame>(data);
+}
+
+/// A hint as the agent's MQTT link reads it.
+pub fn hint(data: &[u8]) {
+    let _ =
+        schemas::codec::decode_limited::<schemas::hint::Hint>(data, schemas::hint::MAX_HINT_BYTES);
+}
+
+/// A message on the bridge's presence subscription: the first byte is the topic's length.
+pub fn presence(data: &[u8]) {
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let (topic, payload) = rest.split_at((n as usize).min(rest.len()));
+    let _ = cloud_bridge::notifier::parse_presence(topic, payload);
+}
+
+/// A stored record as the bridge (or the agent, for its state file) reads it back; the first
+/// byte picks the kind.
+pub fn stored_record(data: &[u8]) {
+    use schemas::codec::decode_limited as d;
+    let Some((&kind, v)) = data.split_first() else {
+        return;
+    };
+    let max = usize::MAX;
+    match kind % 16 {
+        0 => drop(d::<schemas::records::DeviceRecord>(v, max)),
+        1 => drop(d::<schemas::records::JobRecord>(v, max)),
+        2 => drop(d::<schemas::feed::FeedEntry>(v, max)),
+        3 => drop(d::<schemas::records::EnrollmentRecord>(v, max)),
+        4 => drop(d::<schemas::records::OwnerRecord>(v, max)),
+        5 => drop(d::<schemas::records::CompanionRecord>(v, max)),
+        6 => drop(d::<schemas::records::DeviceRequestRecord>(v, max)),
+        7 => drop(d::<schemas::services::ServiceRecord>(v, max)),
+        8 => drop(d::<schemas::services::ApplicationRecord>(v, max)),
+        9 => drop(d::<schemas::services::InstructionRecord>(v, max)),
+        10 => drop(d::<schemas::services::ContractRecord>(v, max)),
+        11 => drop(d::<schemas::print::UserRecord>(v, max)),
+        12 => drop(d::<schemas::print::HeldJobRecord>(v, max)),
+        13 => drop(d::<schemas::records::OpsLoginRecord>(v, max)),
+        14 => drop(d::<schemas::agent::AgentState>(v, 64 * 1024 * 1024)),
+        _ => drop(d::<schemas::settings::SettingsRecord>(v, max)),
+    }
+}
+
+/// Bytes from an MQTT client as the embedded broker's 3.1.1 reader sees them, with the
+/// packet size limit the broker runs with; every packet read is written back as the router
+/// would write a packet.
+pub fn mqtt_packet(data: &[u8]) {
+    let mut protocol = rumqttd::protocol::v4::V4;
+    let mut stream = BytesMut::from(data);
+    for _ in 0..64 {
+        match protocol.read_mut(&mut stream, 4 * 1024) {
+            Ok(packet) => {
+                let mut out = BytesMut::new();
+                let _ = protocol.write(packet, &mut out);
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// An admin API request through the real router: the first byte picks the route, the rest is
+/// the body. Answers may be any 2xx or 4xx; a 5xx is a bug.
+pub fn admin_request(data: &[u8]) {
+    let Some((&route, body)) = data.split_first() else {
+        return;
+    };
+    with_world(|w| admin_request_in(w, route, body));
+}
+
+fn admin_request_in(w: &World, route: u8, body: &[u8]) {
+    let device = w.device.as_str();
+    let (method, path) = match route % 16 {
+        0 => ("POST", format!("/v1/devices/{device}/jobs")),
+        1 => ("POST", "/v1/enrollment-tokens".to_owned()),
+        2 => ("PUT", format!("/v1/devices/{device}/settings")),
+        3 => ("POST", format!("/v1/devices/{device}/instructions")),
+        4 => ("POST", "/v1/services".to_owned()),
+        5 => ("POST", "/v1/customers/fuzz/applications".to_owned()),
+        6 => ("POST", "/v1/customers/fuzz/poll-now".to_owned()),
+        7 => ("PUT", format!("/v1/devices/{device}/contracts/svc-fuzz")),
+        8 => ("POST", "/v1/users".to_owned()),
+        9 => ("POST", "/v1/owners".to_owned()),
+        10 => ("POST", "/v1/ops-logins".to_owned()),
+        11 => ("POST", "/v1/jobs/job-0000000000000000/move".to_owned()),
+        12 => ("POST", "/v1/jobs/job-0000000000000000/cancel".to_owned()),
+        13 => ("PUT", "/v1/services/svc-fuzz".to_owned()),
+        14 => (
+            "POST",
+            "/v1/users/usr-0000000000000000/held-jobs".to_owned(),
+        ),
+        _ => (
+            "GET",
+            format!(
+                "/v1/devices/{device}/requests?{}",
+                String::from_utf8_lossy(&body[..body.len().min(64)])
+            ),
+        ),
+    };
+    let request = axum::http::Request::builder()
+        .method(method)
+        .uri(path.replace([' ', '#', '\n', '\r'], ""))
+        .header(
+            "authorization",
+            format!("Bearer {}", w.admin_token.expose()),
+        )
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_vec()));
+    let Ok(request) = request else {
+        return;
+    };
+    let mut router = w.admin.clone();
+    let response = w
+        .runtime
+        .block_on(tower_service::Service::call(&mut router, request))
+        .expect("the router is infallible");
+    assert!(
+        !response.status().is_server_error(),
+        "{method} {path} answered {} to {:?}",
+        response.status(),
+        String::from_utf8_lossy(body)
+    );
+}
+
+/// A line on the agent's LAN endpoint: a poll-now nudge, checked against this device.
+pub fn lan_nudge(data: &[u8]) {
+    let Ok(nudge) = serde_json::from_slice::<schemas::nudge::Nudge>(data) else {
+        return;
+    };
+    static CHECK: OnceLock<device_sim::lan::NudgeCheck> = OnceLock::new();
+    let check = CHECK.get_or_init(|| {
+        device_sim::lan::NudgeCheck::new(
+            DeviceId::parse("dev-00000000000000aa").expect("a device id"),
+            &Secret::new("device secret"),
+        )
+    });
+    let _ = check.accept(&nudge, schemas::UnixMillis(1_700_000_000_000));
+}
+
+/// Inputs each target starts from: real encodings of what its peer sends, so that the fuzzer
+/// begins inside the formats instead of searching for them.
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    with_world(seeds_in)
+}
+
+fn seeds_in(w: &World) -> Vec<(&'static str, Vec<u8>)> {
+    use schemas::data::{ErrorBody, ErrorCode, Hello, HelloAuth, ServerEvent};
+    use schemas::hint::{Hint, HintKind, Presence};
+    use schemas::{FeedSeq, JobId, RequestId, UnixMillis};
+
+    let mut seeds: Vec<(&'static str, Vec<u8>)> = Vec::new();
+
+    // The data channel: a hello and requests.
+    let hello = ClientFrame::Hello(Hello {
+        protocol: schemas::PROTOCOL_VERSION,
+        auth: HelloAuth::Device {
+            device_id: w.device.clone(),
+            secret: w.device_secret.clone(),
+        },
+        agent: "fuzz".into(),
+    });
+    seeds.push(("data_frame", enc(&hello)));
+    let job = JobId::parse("job-0000000000000000").expect("a job id");
+    for (n, body) in [
+        Request::Sync {
+            after: FeedSeq(0),
+            wait_ms: 0,
+            limit: 16,
+            ack: Some(FeedSeq(0)),
+        },
+        Request::Ack { upto: FeedSeq(1) },
+        Request::FetchJob {
+            job_id: job.clone(),
+            start: true,
+        },
+        Request::CompleteRegistration,
+        Request::Contracts,
+        Request::Release {
+            session: Secret::new("s"),
+            jobs: vec![job.clone()],
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let frame = ClientFrame::Request {
+            id: RequestId(n as u32 + 1),
+            body,
+        };
+        seeds.push(("data_frame", enc(&frame)));
+    }
+
+    // What the agent reads.
+    seeds.push((
+        "server_frame",
+        enc(&ServerFrame::Error {
+            id: None,
+            error: ErrorBody::new(ErrorCode::DeviceDisabled, "device is disabled"),
+        }),
+    ));
+    seeds.push((
+        "server_frame",
+        enc(&ServerFrame::Event(ServerEvent::Closing {
+            reason: "shutting down".into(),
+        })),
+    ));
+    for kind in [HintKind::Feed, HintKind::Pending, HintKind::PollNow] {
+        seeds.push(("hint", enc(&Hint::new(kind, FeedSeq(7)))));
+    }
+
+    // Presence: topic length, topic, payload.
+    for presence in [Presence::Online, Presence::Offline] {
+        let topic = schemas::topics::presence(&w.device);
+        let mut seed = vec![topic.len() as u8];
+        seed.extend_from_slice(topic.as_bytes());
+        seed.extend_from_slice(&enc(&presence));
+        seeds.push(("presence", seed));
+    }
+
+    // Stored records, as the world's store holds them after some work.
+    w.runtime.block_on(async {
+        let _ = w
+            .bridge
+            .create_owner(schemas::api::CreateOwner {
+                name: "fuzz".into(),
+            })
+            .await;
+        let _ = w
+            .bridge
+            .create_user(schemas::api::CreateUser {
+                name: "fuzz".into(),
+                pin: Secret::new("2468"),
+            })
+            .await;
+        let _ = w
+            .bridge
+            .create_ops_login(schemas::api::CreateOpsLogin {
+                name: "fuzz".into(),
+            })
+            .await;
+        let _ = w
+            .bridge
+            .submit_job(
+                &cloud_bridge::core::Principal::Admin,
+                &w.device,
+                schemas::api::SubmitJob {
+                    payload: Some("seed".into()),
+                    ..Default::default()
+                },
+            )
+            .await;
+    });
+    for (kind, prefix) in [
+        (0u8, "d/"),
+        (1, "j/"),
+        (2, "f/"),
+        (3, "e/"),
+        (4, "o/"),
+        (11, "u/"),
+        (13, "q/"),
+    ] {
+        let records = w
+            .committer
+            .store()
+            .scan_prefix(prefix.as_bytes())
+            .unwrap_or_default();
+        for (_key, value) in records.into_iter().take(2) {
+            let mut seed = vec![kind];
+            seed.extend_from_slice(&value);
+            seeds.push(("stored_record", seed));
+        }
+    }
+    let mut state = vec![14u8];
+    state.extend_from_slice(&enc(&schemas::agent::AgentState::default()));
+    seeds.push(("stored_record", state));
+
+    // MQTT 3.1.1: CONNECT, SUBSCRIBE, PUBLISH at QoS 1, PUBACK, PINGREQ, DISCONNECT.
+    seeds.push((
+        "mqtt_packet",
+        mqtt_connect_packet(w.device.as_str(), w.device_secret.expose()),
+    ));
+    let notify = schemas::topics::notify(&w.device);
+    let mut subscribe = vec![0x82, (2 + 2 + notify.len() + 1) as u8, 0, 1];
+    subscribe.extend_from_slice(&(notify.len() as u16).to_be_bytes());
+    subscribe.extend_from_slice(notify.as_bytes());
+    subscribe.push(1);
+    seeds.push(("mqtt_packet", subscribe));
+    let topic = schemas::topics::presence(&w.device);
+    let payload = enc(&Presence::Online);
+    let mut publish = vec![0x32, (2 + topic.len() + 2 + payload.len()) as u8];
+    publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    publish.extend_from_slice(topic.as_bytes());
+    publish.extend_from_slice(&[0, 2]);
+    publish.extend_from_slice(&payload);
+    seeds.push(("mqtt_packet", publish));
+    seeds.push(("mqtt_packet", vec![0x40, 2, 0, 1, 0xc0, 0, 0xe0, 0]));
+
+    // Admin API bodies, by route (see `admin_request`).
+    for (route, body) in [
+        (
+            0u8,
+            r#"{"payload":"hello","content_type":"text/plain","idempotency_key":"k1","ttl_secs":60}"#,
+        ),
+        (
+            0,
+            r#"{"payload_base64":"aGVsbG8=","print":{"duplex":true,"copies":2}}"#,
+        ),
+        (1, r#"{"customer":"acme","max_uses":5,"ttl_secs":3600}"#),
+        (
+            2,
+            r#"{"endpoints":{"data":["wss://a:8081"],"mqtt":["mqtts://a:8883"]}}"#,
+        ),
+        (
+            3,
+            r#"{"name":"reboot","params":{"at":"now"},"ttl_secs":60}"#,
+        ),
+        (
+            4,
+            r#"{"service_id":"svc-fuzz","name":"toner","models":["MFP-4000"],"kind":"consumables","data_types":["toner_level"],"report_every_secs":3600}"#,
+        ),
+        (
+            5,
+            r#"{"service_id":"svc-fuzz","models":["MFP-4000"],"ttl_secs":60}"#,
+        ),
+        (
+            6,
+            r#"{"devices":[],"via":"lan","fanout":3,"stagger_ms":1000}"#,
+        ),
+        (8, r#"{"name":"Ana","pin":"2468"}"#),
+        (10, r#"{"name":"grafana"}"#),
+        (15, "after=0&limit=10"),
+    ] {
+        let mut seed = vec![route];
+        seed.extend_from_slice(body.as_bytes());
+        seeds.push(("admin_request", seed));
+    }
+
+    // A nudge as the LAN endpoint reads it.
+    let nudge = serde_json::json!({
+        "nudge_id": "0123456789abcdef0123456789abcdef",
+        "not_after": UnixMillis(1_800_000_000_000).0,
+        "node": {
+            "device_id": "dev-00000000000000aa",
+            "lan": "127.0.0.1:7000",
+            "delay_ms": 300,
+            "token": "00",
+            "children": [],
+        }
+    });
+    seeds.push(("lan_nudge", nudge.to_string().into_bytes()));
+    seeds
+}
+
+/// An MQTT 3.1.1 CONNECT with these credentials (client id = username).
+fn mqtt_connect_packet(id: &str, password: &str) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    let mut body = Vec::new();
+    string(&mut body, "MQTT");
+    body.push(4);
+    body.push(0b1100_0010);
+    body.extend_from_slice(&30u16.to_be_bytes());
+    string(&mut body, id);
+    string(&mut body, id);
+    string(&mut body, password);
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+fn enc<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    schemas::encode(value).expect("a seed encodes")
+}
