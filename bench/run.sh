@@ -46,7 +46,14 @@ start_bridge() {
     DATA_PORT=$(free_port)
     local mqtt_port
     mqtt_port=$(free_port)
-    BRIDGE_ARGS=(serve --data-dir "$DIR/data" --admin-listen "127.0.0.1:$ADMIN_PORT"
+    # The listeners' connection caps share the process's 20,000 descriptors: room for
+    # MQTT_CAP devices on MQTT (default 10,000) and the rest for data channels.
+    local mqtt_cap=${MQTT_CAP:-10000}
+    local data_cap=$((19000 - mqtt_cap - 256))
+    if [ "$data_cap" -gt 8000 ]; then data_cap=8000; fi
+    printf '[broker]\nmax_connections = %d\n[data_channel]\nmax_connections = %d\n[admin]\nmax_connections = 256\n' \
+        "$mqtt_cap" "$data_cap" > "$DIR/bridge.toml"
+    BRIDGE_ARGS=(serve --config "$DIR/bridge.toml" --data-dir "$DIR/data" --admin-listen "127.0.0.1:$ADMIN_PORT"
         --data-listen "127.0.0.1:$DATA_PORT" --mqtt-listen "127.0.0.1:$mqtt_port" "$@")
     launch_bridge
 }
@@ -107,7 +114,7 @@ scenario_scale() {
     echo "== scale: latency and memory per device as the fleet grows" >&2
     # One simulator process per 8,000 devices: a process may hold 20,000 descriptors.
     for n in ${SCALE_SIZES:-$(q "1000 5000 10000 15000" "100 300")}; do
-        start_bridge "scale-$n"
+        MQTT_CAP=$((n > 9500 ? n + 500 : 10000)) start_bridge "scale-$n"
         fleet scale "scale-$n" --devices "$n" --rate "$(q 1000 100)" --duration "$(q 60s 10s)" \
             --processes $(((n + 7999) / 8000)) --warmup
         stop_bridge

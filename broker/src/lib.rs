@@ -203,6 +203,31 @@ impl BrokerStats {
     }
 }
 
+/// The client ids each operations login connected with, newest last, at most
+/// [`OpsSessions::PER_LOGIN`] per login (a tool that picks a new random client id for every
+/// connection would otherwise grow this without bound; the oldest are the ones long gone).
+#[derive(Debug, Clone, Default)]
+struct OpsSessions(Arc<Mutex<HashMap<String, std::collections::VecDeque<String>>>>);
+
+impl OpsSessions {
+    const PER_LOGIN: usize = 256;
+
+    fn add(&self, login: String, client_id: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let ids = map.entry(login).or_default();
+        ids.retain(|id| id != client_id);
+        ids.push_back(client_id.to_owned());
+        while ids.len() > Self::PER_LOGIN {
+            ids.pop_front();
+        }
+    }
+
+    fn take(&self, login: &str) -> Vec<String> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(login).map(Vec::from).unwrap_or_default()
+    }
+}
+
 /// What one device may do on MQTT.
 struct DeviceRules {
     device: String,
@@ -373,7 +398,7 @@ pub struct EmbeddedBroker {
 struct Shared {
     /// Client ids that logged in as each operations login, so that revoking one closes its
     /// sessions (whatever client ids they chose).
-    ops_sessions: Arc<Mutex<HashMap<String, std::collections::HashSet<String>>>>,
+    ops_sessions: OpsSessions,
     stats: Arc<BrokerStats>,
     router: RouterHealth,
     sessions: SessionControl,
@@ -436,7 +461,7 @@ impl EmbeddedBroker {
         let addr = pick_addr(settings.listen)?;
         let probe = ProbeIdentity::new(settings.tls.is_some());
         let stats = Arc::new(BrokerStats::new());
-        let ops_sessions = Arc::new(Mutex::new(HashMap::new()));
+        let ops_sessions = OpsSessions::default();
         let config = rumqttd_config(
             settings,
             addr,
@@ -515,13 +540,7 @@ impl EmbeddedBroker {
     /// Closes every session that logged in as the operations login `login` (see
     /// [`Login::Ops`]); the authenticator refuses it from then on.
     pub fn disconnect_login(&self, login: &str) -> Result<usize, BrokerError> {
-        let clients = self
-            .shared
-            .ops_sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(login)
-            .unwrap_or_default();
+        let clients = self.shared.ops_sessions.take(login);
         for client in &clients {
             self.disconnect(client)?;
         }
@@ -613,7 +632,7 @@ fn rumqttd_config(
     auth: Arc<dyn Authenticator>,
     probe: ProbeIdentity,
     stats: Arc<BrokerStats>,
-    ops_sessions: Arc<Mutex<HashMap<String, std::collections::HashSet<String>>>>,
+    ops_sessions: OpsSessions,
 ) -> Config {
     let mut connections = ConnectionSettings {
         connection_timeout_ms: settings.connection_timeout_ms,
@@ -646,12 +665,7 @@ fn rumqttd_config(
                     stats: stats.clone(),
                 }))),
                 Ok(Some(Login::Ops(login))) => {
-                    ops_sessions
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry(login)
-                        .or_default()
-                        .insert(client_id.clone());
+                    ops_sessions.add(login, &client_id);
                     AuthResult::Allow(Some(Arc::new(OpsRules {
                         stats: stats.clone(),
                     })))
@@ -969,6 +983,22 @@ mod tests {
         let logged = (0..1000).filter(|_| stats.may_log()).count();
         assert_eq!(logged, BrokerStats::LOG_PER_SECOND as usize);
         assert_eq!(stats.refusals_not_logged(), 990);
+    }
+
+    #[test]
+    fn ops_sessions_remember_a_bounded_number_of_client_ids_per_login() {
+        let sessions = OpsSessions::default();
+        for n in 0..(OpsSessions::PER_LOGIN + 10) {
+            sessions.add("ops-a".into(), &format!("mosq-{n}"));
+        }
+        sessions.add("ops-a".into(), "mosq-300");
+        sessions.add("ops-b".into(), "grafana");
+        let a = sessions.take("ops-a");
+        assert_eq!(a.len(), OpsSessions::PER_LOGIN);
+        assert_eq!(a.last().map(String::as_str), Some("mosq-300"));
+        assert!(!a.contains(&"mosq-0".to_owned()));
+        assert!(sessions.take("ops-a").is_empty());
+        assert_eq!(sessions.take("ops-b"), ["grafana"]);
     }
 
     #[test]
