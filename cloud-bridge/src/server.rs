@@ -125,26 +125,10 @@ fn admin_token(config: &Config, data_dir: &Path) -> Result<Secret, StartError> {
     Ok(token)
 }
 
-/// Creates `dir` and its missing parents, the new ones readable by the owner only: the store
-/// holds job payloads and the admin token file sits beside it.
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)
-}
-
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    options.mode(0o600);
-    let mut file = options.open(&tmp)?;
+    let mut file = tls::create_private_file(&tmp)?;
     file.write_all(text.as_bytes())?;
     file.write_all(b"\n")?;
     file.sync_all()?;
@@ -158,7 +142,8 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
     config.validate()?;
-    create_private_dir(&config.data_dir)
+    // Private: the store holds job payloads, and the admin token file sits beside it.
+    tls::create_private_dir(&config.data_dir)
         .map_err(io(format!("creating {}", config.data_dir.display())))?;
     let admin_token = admin_token(&config, &config.data_dir)?;
     let store_dir = config.data_dir.join("store");

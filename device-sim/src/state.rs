@@ -67,13 +67,13 @@ impl StateStore for FileStateStore {
 
     fn save(&mut self, state: &AgentState) -> Result<(), StateError> {
         let path = self.path();
-        create_private_dir(&self.dir).map_err(io_err(&self.dir))?;
+        tls::create_private_dir(&self.dir).map_err(io_err(&self.dir))?;
         let bytes = schemas::encode(state).map_err(|e| StateError::Corrupt {
             path: path.clone(),
             detail: e.to_string(),
         })?;
         let tmp = path.with_extension("tmp");
-        let mut file = create_private_file(&tmp).map_err(io_err(&tmp))?;
+        let mut file = tls::create_private_file(&tmp).map_err(io_err(&tmp))?;
         file.write_all(&bytes).map_err(io_err(&tmp))?;
         file.sync_data().map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
@@ -82,28 +82,6 @@ impl StateStore for FileStateStore {
             .map_err(io_err(&self.dir))?;
         Ok(())
     }
-}
-
-/// Creates `dir` and its missing parents, the new ones readable by the owner only.
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)
-}
-
-/// Creates or truncates `path`, readable and writable by the owner only (also when it existed
-/// with wider permissions, as a file left by an older version would).
-fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let file = options.open(path)?;
-    #[cfg(unix)]
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    Ok(file)
 }
 
 /// State in memory, shared between clones: a test or the simulator can "restart" an agent by

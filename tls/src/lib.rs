@@ -6,6 +6,8 @@
 //!   system's roots; for the device agent and for the bridge's link to an external broker.
 //! - [`create_private_ca`]: a private CA and a server certificate signed by it, written into a
 //!   directory, so that a newcomer runs TLS locally in one step.
+//! - [`create_private_dir`], [`create_private_file`]: where secrets are written (keys, tokens,
+//!   a device's state), readable by their owner only.
 //!
 //! The provider is passed to every config explicitly (no process-wide default is installed),
 //! so nothing depends on which other crates compiled a provider in. ring, not aws-lc: aws-lc
@@ -21,7 +23,9 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 pub use rustls;
 pub use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
+mod private;
 mod stream;
+pub use private::{create_private_dir, create_private_file};
 pub use stream::MaybeTls;
 
 #[derive(Debug, thiserror::Error)]
@@ -200,11 +204,7 @@ pub fn create_private_ca(dir: &Path, names: &[String], force: bool) -> Result<Ca
 
 #[cfg(feature = "ca")]
 fn create_dir(dir: &Path) -> Result<(), TlsError> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir).map_err(|e| TlsError::File {
+    create_private_dir(dir).map_err(|e| TlsError::File {
         path: dir.to_owned(),
         detail: e.to_string(),
     })
@@ -217,19 +217,11 @@ fn write(path: &Path, text: &str, private: bool) -> Result<(), TlsError> {
         path: path.to_owned(),
         detail: e.to_string(),
     };
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        let mode = if private { 0o600 } else { 0o644 };
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
-    }
-    let mut file = options.open(path).map_err(io)?;
-    #[cfg(unix)]
-    if private {
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(io)?;
-    }
+    let mut file = if private {
+        create_private_file(path).map_err(io)?
+    } else {
+        std::fs::File::create(path).map_err(io)?
+    };
     file.write_all(text.as_bytes()).map_err(io)?;
     file.sync_all().map_err(io)
 }
