@@ -95,6 +95,15 @@ async fn job_for_offline_device(
         _ => None,
     })
     .await;
+    // Stopped only once it has nothing of its own left to send (registration confirmed, outbox
+    // delivered): otherwise it would sync at its next start and fetch the job unasked, and
+    // the test would not show the push.
+    e2e_tests::eventually(SOON, "the agent has nothing left to send", || async {
+        store
+            .snapshot()
+            .is_some_and(|s| s.registration_completed && s.outbox.is_empty())
+    })
+    .await;
     let device = agent.device_id().unwrap();
     agent.stop().await.unwrap();
     let (submitted, _) = ep
