@@ -327,6 +327,18 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     {
         problems.push(format!("embedded MQTT broker: {reason}"));
     }
+    if state.bridge.broker_mode() == "external"
+        && let Some((down, error)) = state
+            .bridge
+            .notifier()
+            .stats()
+            .external_outage(std::time::Duration::from_secs(10))
+    {
+        problems.push(format!(
+            "external MQTT broker unreachable for {} s: {error}",
+            down.as_secs()
+        ));
+    }
     let (code, status) = if problems.is_empty() {
         (StatusCode::OK, "ok")
     } else {

@@ -45,6 +45,46 @@ pub struct NotifierStats {
     pub publish_failed: AtomicU64,
     pub presence_received: AtomicU64,
     pub presence_dropped: AtomicU64,
+    /// External broker: since when (ms since the epoch) the link has been down, 0 while it is
+    /// up; and the last error.
+    external_down_since: AtomicU64,
+    external_error: std::sync::Mutex<Option<String>>,
+}
+
+impl NotifierStats {
+    fn external_down(&self, error: String) {
+        let _ = self.external_down_since.compare_exchange(
+            0,
+            schemas::UnixMillis::now().0.max(1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        *self
+            .external_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+
+    fn external_up(&self) {
+        self.external_down_since.store(0, Ordering::Release);
+    }
+
+    /// How long the link to the external broker has been down, and why, when it has been down
+    /// for at least `grace` (a reconnect takes a moment; a broker restart should not page).
+    pub fn external_outage(&self, grace: Duration) -> Option<(Duration, String)> {
+        let since = self.external_down_since.load(Ordering::Acquire);
+        if since == 0 {
+            return None;
+        }
+        let down = Duration::from_millis(schemas::UnixMillis::now().0.saturating_sub(since));
+        let error = self
+            .external_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "not connected yet".into());
+        (down >= grace).then_some((down, error))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -354,6 +394,7 @@ pub async fn run_external(cfg: ExternalBroker, bridge: Bridge, shutdown: Cancell
     let driver_shutdown = shutdown.clone();
     let driver_client = client.clone();
     let driver_outbox = outbox.clone();
+    outbox.stats.external_down("not connected yet".into());
     let driver = tokio::spawn(async move {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
@@ -364,6 +405,7 @@ pub async fn run_external(cfg: ExternalBroker, bridge: Bridge, shutdown: Cancell
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
+                    driver_outbox.stats.external_up();
                     tracing::info!(host = %cfg.host, port = cfg.port, "connected to external MQTT broker");
                     // Subscriptions do not survive a clean session: subscribe on every ConnAck.
                     if let Err(e) =
@@ -383,6 +425,7 @@ pub async fn run_external(cfg: ExternalBroker, bridge: Bridge, shutdown: Cancell
                 Ok(_) => {}
                 Err(e) => {
                     let delay = backoff.next_delay();
+                    driver_outbox.stats.external_down(e.to_string());
                     tracing::warn!(error = %e, ?delay, "external MQTT broker unreachable; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}

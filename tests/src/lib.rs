@@ -600,6 +600,7 @@ pub struct Mosquitto {
     pub port: u16,
     child: Child,
     passwords: PathBuf,
+    conf: PathBuf,
 }
 
 impl Mosquitto {
@@ -666,14 +667,25 @@ pattern write devices/%u/presence\n";
         }
         let mut m = Mosquitto {
             port,
-            child: Command::new(Self::binary("mosquitto"))
-                .arg("-c")
-                .arg(&conf)
-                .kill_on_drop(true)
-                .spawn()
-                .expect("cannot start mosquitto"),
+            child: Self::spawn(&conf),
             passwords,
+            conf,
         };
+        m.wait_listening().await;
+        m
+    }
+
+    fn spawn(conf: &Path) -> Child {
+        Command::new(Self::binary("mosquitto"))
+            .arg("-c")
+            .arg(conf)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("cannot start mosquitto")
+    }
+
+    async fn wait_listening(&mut self) {
+        let port = self.port;
         let deadline = tokio::time::Instant::now() + SOON;
         while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             assert!(
@@ -681,12 +693,23 @@ pattern write devices/%u/presence\n";
                 "mosquitto did not listen on {port}"
             );
             assert!(
-                m.child.try_wait().unwrap().is_none(),
+                self.child.try_wait().unwrap().is_none(),
                 "mosquitto exited; port {port} taken?"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        m
+    }
+
+    /// Kills the broker (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+
+    /// Starts it again on the same port with the same configuration and users.
+    pub async fn restart(&mut self) {
+        self.child = Self::spawn(&self.conf);
+        self.wait_listening().await;
     }
 
     /// Run as root, mosquitto drops to its own user before it reads certificates, and could not

@@ -170,3 +170,59 @@ async fn pipeline_works_through_mosquitto_with_acls() {
         "read another device's hint"
     );
 }
+
+/// The bridge's link to an external broker shows in `/v1/health`: down for longer than the
+/// grace (10 s), health is 503 naming it; back, 200 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_an_unreachable_external_broker() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut mosquitto = Mosquitto::start(dir.path(), &[("cloud-bridge", "bridge-pass")]).await;
+    let url = format!("mqtt://127.0.0.1:{}", mosquitto.port);
+    let bridge = BridgeProcess::start(
+        &dir.path().join("bridge"),
+        &[
+            "--broker",
+            "external",
+            "--mqtt-url",
+            &url,
+            "--mqtt-username",
+            "cloud-bridge",
+            "--mqtt-password",
+            "bridge-pass",
+        ],
+    )
+    .await;
+    let ep = bridge.endpoints.clone();
+    let health = || async {
+        let (status, body) = ep
+            .client()
+            .raw(hyper::Method::GET, "/v1/health", None, None)
+            .await
+            .unwrap();
+        (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
+    };
+    assert_eq!(health().await.0, 200);
+
+    mosquitto.kill().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let body = loop {
+        let (status, body) = health().await;
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health stayed {status}: {body}"
+        );
+        // The grace is 10 s: nothing to wait on but the clock.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(body.contains("external MQTT broker unreachable"), "{body}");
+
+    mosquitto.restart().await;
+    e2e_tests::eventually(Duration::from_secs(40), "health back to 200", || async {
+        health().await.0 == 200
+    })
+    .await;
+}
