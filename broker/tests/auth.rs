@@ -354,6 +354,8 @@ async fn a_dropped_shared_subscription_does_not_stop_the_router() {
             _ if attempts < 50 => attempts += 1,
             other => panic!("broker did not come up: {other:?}"),
         }
+        // rumqttd binds its listener on a thread of its own and says nothing when it is up:
+        // there is no event to wait on, only the port to try again.
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     sharer
@@ -447,6 +449,7 @@ async fn a_broker_that_cannot_take_logins_reports_it() {
             if let BrokerHealth::Down(reason) = broker.health() {
                 return reason;
             }
+            // Health is state the watchdog updates every 100 ms here; ask it again.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })

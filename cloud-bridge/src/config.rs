@@ -400,7 +400,7 @@ impl Config {
             return bad("broker.queue must be positive");
         }
         if self.broker.mode == BrokerMode::External {
-            self.external_addr()?;
+            self.external_endpoint()?;
         }
         if self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty() {
             return bad("tls.cert and tls.key go together: set both or neither");
@@ -440,7 +440,7 @@ impl Config {
         Ok(())
     }
 
-    /// Host and port of `broker.url`, and whether it asks for TLS (`mqtts://`).
+    /// Host and port of `broker.url`.
     pub fn external_addr(&self) -> Result<(String, u16), ConfigError> {
         Ok(self.external_endpoint()?.0)
     }

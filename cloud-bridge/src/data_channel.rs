@@ -196,6 +196,14 @@ impl Connection {
         }
     }
 
+    /// Why a revoked device is refused (disabled, or invalidated with the reason).
+    fn refused(&self, device: &DeviceId) -> ErrorBody {
+        self.bridge.refusal(device).map_or_else(
+            || ErrorBody::new(ErrorCode::DeviceDisabled, "device is disabled"),
+            |e| e.body(),
+        )
+    }
+
     /// Sends a connection-level error, then closes with the matching code.
     async fn refuse(&self, ws: &mut Ws, error: ErrorBody) {
         let code = close_code_for(error.code);
@@ -284,19 +292,8 @@ impl Connection {
                 {
                     Ok(d) => (d, None),
                     // With the reason (why it was invalidated), as its requests would get it.
-                    Err(failure @ (AuthFailure::Invalidated | AuthFailure::Disabled)) => {
-                        return Err(self.bridge.refusal(&device_id).map_or_else(
-                            || match failure {
-                                AuthFailure::Invalidated => ErrorBody::new(
-                                    ErrorCode::DeviceInvalidated,
-                                    "device id was invalidated; register again",
-                                ),
-                                _ => {
-                                    ErrorBody::new(ErrorCode::DeviceDisabled, "device is disabled")
-                                }
-                            },
-                            |e| e.body(),
-                        ));
+                    Err(AuthFailure::Invalidated | AuthFailure::Disabled) => {
+                        return Err(self.refused(&device_id));
                     }
                     Err(AuthFailure::UnknownDevice | AuthFailure::WrongSecret) => {
                         return Err(ErrorBody::new(
@@ -340,13 +337,7 @@ impl Connection {
             let idle_deadline = last_heard + self.settings.idle_timeout;
             tokio::select! {
                 _ = self.shutdown.cancelled() => return End::Shutdown,
-                _ = session.revoked() => {
-                    let error = self.bridge.refusal(device).map_or_else(
-                        || ErrorBody::new(ErrorCode::DeviceDisabled, "device is disabled"),
-                        |e| e.body(),
-                    );
-                    return End::Refused(error);
-                }
+                _ = session.revoked() => return End::Refused(self.refused(device)),
                 _ = tokio::time::sleep_until(idle_deadline) => {
                     return End::Refused(ErrorBody::new(ErrorCode::HelloTimeout, "no frame from the device within the idle timeout"));
                 }

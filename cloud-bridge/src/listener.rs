@@ -83,19 +83,6 @@ impl Listener {
         }
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
-    /// Connections open now.
-    pub fn open(&self, max_connections: usize) -> usize {
-        max_connections.saturating_sub(self.slots.available_permits())
-    }
-
     /// The next connection, once a slot is free. Never fails: errors are logged and retried.
     pub async fn accept(&self) -> Accepted {
         self.accept_or_make_room(|| false).await.accepted

@@ -277,6 +277,24 @@ impl BridgeProcess {
         Self::start_logged(data_dir, extra, None).await
     }
 
+    /// A bridge with `url` as its external broker (`mqtt://` or `mqtts://`), logged in there as
+    /// [`Mosquitto::BRIDGE_LOGIN`], plus `extra` flags.
+    pub async fn start_external(data_dir: &Path, url: &str, extra: &[&str]) -> BridgeProcess {
+        let (user, pass) = Mosquitto::BRIDGE_LOGIN;
+        let mut args = vec![
+            "--broker",
+            "external",
+            "--mqtt-url",
+            url,
+            "--mqtt-username",
+            user,
+            "--mqtt-password",
+            pass,
+        ];
+        args.extend_from_slice(extra);
+        Self::start(data_dir, &args).await
+    }
+
     /// Like [`Self::start`], with its log (the binary's default filter) written to `log`.
     pub async fn start_logged(
         data_dir: &Path,
@@ -604,6 +622,41 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
+    /// The login of the bridge at a harness Mosquitto (give it to `start`).
+    pub const BRIDGE_LOGIN: (&'static str, &'static str) = ("cloud-bridge", "bridge-pass");
+
+    /// A device that registers over the data channel and is then provisioned here, as the
+    /// operator of an external broker does; returns once its MQTT link is up.
+    pub async fn provisioned_device(
+        &mut self,
+        ep: &Endpoints,
+        serial: &str,
+        adjust: impl FnOnce(&mut AgentConfig),
+    ) -> (
+        device_sim::AgentHandle,
+        AgentConfig,
+        MemoryStateStore,
+        schemas::agent::Credentials,
+    ) {
+        let token = ep.enrollment_token(1).await;
+        let store = MemoryStateStore::default();
+        let mut config = ep.agent_config(&token, serial);
+        adjust(&mut config);
+        let agent = device_sim::start(config.clone(), Device::simulated(), store.clone());
+        let mut events = agent.subscribe();
+        wait_for_event(&mut events, SOON, |e| {
+            matches!(e, AgentEvent::Registered(_)).then_some(())
+        })
+        .await;
+        let creds = store.snapshot().unwrap().credentials.unwrap();
+        self.add_user(creds.device_id.as_str(), creds.secret.expose());
+        wait_for_event(&mut events, SOON, |e| {
+            matches!(e, AgentEvent::MqttUp { .. }).then_some(())
+        })
+        .await;
+        (agent, config, store, creds)
+    }
+
     /// The ACL: the bridge publishes hints and events and reads presence; `ops` reads events;
     /// a device reads only its own notify topic and writes only its own presence.
     pub const ACL: &'static str = "user cloud-bridge\n\

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use device_sim::{AgentEvent, MemoryStateStore, SimulatedExecutor};
+use device_sim::{AgentEvent, SimulatedExecutor};
 use e2e_tests::{BridgeProcess, Mosquitto, SOON, init_tracing, wait_for_event, wait_reported};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use schemas::api::SubmitJob;
@@ -16,23 +16,9 @@ use schemas::job::JobState;
 async fn pipeline_works_through_mosquitto_with_acls() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let mut mosquitto = Mosquitto::start(dir.path(), &[("cloud-bridge", "bridge-pass")]).await;
+    let mut mosquitto = Mosquitto::start(dir.path(), &[Mosquitto::BRIDGE_LOGIN]).await;
     let url = format!("mqtt://127.0.0.1:{}", mosquitto.port);
-    let data = dir.path().join("bridge");
-    let bridge = BridgeProcess::start(
-        &data,
-        &[
-            "--broker",
-            "external",
-            "--mqtt-url",
-            &url,
-            "--mqtt-username",
-            "cloud-bridge",
-            "--mqtt-password",
-            "bridge-pass",
-        ],
-    )
-    .await;
+    let bridge = BridgeProcess::start_external(&dir.path().join("bridge"), &url, &[]).await;
     let ep = bridge.endpoints.clone();
     assert_eq!(ep.mqtt, ("127.0.0.1".to_owned(), mosquitto.port));
     assert_eq!(ep.client().health().await.unwrap().broker, "external");
@@ -41,27 +27,10 @@ async fn pipeline_works_through_mosquitto_with_acls() {
     // credentials in Mosquitto, as a deployment with an external broker does.
     let mut devices = Vec::new();
     for serial in ["SN-M1", "SN-M2"] {
-        let token = ep.enrollment_token(1).await;
-        let store = MemoryStateStore::default();
-        let mut config = ep.agent_config(&token, serial);
-        config.mqtt_grace = Duration::from_secs(600);
-        let agent = device_sim::start(
-            config.clone(),
-            Arc::new(SimulatedExecutor::default()),
-            store.clone(),
-        );
-        let mut events = agent.subscribe();
-        wait_for_event(&mut events, SOON, |e| {
-            matches!(e, AgentEvent::Registered(_)).then_some(())
-        })
-        .await;
-        let creds = store.snapshot().unwrap().credentials.unwrap();
-        mosquitto.add_user(creds.device_id.as_str(), creds.secret.expose());
-        wait_for_event(&mut events, SOON, |e| {
-            matches!(e, AgentEvent::MqttUp { .. }).then_some(())
-        })
-        .await;
-        devices.push((agent, config, store, creds));
+        let device = mosquitto
+            .provisioned_device(&ep, serial, |c| c.mqtt_grace = Duration::from_secs(600))
+            .await;
+        devices.push(device);
     }
 
     // Online: submission → hint through Mosquitto → completion.
@@ -177,22 +146,9 @@ async fn pipeline_works_through_mosquitto_with_acls() {
 async fn health_reports_an_unreachable_external_broker() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let mut mosquitto = Mosquitto::start(dir.path(), &[("cloud-bridge", "bridge-pass")]).await;
+    let mut mosquitto = Mosquitto::start(dir.path(), &[Mosquitto::BRIDGE_LOGIN]).await;
     let url = format!("mqtt://127.0.0.1:{}", mosquitto.port);
-    let bridge = BridgeProcess::start(
-        &dir.path().join("bridge"),
-        &[
-            "--broker",
-            "external",
-            "--mqtt-url",
-            &url,
-            "--mqtt-username",
-            "cloud-bridge",
-            "--mqtt-password",
-            "bridge-pass",
-        ],
-    )
-    .await;
+    let bridge = BridgeProcess::start_external(&dir.path().join("bridge"), &url, &[]).await;
     let ep = bridge.endpoints.clone();
     let health = || async {
         let (status, body) = ep

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use device_sim::AgentEvent;
 use device_sim::session::{DataSession, SessionSettings};
-use device_sim::{AgentEvent, MemoryStateStore, SimulatedExecutor};
 use e2e_tests::{
     BridgeProcess, Device, InProcessBridge, Mosquitto, OpsWatcher, SOON, init_tracing,
     wait_for_event, wait_reported,
@@ -221,51 +221,25 @@ async fn mosquitto_over_tls_serves_as_the_external_broker() {
     let tls_dir = dir.path().join("tls");
     let files = tls::create_private_ca(&tls_dir, &[], false).unwrap();
     let mut mosquitto =
-        Mosquitto::start_tls(dir.path(), &[("cloud-bridge", "bridge-pass")], &tls_dir).await;
+        Mosquitto::start_tls(dir.path(), &[Mosquitto::BRIDGE_LOGIN], &tls_dir).await;
     let url = format!("mqtts://localhost:{}", mosquitto.port);
-    let bridge = BridgeProcess::start(
+    let bridge = BridgeProcess::start_external(
         &dir.path().join("bridge"),
-        &[
-            "--broker",
-            "external",
-            "--mqtt-url",
-            &url,
-            "--mqtt-ca-file",
-            files.ca_cert.to_str().unwrap(),
-            "--mqtt-username",
-            "cloud-bridge",
-            "--mqtt-password",
-            "bridge-pass",
-        ],
+        &url,
+        &["--mqtt-ca-file", files.ca_cert.to_str().unwrap()],
     )
     .await;
     let mut ep = bridge.endpoints.clone();
     assert!(ep.mqtt_tls);
     ep.ca = Some(files.ca_cert.clone());
 
-    let token = ep.enrollment_token(1).await;
-    let store = MemoryStateStore::default();
-    let config = ep.agent_config(&token, "SN-MQTTS");
+    let (agent, config, _store, creds) =
+        mosquitto.provisioned_device(&ep, "SN-MQTTS", |_| {}).await;
     assert_eq!(
         config.endpoints.mqtt,
         [format!("mqtts://localhost:{}", mosquitto.port)]
     );
-    let agent = device_sim::start(
-        config,
-        std::sync::Arc::new(SimulatedExecutor::default()),
-        store.clone(),
-    );
     let mut events = agent.subscribe();
-    wait_for_event(&mut events, SOON, |e| {
-        matches!(e, AgentEvent::Registered(_)).then_some(())
-    })
-    .await;
-    let creds = store.snapshot().unwrap().credentials.unwrap();
-    mosquitto.add_user(creds.device_id.as_str(), creds.secret.expose());
-    wait_for_event(&mut events, SOON, |e| {
-        matches!(e, AgentEvent::MqttUp { .. }).then_some(())
-    })
-    .await;
 
     let (submitted, _) = ep
         .client()
