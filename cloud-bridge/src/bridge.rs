@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use schemas::api::{
@@ -56,7 +56,7 @@ pub struct Metrics {
 
 #[derive(Debug)]
 struct Inner {
-    core: Mutex<Core>,
+    core: Core,
     committer: Arc<Committer>,
     notifier: Notifier,
     /// Durable newest sequence number per device, for long-polls.
@@ -84,7 +84,7 @@ impl Bridge {
     ) -> Bridge {
         Bridge {
             inner: Arc::new(Inner {
-                core: Mutex::new(core),
+                core,
                 committer,
                 notifier,
                 feeds: Mutex::new(HashMap::new()),
@@ -97,10 +97,8 @@ impl Bridge {
         }
     }
 
-    fn core(&self) -> MutexGuard<'_, Core> {
-        // A panic while holding the lock leaves Core consistent: it mutates its maps only after
-        // a batch was applied.
-        self.inner.core.lock().unwrap_or_else(|p| p.into_inner())
+    fn core(&self) -> &Core {
+        &self.inner.core
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -190,7 +188,7 @@ impl Bridge {
 
     /// Why `device` may no longer use its connections, if it may not.
     pub fn refusal(&self, device: &DeviceId) -> Option<CoreError> {
-        self.core().active_device(device).err()
+        self.core().check_active(device).err()
     }
 
     async fn durable_read(&self, ticket: Ticket) -> CoreResult<()> {
@@ -241,18 +239,18 @@ impl Bridge {
     }
 
     pub fn authenticate(&self, device_id: &str, secret: &str) -> Result<DeviceRecord, AuthFailure> {
-        self.core().authenticate(device_id, secret).cloned()
+        self.core().authenticate(device_id, secret)
     }
 
     /// Whether a device may still use its data channel (it may be disabled meanwhile).
     pub fn is_active(&self, device_id: &DeviceId) -> bool {
-        self.core().device(device_id).is_ok_and(|d| !d.disabled)
+        self.core().check_active(device_id).is_ok()
     }
 
     pub async fn devices(&self) -> CoreResult<Vec<DeviceView>> {
         let (mut list, ticket) = {
             let core = self.core();
-            let list: Vec<DeviceView> = core.devices().map(DeviceView::from).collect();
+            let list: Vec<DeviceView> = core.devices().iter().map(DeviceView::from).collect();
             (list, core.read_ticket())
         };
         self.durable_read(ticket).await?;
@@ -263,7 +261,7 @@ impl Bridge {
     pub async fn device(&self, id: &DeviceId) -> CoreResult<DeviceView> {
         let (view, ticket) = {
             let core = self.core();
-            (DeviceView::from(core.device(id)?), core.read_ticket())
+            (DeviceView::from(&core.device(id)?), core.read_ticket())
         };
         self.durable_read(ticket).await?;
         Ok(view)
@@ -306,10 +304,10 @@ impl Bridge {
         settings: DeviceSettings,
     ) -> CoreResult<SettingsView> {
         let (view, ticket, effects) = {
-            let mut core = self.core();
+            let core = self.core();
             let (_, ticket, effects) =
                 core.set_settings(principal, id, settings, UnixMillis::now())?;
-            (SettingsView::from(core.device(id)?), ticket, effects)
+            (SettingsView::from(&core.device(id)?), ticket, effects)
         };
         self.finish(ticket, effects).await?;
         Ok(view)
@@ -320,7 +318,7 @@ impl Bridge {
         let (view, ticket) = {
             let core = self.core();
             core.authorize_settings(principal, id)?;
-            (SettingsView::from(core.device(id)?), core.read_ticket())
+            (SettingsView::from(&core.device(id)?), core.read_ticket())
         };
         self.durable_read(ticket).await?;
         Ok(view)
@@ -332,7 +330,7 @@ impl Bridge {
     async fn read<T>(&self, f: impl FnOnce(&Core) -> CoreResult<T>) -> CoreResult<T> {
         let (value, ticket) = {
             let core = self.core();
-            (f(&core)?, core.read_ticket())
+            (f(core)?, core.read_ticket())
         };
         self.durable_read(ticket).await?;
         Ok(value)
@@ -351,11 +349,11 @@ impl Bridge {
     }
 
     pub async fn services(&self) -> CoreResult<Vec<ServiceRecord>> {
-        self.read(|c| Ok(c.services().cloned().collect())).await
+        self.read(|c| Ok(c.services())).await
     }
 
     pub async fn service(&self, id: &str) -> CoreResult<ServiceRecord> {
-        self.read(|c| c.service(id).cloned()).await
+        self.read(|c| c.service(id)).await
     }
 
     pub async fn customers(&self) -> CoreResult<Vec<CustomerView>> {
@@ -364,7 +362,12 @@ impl Bridge {
 
     pub async fn customer_devices(&self, customer: &str) -> CoreResult<Vec<DeviceView>> {
         let mut list: Vec<DeviceView> = self
-            .read(|c| Ok(c.customer_devices(customer).map(DeviceView::from).collect()))
+            .read(|c| {
+                Ok(c.customer_devices(customer)
+                    .iter()
+                    .map(DeviceView::from)
+                    .collect())
+            })
             .await?;
         list.sort_by_key(|d| d.registered_at);
         Ok(list)
@@ -373,7 +376,7 @@ impl Bridge {
     pub async fn candidates(&self, customer: &str, service: &str) -> CoreResult<Vec<DeviceView>> {
         self.read(|c| {
             Ok(c.candidates(customer, service)?
-                .into_iter()
+                .iter()
                 .map(DeviceView::from)
                 .collect())
         })
@@ -460,12 +463,9 @@ impl Bridge {
     ) -> CoreResult<HeldJobRecord> {
         self.core().authorize_user(principal, user)?;
         let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
-        let (record, ticket, effects) = {
-            let mut core = self.core();
-            let now = UnixMillis::now();
-            let id = core.fresh_job_id(now);
-            core.submit_held(user, id, req, payload, now)?
-        };
+        let (record, ticket, effects) =
+            self.core()
+                .submit_held(user, req, payload, UnixMillis::now())?;
         self.finish(ticket, effects).await?;
         Ok(record)
     }
@@ -508,8 +508,7 @@ impl Bridge {
             c.authorize_submit(principal, device)?;
             c.device(device)?
                 .printer
-                .as_ref()
-                .map(|p| p.capabilities.clone())
+                .map(|p| p.capabilities)
                 .ok_or_else(|| {
                     CoreError::new(
                         ErrorCode::NotFound,
@@ -548,11 +547,7 @@ impl Bridge {
     }
 
     pub async fn contracts(&self, device: &DeviceId) -> CoreResult<Vec<ContractRecord>> {
-        self.read(|c| {
-            c.device(device)?;
-            Ok(c.device_contracts(device))
-        })
-        .await
+        self.read(|c| c.device_contracts(device)).await
     }
 
     /// Makes a customer's devices poll now: by hints, or through a tree on their LAN whose
@@ -568,8 +563,7 @@ impl Bridge {
                 .poll_now(customer, req, nudge_id, instruction, UnixMillis::now())?;
         self.finish(ticket, effects).await?;
         for device in &plan.hinted {
-            let newest = self.core().device(device).map(|d| d.newest);
-            if let Ok(newest) = newest {
+            if let Some(newest) = self.core().newest(device) {
                 self.inner.notifier.hint(device, HintKind::PollNow, newest);
             }
         }
@@ -674,7 +668,7 @@ impl Bridge {
         let (view, ticket) = {
             let core = self.core();
             (
-                CompanionView::from(core.companion(principal, id)?),
+                CompanionView::from(&core.companion(principal, id)?),
                 core.read_ticket(),
             )
         };
@@ -697,8 +691,7 @@ impl Bridge {
     }
 
     pub fn counts(&self) -> (usize, usize) {
-        let core = self.core();
-        (core.device_count(), core.job_count())
+        self.core().counts()
     }
 
     // ---------------------------------------------------------------- jobs
@@ -722,13 +715,9 @@ impl Bridge {
             submitted_by: Some(principal.label()),
             print: req.print,
         };
-        let (job, created, ticket, effects) = {
-            let mut core = self.core();
-            core.authorize_submit(principal, device)?;
-            let now = UnixMillis::now();
-            let job_id = core.fresh_job_id(now);
-            core.submit_job(device, job_id, new, now)?
-        };
+        let core = self.core();
+        core.authorize_submit(principal, device)?;
+        let (job, created, ticket, effects) = core.submit_job(device, new, UnixMillis::now())?;
         self.finish(ticket, effects).await?;
         if created {
             self.inner
@@ -743,7 +732,7 @@ impl Bridge {
         let (view, ticket) = {
             let core = self.core();
             core.authorize_job_read(principal, id)?;
-            (JobView::from(core.job(id)?), core.read_ticket())
+            (JobView::from(&core.job(id)?), core.read_ticket())
         };
         self.durable_read(ticket).await?;
         Ok(view)
@@ -754,7 +743,7 @@ impl Bridge {
             let core = self.core();
             let list = core
                 .device_jobs(device)?
-                .into_iter()
+                .iter()
                 .map(JobView::from)
                 .collect();
             (list, core.read_ticket())
@@ -884,7 +873,7 @@ impl Bridge {
             }
             Request::HeldJobs { session } => {
                 let (held, ticket) = {
-                    let mut core = self.core();
+                    let core = self.core();
                     (
                         core.session_held_jobs(device, &session, now)?,
                         core.read_ticket(),
@@ -1000,13 +989,9 @@ impl Bridge {
     /// nothing but a sequence number, and an ops event.
     pub fn on_presence(&self, device: &DeviceId, presence: Presence) {
         let at = UnixMillis::now();
-        let (known, pending) = {
-            let core = self.core();
-            (core.device(device).is_ok(), core.pending_for(device))
-        };
-        if !known {
+        let Some(pending) = self.core().presence(device) else {
             return;
-        }
+        };
         match presence {
             Presence::Online => {
                 self.inner.notifier.ops(&OpsEvent::DeviceOnline {

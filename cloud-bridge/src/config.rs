@@ -96,6 +96,9 @@ poll_interval_secs = 86400
 # at the price of at most this much latency per write. An idle store flushes at once. 0: every
 # flush starts as soon as the one before it ends.
 min_flush_interval_us = 1000
+# The working state is split into this many shards of devices, each with its own lock: an
+# operation on one device locks one shard. 0: four per core.
+shards = 0
 
 [data_channel]
 hello_timeout_ms = 5000
@@ -295,12 +298,15 @@ impl Default for Devices {
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     pub min_flush_interval_us: u64,
+    /// 0: [`crate::core::default_shards`].
+    pub shards: usize,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             min_flush_interval_us: 1000,
+            shards: 0,
         }
     }
 }
@@ -308,6 +314,13 @@ impl Default for StoreConfig {
 impl StoreConfig {
     pub fn min_flush_interval(&self) -> Duration {
         Duration::from_micros(self.min_flush_interval_us)
+    }
+
+    pub fn shard_count(&self) -> usize {
+        match self.shards {
+            0 => crate::core::default_shards(),
+            n => n,
+        }
     }
 }
 
@@ -392,6 +405,9 @@ impl Config {
         }
         if self.store.min_flush_interval_us > 100_000 {
             return bad("store.min_flush_interval_us must be at most 100000 (0.1 s)");
+        }
+        if self.store.shards > 4096 {
+            return bad("store.shards must be at most 4096 (0: four per core)");
         }
         if self.broker.max_connections < 2 {
             return bad("broker.max_connections must be at least 2 (the bridge's link is one)");

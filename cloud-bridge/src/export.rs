@@ -16,6 +16,8 @@ use schemas::records::{
 use schemas::services::{ApplicationRecord, ContractRecord, InstructionRecord, ServiceRecord};
 use serde::Serialize;
 
+use crate::core::decode;
+use crate::core::keys::Kind;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,108 +59,75 @@ enum Line<'a> {
     OpsLogin(&'a OpsLoginRecord),
 }
 
-fn decode<T: serde::de::DeserializeOwned>(k: &[u8], v: &[u8]) -> Result<T, StoreError> {
-    schemas::codec::decode_limited(v, usize::MAX).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(k).into_owned(),
-        detail: e.to_string(),
-    })
-}
-
 fn write_line(out: &mut impl Write, line: &Line<'_>) -> Result<(), ExportError> {
     serde_json::to_writer(&mut *out, line).map_err(std::io::Error::other)?;
     out.write_all(b"\n")?;
     Ok(())
 }
 
-/// Writes all records of `store`; returns how many lines were written.
+/// Writes all records of `store`, kind by kind in the order of [`Kind::ALL`] (payloads with
+/// their job or held job, not on lines of their own); returns how many lines were written.
 pub fn export(store: &dyn Store, out: &mut impl Write) -> Result<u64, ExportError> {
+    let payload_base64 = |id: &str| -> Result<String, StoreError> {
+        let payload = store.get(&Kind::Payload.key(id))?.unwrap_or_default();
+        Ok(base64::engine::general_purpose::STANDARD.encode(payload))
+    };
     let mut lines = 0u64;
-    for (k, v) in store.scan_prefix(b"d/")? {
-        write_line(out, &Line::Device(&decode(&k, &v)?))?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"e/")? {
-        write_line(out, &Line::Enrollment(&decode(&k, &v)?))?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"q/")? {
-        write_line(out, &Line::OpsLogin(&decode(&k, &v)?))?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"j/")? {
-        let job: JobRecord = decode(&k, &v)?;
-        let payload = store
-            .get(format!("p/{}", job.job_id).as_bytes())?
-            .unwrap_or_default();
-        let payload_base64 = base64::engine::general_purpose::STANDARD.encode(payload);
-        write_line(
-            out,
-            &Line::Job {
-                job: &job,
-                payload_base64,
-            },
-        )?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"f/")? {
-        let entry: FeedEntry = decode(&k, &v)?;
-        let key = String::from_utf8_lossy(&k);
-        let device_id = key.split('/').nth(1).unwrap_or_default();
-        write_line(
-            out,
-            &Line::Feed {
-                device_id,
-                entry: &entry,
-            },
-        )?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"r/")? {
-        write_line(out, &Line::DeviceRequest(&decode(&k, &v)?))?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"o/")? {
-        write_line(out, &Line::Owner(&decode(&k, &v)?))?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"c/")? {
-        write_line(out, &Line::Companion(&decode(&k, &v)?))?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"s/")? {
-        write_line(out, &Line::Service(&decode(&k, &v)?))?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"a/")? {
-        write_line(out, &Line::Application(&decode(&k, &v)?))?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"i/")? {
-        write_line(out, &Line::Instruction(&decode(&k, &v)?))?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"k/")? {
-        write_line(out, &Line::Contract(&decode(&k, &v)?))?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"u/")? {
-        write_line(out, &Line::User(&decode(&k, &v)?))?;
-        lines += 1;
-    }
-    for (k, v) in store.scan_prefix(b"h/")? {
-        let held: HeldJobRecord = decode(&k, &v)?;
-        let payload = store
-            .get(format!("p/{}", held.job_id).as_bytes())?
-            .unwrap_or_default();
-        let payload_base64 = base64::engine::general_purpose::STANDARD.encode(payload);
-        write_line(
-            out,
-            &Line::HeldJob {
-                held: &held,
-                payload_base64,
-            },
-        )?;
-        lines += 1;
+    for kind in Kind::ALL {
+        if kind == Kind::Payload {
+            continue;
+        }
+        for (k, v) in store.scan_prefix(kind.prefix().as_bytes())? {
+            match kind {
+                Kind::Device => write_line(out, &Line::Device(&decode(&k, &v)?))?,
+                Kind::Enrollment => write_line(out, &Line::Enrollment(&decode(&k, &v)?))?,
+                Kind::OpsLogin => write_line(out, &Line::OpsLogin(&decode(&k, &v)?))?,
+                Kind::Job => {
+                    let job: JobRecord = decode(&k, &v)?;
+                    let payload_base64 = payload_base64(job.job_id.as_str())?;
+                    write_line(
+                        out,
+                        &Line::Job {
+                            job: &job,
+                            payload_base64,
+                        },
+                    )?
+                }
+                Kind::Feed => {
+                    let entry: FeedEntry = decode(&k, &v)?;
+                    let key = String::from_utf8_lossy(&k);
+                    let device_id = key.split('/').nth(1).unwrap_or_default();
+                    write_line(
+                        out,
+                        &Line::Feed {
+                            device_id,
+                            entry: &entry,
+                        },
+                    )?
+                }
+                Kind::DeviceRequest => write_line(out, &Line::DeviceRequest(&decode(&k, &v)?))?,
+                Kind::Owner => write_line(out, &Line::Owner(&decode(&k, &v)?))?,
+                Kind::Companion => write_line(out, &Line::Companion(&decode(&k, &v)?))?,
+                Kind::Service => write_line(out, &Line::Service(&decode(&k, &v)?))?,
+                Kind::Application => write_line(out, &Line::Application(&decode(&k, &v)?))?,
+                Kind::Instruction => write_line(out, &Line::Instruction(&decode(&k, &v)?))?,
+                Kind::Contract => write_line(out, &Line::Contract(&decode(&k, &v)?))?,
+                Kind::User => write_line(out, &Line::User(&decode(&k, &v)?))?,
+                Kind::HeldJob => {
+                    let held: HeldJobRecord = decode(&k, &v)?;
+                    let payload_base64 = payload_base64(held.job_id.as_str())?;
+                    write_line(
+                        out,
+                        &Line::HeldJob {
+                            held: &held,
+                            payload_base64,
+                        },
+                    )?
+                }
+                Kind::Payload => {}
+            }
+            lines += 1;
+        }
     }
     out.flush()?;
     Ok(lines)

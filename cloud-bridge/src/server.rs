@@ -151,7 +151,11 @@ pub async fn start(
         .await
         .map_err(|e| StoreError::Open(e.to_string()))??;
     let committer = Committer::new(Arc::new(store), config.store.min_flush_interval());
-    let core = Core::load(committer.clone(), config.job_policy())?;
+    let core = Core::load(
+        committer.clone(),
+        config.job_policy(),
+        config.store.shard_count(),
+    )?;
     let server_tls = if config.tls.enabled() {
         Some(tls::server_config(&config.tls.cert, &config.tls.key)?)
     } else {

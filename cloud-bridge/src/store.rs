@@ -193,8 +193,8 @@ struct Kick {
 
 /// Group commit over a [`Store`].
 ///
-/// Callers apply batches while holding the domain lock (so tickets follow apply order) and wait
-/// for durability after releasing it. One flusher thread serves all waiters. Flushes start at
+/// Callers apply batches while holding the lock of what they change (so tickets follow the
+/// order of changes) and wait for durability after releasing it. One flusher thread serves all waiters. Flushes start at
 /// most once per `min_flush_interval`: under load a flush then covers more writes, which saves
 /// the engine's per-flush work (for sled: a write, a `sync_file_range`, and waking its IO
 /// threads) at the price of at most that interval of latency per durable write. When the last
@@ -246,8 +246,14 @@ impl Committer {
         &*self.store
     }
 
-    /// Applies a batch and returns the ticket to wait on. Call with the domain lock held.
+    /// Applies a batch and returns the ticket to wait on. Call with the lock of the state the
+    /// batch writes held, so that tickets follow the order of the changes. Once a flush has
+    /// failed every batch is refused: memory, which changes only after an accepted batch,
+    /// then stays what the store holds.
     pub fn apply(&self, batch: Batch) -> Result<Ticket, StoreError> {
+        if let Some(failure) = self.failure() {
+            return Err(StoreError::Poisoned(failure));
+        }
         if batch.is_empty() {
             return Ok(self.current());
         }
@@ -259,6 +265,14 @@ impl Committer {
     /// ensures nothing not yet durable is ever shown.
     pub fn current(&self) -> Ticket {
         Ticket(self.applied.load(Ordering::SeqCst))
+    }
+
+    /// Why the store stopped accepting writes, once a flush has failed.
+    pub fn failure(&self) -> Option<String> {
+        match &*self.durable.borrow() {
+            Durable::Failed(e) => Some(e.clone()),
+            Durable::Upto(_) => None,
+        }
     }
 
     /// Number of flushes done, for metrics and tests of group commit.

@@ -90,7 +90,8 @@ impl World {
             .expect("a runtime");
         let committer = Committer::new(Arc::new(MemStore::default()), std::time::Duration::ZERO);
         let config = cloud_bridge::Config::default();
-        let core = cloud_bridge::core::Core::load(committer.clone(), config.job_policy())
+        let shards = config.store.shard_count();
+        let core = cloud_bridge::core::Core::load(committer.clone(), config.job_policy(), shards)
             .expect("an empty store loads");
         let notifier = cloud_bridge::notifier::Notifier::new(1024);
         let bridge = Bridge::new(core, committer.clone(), notifier, "embedded");

@@ -13,27 +13,30 @@ use schemas::api::PutContract;
 use schemas::data::ErrorCode;
 use schemas::feed::FeedBody;
 use schemas::ops::OpsEvent;
-use schemas::services::{ContractInfo, ContractRecord, DeviceControl};
+use schemas::services::{ContractInfo, ContractRecord, DeviceControl, ServiceRecord};
 use schemas::{DeviceId, UnixMillis};
 
-use super::{Core, CoreError, CoreResult, Effects, encode};
-use crate::store::{Batch, Ticket};
-
-fn contract_key(device: &DeviceId, service: &str) -> Vec<u8> {
-    format!("k/{device}/{service}").into_bytes()
-}
+use super::tx::{Access, Tx};
+use super::{Core, CoreError, CoreResult, Effects};
+use crate::store::Ticket;
 
 impl Core {
+    /// A transaction reading the registry (the services) and writing one device's shard.
+    fn contract_tx(&self, device_id: &DeviceId) -> Tx<'_> {
+        Tx::new(self, Access::Read, &[device_id])
+    }
+
     /// Sets a device's contract for a support service. A standing contract of another service
     /// of the same kind is canceled: the device switches provider.
     pub fn put_contract(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         service_id: &str,
         req: PutContract,
         now: UnixMillis,
     ) -> CoreResult<(Vec<ContractRecord>, Ticket, Effects)> {
-        let service = self.service(service_id)?.clone();
+        let tx = self.contract_tx(device_id);
+        let service = tx.service(service_id)?.clone();
         if service.kind.is_empty() {
             return Err(CoreError::new(
                 ErrorCode::BadRequest,
@@ -46,32 +49,25 @@ impl Core {
                 "application_id is at most 128 bytes, outline at most 1,024",
             ));
         }
-        self.active_device(device_id)?;
+        tx.active_device(device_id)?;
         let mut changed = Vec::new();
         if !req.application_id.is_empty() {
-            for ((d, other), c) in &self.contracts {
-                let same_kind = self
-                    .svc
-                    .services
-                    .get(other)
+            let services = &tx.registry()?.services;
+            for c in tx.shard(device_id)?.device_contracts(device_id) {
+                let same_kind = services
+                    .get(&c.service_id)
                     .is_some_and(|s| s.kind == service.kind);
-                if d == device_id
-                    && other != service_id
-                    && same_kind
-                    && !c.application_id.is_empty()
-                {
+                if c.service_id != service_id && same_kind && !c.application_id.is_empty() {
                     changed.push(ContractRecord {
                         application_id: String::new(),
                         changed_at: now,
                         activated_at: None,
-                        ..c.clone()
+                        ..c
                     });
                 }
             }
         }
-        let old = self
-            .contracts
-            .get(&(device_id.clone(), service_id.to_owned()));
+        let old = tx.contract(device_id, service_id)?;
         let keeps_activation = old.is_some_and(|o| o.application_id == req.application_id);
         changed.push(ContractRecord {
             device_id: device_id.clone(),
@@ -83,80 +79,56 @@ impl Core {
                 .and_then(|o| o.activated_at)
                 .filter(|_| keeps_activation),
         });
-        self.store_contracts(device_id, changed, now)
+        store_contracts(tx, device_id, changed, now)
     }
 
     /// Cancels a device's contract for a service (its application id becomes empty).
     pub fn cancel_contract(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         service_id: &str,
         now: UnixMillis,
     ) -> CoreResult<(Vec<ContractRecord>, Ticket, Effects)> {
-        let current = self
-            .contracts
-            .get(&(device_id.clone(), service_id.to_owned()))
-            .ok_or_else(|| {
-                CoreError::new(
-                    ErrorCode::NotFound,
-                    format!("device {device_id} has no contract for {service_id}"),
-                )
-            })?;
+        let tx = self.contract_tx(device_id);
+        let current = tx.contract(device_id, service_id)?.ok_or_else(|| {
+            CoreError::new(
+                ErrorCode::NotFound,
+                format!("device {device_id} has no contract for {service_id}"),
+            )
+        })?;
         let canceled = ContractRecord {
             application_id: String::new(),
             changed_at: now,
             activated_at: None,
             ..current.clone()
         };
-        self.store_contracts(device_id, vec![canceled], now)
-    }
-
-    fn store_contracts(
-        &mut self,
-        device_id: &DeviceId,
-        changed: Vec<ContractRecord>,
-        now: UnixMillis,
-    ) -> CoreResult<(Vec<ContractRecord>, Ticket, Effects)> {
-        let mut batch = Batch::default();
-        let mut effects = Effects::default();
-        for c in &changed {
-            batch.put(contract_key(device_id, &c.service_id), encode(c)?);
-        }
-        self.append_feed(
-            &mut batch,
-            device_id,
-            FeedBody::ContractsChanged,
-            now,
-            &mut effects,
-        )?;
-        let ticket = self.commit(batch)?;
-        for c in changed {
-            self.contracts
-                .insert((device_id.clone(), c.service_id.clone()), c);
-        }
-        Ok((self.device_contracts(device_id), ticket, effects))
+        store_contracts(tx, device_id, vec![canceled], now)
     }
 
     /// A device's contracts, by service id.
-    pub fn device_contracts(&self, device_id: &DeviceId) -> Vec<ContractRecord> {
-        let mut list: Vec<ContractRecord> = self
-            .contracts
-            .iter()
-            .filter(|((d, _), _)| d == device_id)
-            .map(|(_, c)| c.clone())
-            .collect();
-        list.sort_by(|a, b| a.service_id.cmp(&b.service_id));
-        list
+    pub fn device_contracts(&self, device_id: &DeviceId) -> CoreResult<Vec<ContractRecord>> {
+        self.with_shard(device_id, |shard| {
+            if !shard.devices.contains_key(device_id) {
+                return Err(CoreError::new(
+                    ErrorCode::NotFound,
+                    format!("no device {device_id}"),
+                ));
+            }
+            Ok(shard.device_contracts(device_id))
+        })
     }
 
     /// What the device is told about its contracts.
     pub fn contract_info(&self, device_id: &DeviceId) -> CoreResult<Vec<ContractInfo>> {
-        self.active_device(device_id)?;
-        Ok(self
+        let tx = self.contract_tx(device_id);
+        tx.active_device(device_id)?;
+        let services = &tx.registry()?.services;
+        Ok(tx
+            .shard(device_id)?
             .device_contracts(device_id)
             .into_iter()
             .filter_map(|c| {
-                let s = self.svc.services.get(&c.service_id)?;
+                let s = services.get(&c.service_id)?;
                 Some(ContractInfo {
                     service_id: c.service_id,
                     kind: s.kind.clone(),
@@ -170,14 +142,15 @@ impl Core {
 
     /// The device activates a support service under its contract's application id.
     pub fn activate_service(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         service_id: &str,
         application_id: &str,
         now: UnixMillis,
     ) -> CoreResult<(DeviceControl, Ticket, Effects)> {
-        let device = self.active_device(device_id)?;
-        let service = self.service(service_id)?.clone();
+        let mut tx = self.contract_tx(device_id);
+        let device = tx.active_device(device_id)?;
+        let service = tx.service(service_id)?.clone();
         if !service.models.contains(&device.model) {
             return Err(CoreError::new(
                 ErrorCode::Forbidden,
@@ -187,9 +160,8 @@ impl Core {
                 ),
             ));
         }
-        let contract = self
-            .contracts
-            .get(&(device_id.clone(), service_id.to_owned()))
+        let contract = tx
+            .contract(device_id, service_id)?
             .filter(|c| !c.application_id.is_empty())
             .ok_or_else(|| {
                 CoreError::new(
@@ -216,22 +188,48 @@ impl Core {
         }
         let mut contract = contract.clone();
         contract.activated_at = Some(now);
-        let mut batch = Batch::default();
-        batch.put(contract_key(device_id, service_id), encode(&contract)?);
-        let ticket = self.commit(batch)?;
-        self.contracts
-            .insert((device_id.clone(), service_id.to_owned()), contract);
-        let effects = Effects {
-            feed_grew: vec![],
-            events: vec![OpsEvent::ServiceActivated {
-                device_id: device_id.clone(),
-                service_id: service_id.to_owned(),
-                application_id: application_id.to_owned(),
-                data_types: service.data_types,
-                at: now,
-            }],
-        };
+        tx.put_contract(contract)?;
+        tx.effects.events.push(OpsEvent::ServiceActivated {
+            device_id: device_id.clone(),
+            service_id: service_id.to_owned(),
+            application_id: application_id.to_owned(),
+            data_types: service.data_types,
+            at: now,
+        });
+        let (ticket, effects) = tx.commit()?;
         Ok((control, ticket, effects))
+    }
+}
+
+/// Stages changed contracts and the feed entry announcing them, and commits. Returns the
+/// device's contracts as they are then, by service id.
+fn store_contracts(
+    mut tx: Tx<'_>,
+    device_id: &DeviceId,
+    changed: Vec<ContractRecord>,
+    now: UnixMillis,
+) -> CoreResult<(Vec<ContractRecord>, Ticket, Effects)> {
+    let mut list: BTreeMap<String, ContractRecord> = tx
+        .shard(device_id)?
+        .device_contracts(device_id)
+        .into_iter()
+        .map(|c| (c.service_id.clone(), c))
+        .collect();
+    for c in changed {
+        list.insert(c.service_id.clone(), c.clone());
+        tx.put_contract(c)?;
+    }
+    tx.append_feed(device_id, FeedBody::ContractsChanged, now)?;
+    let (ticket, effects) = tx.commit()?;
+    Ok((list.into_values().collect(), ticket, effects))
+}
+
+impl Tx<'_> {
+    /// A service, from the registry.
+    pub(super) fn service(&self, service_id: &str) -> CoreResult<&ServiceRecord> {
+        self.service_record(&service_id.to_owned())?.ok_or_else(|| {
+            CoreError::new(ErrorCode::NotFound, format!("no service {service_id:?}"))
+        })
     }
 
     /// Checks telemetry from a device: the service is activated under a standing contract and
@@ -243,8 +241,7 @@ impl Core {
         readings: &BTreeMap<String, String>,
     ) -> Result<(), CoreError> {
         let active = self
-            .contracts
-            .get(&(device_id.clone(), service_id.to_owned()))
+            .contract(device_id, service_id)?
             .is_some_and(|c| !c.application_id.is_empty() && c.activated_at.is_some());
         if !active {
             return Err(CoreError::new(
@@ -277,7 +274,7 @@ mod tests {
     use super::*;
     use crate::core::tests::{T0, core, registered};
 
-    fn support(core: &mut Core, id: &str, kind: &str, types: &[&str]) {
+    fn support(core: &Core, id: &str, kind: &str, types: &[&str]) {
         core.create_service(
             CreateService {
                 service_id: id.into(),
@@ -301,6 +298,7 @@ mod tests {
 
     fn app_of(core: &Core, dev: &DeviceId, service: &str) -> String {
         core.device_contracts(dev)
+            .unwrap()
             .into_iter()
             .find(|c| c.service_id == service)
             .map(|c| c.application_id)
@@ -320,16 +318,11 @@ mod tests {
 
     #[test]
     fn another_provider_of_the_same_kind_replaces_the_contract() {
-        let mut core = core();
-        let dev = registered(&mut core, 1);
-        support(&mut core, "toner-a", "consumables", &["level"]);
-        support(
-            &mut core,
-            "toner-b",
-            "consumables",
-            &["level", "page_count"],
-        );
-        support(&mut core, "paper", "paper", &["paper_level"]);
+        let core = core();
+        let dev = registered(&core, 1);
+        support(&core, "toner-a", "consumables", &["level"]);
+        support(&core, "toner-b", "consumables", &["level", "page_count"]);
+        support(&core, "paper", "paper", &["paper_level"]);
         let (_, _, effects) = core
             .put_contract(&dev, "toner-a", contract("A-1"), T0)
             .unwrap();
@@ -372,10 +365,10 @@ mod tests {
 
     #[test]
     fn activation_needs_the_standing_contract_and_then_only_asked_types_are_accepted() {
-        let mut core = core();
-        let dev = registered(&mut core, 1);
+        let core = core();
+        let dev = registered(&core, 1);
         support(
-            &mut core,
+            &core,
             "toner-a",
             "consumables",
             &["cartridge_type", "level"],

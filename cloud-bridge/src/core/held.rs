@@ -5,31 +5,27 @@
 //!   bound to that device; it ends on logout or after `print_session_ms` unused. Sessions live
 //!   in memory: after a restart of the bridge users log in again.
 //! - A release moves a held job to the device's printer queue: the held record becomes
-//!   `released` and the job of the same id is queued for the device in one batch, under the one
-//!   lock of the core, so a job is released once, to one device, however many try at once.
+//!   `released` and the job of the same id is queued for the device in one batch. The release
+//!   holds the registry's write lock, so a job is released once, to one device, however many
+//!   try at once.
 //! - Print settings are checked against the device's capabilities at release.
 
 use schemas::api::SubmitHeldJob;
 use schemas::data::{ErrorBody, ErrorCode};
 use schemas::feed::FeedBody;
-use schemas::job::{JobState, Transition};
 use schemas::print::{HeldJobRecord, HeldJobSummary, HeldState, UserRecord};
 use schemas::records::JobRecord;
 use schemas::{DeviceId, JobId, Secret, UnixMillis, UserId};
 
+use super::jobs::queued_job;
+use super::keys::Kind;
+use super::state::{PrintSession, Registry};
+use super::tx::{Access, Tx};
 use super::{
-    Core, CoreError, CoreResult, Effects, check_name, encode, key, sha256_hex, transition_event,
+    Core, CoreError, CoreResult, Effects, check_name, check_print, sha256_hex, transition_event,
     ttl_ms,
 };
-use crate::store::{Batch, Ticket};
-
-/// A user logged in at a device's panel.
-#[derive(Debug, Clone)]
-pub(super) struct PrintSession {
-    user_id: UserId,
-    device_id: DeviceId,
-    expires_at: UnixMillis,
-}
+use crate::store::Ticket;
 
 fn pin_hash(user: &UserId, pin: &Secret) -> String {
     sha256_hex(format!("{user}:{}", pin.expose()).as_bytes())
@@ -41,6 +37,10 @@ fn no_session() -> CoreError {
         "no print session at this device: log in first (sessions end on logout and after a \
          while unused)",
     )
+}
+
+fn no_user(user_id: &UserId) -> CoreError {
+    CoreError::new(ErrorCode::NotFound, format!("no user {user_id}"))
 }
 
 impl Core {
@@ -57,7 +57,7 @@ impl Core {
     }
 
     pub fn create_user(
-        &mut self,
+        &self,
         user_id: UserId,
         name: String,
         pin: &Secret,
@@ -72,12 +72,6 @@ impl Core {
                 "the PIN must be 4 to 32 characters",
             ));
         }
-        if self.users.contains_key(&user_id) {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "user id collision; retry",
-            ));
-        }
         let record = UserRecord {
             pin_sha256: pin_hash(&user_id, pin),
             token_sha256: sha256_hex(token.expose().as_bytes()),
@@ -85,31 +79,28 @@ impl Core {
             name,
             created_at: now,
         };
-        let mut batch = Batch::default();
-        batch.put(key("u", user_id.as_str()), encode(&record)?);
-        let ticket = self.commit(batch)?;
-        self.tokens.insert(
-            record.token_sha256.clone(),
-            super::Principal::User(user_id.clone()),
-        );
-        self.users.insert(user_id, record.clone());
+        let mut tx = Tx::new(self, Access::Write, &[]);
+        if tx.user(&user_id)?.is_some() {
+            return Err(CoreError::new(
+                ErrorCode::Conflict,
+                "user id collision; retry",
+            ));
+        }
+        tx.put_user(record.clone())?;
+        let (ticket, _) = tx.commit()?;
         Ok((record, ticket))
     }
 
     /// A job for a user's virtual printer. A device where the user is logged in now is told.
     pub fn submit_held(
-        &mut self,
+        &self,
         user_id: &UserId,
-        job_id: JobId,
         req: SubmitHeldJob,
         payload: Vec<u8>,
         now: UnixMillis,
     ) -> CoreResult<(HeldJobRecord, Ticket, Effects)> {
-        if !self.users.contains_key(user_id) {
-            return Err(CoreError::new(
-                ErrorCode::NotFound,
-                format!("no user {user_id}"),
-            ));
+        if !self.with_registry(|r| r.users.contains_key(user_id)) {
+            return Err(no_user(user_id));
         }
         if payload.len() > schemas::MAX_PAYLOAD_BYTES {
             return Err(CoreError::new(
@@ -117,12 +108,16 @@ impl Core {
                 format!("payload exceeds {} bytes", schemas::MAX_PAYLOAD_BYTES),
             ));
         }
-        if self.jobs.contains_key(&job_id) || self.held.contains_key(&job_id) {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "job id collision; retry",
-            ));
+        // Devices where the user is logged in now learn that the list changed.
+        let mut at = self.with_registry(|r| logged_in_at(r, user_id, now));
+        at.sort();
+        at.dedup();
+        let locked: Vec<&DeviceId> = at.iter().collect();
+        let mut tx = Tx::new(self, Access::Write, &locked);
+        if tx.user(user_id)?.is_none() {
+            return Err(no_user(user_id));
         }
+        let job_id = tx.fresh_job_id(now);
         let ttl = ttl_ms(req.ttl_secs, 3 * 24 * 3600, 30 * 24 * 3600);
         let record = HeldJobRecord {
             job_id: job_id.clone(),
@@ -142,82 +137,57 @@ impl Core {
             expires_at: now.saturating_add_ms(ttl),
             state: HeldState::Held,
         };
-        let mut batch = Batch::default();
-        let mut effects = Effects::default();
-        batch.put(key("h", job_id.as_str()), encode(&record)?);
-        batch.put(key("p", job_id.as_str()), payload);
-        // Devices where the user is logged in now learn that the list changed.
-        let mut at: Vec<DeviceId> = self
-            .sessions
-            .values()
-            .filter(|s| s.user_id == *user_id && s.expires_at > now)
-            .map(|s| s.device_id.clone())
-            .collect();
-        at.sort();
-        at.dedup();
-        for device in at {
+        tx.put_raw(Kind::Payload.key(job_id.as_str()), payload);
+        tx.put_held(record.clone())?;
+        // A session opened since the devices were read is left out: its login lists the job.
+        let still = logged_in_at(tx.registry()?, user_id, now);
+        for device in at.into_iter().filter(|d| still.contains(d)) {
             let body = FeedBody::HeldJobsChanged {
                 user_id: user_id.clone(),
             };
-            self.append_feed(&mut batch, &device, body, now, &mut effects)?;
+            tx.append_feed(&device, body, now)?;
         }
-        let ticket = self.commit(batch)?;
-        self.held.insert(job_id, record.clone());
+        let (ticket, effects) = tx.commit()?;
         Ok((record, ticket, effects))
     }
 
     /// A user's held jobs, every state (what the user's own audit shows).
     pub fn held_jobs(&self, user_id: &UserId, now: UnixMillis) -> CoreResult<Vec<HeldJobRecord>> {
-        if !self.users.contains_key(user_id) {
-            return Err(CoreError::new(
-                ErrorCode::NotFound,
-                format!("no user {user_id}"),
-            ));
-        }
-        let mut list: Vec<HeldJobRecord> = self
-            .held
-            .values()
-            .filter(|h| h.user_id == *user_id)
-            .map(|h| {
-                let mut h = h.clone();
-                if h.state == HeldState::Held && now > h.expires_at {
-                    h.state = HeldState::Expired { at: h.expires_at };
-                }
-                h
-            })
-            .collect();
+        let mut list: Vec<HeldJobRecord> = self.with_registry(|r| {
+            if !r.users.contains_key(user_id) {
+                return Err(no_user(user_id));
+            }
+            Ok(r.held
+                .values()
+                .filter(|h| h.user_id == *user_id)
+                .map(|h| {
+                    let mut h = h.clone();
+                    if h.state == HeldState::Held && now > h.expires_at {
+                        h.state = HeldState::Expired { at: h.expires_at };
+                    }
+                    h
+                })
+                .collect())
+        })?;
         list.sort_by_key(|h| (h.created_at, h.job_id.clone()));
         Ok(list)
     }
 
-    fn waiting(&self, user_id: &UserId, now: UnixMillis) -> Vec<HeldJobSummary> {
-        let mut list: Vec<HeldJobSummary> = self
-            .held
-            .values()
-            .filter(|h| h.user_id == *user_id && h.state == HeldState::Held && now <= h.expires_at)
-            .map(|h| HeldJobSummary {
-                job_id: h.job_id.clone(),
-                title: h.title.clone(),
-                print: h.print.clone(),
-                created_at: h.created_at,
-            })
-            .collect();
-        list.sort_by_key(|h| (h.created_at, h.job_id.clone()));
-        list
-    }
-
     /// A user logs in at a device: a session for that device, and the user's held jobs.
     pub fn login(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         user_id: &UserId,
         pin: &Secret,
         token: &Secret,
         now: UnixMillis,
     ) -> CoreResult<(UnixMillis, Vec<HeldJobSummary>)> {
-        self.active_device(device_id)?;
-        let right = self.users.get(user_id).is_some_and(|u| {
-            broker::constant_time_eq(pin_hash(user_id, pin).as_bytes(), u.pin_sha256.as_bytes())
+        let presented = pin_hash(user_id, pin);
+        let hash = sha256_hex(token.expose().as_bytes());
+        let mut tx = Tx::new(self, Access::Write, &[device_id]);
+        tx.active_device(device_id)?;
+        let right = tx.user(user_id)?.is_some_and(|u| {
+            broker::constant_time_eq(presented.as_bytes(), u.pin_sha256.as_bytes())
         });
         if !right {
             return Err(CoreError::new(
@@ -225,51 +195,49 @@ impl Core {
                 "unknown user or wrong PIN",
             ));
         }
-        self.sessions.retain(|_, s| s.expires_at > now);
-        let expires_at = now.saturating_add_ms(self.policy.print_session_ms);
-        self.sessions.insert(
-            sha256_hex(token.expose().as_bytes()),
-            PrintSession {
-                user_id: user_id.clone(),
-                device_id: device_id.clone(),
-                expires_at,
-            },
-        );
-        Ok((expires_at, self.waiting(user_id, now)))
-    }
-
-    /// The session's user, if the session is open at this device (and keeps it open).
-    fn use_session(
-        &mut self,
-        device_id: &DeviceId,
-        token: &Secret,
-        now: UnixMillis,
-    ) -> CoreResult<UserId> {
-        let session_ms = self.policy.print_session_ms;
-        let session = self
+        let ended: Vec<String> = tx
+            .registry()?
             .sessions
-            .get_mut(&sha256_hex(token.expose().as_bytes()))
-            .filter(|s| s.device_id == *device_id && s.expires_at > now)
-            .ok_or_else(no_session)?;
-        session.expires_at = now.saturating_add_ms(session_ms);
-        Ok(session.user_id.clone())
+            .iter()
+            .filter(|(_, s)| s.expires_at <= now)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in ended {
+            tx.put_session(h, None)?;
+        }
+        let expires_at = now.saturating_add_ms(self.policy.print_session_ms);
+        let session = PrintSession {
+            user_id: user_id.clone(),
+            device_id: device_id.clone(),
+            expires_at,
+        };
+        tx.put_session(hash, Some(session))?;
+        let waiting = waiting(tx.registry()?, user_id, now);
+        tx.commit()?;
+        Ok((expires_at, waiting))
     }
 
     pub fn session_held_jobs(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         token: &Secret,
         now: UnixMillis,
     ) -> CoreResult<Vec<HeldJobSummary>> {
-        let user = self.use_session(device_id, token, now)?;
-        Ok(self.waiting(&user, now))
+        let hash = sha256_hex(token.expose().as_bytes());
+        let mut tx = Tx::new(self, Access::Write, &[]);
+        let user = tx.use_session(device_id, hash, now)?;
+        let waiting = waiting(tx.registry()?, &user, now);
+        tx.commit()?;
+        Ok(waiting)
     }
 
-    pub fn logout(&mut self, device_id: &DeviceId, token: &Secret) -> CoreResult<()> {
+    pub fn logout(&self, device_id: &DeviceId, token: &Secret) -> CoreResult<()> {
         let hash = sha256_hex(token.expose().as_bytes());
-        match self.sessions.get(&hash) {
+        let mut tx = Tx::new(self, Access::Write, &[]);
+        match tx.session(&hash)? {
             Some(s) if s.device_id == *device_id => {
-                self.sessions.remove(&hash);
+                tx.put_session(hash, None)?;
+                tx.commit()?;
                 Ok(())
             }
             _ => Err(no_session()),
@@ -279,7 +247,7 @@ impl Core {
     /// Releases held jobs of the session's user to this device's printer queue.
     #[allow(clippy::type_complexity)]
     pub fn release(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         token: &Secret,
         jobs: &[JobId],
@@ -291,54 +259,14 @@ impl Core {
                 "release 1 to 64 jobs at a time",
             ));
         }
-        let user = self.use_session(device_id, token, now)?;
-        let device = self.active_device(device_id)?.clone();
+        let hash = sha256_hex(token.expose().as_bytes());
+        let mut tx = Tx::new(self, Access::Write, &[device_id]);
+        let user = tx.use_session(device_id, hash, now)?;
+        let device = tx.active_device(device_id)?.clone();
         let mut released = Vec::new();
         let mut refused = Vec::new();
-        let mut batch = Batch::default();
-        let mut effects = Effects::default();
-        let mut queued: Vec<(HeldJobRecord, JobRecord)> = Vec::new();
         for job_id in jobs {
-            let verdict = (|| {
-                let held = self
-                    .held
-                    .get(job_id)
-                    .filter(|h| h.user_id == user)
-                    .ok_or_else(|| {
-                        CoreError::new(ErrorCode::NotFound, format!("no held job {job_id}"))
-                    })?;
-                match &held.state {
-                    HeldState::Held if now > held.expires_at => {
-                        return Err(CoreError::new(
-                            ErrorCode::Expired,
-                            format!("held job {job_id} expired"),
-                        ));
-                    }
-                    HeldState::Held => {}
-                    HeldState::Released { device_id, .. } => {
-                        return Err(CoreError::new(
-                            ErrorCode::InvalidState,
-                            format!("held job {job_id} was already released to {device_id}"),
-                        ));
-                    }
-                    HeldState::Expired { .. } => {
-                        return Err(CoreError::new(
-                            ErrorCode::Expired,
-                            format!("held job {job_id} expired"),
-                        ));
-                    }
-                }
-                if queued.iter().any(|(h, _)| h.job_id == *job_id) {
-                    return Err(CoreError::new(
-                        ErrorCode::BadRequest,
-                        format!("job {job_id} listed twice"),
-                    ));
-                }
-                if let Some(print) = &held.print {
-                    super::check_print(&device, print)?;
-                }
-                Ok(held.clone())
-            })();
+            let verdict = releasable(&tx, &user, &device, job_id, &released, now);
             let held = match verdict {
                 Ok(h) => h,
                 Err(e) => {
@@ -346,60 +274,133 @@ impl Core {
                     continue;
                 }
             };
-            let mut released_held = held.clone();
+            let mut job: JobRecord = queued_job(
+                job_id.clone(),
+                device_id.clone(),
+                now,
+                now.saturating_add_ms(self.policy.default_ttl_ms),
+                self.policy.default_max_attempts,
+                Some(format!(
+                    "held since {} (unix ms); released at {device_id} by {user}",
+                    held.created_at.0
+                )),
+            );
+            job.content_type = held.content_type.clone();
+            job.payload_len = held.payload_len;
+            job.submitted_by = Some(format!("user:{user}"));
+            job.print = held.print.clone();
+            let mut released_held = held;
             released_held.state = HeldState::Released {
                 device_id: device_id.clone(),
                 at: now,
             };
-            let job = JobRecord {
-                job_id: job_id.clone(),
-                device_id: device_id.clone(),
-                state: JobState::Queued,
-                attempt: 0,
-                max_attempts: self.policy.default_max_attempts,
-                created_at: now,
-                expires_at: now.saturating_add_ms(self.policy.default_ttl_ms),
-                lease_until: None,
-                idempotency_key: None,
-                content_type: held.content_type.clone(),
-                payload_len: held.payload_len,
-                outcome: None,
-                submitted_by: Some(format!("user:{user}")),
-                print: held.print.clone(),
-                history: vec![Transition {
-                    from: None,
-                    to: JobState::Queued,
-                    at: now,
-                    attempt: 0,
-                    reason: Some(format!(
-                        "held since {} (unix ms); released at {device_id} by {user}",
-                        held.created_at.0
-                    )),
-                }],
-            };
-            batch.put(key("h", job_id.as_str()), encode(&released_held)?);
-            batch.put(key("j", job_id.as_str()), encode(&job)?);
+            tx.put_held(released_held)?;
             let offer = FeedBody::JobOffered {
                 job_id: job_id.clone(),
             };
-            self.append_feed(&mut batch, device_id, offer, now, &mut effects)?;
-            queued.push((released_held, job));
+            tx.append_feed(device_id, offer, now)?;
+            tx.effects.events.push(transition_event(&job));
+            tx.put_job(job)?;
+            released.push(job_id.clone());
         }
-        if queued.is_empty() {
+        if released.is_empty() {
+            // The session was renewed: commit that, with nothing to write.
+            let (_, effects) = tx.commit()?;
             return Ok((released, refused, self.read_ticket(), effects));
         }
-        let ticket = self.commit(batch)?;
-        for (held, job) in queued {
-            effects.events.push(transition_event(&job));
-            self.index_job(&job);
-            self.device_jobs
-                .entry(device_id.clone())
-                .or_default()
-                .push(job.job_id.clone());
-            released.push(job.job_id.clone());
-            self.jobs.insert(job.job_id.clone(), job);
-            self.held.insert(held.job_id.clone(), held);
-        }
+        let (ticket, effects) = tx.commit()?;
         Ok((released, refused, ticket, effects))
     }
+}
+
+impl Tx<'_> {
+    /// The session's user, if the session is open at this device (and keeps it open).
+    fn use_session(
+        &mut self,
+        device_id: &DeviceId,
+        hash: String,
+        now: UnixMillis,
+    ) -> CoreResult<UserId> {
+        let mut session = self
+            .session(&hash)?
+            .filter(|s| s.device_id == *device_id && s.expires_at > now)
+            .cloned()
+            .ok_or_else(no_session)?;
+        session.expires_at = now.saturating_add_ms(self.policy().print_session_ms);
+        let user = session.user_id.clone();
+        self.put_session(hash, Some(session))?;
+        Ok(user)
+    }
+}
+
+/// Whether `job_id` can be released to `device` by `user` now; the held record if so.
+fn releasable(
+    tx: &Tx<'_>,
+    user: &UserId,
+    device: &schemas::records::DeviceRecord,
+    job_id: &JobId,
+    released: &[JobId],
+    now: UnixMillis,
+) -> CoreResult<HeldJobRecord> {
+    let held = tx
+        .held_job(job_id)?
+        .filter(|h| h.user_id == *user)
+        .ok_or_else(|| CoreError::new(ErrorCode::NotFound, format!("no held job {job_id}")))?;
+    if released.contains(job_id) {
+        return Err(CoreError::new(
+            ErrorCode::BadRequest,
+            format!("job {job_id} listed twice"),
+        ));
+    }
+    match &held.state {
+        HeldState::Held if now > held.expires_at => {
+            return Err(CoreError::new(
+                ErrorCode::Expired,
+                format!("held job {job_id} expired"),
+            ));
+        }
+        HeldState::Held => {}
+        HeldState::Released { device_id, .. } => {
+            return Err(CoreError::new(
+                ErrorCode::InvalidState,
+                format!("held job {job_id} was already released to {device_id}"),
+            ));
+        }
+        HeldState::Expired { .. } => {
+            return Err(CoreError::new(
+                ErrorCode::Expired,
+                format!("held job {job_id} expired"),
+            ));
+        }
+    }
+    if let Some(print) = &held.print {
+        check_print(device, print)?;
+    }
+    Ok(held.clone())
+}
+
+/// The devices where `user` has a session open at `now`.
+fn logged_in_at(reg: &Registry, user: &UserId, now: UnixMillis) -> Vec<DeviceId> {
+    reg.sessions
+        .values()
+        .filter(|s| s.user_id == *user && s.expires_at > now)
+        .map(|s| s.device_id.clone())
+        .collect()
+}
+
+/// The user's held jobs that can still be released, oldest first.
+fn waiting(reg: &Registry, user_id: &UserId, now: UnixMillis) -> Vec<HeldJobSummary> {
+    let mut list: Vec<HeldJobSummary> = reg
+        .held
+        .values()
+        .filter(|h| h.user_id == *user_id && h.state == HeldState::Held && now <= h.expires_at)
+        .map(|h| HeldJobSummary {
+            job_id: h.job_id.clone(),
+            title: h.title.clone(),
+            print: h.print.clone(),
+            created_at: h.created_at,
+        })
+        .collect();
+    list.sort_by_key(|h| (h.created_at, h.job_id.clone()));
+    list
 }

@@ -9,8 +9,9 @@ use schemas::records::DeviceRecord;
 use schemas::services::InstructionBody;
 use schemas::{DeviceId, InstructionId, UnixMillis};
 
+use super::tx::{Access, Tx};
 use super::{Core, CoreError, CoreResult, Effects, ttl_ms};
-use crate::store::{Batch, Ticket};
+use crate::store::Ticket;
 
 /// Most devices in one poll-now.
 pub(super) const MAX_POLL_NOW: usize = 10_000;
@@ -19,19 +20,20 @@ impl Core {
     /// Plans a poll-now for a customer's devices. With `via: lan` the root's mailbox gets the
     /// tree (and the root a hint, through its feed); the devices returned are to be hinted.
     pub fn poll_now(
-        &mut self,
+        &self,
         customer: &str,
         req: PollNow,
         nudge_id: String,
         instruction_id: InstructionId,
         now: UnixMillis,
     ) -> CoreResult<(PollNowPlan, Ticket, Effects)> {
+        let in_use = self.customer_devices(customer);
         let mut devices: Vec<DeviceRecord> = match &req.devices {
-            None => self.customer_devices(customer).cloned().collect(),
+            None => in_use,
             Some(ids) => {
                 let mut out = Vec::new();
                 for id in ids {
-                    match self.customer_devices(customer).find(|d| d.device_id == *id) {
+                    match in_use.iter().find(|d| d.device_id == *id) {
                         Some(d) => out.push(d.clone()),
                         None => {
                             return Err(CoreError::new(
@@ -144,18 +146,9 @@ impl Core {
                 node: root,
             },
         };
-        let mut batch = Batch::default();
-        let mut effects = Effects::default();
-        self.put_instruction(
-            &mut batch,
-            &mut effects,
-            instruction_id,
-            &root_id,
-            body,
-            not_after,
-            now,
-        )?;
-        let ticket = self.commit(batch)?;
+        let mut tx = Tx::new(self, Access::Write, &[&root_id]);
+        tx.put_instruction(instruction_id, &root_id, body, not_after, now)?;
+        let (ticket, effects) = tx.commit()?;
         Ok((plan, ticket, effects))
     }
 }

@@ -7,8 +7,9 @@ use schemas::data::ErrorCode;
 use schemas::records::OpsLoginRecord;
 use schemas::{OpsId, Secret, UnixMillis};
 
-use super::{Core, CoreError, CoreResult, check_name, encode, key, sha256_hex};
-use crate::store::{Batch, Ticket};
+use super::tx::{Access, Tx};
+use super::{Core, CoreError, CoreResult, check_name, sha256_hex};
+use crate::store::Ticket;
 
 /// Why an ops login was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,19 +21,13 @@ pub enum OpsLoginFailure {
 
 impl Core {
     pub fn create_ops_login(
-        &mut self,
+        &self,
         ops_id: OpsId,
         name: String,
         password: &Secret,
         now: UnixMillis,
     ) -> CoreResult<(OpsLoginRecord, Ticket)> {
         check_name(&name)?;
-        if self.ops_logins.contains_key(&ops_id) {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "ops login id collision; retry",
-            ));
-        }
         let record = OpsLoginRecord {
             ops_id: ops_id.clone(),
             name,
@@ -40,38 +35,43 @@ impl Core {
             created_at: now,
             revoked_at: None,
         };
-        let mut batch = Batch::default();
-        batch.put(key("q", ops_id.as_str()), encode(&record)?);
-        let ticket = self.commit(batch)?;
-        self.ops_logins.insert(ops_id, record.clone());
+        let mut tx = Tx::new(self, Access::Write, &[]);
+        if tx.ops_login(&ops_id)?.is_some() {
+            return Err(CoreError::new(
+                ErrorCode::Conflict,
+                "ops login id collision; retry",
+            ));
+        }
+        tx.put_ops_login(record.clone())?;
+        let (ticket, _) = tx.commit()?;
         Ok((record, ticket))
     }
 
     /// Every ops login, revoked ones included, oldest first.
     pub fn ops_logins(&self) -> Vec<OpsLoginRecord> {
-        let mut all: Vec<OpsLoginRecord> = self.ops_logins.values().cloned().collect();
+        let mut all: Vec<OpsLoginRecord> =
+            self.with_registry(|r| r.ops_logins.values().cloned().collect());
         all.sort_by_key(|r| (r.created_at, r.ops_id.as_str().to_owned()));
         all
     }
 
     /// Revokes a login; revoking it again changes nothing.
     pub fn revoke_ops_login(
-        &mut self,
+        &self,
         ops_id: &OpsId,
         now: UnixMillis,
     ) -> CoreResult<(OpsLoginRecord, Ticket)> {
-        let mut record =
-            self.ops_logins.get(ops_id).cloned().ok_or_else(|| {
-                CoreError::new(ErrorCode::NotFound, format!("no ops login {ops_id}"))
-            })?;
+        let mut tx = Tx::new(self, Access::Write, &[]);
+        let mut record = tx
+            .ops_login(ops_id)?
+            .cloned()
+            .ok_or_else(|| CoreError::new(ErrorCode::NotFound, format!("no ops login {ops_id}")))?;
         if record.revoked_at.is_some() {
             return Ok((record, self.read_ticket()));
         }
         record.revoked_at = Some(now);
-        let mut batch = Batch::default();
-        batch.put(key("q", ops_id.as_str()), encode(&record)?);
-        let ticket = self.commit(batch)?;
-        self.ops_logins.insert(ops_id.clone(), record.clone());
+        tx.put_ops_login(record.clone())?;
+        let (ticket, _) = tx.commit()?;
         Ok((record, ticket))
     }
 
@@ -82,18 +82,20 @@ impl Core {
         password: &str,
     ) -> Result<OpsId, OpsLoginFailure> {
         let id = OpsId::parse(username).map_err(|_| OpsLoginFailure::BadCredentials)?;
-        let record = self
-            .ops_logins
-            .get(&id)
-            .ok_or(OpsLoginFailure::BadCredentials)?;
         let presented = sha256_hex(password.as_bytes());
-        if !broker::constant_time_eq(presented.as_bytes(), record.password_sha256.as_bytes()) {
-            return Err(OpsLoginFailure::BadCredentials);
-        }
-        if record.revoked_at.is_some() {
-            return Err(OpsLoginFailure::Revoked);
-        }
-        Ok(id)
+        self.with_registry(|r| {
+            let record = r
+                .ops_logins
+                .get(&id)
+                .ok_or(OpsLoginFailure::BadCredentials)?;
+            if !broker::constant_time_eq(presented.as_bytes(), record.password_sha256.as_bytes()) {
+                return Err(OpsLoginFailure::BadCredentials);
+            }
+            if record.revoked_at.is_some() {
+                return Err(OpsLoginFailure::Revoked);
+            }
+            Ok(id.clone())
+        })
     }
 }
 
@@ -104,7 +106,7 @@ mod tests {
 
     #[test]
     fn an_ops_login_works_until_revoked() {
-        let mut core = core();
+        let core = core();
         let id = OpsId::parse("ops-00000000000000a1").unwrap();
         let password = Secret::new("pw");
         core.create_ops_login(id.clone(), "grafana".into(), &password, UnixMillis(1))

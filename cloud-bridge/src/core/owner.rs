@@ -10,8 +10,10 @@ use schemas::ops::OpsEvent;
 use schemas::records::{DeviceRecord, Invalidation, OwnerCheckState};
 use schemas::{DeviceId, UnixMillis};
 
-use super::{Core, CoreError, CoreResult, Effects, encode, key, owner_pin_hash};
-use crate::store::{Batch, Ticket};
+use super::jobs::transition;
+use super::tx::Tx;
+use super::{Core, CoreError, CoreResult, Effects, owner_pin_hash};
+use crate::store::Ticket;
 
 /// What a confirmation at the panel led to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,12 +27,13 @@ impl Core {
     /// The device met a condition that calls for the owner. Returns the deadline, or `None`
     /// when no owner is bound (nothing to confirm). Asking again keeps the first deadline.
     pub fn start_owner_check(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         reason: &OwnerCheckReason,
         now: UnixMillis,
     ) -> CoreResult<(Option<UnixMillis>, Ticket, Effects)> {
-        let mut device = self.active_device(device_id)?.clone();
+        let mut tx = self.device_tx(device_id);
+        let mut device = tx.active_device(device_id)?.clone();
         if device.owner.is_none() {
             return Ok((None, self.read_ticket(), Effects::default()));
         }
@@ -53,91 +56,79 @@ impl Core {
             deadline,
         };
         device.owner_check = Some(check.clone());
-        let mut batch = Batch::default();
-        batch.put(key("d", device_id.as_str()), encode(&device)?);
-        let ticket = self.commit(batch)?;
-        self.owner_checks.insert((deadline, device_id.clone()));
-        self.devices.insert(device_id.clone(), device);
-        let effects = Effects {
-            feed_grew: vec![],
-            events: vec![OpsEvent::OwnerCheckStarted {
-                device_id: device_id.clone(),
-                reason: check.reason,
-                deadline,
-                at: now,
-            }],
-        };
+        tx.put_device(device)?;
+        tx.effects.events.push(OpsEvent::OwnerCheckStarted {
+            device_id: device_id.clone(),
+            reason: check.reason,
+            deadline,
+            at: now,
+        });
+        let (ticket, effects) = tx.commit()?;
         Ok((Some(deadline), ticket, effects))
     }
 
     /// Owner information entered at the panel, checked against what was bound at
     /// registration.
     pub fn confirm_owner(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         claim: &OwnerClaim,
         now: UnixMillis,
     ) -> CoreResult<(OwnerVerdict, Ticket, Effects)> {
-        let device = self.active_device(device_id)?.clone();
+        let presented = owner_pin_hash(device_id, claim.pin.expose());
+        let mut tx = self.device_tx(device_id);
+        let mut device = tx.active_device(device_id)?.clone();
         let Some(binding) = &device.owner else {
             return Err(CoreError::new(
                 ErrorCode::InvalidState,
                 format!("device {device_id} has no owner bound"),
             ));
         };
-        let presented = owner_pin_hash(device_id, claim.pin.expose());
         let matches = claim.owner_id == binding.owner_id
             && broker::constant_time_eq(presented.as_bytes(), binding.pin_sha256.as_bytes());
-        let mut effects = Effects::default();
-        let mut batch = Batch::default();
         if !matches {
             let reason = "wrong owner information entered at the panel".to_owned();
-            self.invalidate(&mut batch, device, &reason, now, &mut effects)?;
-            let ticket = self.commit(batch)?;
+            tx.invalidate(device, &reason, now)?;
+            let (ticket, effects) = tx.commit()?;
             return Ok((OwnerVerdict::Invalidated(reason), ticket, effects));
         }
-        let Some(check) = &device.owner_check else {
+        if device.owner_check.take().is_none() {
             // Confirming without a check under way changes nothing.
-            return Ok((OwnerVerdict::Confirmed, self.read_ticket(), effects));
-        };
-        self.owner_checks
-            .remove(&(check.deadline, device_id.clone()));
-        let mut device = device;
-        device.owner_check = None;
-        batch.put(key("d", device_id.as_str()), encode(&device)?);
-        let ticket = self.commit(batch)?;
-        self.devices.insert(device_id.clone(), device);
-        effects.events.push(OpsEvent::OwnerConfirmed {
+            return Ok((
+                OwnerVerdict::Confirmed,
+                self.read_ticket(),
+                Effects::default(),
+            ));
+        }
+        tx.put_device(device)?;
+        tx.effects.events.push(OpsEvent::OwnerConfirmed {
             device_id: device_id.clone(),
             at: now,
         });
+        let (ticket, effects) = tx.commit()?;
         Ok((OwnerVerdict::Confirmed, ticket, effects))
     }
+}
 
-    /// Invalidates every device whose owner check ran out by `now` (writes go into `batch`).
-    pub(super) fn expire_owner_checks(
-        &mut self,
-        batch: &mut Batch,
-        now: UnixMillis,
-        effects: &mut Effects,
-    ) -> CoreResult<()> {
+impl Tx<'_> {
+    /// Invalidates every device of the locked shards whose owner check ran out by `now`.
+    pub(super) fn expire_owner_checks(&mut self, now: UnixMillis) -> CoreResult<()> {
         let due: Vec<DeviceId> = self
-            .owner_checks
-            .iter()
-            .take_while(|(t, _)| *t <= now)
+            .shards()
+            .flat_map(|s| s.owner_checks.iter().take_while(|(t, _)| *t <= now))
             .map(|(_, d)| d.clone())
             .collect();
+        let check_secs = self.policy().owner_check_ms / 1000;
         for device_id in due {
             let device = self.device(&device_id)?.clone();
             let reason = match &device.owner_check {
                 Some(check) => format!(
-                    "owner not confirmed within {} s after {}",
-                    self.policy.owner_check_ms / 1000,
+                    "owner not confirmed within {check_secs} s after {}",
                     check.reason
                 ),
                 None => continue,
             };
-            self.invalidate(batch, device, &reason, now, effects)?;
+            self.invalidate(device, &reason, now)?;
         }
         Ok(())
     }
@@ -146,45 +137,37 @@ impl Core {
     /// finished is rejected with the reason.
     fn invalidate(
         &mut self,
-        batch: &mut Batch,
         mut device: DeviceRecord,
         reason: &str,
         now: UnixMillis,
-        effects: &mut Effects,
     ) -> CoreResult<()> {
         let device_id = device.device_id.clone();
-        if let Some(check) = device.owner_check.take() {
-            self.owner_checks
-                .remove(&(check.deadline, device_id.clone()));
-        }
+        device.owner_check = None;
         device.disabled = true;
         device.invalidated = Some(Invalidation {
             reason: reason.to_owned(),
             at: now,
         });
-        batch.put(key("d", device_id.as_str()), encode(&device)?);
-        self.devices.insert(device_id.clone(), device);
-        let open: Vec<_> = self
+        self.put_device(device)?;
+        let shard = self.shard(&device_id)?;
+        let open: Vec<_> = shard
             .device_jobs
             .get(&device_id)
             .into_iter()
             .flatten()
-            .filter(|id| self.jobs.get(*id).is_some_and(|j| !j.state.is_terminal()))
+            .filter(|id| shard.jobs.get(*id).is_some_and(|j| !j.state.is_terminal()))
             .cloned()
             .collect();
         for job_id in open {
             let mut job = self.job(&job_id)?.clone();
-            self.transition(
-                batch,
-                &mut job,
-                JobState::Rejected,
-                Some(format!("device id invalidated: {reason}")),
-                now,
-                effects,
-            )?;
-            self.store_job(job);
+            if job.state.is_terminal() {
+                continue; // Finished earlier in this transaction.
+            }
+            let why = Some(format!("device id invalidated: {reason}"));
+            transition(&mut job, JobState::Rejected, why, now, &mut self.effects);
+            self.put_job(job)?;
         }
-        effects.events.push(OpsEvent::DeviceInvalidated {
+        self.effects.events.push(OpsEvent::DeviceInvalidated {
             device_id,
             reason: reason.to_owned(),
             at: now,
@@ -203,7 +186,7 @@ mod tests {
     use crate::core::tests::{T0, core, job};
 
     /// A device bound to a new owner with PIN "2468".
-    fn owned(core: &mut Core) -> (DeviceId, OwnerId) {
+    fn owned(core: &Core) -> (DeviceId, OwnerId) {
         let owner = OwnerId::from_random([3; 8]);
         core.create_owner(owner.clone(), "Anna".into(), &Secret::new("t"), T0)
             .unwrap();
@@ -236,15 +219,15 @@ mod tests {
 
     #[test]
     fn the_right_owner_ends_the_check_and_jobs_flow_again() {
-        let mut core = core();
-        let (dev, owner) = owned(&mut core);
+        let core = core();
+        let (dev, owner) = owned(&core);
         let moved = OwnerCheckReason::TimeZoneChanged {
             time_zone: "Asia/Tokyo".into(),
         };
         let (deadline, ..) = core.start_owner_check(&dev, &moved, T0).unwrap();
         assert_eq!(deadline, Some(T0.saturating_add_ms(5000)));
         assert_eq!(core.device(&dev).unwrap().time_zone, "Asia/Tokyo");
-        let j = job(&mut core, &dev, 1);
+        let j = job(&core, &dev);
         let err = core.fetch_job(&dev, &j, false, T0).unwrap_err();
         assert_eq!(err.code(), ErrorCode::OwnerCheckPending);
         let (verdict, ..) = core
@@ -259,11 +242,11 @@ mod tests {
 
     #[test]
     fn a_wrong_owner_invalidates_the_id_and_rejects_its_jobs() {
-        let mut core = core();
-        let (dev, owner) = owned(&mut core);
+        let core = core();
+        let (dev, owner) = owned(&core);
         core.start_owner_check(&dev, &OwnerCheckReason::FactoryReset, T0)
             .unwrap();
-        let queued = job(&mut core, &dev, 1);
+        let queued = job(&core, &dev);
         let (verdict, _, effects) = core
             .confirm_owner(&dev, &claim(&owner, "1111"), T0)
             .unwrap();
@@ -284,7 +267,6 @@ mod tests {
         let err = core
             .submit_job(
                 &dev,
-                schemas::JobId::from_random([9; 8]),
                 crate::core::NewJob {
                     payload: vec![1],
                     content_type: "x/y".into(),
@@ -302,8 +284,8 @@ mod tests {
 
     #[test]
     fn the_right_pin_with_another_owner_id_is_wrong_too() {
-        let mut core = core();
-        let (dev, _) = owned(&mut core);
+        let core = core();
+        let (dev, _) = owned(&core);
         let stranger = OwnerId::from_random([5; 8]);
         let (verdict, ..) = core
             .confirm_owner(&dev, &claim(&stranger, "2468"), T0)
@@ -313,11 +295,11 @@ mod tests {
 
     #[test]
     fn no_confirmation_by_the_deadline_invalidates() {
-        let mut core = core();
-        let (dev, _) = owned(&mut core);
+        let core = core();
+        let (dev, _) = owned(&core);
         core.start_owner_check(&dev, &OwnerCheckReason::FactoryReset, T0)
             .unwrap();
-        let j = job(&mut core, &dev, 1);
+        let j = job(&core, &dev);
         assert_eq!(core.next_deadline(), Some(T0.saturating_add_ms(5000)));
         let (ticket, _) = core.expire_due(T0.saturating_add_ms(4999)).unwrap();
         assert!(ticket.is_none(), "not yet due");

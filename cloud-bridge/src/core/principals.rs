@@ -11,8 +11,10 @@ use schemas::data::ErrorCode;
 use schemas::records::{CompanionRecord, OwnerRecord};
 use schemas::{CompanionId, DeviceId, OwnerId, Secret, UnixMillis};
 
-use super::{Core, CoreError, CoreResult, check_name, encode, key, sha256_hex};
-use crate::store::{Batch, Ticket};
+use super::state::Registry;
+use super::tx::{Access, Tx};
+use super::{Core, CoreError, CoreResult, check_name, sha256_hex};
+use crate::store::Ticket;
 
 /// The caller of an API request, as its bearer token identifies it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,46 +41,42 @@ impl Principal {
 impl Core {
     /// The principal a bearer token (not the admin token) belongs to.
     pub fn principal(&self, token: &str) -> Option<Principal> {
-        self.tokens.get(&sha256_hex(token.as_bytes())).cloned()
+        let hash = sha256_hex(token.as_bytes());
+        self.with_registry(|r| r.tokens.get(&hash).cloned())
     }
 
     pub fn create_owner(
-        &mut self,
+        &self,
         owner_id: OwnerId,
         name: String,
         token: &Secret,
         now: UnixMillis,
     ) -> CoreResult<(OwnerRecord, Ticket)> {
         check_name(&name)?;
-        if self.owners.contains_key(&owner_id) {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "owner id collision; retry",
-            ));
-        }
         let record = OwnerRecord {
             owner_id: owner_id.clone(),
             name,
             token_sha256: sha256_hex(token.expose().as_bytes()),
             created_at: now,
         };
-        let mut batch = Batch::default();
-        batch.put(key("o", owner_id.as_str()), encode(&record)?);
-        let ticket = self.commit(batch)?;
-        self.tokens.insert(
-            record.token_sha256.clone(),
-            Principal::Owner(owner_id.clone()),
-        );
-        self.owners.insert(owner_id, record.clone());
+        let mut tx = Tx::new(self, Access::Write, &[]);
+        if tx.owner(&owner_id)?.is_some() {
+            return Err(CoreError::new(
+                ErrorCode::Conflict,
+                "owner id collision; retry",
+            ));
+        }
+        tx.put_owner(record.clone())?;
+        let (ticket, _) = tx.commit()?;
         Ok((record, ticket))
     }
 
     pub fn owner_exists(&self, owner_id: &OwnerId) -> bool {
-        self.owners.contains_key(owner_id)
+        self.with_registry(|r| r.owners.contains_key(owner_id))
     }
 
     pub fn create_companion(
-        &mut self,
+        &self,
         owner_id: &OwnerId,
         companion_id: CompanionId,
         name: String,
@@ -86,18 +84,6 @@ impl Core {
         now: UnixMillis,
     ) -> CoreResult<(CompanionRecord, Ticket)> {
         check_name(&name)?;
-        if !self.owner_exists(owner_id) {
-            return Err(CoreError::new(
-                ErrorCode::NotFound,
-                format!("no owner {owner_id}"),
-            ));
-        }
-        if self.companions.contains_key(&companion_id) {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "companion id collision; retry",
-            ));
-        }
         let record = CompanionRecord {
             companion_id: companion_id.clone(),
             owner_id: owner_id.clone(),
@@ -106,14 +92,21 @@ impl Core {
             created_at: now,
             devices: Vec::new(),
         };
-        let mut batch = Batch::default();
-        batch.put(key("c", companion_id.as_str()), encode(&record)?);
-        let ticket = self.commit(batch)?;
-        self.tokens.insert(
-            record.token_sha256.clone(),
-            Principal::Companion(companion_id.clone()),
-        );
-        self.companions.insert(companion_id, record.clone());
+        let mut tx = Tx::new(self, Access::Write, &[]);
+        if tx.owner(owner_id)?.is_none() {
+            return Err(CoreError::new(
+                ErrorCode::NotFound,
+                format!("no owner {owner_id}"),
+            ));
+        }
+        if tx.companion_record(&companion_id)?.is_some() {
+            return Err(CoreError::new(
+                ErrorCode::Conflict,
+                "companion id collision; retry",
+            ));
+        }
+        tx.put_companion(record.clone())?;
+        let (ticket, _) = tx.commit()?;
         Ok((record, ticket))
     }
 
@@ -122,38 +115,27 @@ impl Core {
         &self,
         principal: &Principal,
         id: &CompanionId,
-    ) -> CoreResult<&CompanionRecord> {
-        let companion = self
-            .companions
-            .get(id)
-            .ok_or_else(|| CoreError::new(ErrorCode::NotFound, format!("no companion {id}")))?;
-        match principal {
-            Principal::Admin => Ok(companion),
-            Principal::Owner(o) if *o == companion.owner_id => Ok(companion),
-            Principal::Companion(c) if c == id => Ok(companion),
-            _ => Err(CoreError::new(
-                ErrorCode::Forbidden,
-                format!("companion {id} belongs to another owner"),
-            )),
-        }
+    ) -> CoreResult<CompanionRecord> {
+        self.with_registry(|r| visible_companion(r, principal, id).cloned())
     }
 
     /// Links (or, with `linked` false, unlinks) a companion and a device of the same owner.
     pub fn link_companion(
-        &mut self,
+        &self,
         principal: &Principal,
         companion_id: &CompanionId,
         device_id: &DeviceId,
         linked: bool,
     ) -> CoreResult<(CompanionRecord, Ticket)> {
-        let mut companion = self.companion(principal, companion_id)?.clone();
+        let mut tx = Tx::new(self, Access::Write, &[device_id]);
+        let mut companion = visible_companion(tx.registry()?, principal, companion_id)?.clone();
         if let Principal::Companion(_) = principal {
             return Err(CoreError::new(
                 ErrorCode::Forbidden,
                 "only the owner links companions to devices",
             ));
         }
-        let device = self.device(device_id)?;
+        let device = tx.device(device_id)?;
         let owned = device
             .owner
             .as_ref()
@@ -176,22 +158,20 @@ impl Core {
         } else {
             companion.devices.retain(|d| d != device_id);
         }
-        let mut batch = Batch::default();
-        batch.put(key("c", companion_id.as_str()), encode(&companion)?);
-        let ticket = self.commit(batch)?;
-        self.companions
-            .insert(companion_id.clone(), companion.clone());
+        tx.put_companion(companion.clone())?;
+        let (ticket, _) = tx.commit()?;
         Ok((companion, ticket))
     }
 
     /// Whether `principal` may submit a job to `device_id`; a clear refusal if not.
     pub fn authorize_submit(&self, principal: &Principal, device_id: &DeviceId) -> CoreResult<()> {
-        let device = self.device(device_id)?;
+        let tx = Tx::new(self, Access::Read, &[device_id]);
+        let device = tx.device(device_id)?;
         let owner = match principal {
             Principal::Admin => return Ok(()),
             Principal::Owner(owner) => owner.clone(),
             Principal::Companion(id) => {
-                let companion = self.companion(principal, id)?;
+                let companion = visible_companion(tx.registry()?, principal, id)?;
                 if !companion.devices.contains(device_id) {
                     return Err(CoreError::new(
                         ErrorCode::Forbidden,
@@ -232,6 +212,36 @@ impl Core {
         principal: &Principal,
         job_id: &schemas::JobId,
     ) -> CoreResult<()> {
+        self.job_tx(job_id, Access::None, None)?
+            .authorize_job_read(principal, job_id)
+    }
+
+    /// The device has stored its credentials. Idempotent.
+    pub fn complete_registration(
+        &self,
+        device_id: &DeviceId,
+        now: UnixMillis,
+    ) -> CoreResult<(UnixMillis, Ticket)> {
+        let mut tx = self.device_tx(device_id);
+        let device = tx.active_device(device_id)?;
+        if let Some(at) = device.registration_completed_at {
+            return Ok((at, self.read_ticket()));
+        }
+        let mut device = device.clone();
+        device.registration_completed_at = Some(now);
+        tx.put_device(device)?;
+        let (ticket, _) = tx.commit()?;
+        Ok((now, ticket))
+    }
+}
+
+impl Tx<'_> {
+    /// [`Core::authorize_job_read`] within a transaction that holds the job's shard.
+    pub(super) fn authorize_job_read(
+        &self,
+        principal: &Principal,
+        job_id: &schemas::JobId,
+    ) -> CoreResult<()> {
         let job = self.job(job_id)?;
         let allowed = match principal {
             Principal::Admin => true,
@@ -251,23 +261,25 @@ impl Core {
         }
         Ok(())
     }
+}
 
-    /// The device has stored its credentials. Idempotent.
-    pub fn complete_registration(
-        &mut self,
-        device_id: &DeviceId,
-        now: UnixMillis,
-    ) -> CoreResult<(UnixMillis, Ticket)> {
-        let device = self.active_device(device_id)?;
-        if let Some(at) = device.registration_completed_at {
-            return Ok((at, self.read_ticket()));
-        }
-        let mut device = device.clone();
-        device.registration_completed_at = Some(now);
-        let mut batch = Batch::default();
-        batch.put(key("d", device_id.as_str()), encode(&device)?);
-        let ticket = self.commit(batch)?;
-        self.devices.insert(device_id.clone(), device);
-        Ok((now, ticket))
+/// The companion, if `principal` may see it (the administrator, its owner, itself).
+fn visible_companion<'r>(
+    reg: &'r Registry,
+    principal: &Principal,
+    id: &CompanionId,
+) -> CoreResult<&'r CompanionRecord> {
+    let companion = reg
+        .companions
+        .get(id)
+        .ok_or_else(|| CoreError::new(ErrorCode::NotFound, format!("no companion {id}")))?;
+    match principal {
+        Principal::Admin => Ok(companion),
+        Principal::Owner(o) if *o == companion.owner_id => Ok(companion),
+        Principal::Companion(c) if c == id => Ok(companion),
+        _ => Err(CoreError::new(
+            ErrorCode::Forbidden,
+            format!("companion {id} belongs to another owner"),
+        )),
     }
 }

@@ -10,25 +10,27 @@ use schemas::ops::OpsEvent;
 use schemas::records::JobRecord;
 use schemas::{DeviceId, JobId, UnixMillis};
 
-use super::{Core, CoreError, CoreResult, Effects, Principal, encode, key};
-use crate::store::{Batch, Ticket};
+use super::tx::Access;
+use super::{Core, CoreError, CoreResult, Effects, Principal};
+use crate::store::Ticket;
 
 impl Core {
     /// Moves a queued job to `to`'s printer queue. The administrator may move any job; an owner
-    /// only between devices bound to them.
+    /// only between devices bound to them. One transaction holds both devices' shards.
     pub fn move_job(
-        &mut self,
+        &self,
         principal: &Principal,
         job_id: &JobId,
         to: &DeviceId,
         now: UnixMillis,
     ) -> CoreResult<(JobRecord, Ticket, Effects)> {
-        self.authorize_job_read(principal, job_id)?;
-        let mut job = self.job(job_id)?.clone();
+        let mut tx = self.job_tx(job_id, Access::None, Some(to))?;
+        tx.authorize_job_read(principal, job_id)?;
+        let mut job = tx.job(job_id)?.clone();
         match principal {
             Principal::Admin => {}
             Principal::Owner(owner) => {
-                let owned = self
+                let owned = tx
                     .device(to)?
                     .owner
                     .as_ref()
@@ -63,7 +65,7 @@ impl Core {
                 ),
             ));
         }
-        let target = self.active_device(to)?;
+        let target = tx.active_device(to)?;
         if let Some(print) = &job.print {
             super::check_print(target, print)?;
         }
@@ -78,35 +80,19 @@ impl Core {
                 principal.label()
             )),
         });
-        let mut batch = Batch::default();
-        let mut effects = Effects::default();
-        batch.put(key("j", job_id.as_str()), encode(&job)?);
+        tx.put_job(job.clone())?;
         let offer = FeedBody::JobOffered {
             job_id: job_id.clone(),
         };
-        self.append_feed(&mut batch, to, offer, now, &mut effects)?;
-        let ticket = self.commit(batch)?;
-        if let Some(list) = self.device_jobs.get_mut(&from) {
-            list.retain(|j| j != job_id);
-        }
-        self.device_jobs
-            .entry(to.clone())
-            .or_default()
-            .push(job_id.clone());
-        if let Some(k) = &job.idempotency_key {
-            self.idempotency.remove(&(from.clone(), k.clone()));
-            self.idempotency
-                .entry((to.clone(), k.clone()))
-                .or_insert_with(|| job_id.clone());
-        }
-        effects.events.push(OpsEvent::JobMoved {
+        tx.append_feed(to, offer, now)?;
+        tx.effects.events.push(OpsEvent::JobMoved {
             job_id: job_id.clone(),
             from,
             to: to.clone(),
             by: principal.label(),
             at: now,
         });
-        self.jobs.insert(job_id.clone(), job.clone());
+        let (ticket, effects) = tx.commit()?;
         Ok((job, ticket, effects))
     }
 }

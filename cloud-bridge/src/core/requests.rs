@@ -13,12 +13,10 @@ use schemas::records::{
 };
 use schemas::{DeviceId, UnixMillis};
 
-use super::{Core, CoreError, CoreResult, Effects, decode, encode, key};
-use crate::store::{Batch, Ticket};
-
-fn request_key(device: &DeviceId, no: RequestNo) -> Vec<u8> {
-    format!("r/{device}/{:016x}", no.0).into_bytes()
-}
+use super::keys::{Kind, device_range_end, request_key};
+use super::tx::{Access, Tx};
+use super::{Core, CoreError, CoreResult, Effects, decode, encode};
+use crate::store::Ticket;
 
 /// Refuses device information from a device whose last reported consent withholds it.
 pub(super) fn check_consent(device: &DeviceRecord) -> CoreResult<()> {
@@ -101,7 +99,7 @@ impl Core {
     /// Acts on the next requests of a device's outbox. Returns the number everything up to
     /// which is handled, and the requests refused (with why).
     pub fn deliver(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         items: Vec<OutboxItem>,
         now: UnixMillis,
@@ -121,10 +119,20 @@ impl Core {
                 "requests must be in increasing order of their numbers",
             ));
         }
-        let mut device = self.active_device(device_id)?.clone();
+        // Telemetry is checked against the services, in the registry.
+        let telemetry = items
+            .iter()
+            .any(|i| matches!(i.body, DeviceRequest::Telemetry { .. }));
+        let access = if telemetry {
+            Access::Read
+        } else {
+            Access::None
+        };
+        let mut tx = Tx::new(self, access, &[device_id]);
+        let mut device = tx.active_device(device_id)?.clone();
+        let before = device.delivered;
         let mut refused = Vec::new();
         let mut effects = Effects::default();
-        let mut batch = Batch::default();
         for item in items {
             if item.no <= device.delivered {
                 continue; // Acted on before: a resend.
@@ -142,7 +150,7 @@ impl Core {
                     DeviceRequest::Telemetry {
                         service_id,
                         readings,
-                    } => self
+                    } => tx
                         .check_telemetry(device_id, service_id, readings)
                         .map_err(|e| e.body()),
                     DeviceRequest::Counters { counters } => match &device.counters {
@@ -227,15 +235,15 @@ impl Core {
                 received_at: now,
                 body: item.body,
             };
-            batch.put(request_key(device_id, record.no), encode(&record)?);
+            tx.put_raw(request_key(device_id, record.no), encode(&record)?);
         }
         let upto = device.delivered;
-        if upto == self.device(device_id)?.delivered {
+        if upto == before {
             return Ok((upto, refused, self.read_ticket(), effects));
         }
-        batch.put(key("d", device_id.as_str()), encode(&device)?);
-        let ticket = self.commit(batch)?;
-        self.devices.insert(device_id.clone(), device);
+        tx.put_device(device)?;
+        tx.effects = effects;
+        let (ticket, effects) = tx.commit()?;
         Ok((upto, refused, ticket, effects))
     }
 
@@ -248,7 +256,7 @@ impl Core {
     ) -> CoreResult<Vec<DeviceRequestRecord>> {
         self.device(device_id)?;
         let start = request_key(device_id, after.next());
-        let end = format!("r/{device_id}/~").into_bytes();
+        let end = device_range_end(Kind::DeviceRequest, device_id);
         Ok(self
             .committer
             .store()
@@ -260,22 +268,14 @@ impl Core {
 
     /// Asks the device, through its feed, to report its consent setting.
     pub fn query_consent(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         now: UnixMillis,
     ) -> CoreResult<(Ticket, Effects)> {
-        self.active_device(device_id)?;
-        let mut effects = Effects::default();
-        let mut batch = Batch::default();
-        self.append_feed(
-            &mut batch,
-            device_id,
-            FeedBody::ConsentQuery,
-            now,
-            &mut effects,
-        )?;
-        let ticket = self.commit(batch)?;
-        Ok((ticket, effects))
+        let mut tx = self.device_tx(device_id);
+        tx.active_device(device_id)?;
+        tx.append_feed(device_id, FeedBody::ConsentQuery, now)?;
+        tx.commit()
     }
 }
 
@@ -322,8 +322,8 @@ mod tests {
 
     #[test]
     fn resends_are_acknowledged_without_acting_twice() {
-        let mut core = core();
-        let dev = registered(&mut core, 1);
+        let core = core();
+        let dev = registered(&core, 1);
         let first: Vec<_> = (1..=3).map(|n| item(n, panel(n as u32))).collect();
         let (upto, refused, _, effects) = core.deliver(&dev, first.clone(), UnixMillis(5)).unwrap();
         assert_eq!(
@@ -342,8 +342,8 @@ mod tests {
 
     #[test]
     fn status_is_refused_and_not_kept_while_consent_is_withheld() {
-        let mut core = core();
-        let dev = registered(&mut core, 1);
+        let core = core();
+        let dev = registered(&core, 1);
         let items = vec![
             item(1, consent(false, 1)),
             item(2, status("before")),
@@ -387,8 +387,8 @@ mod tests {
 
     #[test]
     fn bad_requests_are_refused_one_by_one_and_do_not_block_the_rest() {
-        let mut core = core();
-        let dev = registered(&mut core, 1);
+        let core = core();
+        let dev = registered(&core, 1);
         let items = vec![
             item(1, DeviceRequest::Unknown),
             item(

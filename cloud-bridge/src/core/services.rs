@@ -9,7 +9,7 @@
 //!   the device to use the service only when the code is the one issued to that device, unused
 //!   and unexpired; every refusal is recorded on the device's enrollment with its reason.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use schemas::api::{
     ApplicationView, ApplyForService, CreateService, CustomerView, EnrollmentView, InstructionView,
@@ -26,8 +26,10 @@ use schemas::services::{
 };
 use schemas::{ApplicationId, DeviceId, InstructionId, Secret, UnixMillis};
 
-use super::{Core, CoreError, CoreResult, Effects, check_name, encode, key, sha256_hex, ttl_ms};
-use crate::store::{Batch, Ticket};
+use super::state::Registry;
+use super::tx::{Access, Tx};
+use super::{Core, CoreError, CoreResult, Effects, check_name, sha256_hex, ttl_ms};
+use crate::store::Ticket;
 
 /// What became of a registration call. A refusal is recorded (and committed) before the device
 /// hears it.
@@ -35,28 +37,6 @@ use crate::store::{Batch, Ticket};
 pub enum ServiceRegistration {
     Registered { service_id: String, at: UnixMillis },
     Refused(CoreError),
-}
-
-/// The in-memory side of services: loaded at start from `s/`, `a/` and `i/`.
-#[derive(Debug, Default)]
-pub(super) struct ServiceIndex {
-    pub(super) services: BTreeMap<String, ServiceRecord>,
-    pub(super) applications: HashMap<ApplicationId, ApplicationRecord>,
-    pub(super) instructions: HashMap<InstructionId, InstructionRecord>,
-    /// SHA-256 of a registration code → the application and device it was issued for.
-    pub(super) codes: HashMap<String, (ApplicationId, DeviceId)>,
-}
-
-impl ServiceIndex {
-    pub(super) fn add_application(&mut self, app: ApplicationRecord) {
-        for e in &app.devices {
-            self.codes.insert(
-                e.code_sha256.clone(),
-                (app.application_id.clone(), e.device_id.clone()),
-            );
-        }
-        self.applications.insert(app.application_id.clone(), app);
-    }
 }
 
 fn check_models(models: &[String]) -> CoreResult<()> {
@@ -99,19 +79,13 @@ fn bad(message: impl Into<String>) -> CoreError {
 
 impl Core {
     pub fn create_service(
-        &mut self,
+        &self,
         req: CreateService,
         now: UnixMillis,
     ) -> CoreResult<(ServiceRecord, Ticket)> {
         check_service_id(&req.service_id).map_err(bad)?;
         check_name(&req.name)?;
         check_models(&req.models)?;
-        if self.svc.services.contains_key(&req.service_id) {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                format!("service {} exists", req.service_id),
-            ));
-        }
         let data_types = req.data_types.unwrap_or_default();
         check_data_types(&data_types)?;
         let kind = req.kind.unwrap_or_default();
@@ -129,15 +103,25 @@ impl Core {
             data_types,
             report_every_secs: req.report_every_secs.unwrap_or(0),
         };
-        self.put_service(record)
+        let mut tx = Tx::new(self, Access::Write, &[]);
+        if tx.service_record(&record.service_id)?.is_some() {
+            return Err(CoreError::new(
+                ErrorCode::Conflict,
+                format!("service {} exists", record.service_id),
+            ));
+        }
+        tx.put_service(record.clone())?;
+        let (ticket, _) = tx.commit()?;
+        Ok((record, ticket))
     }
 
     pub fn update_service(
-        &mut self,
+        &self,
         service_id: &str,
         req: UpdateService,
     ) -> CoreResult<(ServiceRecord, Ticket)> {
-        let mut record = self.service(service_id)?.clone();
+        let mut tx = Tx::new(self, Access::Write, &[]);
+        let mut record = tx.service(service_id)?.clone();
         if let Some(name) = req.name {
             check_name(&name)?;
             record.name = name;
@@ -153,91 +137,70 @@ impl Core {
         if let Some(every) = req.report_every_secs {
             record.report_every_secs = every;
         }
-        self.put_service(record)
-    }
-
-    fn put_service(&mut self, record: ServiceRecord) -> CoreResult<(ServiceRecord, Ticket)> {
-        let mut batch = Batch::default();
-        batch.put(key("s", &record.service_id), encode(&record)?);
-        let ticket = self.commit(batch)?;
-        self.svc
-            .services
-            .insert(record.service_id.clone(), record.clone());
+        tx.put_service(record.clone())?;
+        let (ticket, _) = tx.commit()?;
         Ok((record, ticket))
     }
 
-    pub fn service(&self, service_id: &str) -> CoreResult<&ServiceRecord> {
-        self.svc.services.get(service_id).ok_or_else(|| {
-            CoreError::new(ErrorCode::NotFound, format!("no service {service_id:?}"))
-        })
+    pub fn service(&self, service_id: &str) -> CoreResult<ServiceRecord> {
+        self.with_registry(|r| service_in(r, service_id).cloned())
     }
 
-    pub fn services(&self) -> impl Iterator<Item = &ServiceRecord> {
-        self.svc.services.values()
+    /// Every service, by id.
+    pub fn services(&self) -> Vec<ServiceRecord> {
+        self.with_registry(|r| r.services.values().cloned().collect())
     }
 
     /// Every customer with devices in use, and those devices by model.
     pub fn customers(&self) -> Vec<CustomerView> {
-        let mut by: BTreeMap<&str, CustomerView> = BTreeMap::new();
-        for d in self
-            .devices
-            .values()
-            .filter(|d| !d.disabled && d.invalidated.is_none())
-        {
-            let view = by.entry(&d.customer).or_insert_with(|| CustomerView {
-                customer: d.customer.clone(),
-                devices: 0,
-                models: BTreeMap::new(),
-            });
-            view.devices += 1;
-            *view.models.entry(d.model.clone()).or_default() += 1;
-        }
+        let mut by: BTreeMap<String, CustomerView> = BTreeMap::new();
+        self.each_shard(|s| {
+            for d in s.devices.values().filter(|d| in_use(d)) {
+                let view = by
+                    .entry(d.customer.clone())
+                    .or_insert_with(|| CustomerView {
+                        customer: d.customer.clone(),
+                        devices: 0,
+                        models: BTreeMap::new(),
+                    });
+                view.devices += 1;
+                *view.models.entry(d.model.clone()).or_default() += 1;
+            }
+        });
         by.into_values().collect()
     }
 
-    /// The customer's devices that are in use (not disabled, not invalidated).
-    pub fn customer_devices<'a>(
-        &'a self,
-        customer: &'a str,
-    ) -> impl Iterator<Item = &'a DeviceRecord> + 'a {
-        self.devices
-            .values()
-            .filter(move |d| d.customer == customer && !d.disabled && d.invalidated.is_none())
+    /// The customer's devices that are in use (not disabled, not invalidated), in no
+    /// particular order.
+    pub fn customer_devices(&self, customer: &str) -> Vec<DeviceRecord> {
+        self.devices_where(|d| d.customer == customer && in_use(d))
     }
 
     /// The customer's devices a service can be applied for: a model the service supports, and
-    /// not yet permitted to use it.
-    pub fn candidates<'a>(
-        &'a self,
-        customer: &'a str,
-        service_id: &str,
-    ) -> CoreResult<Vec<&'a DeviceRecord>> {
+    /// not yet permitted to use it. Oldest registration first.
+    pub fn candidates(&self, customer: &str, service_id: &str) -> CoreResult<Vec<DeviceRecord>> {
         let service = self.service(service_id)?;
-        let mut list: Vec<&DeviceRecord> = self
-            .customer_devices(customer)
-            .filter(|d| service.models.contains(&d.model))
-            .filter(|d| !d.services.iter().any(|s| s.service_id == service_id))
-            .collect();
+        let mut list = self.devices_where(|d| is_candidate(d, customer, &service));
         list.sort_by_key(|d| (d.registered_at, d.device_id.clone()));
         Ok(list)
     }
 
     /// Applies for a service for some of a customer's devices: one use-start instruction with
     /// a fresh code (from `fresh`) in each chosen device's mailbox.
+    ///
+    /// Two steps: the devices are chosen from a reading of the shards, one at a time; then one
+    /// transaction locks the registry and the chosen devices' shards, checks that each is
+    /// still a candidate (else nothing is written and the caller is told to retry), and writes.
     pub fn apply_for_service(
-        &mut self,
+        &self,
         customer: &str,
         req: ApplyForService,
         application_id: ApplicationId,
         fresh: &mut dyn FnMut() -> (InstructionId, Secret),
         now: UnixMillis,
     ) -> CoreResult<(ApplicationView, Ticket, Effects)> {
-        let service = self.service(&req.service_id)?.clone();
-        let candidates: Vec<DeviceRecord> = self
-            .candidates(customer, &req.service_id)?
-            .into_iter()
-            .cloned()
-            .collect();
+        let service = self.service(&req.service_id)?;
+        let candidates = self.candidates(customer, &req.service_id)?;
         let chosen: Vec<DeviceRecord> = match (&req.models, &req.devices) {
             (Some(_), Some(_)) => return Err(bad("give models or devices, not both")),
             (None, None) => candidates,
@@ -279,30 +242,47 @@ impl Core {
         }
         let expires_at =
             now.saturating_add_ms(ttl_ms(req.ttl_secs, 7 * 24 * 3600, 365 * 24 * 3600));
+        let fresh: Vec<(InstructionId, Secret, String)> = chosen
+            .iter()
+            .map(|_| {
+                let (id, code) = fresh();
+                let hash = sha256_hex(code.expose().as_bytes());
+                (id, code, hash)
+            })
+            .collect();
+        let ids: Vec<&DeviceId> = chosen.iter().map(|d| &d.device_id).collect();
+        let mut tx = Tx::new(self, Access::Write, &ids);
         // Every id is checked before anything changes: a collision leaves no trace.
-        let fresh: Vec<(InstructionId, Secret)> = chosen.iter().map(|_| fresh()).collect();
-        let mut ids: Vec<&InstructionId> = fresh.iter().map(|(id, _)| id).collect();
-        ids.sort();
-        ids.dedup();
-        if ids.len() < fresh.len()
-            || ids.iter().any(|id| self.svc.instructions.contains_key(*id))
-            || self.svc.applications.contains_key(&application_id)
+        let mut instruction_ids: Vec<&InstructionId> = fresh.iter().map(|(id, ..)| id).collect();
+        instruction_ids.sort();
+        instruction_ids.dedup();
+        let taken = |id: &InstructionId| tx.instruction(id).map(|i| i.is_some());
+        if instruction_ids.len() < fresh.len()
+            || instruction_ids.iter().any(|id| taken(id).unwrap_or(true))
+            || tx.application_record(&application_id)?.is_some()
         {
             return Err(CoreError::new(ErrorCode::Conflict, "id collision; retry"));
         }
-        let mut batch = Batch::default();
-        let mut effects = Effects::default();
+        for device in &chosen {
+            if !is_candidate(tx.device(&device.device_id)?, customer, &service) {
+                return Err(CoreError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "device {} changed while the application was made; retry",
+                        device.device_id
+                    ),
+                ));
+            }
+        }
         let mut devices = Vec::with_capacity(chosen.len());
-        for (device, (instruction_id, code)) in chosen.into_iter().zip(fresh) {
+        for (device, (instruction_id, code, code_sha256)) in chosen.into_iter().zip(fresh) {
             let body = InstructionBody::UseStart {
                 service_id: service.service_id.clone(),
                 application_id: application_id.clone(),
                 registration_url: registration_url(&service.service_id),
-                registration_code: code.clone(),
+                registration_code: code,
             };
-            self.put_instruction(
-                &mut batch,
-                &mut effects,
+            tx.put_instruction(
                 instruction_id.clone(),
                 &device.device_id,
                 body,
@@ -313,7 +293,7 @@ impl Core {
                 device_id: device.device_id,
                 model: device.model,
                 instruction_id,
-                code_sha256: sha256_hex(code.expose().as_bytes()),
+                code_sha256,
                 registered_at: None,
                 refusals: Vec::new(),
             });
@@ -326,115 +306,30 @@ impl Core {
             expires_at,
             devices,
         };
-        batch.put(key("a", application_id.as_str()), encode(&app)?);
-        let ticket = self.commit(batch)?;
-        self.svc.add_application(app);
+        tx.put_application(app)?;
+        let (ticket, effects) = tx.commit()?;
         Ok((self.application(&application_id, now)?, ticket, effects))
     }
 
     /// An application's progress.
     pub fn application(&self, id: &ApplicationId, now: UnixMillis) -> CoreResult<ApplicationView> {
-        let app =
-            self.svc.applications.get(id).ok_or_else(|| {
-                CoreError::new(ErrorCode::NotFound, format!("no application {id}"))
-            })?;
-        let (mut pending, mut registered, mut failed) = (0, 0, 0);
-        let devices = app
-            .devices
-            .iter()
-            .map(|e| {
-                let state = e.state(app.expires_at, now);
-                match state {
-                    EnrollmentState::Pending => pending += 1,
-                    EnrollmentState::Registered { .. } => registered += 1,
-                    EnrollmentState::Failed { .. } => failed += 1,
-                }
-                EnrollmentView {
-                    device_id: e.device_id.clone(),
-                    model: e.model.clone(),
-                    instruction_id: e.instruction_id.clone(),
-                    taken_at: self
-                        .svc
-                        .instructions
-                        .get(&e.instruction_id)
-                        .and_then(|i| i.taken_at),
-                    state,
-                    refusals: e.refusals.clone(),
-                }
-            })
-            .collect();
-        Ok(ApplicationView {
-            application_id: app.application_id.clone(),
-            customer: app.customer.clone(),
-            service_id: app.service_id.clone(),
-            created_at: app.created_at,
-            expires_at: app.expires_at,
-            pending,
-            registered,
-            failed,
-            settled: pending == 0,
-            devices,
-        })
-    }
-
-    /// Puts an instruction in a device's mailbox: an `i/` record and a feed entry.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn put_instruction(
-        &mut self,
-        batch: &mut Batch,
-        effects: &mut Effects,
-        instruction_id: InstructionId,
-        device_id: &DeviceId,
-        body: InstructionBody,
-        expires_at: UnixMillis,
-        now: UnixMillis,
-    ) -> CoreResult<InstructionRecord> {
-        if self.svc.instructions.contains_key(&instruction_id) {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "instruction id collision; retry",
-            ));
-        }
-        let record = InstructionRecord {
-            instruction_id: instruction_id.clone(),
-            device_id: device_id.clone(),
-            body,
-            created_at: now,
-            expires_at,
-            taken_at: None,
-        };
-        batch.put(key("i", instruction_id.as_str()), encode(&record)?);
-        let entry = FeedBody::Instruction {
-            instruction_id: instruction_id.clone(),
-            expires_at,
-        };
-        self.append_feed(batch, device_id, entry, now, effects)?;
-        self.svc.instructions.insert(instruction_id, record.clone());
-        Ok(record)
+        self.with_registry(|r| application_view(r, id, now))
     }
 
     /// An instruction of the device maker's own kind, for one device.
     pub fn create_instruction(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         instruction_id: InstructionId,
         body: InstructionBody,
         ttl_ms: u64,
         now: UnixMillis,
     ) -> CoreResult<(InstructionView, Ticket, Effects)> {
-        self.active_device(device_id)?;
-        let mut batch = Batch::default();
-        let mut effects = Effects::default();
-        let record = self.put_instruction(
-            &mut batch,
-            &mut effects,
-            instruction_id,
-            device_id,
-            body,
-            now.saturating_add_ms(ttl_ms),
-            now,
-        )?;
-        let ticket = self.commit(batch)?;
+        let mut tx = Tx::new(self, Access::Write, &[device_id]);
+        tx.active_device(device_id)?;
+        let expires_at = now.saturating_add_ms(ttl_ms);
+        let record = tx.put_instruction(instruction_id, device_id, body, expires_at, now)?;
+        let (ticket, effects) = tx.commit()?;
         Ok((InstructionView::new(&record, now), ticket, effects))
     }
 
@@ -445,13 +340,13 @@ impl Core {
         now: UnixMillis,
     ) -> CoreResult<Vec<InstructionView>> {
         self.device(device_id)?;
-        let mut list: Vec<InstructionView> = self
-            .svc
-            .instructions
-            .values()
-            .filter(|i| i.device_id == *device_id)
-            .map(|i| InstructionView::new(i, now))
-            .collect();
+        let mut list: Vec<InstructionView> = self.with_registry(|r| {
+            r.instructions
+                .values()
+                .filter(|i| i.device_id == *device_id)
+                .map(|i| InstructionView::new(i, now))
+                .collect()
+        });
         list.sort_by_key(|i| (i.created_at, i.instruction_id.clone()));
         Ok(list)
     }
@@ -459,16 +354,15 @@ impl Core {
     /// The device takes an instruction. Taking it again answers the same (a device that crashed
     /// in between); after its expiry an instruction not yet taken is refused for good.
     pub fn take_instruction(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         instruction_id: &InstructionId,
         now: UnixMillis,
     ) -> CoreResult<(InstructionOffer, Ticket)> {
-        self.active_device(device_id)?;
-        let record = self
-            .svc
-            .instructions
-            .get(instruction_id)
+        let mut tx = Tx::new(self, Access::Write, &[device_id]);
+        tx.active_device(device_id)?;
+        let record = tx
+            .instruction(instruction_id)?
             .filter(|i| i.device_id == *device_id)
             .ok_or_else(|| {
                 CoreError::new(
@@ -497,17 +391,15 @@ impl Core {
         }
         let mut record = record.clone();
         record.taken_at = Some(now);
-        let mut batch = Batch::default();
-        batch.put(key("i", instruction_id.as_str()), encode(&record)?);
-        let ticket = self.commit(batch)?;
         let answer = offer(&record, now);
-        self.svc.instructions.insert(instruction_id.clone(), record);
+        tx.put_instruction_record(record)?;
+        let (ticket, _) = tx.commit()?;
         Ok((answer, ticket))
     }
 
     /// A device calls a service's registration URL with its code.
     pub fn register_service(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         url: &str,
         code: &Secret,
@@ -516,11 +408,13 @@ impl Core {
         let service_id = service_of_url(url)
             .ok_or_else(|| bad(format!("{url:?} is not a service registration URL")))?
             .to_owned();
-        self.service(&service_id)?;
-        self.active_device(device_id)?;
-        const INVALID: ErrorCode = ErrorCode::RegistrationCodeInvalid;
         let hash = sha256_hex(code.expose().as_bytes());
-        let issued = self.svc.codes.get(&hash).cloned();
+        let mut tx = Tx::new(self, Access::Write, &[device_id]);
+        tx.service(&service_id)?;
+        tx.active_device(device_id)?;
+        const INVALID: ErrorCode = ErrorCode::RegistrationCodeInvalid;
+        let reg = tx.registry()?;
+        let issued = reg.codes.get(&hash).cloned();
         let refuse = |code: ErrorCode, reason: &str| {
             CoreError::new(
                 code,
@@ -531,12 +425,12 @@ impl Core {
         // device's, else this device's newest one for the service that is not registered.
         let verdict = match &issued {
             None => Err((INVALID, "wrong registration code", None)),
-            Some((_, owner)) if owner != device_id => {
-                let app = &self.svc.applications[&issued.as_ref().expect("some").0];
-                let used = app
-                    .devices
-                    .iter()
-                    .any(|e| e.device_id == *owner && e.registered_at.is_some());
+            Some((app_id, owner)) if owner != device_id => {
+                let used = reg.applications.get(app_id).is_some_and(|app| {
+                    app.devices
+                        .iter()
+                        .any(|e| e.device_id == *owner && e.registered_at.is_some())
+                });
                 Err((
                     INVALID,
                     if used {
@@ -548,19 +442,21 @@ impl Core {
                 ))
             }
             Some((app_id, _)) => {
-                let app = &self.svc.applications[app_id];
-                let entry = app
+                let app = reg.applications.get(app_id).ok_or_else(|| {
+                    CoreError::new(ErrorCode::Internal, format!("no application {app_id}"))
+                })?;
+                let registered_at = app
                     .devices
                     .iter()
                     .find(|e| e.device_id == *device_id)
-                    .expect("indexed codes belong to their application's devices");
+                    .and_then(|e| e.registered_at);
                 if app.service_id != service_id {
                     Err((
                         INVALID,
                         "the registration code is for another service",
                         Some(app_id.clone()),
                     ))
-                } else if let Some(at) = entry.registered_at {
+                } else if let Some(at) = registered_at {
                     // The same call again (the device crashed before it heard the answer).
                     return Ok((
                         ServiceRegistration::Registered { service_id, at },
@@ -578,117 +474,213 @@ impl Core {
                 }
             }
         };
-        let mut batch = Batch::default();
-        let mut effects = Effects::default();
         match verdict {
             Ok(app_id) => {
-                let mut app = self.svc.applications[&app_id].clone();
+                let mut app = tx.registry()?.applications[&app_id].clone();
                 if let Some(e) = app.devices.iter_mut().find(|e| e.device_id == *device_id) {
                     e.registered_at = Some(now);
                 }
-                let mut device = self.active_device(device_id)?.clone();
+                let mut device = tx.active_device(device_id)?.clone();
                 device.services.retain(|s| s.service_id != service_id);
                 device.services.push(ServiceUse {
                     service_id: service_id.clone(),
                     application_id: app_id.clone(),
                     since: now,
                 });
-                batch.put(key("d", device_id.as_str()), encode(&device)?);
-                batch.put(key("a", app_id.as_str()), encode(&app)?);
-                effects.events.push(OpsEvent::ServiceRegistered {
+                tx.put_device(device)?;
+                tx.effects.events.push(OpsEvent::ServiceRegistered {
                     application_id: app_id.clone(),
                     service_id: service_id.clone(),
                     device_id: device_id.clone(),
                     at: now,
                 });
-                self.push_settled(&app, now, &mut effects);
-                let ticket = self.commit(batch)?;
-                self.devices.insert(device_id.clone(), device);
-                self.svc.applications.insert(app_id, app);
-                Ok((
-                    ServiceRegistration::Registered {
-                        service_id,
-                        at: now,
-                    },
-                    ticket,
-                    effects,
-                ))
+                let event = settled(tx.registry()?, &app, now);
+                tx.effects.events.extend(event);
+                tx.put_application(app)?;
+                let (ticket, effects) = tx.commit()?;
+                let registered = ServiceRegistration::Registered {
+                    service_id,
+                    at: now,
+                };
+                Ok((registered, ticket, effects))
             }
             Err((code, reason, on)) => {
-                let target = on.or_else(|| self.open_enrollment(&service_id, device_id));
-                let mut ticket = self.read_ticket();
-                if let Some(app_id) = target {
-                    let mut app = self.svc.applications[&app_id].clone();
-                    if let Some(e) = app.devices.iter_mut().find(|e| e.device_id == *device_id) {
-                        e.refusals.push(RefusedRegistration {
-                            at: now,
-                            reason: reason.to_owned(),
-                        });
-                        let excess = e.refusals.len().saturating_sub(MAX_REFUSALS);
-                        e.refusals.drain(..excess);
-                    }
-                    batch.put(key("a", app_id.as_str()), encode(&app)?);
-                    self.push_settled(&app, now, &mut effects);
-                    ticket = self.commit(batch)?;
-                    self.svc.applications.insert(app_id, app);
+                let target = on.or_else(|| open_enrollment(reg, &service_id, device_id));
+                let refused = ServiceRegistration::Refused(refuse(code, reason));
+                let Some(app_id) = target else {
+                    return Ok((refused, self.read_ticket(), Effects::default()));
+                };
+                let mut app = reg.applications[&app_id].clone();
+                if let Some(e) = app.devices.iter_mut().find(|e| e.device_id == *device_id) {
+                    e.refusals.push(RefusedRegistration {
+                        at: now,
+                        reason: reason.to_owned(),
+                    });
+                    let excess = e.refusals.len().saturating_sub(MAX_REFUSALS);
+                    e.refusals.drain(..excess);
                 }
-                Ok((
-                    ServiceRegistration::Refused(refuse(code, reason)),
-                    ticket,
-                    effects,
-                ))
+                let event = settled(reg, &app, now);
+                tx.effects.events.extend(event);
+                tx.put_application(app)?;
+                let (ticket, effects) = tx.commit()?;
+                Ok((refused, ticket, effects))
             }
         }
     }
+}
 
-    /// The newest application for `service_id` in which `device_id` has not registered.
-    fn open_enrollment(&self, service_id: &str, device_id: &DeviceId) -> Option<ApplicationId> {
-        self.svc
-            .applications
-            .values()
-            .filter(|a| a.service_id == service_id)
-            .filter(|a| {
-                a.devices
-                    .iter()
-                    .any(|e| e.device_id == *device_id && e.registered_at.is_none())
-            })
-            .max_by_key(|a| (a.created_at, a.application_id.clone()))
-            .map(|a| a.application_id.clone())
-    }
-
-    /// Adds the settled event when `app` (as it is about to be stored) has nobody pending and
-    /// had before.
-    fn push_settled(&self, app: &ApplicationRecord, now: UnixMillis, effects: &mut Effects) {
-        let was_pending = self
-            .svc
-            .applications
-            .get(&app.application_id)
-            .is_some_and(|old| {
-                old.devices
-                    .iter()
-                    .any(|e| e.state(old.expires_at, now) == EnrollmentState::Pending)
-            });
-        let states: Vec<EnrollmentState> = app
-            .devices
-            .iter()
-            .map(|e| e.state(app.expires_at, now))
-            .collect();
-        if !was_pending || states.contains(&EnrollmentState::Pending) {
-            return;
+impl Tx<'_> {
+    /// Puts an instruction in a device's mailbox: an `i/` record and a feed entry.
+    pub(super) fn put_instruction(
+        &mut self,
+        instruction_id: InstructionId,
+        device_id: &DeviceId,
+        body: InstructionBody,
+        expires_at: UnixMillis,
+        now: UnixMillis,
+    ) -> CoreResult<InstructionRecord> {
+        if self.instruction(&instruction_id)?.is_some() {
+            return Err(CoreError::new(
+                ErrorCode::Conflict,
+                "instruction id collision; retry",
+            ));
         }
-        let registered = states
-            .iter()
-            .filter(|s| matches!(s, EnrollmentState::Registered { .. }))
-            .count() as u32;
-        effects.events.push(OpsEvent::ApplicationSettled {
-            application_id: app.application_id.clone(),
-            service_id: app.service_id.clone(),
-            customer: app.customer.clone(),
-            registered,
-            failed: states.len() as u32 - registered,
-            at: now,
-        });
+        let record = InstructionRecord {
+            instruction_id: instruction_id.clone(),
+            device_id: device_id.clone(),
+            body,
+            created_at: now,
+            expires_at,
+            taken_at: None,
+        };
+        self.put_instruction_record(record.clone())?;
+        let entry = FeedBody::Instruction {
+            instruction_id,
+            expires_at,
+        };
+        self.append_feed(device_id, entry, now)?;
+        Ok(record)
     }
+}
+
+fn in_use(d: &DeviceRecord) -> bool {
+    !d.disabled && d.invalidated.is_none()
+}
+
+/// Whether a service can be applied for for `d`: the customer's, in use, of a model the
+/// service supports, and not yet permitted to use it.
+fn is_candidate(d: &DeviceRecord, customer: &str, service: &ServiceRecord) -> bool {
+    d.customer == customer
+        && in_use(d)
+        && service.models.contains(&d.model)
+        && !d
+            .services
+            .iter()
+            .any(|s| s.service_id == service.service_id)
+}
+
+fn service_in<'r>(reg: &'r Registry, service_id: &str) -> CoreResult<&'r ServiceRecord> {
+    reg.services
+        .get(service_id)
+        .ok_or_else(|| CoreError::new(ErrorCode::NotFound, format!("no service {service_id:?}")))
+}
+
+fn application_view(
+    reg: &Registry,
+    id: &ApplicationId,
+    now: UnixMillis,
+) -> CoreResult<ApplicationView> {
+    let app = reg
+        .applications
+        .get(id)
+        .ok_or_else(|| CoreError::new(ErrorCode::NotFound, format!("no application {id}")))?;
+    let (mut pending, mut registered, mut failed) = (0, 0, 0);
+    let devices = app
+        .devices
+        .iter()
+        .map(|e| {
+            let state = e.state(app.expires_at, now);
+            match state {
+                EnrollmentState::Pending => pending += 1,
+                EnrollmentState::Registered { .. } => registered += 1,
+                EnrollmentState::Failed { .. } => failed += 1,
+            }
+            EnrollmentView {
+                device_id: e.device_id.clone(),
+                model: e.model.clone(),
+                instruction_id: e.instruction_id.clone(),
+                taken_at: reg
+                    .instructions
+                    .get(&e.instruction_id)
+                    .and_then(|i| i.taken_at),
+                state,
+                refusals: e.refusals.clone(),
+            }
+        })
+        .collect();
+    Ok(ApplicationView {
+        application_id: app.application_id.clone(),
+        customer: app.customer.clone(),
+        service_id: app.service_id.clone(),
+        created_at: app.created_at,
+        expires_at: app.expires_at,
+        pending,
+        registered,
+        failed,
+        settled: pending == 0,
+        devices,
+    })
+}
+
+/// The newest application for `service_id` in which `device_id` has not registered.
+fn open_enrollment(
+    reg: &Registry,
+    service_id: &str,
+    device_id: &DeviceId,
+) -> Option<ApplicationId> {
+    reg.applications
+        .values()
+        .filter(|a| a.service_id == service_id)
+        .filter(|a| {
+            a.devices
+                .iter()
+                .any(|e| e.device_id == *device_id && e.registered_at.is_none())
+        })
+        .max_by_key(|a| (a.created_at, a.application_id.clone()))
+        .map(|a| a.application_id.clone())
+}
+
+/// The settled event, when `app` (as it is about to be stored) has nobody pending and had
+/// before (in `reg`).
+fn settled(reg: &Registry, app: &ApplicationRecord, now: UnixMillis) -> Option<OpsEvent> {
+    let was_pending = reg
+        .applications
+        .get(&app.application_id)
+        .is_some_and(|old| {
+            old.devices
+                .iter()
+                .any(|e| e.state(old.expires_at, now) == EnrollmentState::Pending)
+        });
+    let states: Vec<EnrollmentState> = app
+        .devices
+        .iter()
+        .map(|e| e.state(app.expires_at, now))
+        .collect();
+    if !was_pending || states.contains(&EnrollmentState::Pending) {
+        return None;
+    }
+    let registered = states
+        .iter()
+        .filter(|s| matches!(s, EnrollmentState::Registered { .. }))
+        .count() as u32;
+    Some(OpsEvent::ApplicationSettled {
+        application_id: app.application_id.clone(),
+        service_id: app.service_id.clone(),
+        customer: app.customer.clone(),
+        registered,
+        failed: states.len() as u32 - registered,
+        at: now,
+    })
 }
 
 #[cfg(test)]
@@ -698,7 +690,7 @@ mod tests {
     use super::*;
     use crate::core::tests::{T0, core};
 
-    fn device(core: &mut Core, n: u8, customer: &str, model: &str) -> DeviceId {
+    fn device(core: &Core, n: u8, customer: &str, model: &str) -> DeviceId {
         let token = Secret::new(format!("token-{n}"));
         core.create_enrollment(token.clone(), customer.into(), 1, 60_000, T0)
             .unwrap();
@@ -716,7 +708,7 @@ mod tests {
         id
     }
 
-    fn toner(core: &mut Core) {
+    fn toner(core: &Core) {
         core.create_service(
             CreateService {
                 service_id: "toner".into(),
@@ -730,7 +722,7 @@ mod tests {
     }
 
     /// Applies with codes "code-1", "code-2", ... in the order of the chosen devices.
-    fn apply(core: &mut Core, req: ApplyForService) -> CoreResult<ApplicationView> {
+    fn apply(core: &Core, req: ApplyForService) -> CoreResult<ApplicationView> {
         static N: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
         let mut fresh = || {
             let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -746,20 +738,19 @@ mod tests {
     }
 
     fn code_of(core: &Core, device: &DeviceId) -> Secret {
-        core.svc
-            .instructions
-            .values()
-            .find_map(|i| match &i.body {
+        core.with_registry(|r| {
+            r.instructions.values().find_map(|i| match &i.body {
                 InstructionBody::UseStart {
                     registration_code, ..
                 } if i.device_id == *device => Some(registration_code.clone()),
                 _ => None,
             })
-            .unwrap()
+        })
+        .unwrap()
     }
 
     fn register(
-        core: &mut Core,
+        core: &Core,
         device: &DeviceId,
         code: &Secret,
         now: UnixMillis,
@@ -779,12 +770,12 @@ mod tests {
 
     #[test]
     fn applications_choose_the_customers_devices_of_supported_models() {
-        let mut core = core();
-        toner(&mut core);
-        let a = device(&mut core, 1, "acme", "A");
-        let b = device(&mut core, 2, "acme", "B");
-        let c = device(&mut core, 3, "acme", "C");
-        let other = device(&mut core, 4, "globex", "A");
+        let core = core();
+        toner(&core);
+        let a = device(&core, 1, "acme", "A");
+        let b = device(&core, 2, "acme", "B");
+        let c = device(&core, 3, "acme", "C");
+        let other = device(&core, 4, "globex", "A");
         let chosen = |view: ApplicationView| -> Vec<DeviceId> {
             let mut ids: Vec<_> = view.devices.into_iter().map(|d| d.device_id).collect();
             ids.sort();
@@ -802,7 +793,7 @@ mod tests {
         assert_eq!(
             chosen(
                 apply(
-                    &mut core,
+                    &core,
                     ApplyForService {
                         service_id: "toner".into(),
                         ..Default::default()
@@ -817,7 +808,7 @@ mod tests {
             models: Some(vec!["B".into()]),
             ..Default::default()
         };
-        assert_eq!(chosen(apply(&mut core, by_model).unwrap()), vec![b.clone()]);
+        assert_eq!(chosen(apply(&core, by_model).unwrap()), vec![b.clone()]);
         for bad in [
             ApplyForService {
                 service_id: "toner".into(),
@@ -835,17 +826,14 @@ mod tests {
                 ..Default::default()
             },
         ] {
-            assert_eq!(
-                apply(&mut core, bad).unwrap_err().code(),
-                ErrorCode::BadRequest
-            );
+            assert_eq!(apply(&core, bad).unwrap_err().code(), ErrorCode::BadRequest);
         }
         let missing = ApplyForService {
             service_id: "nope".into(),
             ..Default::default()
         };
         assert_eq!(
-            apply(&mut core, missing).unwrap_err().code(),
+            apply(&core, missing).unwrap_err().code(),
             ErrorCode::NotFound
         );
         // Each chosen device has a use-start instruction in its feed.
@@ -857,22 +845,22 @@ mod tests {
 
     #[test]
     fn only_the_devices_own_unused_unexpired_code_registers() {
-        let mut core = core();
-        toner(&mut core);
-        let a = device(&mut core, 1, "acme", "A");
-        let b = device(&mut core, 2, "acme", "B");
+        let core = core();
+        toner(&core);
+        let a = device(&core, 1, "acme", "A");
+        let b = device(&core, 2, "acme", "B");
         let req = ApplyForService {
             service_id: "toner".into(),
             ttl_secs: Some(60),
             ..Default::default()
         };
-        let app = apply(&mut core, req).unwrap();
+        let app = apply(&core, req).unwrap();
         let (code_a, code_b) = (code_of(&core, &a), code_of(&core, &b));
 
         // Wrong code, and b using a's unused code: refused, recorded on b.
-        let (outcome, _) = register(&mut core, &b, &Secret::new("guess"), T0);
+        let (outcome, _) = register(&core, &b, &Secret::new("guess"), T0);
         assert_eq!(refused_code(outcome), ErrorCode::RegistrationCodeInvalid);
-        let (outcome, _) = register(&mut core, &b, &code_a, T0);
+        let (outcome, _) = register(&core, &b, &code_a, T0);
         assert_eq!(refused_code(outcome), ErrorCode::RegistrationCodeInvalid);
         let view = core.application(&app.application_id, T0).unwrap();
         let of = |view: &ApplicationView, d: &DeviceId| {
@@ -893,7 +881,7 @@ mod tests {
 
         // a registers (b has failed, so nobody is pending: settled); again is the same
         // answer, with no new event.
-        let (outcome, effects) = register(&mut core, &a, &code_a, T0);
+        let (outcome, effects) = register(&core, &a, &code_a, T0);
         assert!(matches!(
             outcome,
             ServiceRegistration::Registered { at: T0, .. }
@@ -909,7 +897,7 @@ mod tests {
                 }
             ]
         ));
-        let (outcome, effects) = register(&mut core, &a, &code_a, T0.saturating_add_ms(5));
+        let (outcome, effects) = register(&core, &a, &code_a, T0.saturating_add_ms(5));
         assert!(matches!(
             outcome,
             ServiceRegistration::Registered { at: T0, .. }
@@ -917,7 +905,7 @@ mod tests {
         assert!(effects.events.is_empty());
         assert_eq!(core.device(&a).unwrap().services.len(), 1);
         // a's code reused by b: refused as used.
-        let (outcome, _) = register(&mut core, &b, &code_a, T0);
+        let (outcome, _) = register(&core, &b, &code_a, T0);
         assert_eq!(refused_code(outcome), ErrorCode::RegistrationCodeInvalid);
         let view = core.application(&app.application_id, T0).unwrap();
         assert_eq!(
@@ -929,7 +917,7 @@ mod tests {
 
         // b's own code after the expiry: refused, and the application settles.
         let late = T0.saturating_add_ms(61_000);
-        let (outcome, effects) = register(&mut core, &b, &code_b, late);
+        let (outcome, effects) = register(&core, &b, &code_b, late);
         assert_eq!(refused_code(outcome), ErrorCode::Expired);
         assert!(
             effects.events.is_empty(),
@@ -945,12 +933,12 @@ mod tests {
 
     #[test]
     fn the_last_registration_settles_the_application() {
-        let mut core = core();
-        toner(&mut core);
-        let a = device(&mut core, 1, "acme", "A");
-        let b = device(&mut core, 2, "acme", "B");
+        let core = core();
+        toner(&core);
+        let a = device(&core, 1, "acme", "A");
+        let b = device(&core, 2, "acme", "B");
         apply(
-            &mut core,
+            &core,
             ApplyForService {
                 service_id: "toner".into(),
                 ..Default::default()
@@ -958,14 +946,14 @@ mod tests {
         )
         .unwrap();
         let (code_a, code_b) = (code_of(&core, &a), code_of(&core, &b));
-        let (_, effects) = register(&mut core, &a, &code_a, T0);
+        let (_, effects) = register(&core, &a, &code_a, T0);
         assert!(
             !effects
                 .events
                 .iter()
                 .any(|e| matches!(e, OpsEvent::ApplicationSettled { .. }))
         );
-        let (_, effects) = register(&mut core, &b, &code_b, T0);
+        let (_, effects) = register(&core, &b, &code_b, T0);
         assert!(effects.events.iter().any(|e| matches!(
             e,
             OpsEvent::ApplicationSettled {
@@ -978,9 +966,9 @@ mod tests {
 
     #[test]
     fn an_instruction_is_taken_once_and_never_after_its_expiry() {
-        let mut core = core();
-        let a = device(&mut core, 1, "acme", "A");
-        let b = device(&mut core, 2, "acme", "A");
+        let core = core();
+        let a = device(&core, 1, "acme", "A");
+        let b = device(&core, 2, "acme", "A");
         let body = InstructionBody::Custom {
             name: "reboot".into(),
             params: BTreeMap::new(),

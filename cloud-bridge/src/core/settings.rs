@@ -10,8 +10,8 @@ use schemas::settings::{
 };
 use schemas::{DeviceId, UnixMillis};
 
-use super::{Core, CoreError, CoreResult, Effects, Principal, encode, key};
-use crate::store::{Batch, Ticket};
+use super::{Core, CoreError, CoreResult, Effects, Principal};
+use crate::store::Ticket;
 
 impl Core {
     /// Whether `principal` may read and set `device_id`'s settings: the administrator and the
@@ -21,39 +21,24 @@ impl Core {
         principal: &Principal,
         device_id: &DeviceId,
     ) -> CoreResult<()> {
-        let device = self.device(device_id)?;
-        match principal {
-            Principal::Admin => Ok(()),
-            Principal::Owner(owner)
-                if device.owner.as_ref().is_some_and(|o| o.owner_id == *owner) =>
-            {
-                Ok(())
-            }
-            Principal::Owner(owner) => Err(CoreError::new(
-                ErrorCode::Forbidden,
-                format!("device {device_id} is not bound to owner {owner}"),
-            )),
-            Principal::Companion(_) | Principal::User(_) => Err(CoreError::new(
-                ErrorCode::Forbidden,
-                "only the device's owner or an administrator sets its server settings",
-            )),
-        }
+        authorize(&self.device(device_id)?, principal)
     }
 
     /// Replaces a device's server settings: a new revision, stored and appended to its feed.
     pub fn set_settings(
-        &mut self,
+        &self,
         principal: &Principal,
         device_id: &DeviceId,
         settings: DeviceSettings,
         now: UnixMillis,
     ) -> CoreResult<(SettingsRecord, Ticket, Effects)> {
-        self.authorize_settings(principal, device_id)?;
+        let mut tx = self.device_tx(device_id);
+        authorize(tx.device(device_id)?, principal)?;
         settings
             .endpoints
             .validate()
             .map_err(|e| CoreError::new(ErrorCode::BadRequest, e.to_string()))?;
-        let mut device = self.active_device(device_id)?.clone();
+        let mut device = tx.active_device(device_id)?.clone();
         let record = SettingsRecord {
             revision: device.settings.as_ref().map_or(0, |s| s.revision) + 1,
             settings: settings.clone(),
@@ -61,22 +46,19 @@ impl Core {
             set_by: principal.label(),
         };
         device.settings = Some(record.clone());
-        self.devices.insert(device_id.clone(), device);
-        let mut effects = Effects::default();
-        let mut batch = Batch::default();
-        // Writes the device record too (its feed grew).
+        tx.put_device(device)?;
         let body = FeedBody::Settings {
             revision: record.revision,
             settings,
         };
-        self.append_feed(&mut batch, device_id, body, now, &mut effects)?;
-        let ticket = self.commit(batch)?;
+        tx.append_feed(device_id, body, now)?;
+        let (ticket, effects) = tx.commit()?;
         Ok((record, ticket, effects))
     }
 
     /// Records what the device says it uses. Unchanged reports are not written again.
     pub fn report_settings(
-        &mut self,
+        &self,
         device_id: &DeviceId,
         report: SettingsReport,
         now: UnixMillis,
@@ -100,7 +82,8 @@ impl Core {
                 CoreError::new(ErrorCode::BadRequest, format!("lan endpoint {lan:?}: {e}"))
             })?;
         }
-        let device = self.active_device(device_id)?;
+        let mut tx = self.device_tx(device_id);
+        let device = tx.active_device(device_id)?;
         let newest = device.settings.as_ref().map_or(0, |s| s.revision);
         if report.revision > newest {
             return Err(CoreError::new(
@@ -127,15 +110,29 @@ impl Core {
             at: now,
         };
         device.settings_reported = Some(ReportedSettings { report, at: now });
-        let mut batch = Batch::default();
-        batch.put(key("d", device_id.as_str()), encode(&device)?);
-        let ticket = self.commit(batch)?;
-        self.devices.insert(device_id.clone(), device);
-        let effects = Effects {
-            feed_grew: vec![],
-            events: vec![event],
-        };
-        Ok((ticket, effects))
+        tx.put_device(device)?;
+        tx.effects.events.push(event);
+        tx.commit()
+    }
+}
+
+/// Whether `principal` may read and set `device`'s settings: the administrator and the owner
+/// the device is bound to; companions never.
+fn authorize(device: &schemas::records::DeviceRecord, principal: &Principal) -> CoreResult<()> {
+    let device_id = &device.device_id;
+    match principal {
+        Principal::Admin => Ok(()),
+        Principal::Owner(owner) if device.owner.as_ref().is_some_and(|o| o.owner_id == *owner) => {
+            Ok(())
+        }
+        Principal::Owner(owner) => Err(CoreError::new(
+            ErrorCode::Forbidden,
+            format!("device {device_id} is not bound to owner {owner}"),
+        )),
+        Principal::Companion(_) | Principal::User(_) => Err(CoreError::new(
+            ErrorCode::Forbidden,
+            "only the device's owner or an administrator sets its server settings",
+        )),
     }
 }
 
@@ -168,8 +165,8 @@ mod tests {
 
     #[test]
     fn each_change_is_a_new_revision_in_the_feed() {
-        let mut core = core();
-        let dev = registered(&mut core, 1);
+        let core = core();
+        let dev = registered(&core, 1);
         let first = settings(&["ws://a:1"], &["a:1883"]);
         let (rec, _, effects) = core
             .set_settings(&Principal::Admin, &dev, first.clone(), T0)
@@ -217,8 +214,8 @@ mod tests {
 
     #[test]
     fn bad_settings_and_strangers_are_refused_and_nothing_is_written() {
-        let mut core = core();
-        let dev = registered(&mut core, 1);
+        let core = core();
+        let dev = registered(&core, 1);
         let stranger = OwnerId::from_random([9; 8]);
         core.create_owner(stranger.clone(), "Bo".into(), &Secret::new("t"), T0)
             .unwrap();

@@ -1,0 +1,671 @@
+//! The job lifecycle: submission, taking a job under a lease, reports on an attempt,
+//! cancelation, and the reaper that applies leases and TTLs as they fall due.
+//!
+//! A job is `queued` until a device takes it (`delivered`, under a lease), then
+//! `in_progress`, and ends `succeeded`, `failed`, `rejected`, `canceled` or `expired`. A lease
+//! that runs out puts the job back in the queue for another attempt, up to its limit.
+
+use schemas::data::{ErrorCode, JobOffer};
+use schemas::feed::FeedBody;
+use schemas::job::{JobState, JobUpdate, Transition};
+use schemas::records::JobRecord;
+use schemas::{DeviceId, JobId, UnixMillis};
+
+use super::keys::Kind;
+use super::tx::{Access, Tx};
+use super::{
+    Core, CoreError, CoreResult, Effects, NewJob, check_print, transition_event, truncate,
+};
+use crate::store::Ticket;
+
+/// Moves a job to `to`, recording the transition and its ops event. The caller stages the job.
+pub(super) fn transition(
+    job: &mut JobRecord,
+    to: JobState,
+    reason: Option<String>,
+    now: UnixMillis,
+    effects: &mut Effects,
+) {
+    debug_assert!(job.state.can_become(to), "{:?} -> {:?}", job.state, to);
+    job.history.push(Transition {
+        from: Some(job.state),
+        to,
+        at: now,
+        attempt: job.attempt,
+        reason: reason.clone(),
+    });
+    job.state = to;
+    if to.is_terminal() {
+        job.lease_until = None;
+        if reason.is_some() {
+            job.outcome = reason;
+        }
+    }
+    effects.events.push(transition_event(job));
+}
+
+/// A new job as the queue sees it first.
+pub(super) fn queued_job(
+    job_id: JobId,
+    device_id: DeviceId,
+    created_at: UnixMillis,
+    expires_at: UnixMillis,
+    max_attempts: u32,
+    reason: Option<String>,
+) -> JobRecord {
+    JobRecord {
+        job_id,
+        device_id,
+        state: JobState::Queued,
+        attempt: 0,
+        max_attempts,
+        created_at,
+        expires_at,
+        lease_until: None,
+        idempotency_key: None,
+        content_type: String::new(),
+        payload_len: 0,
+        outcome: None,
+        submitted_by: None,
+        print: None,
+        history: vec![Transition {
+            from: None,
+            to: JobState::Queued,
+            at: created_at,
+            attempt: 0,
+            reason,
+        }],
+    }
+}
+
+impl Core {
+    pub fn submit_job(
+        &self,
+        device_id: &DeviceId,
+        new: NewJob,
+        now: UnixMillis,
+    ) -> CoreResult<(JobRecord, bool, Ticket, Effects)> {
+        let mut tx = self.device_tx(device_id);
+        let device = tx.active_device(device_id)?;
+        if let Some(key) = &new.idempotency_key {
+            if key.is_empty() || key.len() > 128 {
+                return Err(CoreError::new(
+                    ErrorCode::BadRequest,
+                    "idempotency_key must be 1 to 128 characters",
+                ));
+            }
+            let slot = (device_id.clone(), key.clone());
+            if let Some(existing) = tx.shard(device_id)?.idempotency.get(&slot) {
+                let job = tx.job(existing)?.clone();
+                return Ok((job, false, self.read_ticket(), Effects::default()));
+            }
+        }
+        if new.payload.len() > schemas::MAX_PAYLOAD_BYTES {
+            return Err(CoreError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "payload of {} bytes exceeds the limit of {} bytes",
+                    new.payload.len(),
+                    schemas::MAX_PAYLOAD_BYTES
+                ),
+            ));
+        }
+        if new.content_type.is_empty() || new.content_type.len() > 128 {
+            return Err(CoreError::new(
+                ErrorCode::BadRequest,
+                "content_type must be 1 to 128 characters",
+            ));
+        }
+        let max_attempts = new.max_attempts.unwrap_or(self.policy.default_max_attempts);
+        if max_attempts == 0 || max_attempts > self.policy.max_attempts_limit {
+            return Err(CoreError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "max_attempts must be 1 to {}",
+                    self.policy.max_attempts_limit
+                ),
+            ));
+        }
+        let ttl_ms = new.ttl_ms.unwrap_or(self.policy.default_ttl_ms);
+        if ttl_ms == 0 {
+            return Err(CoreError::new(
+                ErrorCode::BadRequest,
+                "ttl must be positive",
+            ));
+        }
+        if let Some(print) = &new.print {
+            check_print(device, print)?;
+        }
+        let job_id = tx.fresh_job_id(now);
+        let mut job = queued_job(
+            job_id.clone(),
+            device_id.clone(),
+            now,
+            now.saturating_add_ms(ttl_ms),
+            max_attempts,
+            None,
+        );
+        job.idempotency_key = new.idempotency_key;
+        job.content_type = new.content_type;
+        job.payload_len = new.payload.len() as u64;
+        job.submitted_by = new.submitted_by;
+        job.print = new.print;
+        tx.put_raw(Kind::Payload.key(job_id.as_str()), new.payload);
+        tx.append_feed(device_id, FeedBody::JobOffered { job_id }, now)?;
+        tx.effects.events.push(transition_event(&job));
+        tx.put_job(job.clone())?;
+        let (ticket, effects) = tx.commit()?;
+        Ok((job, true, ticket, effects))
+    }
+
+    pub fn job(&self, id: &JobId) -> CoreResult<JobRecord> {
+        Ok(self.job_tx(id, Access::None, None)?.job(id)?.clone())
+    }
+
+    /// A device's jobs, oldest first.
+    pub fn device_jobs(&self, device_id: &DeviceId) -> CoreResult<Vec<JobRecord>> {
+        let tx = self.device_tx(device_id);
+        tx.device(device_id)?;
+        let shard = tx.shard(device_id)?;
+        Ok(shard
+            .device_jobs
+            .get(device_id)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| shard.jobs.get(id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// A device takes a job: the first take of an attempt moves it to `delivered` under a
+    /// lease; taking again while holding the lease renews it.
+    ///
+    /// With `start`, the device starts the job at once: `delivered` and `in_progress` are
+    /// recorded in one write (a job already in progress stays so).
+    ///
+    /// The take is tried first in a transaction that is dropped, so that the payload is read
+    /// (without any lock) only for the device's own job in a state it may take; then it is
+    /// made for real. A payload that cannot be read changes nothing.
+    pub fn fetch_job(
+        &self,
+        device_id: &DeviceId,
+        job_id: &JobId,
+        start: bool,
+        now: UnixMillis,
+    ) -> CoreResult<(JobOffer, Ticket, Effects)> {
+        take(
+            &mut self.device_tx(device_id),
+            device_id,
+            job_id,
+            start,
+            now,
+        )?;
+        let payload = self
+            .committer
+            .store()
+            .get(&Kind::Payload.key(job_id.as_str()))?
+            .ok_or_else(|| {
+                CoreError::new(ErrorCode::Internal, format!("payload of {job_id} missing"))
+            })?;
+        let mut tx = self.device_tx(device_id);
+        let job = take(&mut tx, device_id, job_id, start, now)?;
+        let (ticket, effects) = tx.commit()?;
+        let offer = JobOffer {
+            job_id: job_id.clone(),
+            attempt: job.attempt,
+            lease_until: job.lease_until.unwrap_or(now),
+            content_type: job.content_type,
+            payload,
+            print: job.print,
+        };
+        Ok((offer, ticket, effects))
+    }
+
+    /// A device reports on the attempt it holds.
+    pub fn update_job(
+        &self,
+        device_id: &DeviceId,
+        job_id: &JobId,
+        attempt: u32,
+        update: JobUpdate,
+        now: UnixMillis,
+    ) -> CoreResult<(JobState, u32, Ticket, Effects)> {
+        let mut tx = self.device_tx(device_id);
+        tx.active_device(device_id)?;
+        let mut job = tx.own_job(device_id, job_id)?.clone();
+        let final_state = match &update {
+            JobUpdate::Succeeded { .. } => Some(JobState::Succeeded),
+            JobUpdate::Failed { .. } => Some(JobState::Failed),
+            JobUpdate::Rejected { .. } => Some(JobState::Rejected),
+            JobUpdate::Started | JobUpdate::Progress { .. } => None,
+        };
+        if job.state.is_terminal() {
+            // A resent final report of the attempt that finished the job is answered as before.
+            if final_state == Some(job.state) && attempt == job.attempt {
+                return Ok((
+                    job.state,
+                    job.attempt,
+                    self.read_ticket(),
+                    Effects::default(),
+                ));
+            }
+            return Err(CoreError::new(
+                ErrorCode::InvalidState,
+                format!("job {job_id} is already {}", job.state.as_str()),
+            ));
+        }
+        if job.state == JobState::Queued || attempt != job.attempt {
+            return Err(CoreError::new(
+                ErrorCode::LeaseLost,
+                format!(
+                    "attempt {attempt} of job {job_id} no longer holds the lease (job is {} at attempt {}); take it again",
+                    job.state.as_str(),
+                    job.attempt
+                ),
+            ));
+        }
+        let lease = Some(now.saturating_add_ms(self.policy.lease_ms));
+        let effects = &mut tx.effects;
+        match update {
+            JobUpdate::Started if job.state == JobState::Delivered => {
+                transition(&mut job, JobState::InProgress, None, now, effects);
+                job.lease_until = lease;
+            }
+            JobUpdate::Started | JobUpdate::Progress { .. } => job.lease_until = lease,
+            JobUpdate::Succeeded { detail } => {
+                job.outcome = detail;
+                transition(&mut job, JobState::Succeeded, None, now, effects);
+            }
+            JobUpdate::Failed { reason } => {
+                let reason = Some(truncate(reason));
+                transition(&mut job, JobState::Failed, reason, now, effects);
+            }
+            JobUpdate::Rejected { reason } => {
+                let reason = Some(truncate(reason));
+                transition(&mut job, JobState::Rejected, reason, now, effects);
+            }
+        }
+        let result = (job.state, job.attempt);
+        tx.put_job(job)?;
+        let (ticket, effects) = tx.commit()?;
+        Ok((result.0, result.1, ticket, effects))
+    }
+
+    pub fn cancel_job(
+        &self,
+        job_id: &JobId,
+        reason: Option<String>,
+        now: UnixMillis,
+    ) -> CoreResult<(JobRecord, Ticket, Effects)> {
+        let mut tx = self.job_tx(job_id, Access::None, None)?;
+        let mut job = tx.job(job_id)?.clone();
+        if job.state.is_terminal() {
+            return Err(CoreError::new(
+                ErrorCode::InvalidState,
+                format!("job {job_id} is already {}", job.state.as_str()),
+            ));
+        }
+        let was_taken = job.state != JobState::Queued;
+        let reason = truncate(reason.unwrap_or_else(|| "canceled by administrator".into()));
+        transition(
+            &mut job,
+            JobState::Canceled,
+            Some(reason),
+            now,
+            &mut tx.effects,
+        );
+        if was_taken {
+            let body = FeedBody::JobCanceled {
+                job_id: job_id.clone(),
+            };
+            tx.append_feed(&job.device_id, body, now)?;
+        }
+        tx.put_job(job.clone())?;
+        let (ticket, effects) = tx.commit()?;
+        Ok((job, ticket, effects))
+    }
+
+    /// When the next lease, TTL or owner check falls due, if any.
+    pub fn next_deadline(&self) -> Option<UnixMillis> {
+        let mut next: Option<UnixMillis> = None;
+        self.each_shard(|s| {
+            next = [next, s.next_deadline()].into_iter().flatten().min();
+        });
+        next
+    }
+
+    /// Applies every lease, TTL and owner check that has fallen due by `now`: one
+    /// transaction per shard with something due. The ticket returned covers all of them.
+    pub fn expire_due(&self, now: UnixMillis) -> CoreResult<(Option<Ticket>, Effects)> {
+        let mut ticket = None;
+        let mut effects = Effects::default();
+        for shard in 0..self.shards.len() {
+            let mut tx = Tx::over_shards(self, Access::None, [shard]);
+            expire_shard(&mut tx, now)?;
+            if tx.is_empty() {
+                continue;
+            }
+            let (t, e) = tx.commit()?;
+            ticket = ticket.max(Some(t));
+            effects.feed_grew.extend(e.feed_grew);
+            effects.events.extend(e.events);
+        }
+        Ok((ticket, effects))
+    }
+}
+
+/// The state change of a take (see [`Core::fetch_job`]), staged in `tx`; the job as taken.
+fn take(
+    tx: &mut Tx<'_>,
+    device_id: &DeviceId,
+    job_id: &JobId,
+    start: bool,
+    now: UnixMillis,
+) -> CoreResult<JobRecord> {
+    if let Some(check) = &tx.active_device(device_id)?.owner_check {
+        return Err(CoreError::new(
+            ErrorCode::OwnerCheckPending,
+            format!(
+                "the owner has not yet confirmed ({}); no jobs until then",
+                check.reason
+            ),
+        ));
+    }
+    let mut job = tx.own_job(device_id, job_id)?.clone();
+    let lease = Some(now.saturating_add_ms(tx.policy().lease_ms));
+    let effects = &mut tx.effects;
+    match job.state {
+        JobState::Queued if job.expires_at <= now => {
+            // The reaper records the expiry at its deadline; until then, refuse to start it.
+            return Err(CoreError::new(
+                ErrorCode::InvalidState,
+                format!("job {job_id} expired"),
+            ));
+        }
+        JobState::Queued => {
+            job.attempt += 1;
+            job.lease_until = lease;
+            transition(&mut job, JobState::Delivered, None, now, effects);
+        }
+        JobState::Delivered | JobState::InProgress => job.lease_until = lease,
+        state => {
+            return Err(CoreError::new(
+                ErrorCode::InvalidState,
+                format!("job {job_id} is {}", state.as_str()),
+            ));
+        }
+    }
+    if start && job.state == JobState::Delivered {
+        transition(&mut job, JobState::InProgress, None, now, effects);
+    }
+    tx.put_job(job.clone())?;
+    Ok(job)
+}
+
+/// Stages in `tx` (over one shard) every lease, TTL and owner check of that shard due by `now`.
+fn expire_shard(tx: &mut Tx<'_>, now: UnixMillis) -> CoreResult<()> {
+    let (due_leases, due_expiries) = {
+        let shard = tx.shards().next().ok_or_else(|| {
+            CoreError::new(ErrorCode::Internal, "the reaper's transaction has no shard")
+        })?;
+        let due = |set: &std::collections::BTreeSet<(UnixMillis, JobId)>| -> Vec<JobId> {
+            set.iter()
+                .take_while(|(t, _)| *t <= now)
+                .map(|(_, id)| id.clone())
+                .collect()
+        };
+        (due(&shard.leases), due(&shard.expiries))
+    };
+    for id in due_leases {
+        let mut job = tx.job(&id)?.clone();
+        if job.attempt >= job.max_attempts {
+            let reason = format!(
+                "lease expired on attempt {} of {}",
+                job.attempt, job.max_attempts
+            );
+            transition(
+                &mut job,
+                JobState::Failed,
+                Some(reason),
+                now,
+                &mut tx.effects,
+            );
+        } else {
+            let reason = Some("lease expired".to_owned());
+            transition(&mut job, JobState::Queued, reason, now, &mut tx.effects);
+            job.lease_until = None;
+            let offer = FeedBody::JobOffered { job_id: id.clone() };
+            tx.append_feed(&job.device_id, offer, now)?;
+        }
+        tx.put_job(job)?;
+    }
+    for id in due_expiries {
+        // As staged by the leases above: a job they requeued keeps its expiry.
+        let mut job = tx.job(&id)?.clone();
+        if job.expires_at > now {
+            continue;
+        }
+        if job.state.can_become(JobState::Expired) {
+            let reason = Some("ttl passed before the job was started".to_owned());
+            transition(&mut job, JobState::Expired, reason, now, &mut tx.effects);
+            tx.put_job(job)?;
+        }
+    }
+    tx.expire_owner_checks(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use schemas::FeedSeq;
+    use schemas::feed::FeedBody;
+
+    use super::*;
+    use crate::core::tests::{T0, core, job, registered};
+    use crate::core::{JobPolicy, decode};
+    use crate::store::{Committer, MemStore};
+
+    #[test]
+    fn fetch_with_start_records_delivered_and_in_progress_in_one_write() {
+        let core = core();
+        let dev = registered(&core, 1);
+        let id = job(&core, &dev);
+        let (offer, _, effects) = core.fetch_job(&dev, &id, true, T0).unwrap();
+        assert_eq!(offer.attempt, 1);
+        let key = Kind::Job.key(id.as_str());
+        let stored = core.committer.store().get(&key).unwrap().unwrap();
+        let stored: JobRecord = decode(&key, &stored).unwrap();
+        assert_eq!(
+            stored.state,
+            JobState::InProgress,
+            "both are in what was written"
+        );
+        let record = core.job(&id).unwrap();
+        assert_eq!(record.state, JobState::InProgress);
+        let steps: Vec<_> = record.history.iter().map(|t| (t.to, t.attempt)).collect();
+        assert_eq!(
+            steps,
+            [
+                (JobState::Queued, 0),
+                (JobState::Delivered, 1),
+                (JobState::InProgress, 1)
+            ]
+        );
+        assert_eq!(effects.events.len(), 2, "ops see both transitions");
+        // Taking it again while it runs renews the lease and records nothing new.
+        core.fetch_job(&dev, &id, true, T0).unwrap();
+        assert_eq!(core.job(&id).unwrap().history.len(), 3);
+        let (state, ..) = core
+            .update_job(&dev, &id, 1, JobUpdate::Succeeded { detail: None }, T0)
+            .unwrap();
+        assert_eq!(state, JobState::Succeeded);
+        // A job taken without starting starts when taken again with `start`.
+        let other = job(&core, &dev);
+        core.fetch_job(&dev, &other, false, T0).unwrap();
+        assert_eq!(core.job(&other).unwrap().state, JobState::Delivered);
+        core.fetch_job(&dev, &other, true, T0).unwrap();
+        assert_eq!(core.job(&other).unwrap().state, JobState::InProgress);
+    }
+
+    #[test]
+    fn full_lifecycle_records_every_transition() {
+        let core = core();
+        let dev = registered(&core, 1);
+        let id = job(&core, &dev);
+        let (entries, newest) = core.feed_after(&dev, FeedSeq::ZERO, 10).unwrap();
+        assert_eq!(newest, FeedSeq(1));
+        assert_eq!(entries[0].body, FeedBody::JobOffered { job_id: id.clone() });
+        let (offer, ..) = core.fetch_job(&dev, &id, false, T0).unwrap();
+        assert_eq!(offer.payload, b"%PDF");
+        assert_eq!(offer.attempt, 1);
+        core.update_job(&dev, &id, 1, JobUpdate::Started, T0)
+            .unwrap();
+        let (state, ..) = core
+            .update_job(&dev, &id, 1, JobUpdate::Succeeded { detail: None }, T0)
+            .unwrap();
+        assert_eq!(state, JobState::Succeeded);
+        // A resent final report is answered the same, not refused.
+        let (state, ..) = core
+            .update_job(&dev, &id, 1, JobUpdate::Succeeded { detail: None }, T0)
+            .unwrap();
+        assert_eq!(state, JobState::Succeeded);
+        let states: Vec<_> = core
+            .job(&id)
+            .unwrap()
+            .history
+            .iter()
+            .map(|t| t.to)
+            .collect();
+        assert_eq!(
+            states,
+            [
+                JobState::Queued,
+                JobState::Delivered,
+                JobState::InProgress,
+                JobState::Succeeded
+            ]
+        );
+    }
+
+    #[test]
+    fn another_devices_job_is_forbidden() {
+        let core = core();
+        let a = registered(&core, 1);
+        let b = registered(&core, 2);
+        let id = job(&core, &a);
+        let err = core.fetch_job(&b, &id, false, T0).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Forbidden);
+        let err = core
+            .update_job(&b, &id, 1, JobUpdate::Started, T0)
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Forbidden);
+    }
+
+    #[test]
+    fn lost_lease_requeues_then_fails_at_the_attempt_limit() {
+        let core = core();
+        let dev = registered(&core, 1);
+        let id = job(&core, &dev);
+        core.fetch_job(&dev, &id, false, T0).unwrap();
+        assert_eq!(core.next_deadline(), Some(T0.saturating_add_ms(1000)));
+        let (_, effects) = core.expire_due(T0.saturating_add_ms(1000)).unwrap();
+        assert_eq!(core.job(&id).unwrap().state, JobState::Queued);
+        assert_eq!(effects.feed_grew, vec![(dev.clone(), FeedSeq(2))]);
+        // The stale attempt can no longer report.
+        let err = core
+            .update_job(&dev, &id, 1, JobUpdate::Succeeded { detail: None }, T0)
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::LeaseLost);
+        let t1 = T0.saturating_add_ms(2000);
+        let (offer, ..) = core.fetch_job(&dev, &id, false, t1).unwrap();
+        assert_eq!(offer.attempt, 2);
+        core.expire_due(t1.saturating_add_ms(1000)).unwrap();
+        let job = core.job(&id).unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.outcome.as_deref().unwrap().contains("attempt 2 of 2"));
+    }
+
+    #[test]
+    fn progress_renews_the_lease() {
+        let core = core();
+        let dev = registered(&core, 1);
+        let id = job(&core, &dev);
+        core.fetch_job(&dev, &id, false, T0).unwrap();
+        let t = T0.saturating_add_ms(900);
+        core.update_job(&dev, &id, 1, JobUpdate::Progress { percent: 50 }, t)
+            .unwrap();
+        core.expire_due(T0.saturating_add_ms(1500)).unwrap();
+        assert_eq!(core.job(&id).unwrap().state, JobState::Delivered);
+    }
+
+    #[test]
+    fn ttl_expires_untaken_jobs_only() {
+        let core = core();
+        let dev = registered(&core, 1);
+        let waiting = job(&core, &dev);
+        let running = job(&core, &dev);
+        core.fetch_job(&dev, &running, false, T0).unwrap();
+        core.update_job(&dev, &running, 1, JobUpdate::Started, T0)
+            .unwrap();
+        // Keep the running job's lease alive past the TTL.
+        let late = T0.saturating_add_ms(10_000);
+        core.update_job(&dev, &running, 1, JobUpdate::Progress { percent: 1 }, late)
+            .unwrap();
+        core.expire_due(late).unwrap();
+        assert_eq!(core.job(&waiting).unwrap().state, JobState::Expired);
+        assert_eq!(core.job(&running).unwrap().state, JobState::InProgress);
+    }
+
+    #[test]
+    fn idempotency_key_returns_the_first_job() {
+        let core = core();
+        let dev = registered(&core, 1);
+        let new = NewJob {
+            payload: vec![1],
+            content_type: "x/y".into(),
+            ttl_ms: None,
+            max_attempts: None,
+            idempotency_key: Some("order-7".into()),
+            submitted_by: None,
+            print: None,
+        };
+        let (first, created, ..) = core.submit_job(&dev, new.clone(), T0).unwrap();
+        assert!(created);
+        let (second, created, ..) = core.submit_job(&dev, new, T0).unwrap();
+        assert!(!created);
+        assert_eq!(first.job_id, second.job_id);
+        assert_eq!(core.device_jobs(&dev).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn cancel_of_a_taken_job_tells_the_device() {
+        let core = core();
+        let dev = registered(&core, 1);
+        let id = job(&core, &dev);
+        core.fetch_job(&dev, &id, false, T0).unwrap();
+        let (_, _, effects) = core.cancel_job(&id, None, T0).unwrap();
+        assert_eq!(effects.feed_grew, vec![(dev.clone(), FeedSeq(2))]);
+        let err = core.cancel_job(&id, None, T0).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidState);
+    }
+
+    #[test]
+    fn state_survives_reload() {
+        let committer = Committer::new(Arc::new(MemStore::default()), std::time::Duration::ZERO);
+        let core = Core::load(committer.clone(), JobPolicy::default(), 3).unwrap();
+        let dev = registered(&core, 1);
+        let id = job(&core, &dev);
+        core.fetch_job(&dev, &id, false, T0).unwrap();
+        core.ack(&dev, FeedSeq(1)).unwrap();
+        let reloaded = Core::load(committer, JobPolicy::default(), 5).unwrap();
+        assert_eq!(reloaded.job(&id).unwrap(), core.job(&id).unwrap());
+        assert_eq!(reloaded.device(&dev).unwrap().acked, FeedSeq(1));
+        assert!(
+            reloaded.next_deadline().is_some(),
+            "lease must be re-indexed"
+        );
+    }
+}

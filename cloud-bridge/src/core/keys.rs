@@ -1,0 +1,120 @@
+//! The store's key space: one table of record kinds and their prefixes, used to build keys, to
+//! load the state at start ([`super::Core::load`]) and to export it ([`crate::export`]).
+//!
+//! Ids never contain `/`. Keys of a device's feed and outbox end in a zero-padded hex number,
+//! so that key order is number order and a range read returns entries in sequence.
+
+use schemas::outbox::RequestNo;
+use schemas::{DeviceId, FeedSeq};
+
+/// Every kind of record the bridge stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `d/{device_id}` → `DeviceRecord`
+    Device,
+    /// `e/{sha256(token)}` → `EnrollmentRecord`
+    Enrollment,
+    /// `q/{ops_id}` → `OpsLoginRecord`
+    OpsLogin,
+    /// `j/{job_id}` → `JobRecord`
+    Job,
+    /// `f/{device_id}/{seq as 16 hex digits}` → `FeedEntry`
+    Feed,
+    /// `r/{device_id}/{request no as 16 hex digits}` → `DeviceRequestRecord`
+    DeviceRequest,
+    /// `o/{owner_id}` → `OwnerRecord`
+    Owner,
+    /// `c/{companion_id}` → `CompanionRecord`
+    Companion,
+    /// `s/{service_id}` → `ServiceRecord`
+    Service,
+    /// `a/{application_id}` → `ApplicationRecord`
+    Application,
+    /// `i/{instruction_id}` → `InstructionRecord`
+    Instruction,
+    /// `k/{device_id}/{service_id}` → `ContractRecord`
+    Contract,
+    /// `u/{user_id}` → `UserRecord`
+    User,
+    /// `h/{job_id}` → `HeldJobRecord`
+    HeldJob,
+    /// `p/{job_id}` → the payload bytes of a job or a held job
+    Payload,
+}
+
+impl Kind {
+    /// Every kind, in the order an export lists them.
+    pub const ALL: [Kind; 15] = [
+        Kind::Device,
+        Kind::Enrollment,
+        Kind::OpsLogin,
+        Kind::Job,
+        Kind::Feed,
+        Kind::DeviceRequest,
+        Kind::Owner,
+        Kind::Companion,
+        Kind::Service,
+        Kind::Application,
+        Kind::Instruction,
+        Kind::Contract,
+        Kind::User,
+        Kind::HeldJob,
+        Kind::Payload,
+    ];
+
+    pub const fn prefix(self) -> &'static str {
+        match self {
+            Kind::Device => "d/",
+            Kind::Enrollment => "e/",
+            Kind::OpsLogin => "q/",
+            Kind::Job => "j/",
+            Kind::Feed => "f/",
+            Kind::DeviceRequest => "r/",
+            Kind::Owner => "o/",
+            Kind::Companion => "c/",
+            Kind::Service => "s/",
+            Kind::Application => "a/",
+            Kind::Instruction => "i/",
+            Kind::Contract => "k/",
+            Kind::User => "u/",
+            Kind::HeldJob => "h/",
+            Kind::Payload => "p/",
+        }
+    }
+
+    /// The key of the record with this id.
+    pub fn key(self, id: &str) -> Vec<u8> {
+        format!("{}{id}", self.prefix()).into_bytes()
+    }
+}
+
+pub(crate) fn feed_key(device: &DeviceId, seq: FeedSeq) -> Vec<u8> {
+    format!("f/{device}/{:016x}", seq.0).into_bytes()
+}
+
+pub(crate) fn request_key(device: &DeviceId, no: RequestNo) -> Vec<u8> {
+    format!("r/{device}/{:016x}", no.0).into_bytes()
+}
+
+pub(crate) fn contract_key(device: &DeviceId, service: &str) -> Vec<u8> {
+    format!("k/{device}/{service}").into_bytes()
+}
+
+/// The end (exclusive) of the keys `{kind}{device}/…`, for range reads of one device's entries.
+pub(crate) fn device_range_end(kind: Kind, device: &DeviceId) -> Vec<u8> {
+    format!("{}{device}/~", kind.prefix()).into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_distinct_and_one_letter() {
+        let mut seen: Vec<&str> = Kind::ALL.iter().map(|k| k.prefix()).collect();
+        assert!(seen.iter().all(|p| p.len() == 2 && p.ends_with('/')));
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), Kind::ALL.len());
+    }
+}
