@@ -27,6 +27,8 @@ pub mod client;
 pub mod config;
 pub mod core;
 pub mod data_channel;
+#[cfg(test)]
+mod durability_tests;
 pub mod export;
 pub mod http;
 pub mod listener;

@@ -175,6 +175,64 @@ impl Store for MemStore {
     }
 }
 
+/// A store that fails on demand, for tests of what a failure leaves behind. Batches go to a
+/// live map (what reads see, like sled's tree in memory); a flush copies it to the durable map
+/// (what a restart would find). A refused batch changes neither; a failed flush leaves the
+/// live map ahead of the durable one, as a failed `fsync` would.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct FailingStore {
+    live: MemStore,
+    durable: Mutex<std::collections::BTreeMap<Vec<u8>, Vec<u8>>>,
+    pub(crate) fail_applies: std::sync::atomic::AtomicBool,
+    pub(crate) fail_flushes: std::sync::atomic::AtomicBool,
+}
+
+#[cfg(test)]
+impl FailingStore {
+    /// A copy of what reached the disk.
+    pub(crate) fn durable(&self) -> MemStore {
+        let map = self
+            .durable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        MemStore {
+            map: Mutex::new(map),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Store for FailingStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.live.get(key)
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Pairs, StoreError> {
+        self.live.scan_prefix(prefix)
+    }
+
+    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
+        self.live.range(start, end, limit)
+    }
+
+    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        if self.fail_applies.load(Ordering::SeqCst) {
+            return Err(StoreError::Engine("injected: the batch was refused".into()));
+        }
+        self.live.apply(batch)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        if self.fail_flushes.load(Ordering::SeqCst) {
+            return Err(StoreError::Engine("injected: the flush failed".into()));
+        }
+        *self.durable.lock().unwrap_or_else(|p| p.into_inner()) = self.live.lock().clone();
+        Ok(())
+    }
+}
+
 /// Which batches are durable.
 #[derive(Debug, Clone, PartialEq)]
 enum Durable {

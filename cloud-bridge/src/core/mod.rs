@@ -32,8 +32,12 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{Committer, StoreError, Ticket};
 
+#[cfg(test)]
+mod concurrency_tests;
 mod contracts;
 mod devices;
+#[cfg(test)]
+mod failure_tests;
 mod held;
 mod jobs;
 pub mod keys;
@@ -360,6 +364,67 @@ impl Core {
         let mut devices = 0;
         self.each_shard(|s| devices += s.devices.len());
         (devices, self.jobs.len())
+    }
+}
+
+#[cfg(test)]
+impl Core {
+    /// Everything in memory, records and indexes, in a form that compares equal exactly when
+    /// two cores hold the same state (whatever the order maps iterate in). Print sessions and
+    /// claims under way are left out: they are not stored.
+    pub(crate) fn snapshot(&self) -> String {
+        use std::collections::BTreeMap;
+        use std::fmt::Write;
+        fn sorted<K: Ord + std::fmt::Debug, V: std::fmt::Debug>(
+            m: impl IntoIterator<Item = (K, V)>,
+        ) -> String {
+            format!("{:?}", m.into_iter().collect::<BTreeMap<K, V>>())
+        }
+        let mut out = String::new();
+        let mut devices = BTreeMap::new();
+        let mut jobs = BTreeMap::new();
+        let mut device_jobs = BTreeMap::new();
+        let mut idempotency = BTreeMap::new();
+        let mut deadlines = Vec::new();
+        let mut contracts = BTreeMap::new();
+        self.each_shard(|s| {
+            devices.extend(s.devices.iter().map(|(k, v)| (k.clone(), format!("{v:?}"))));
+            jobs.extend(s.jobs.iter().map(|(k, v)| (k.clone(), format!("{v:?}"))));
+            let lists = s.device_jobs.iter().filter(|(_, v)| !v.is_empty());
+            device_jobs.extend(lists.map(|(k, v)| (k.clone(), v.clone())));
+            idempotency.extend(s.idempotency.iter().map(|(k, v)| (k.clone(), v.clone())));
+            deadlines.push(format!(
+                "{:?} {:?} {:?}",
+                s.leases, s.expiries, s.owner_checks
+            ));
+            contracts.extend(
+                s.contracts
+                    .iter()
+                    .map(|(k, v)| (k.clone(), format!("{v:?}"))),
+            );
+        });
+        let _ = writeln!(
+            out,
+            "devices {devices:?}\njobs {jobs:?}\nlists {device_jobs:?}"
+        );
+        let _ = writeln!(out, "idempotency {idempotency:?}\ndeadlines {deadlines:?}");
+        let _ = writeln!(out, "contracts {contracts:?}");
+        self.with_registry(|r| {
+            let _ = writeln!(out, "enrollments {}", sorted(r.enrollments.iter()));
+            let _ = writeln!(out, "owners {}", sorted(r.owners.iter()));
+            let _ = writeln!(out, "companions {}", sorted(r.companions.iter()));
+            let tokens = r.tokens.iter().map(|(k, v)| (k, format!("{v:?}")));
+            let _ = writeln!(out, "tokens {}", sorted(tokens));
+            let _ = writeln!(out, "services {:?}", r.services);
+            let _ = writeln!(out, "applications {}", sorted(r.applications.iter()));
+            let _ = writeln!(out, "codes {}", sorted(r.codes.iter()));
+            let _ = writeln!(out, "instructions {}", sorted(r.instructions.iter()));
+            let _ = writeln!(out, "users {}", sorted(r.users.iter()));
+            let _ = writeln!(out, "held {}", sorted(r.held.iter()));
+            let _ = writeln!(out, "ops {}", sorted(r.ops_logins.iter()));
+        });
+        let _ = writeln!(out, "directory {}", self.jobs.snapshot());
+        out
     }
 }
 

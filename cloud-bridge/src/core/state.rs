@@ -29,14 +29,21 @@ use schemas::{
 
 use super::Principal;
 
-/// The shard a device's state lives in: FNV-1a of its id, modulo the shard count. Stable
-/// across runs and machines, so that shards can later be handed between bridge instances.
+/// The shard a device's state lives in: FNV-1a of its id, mixed (FNV's low bits depend on
+/// the low bits of the input alone), modulo the shard count. Stable across runs and machines,
+/// so that shards can later be handed between bridge instances.
 pub(crate) fn shard_of(device: &DeviceId, shards: usize) -> usize {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for b in device.as_str().bytes() {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
+    // MurmurHash3's finalizer.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^= hash >> 33;
     (hash % shards.max(1) as u64) as usize
 }
 
@@ -51,7 +58,7 @@ pub fn default_shards() -> usize {
 pub(crate) struct Shard {
     pub(crate) devices: HashMap<DeviceId, DeviceRecord>,
     pub(crate) jobs: HashMap<JobId, JobRecord>,
-    /// Each device's jobs, oldest first.
+    /// Each device's jobs, oldest first (by submission time, then id).
     pub(crate) device_jobs: HashMap<DeviceId, Vec<JobId>>,
     pub(crate) idempotency: HashMap<(DeviceId, String), JobId>,
     /// (deadline, job) for every leased job.
@@ -80,10 +87,16 @@ impl Shard {
     pub(crate) fn install_job(&mut self, new: JobRecord) {
         let old = self.remove_indexes(&new.job_id, Some(&new.device_id));
         if old.is_none_or(|d| d != new.device_id) {
-            self.device_jobs
-                .entry(new.device_id.clone())
-                .or_default()
-                .push(new.job_id.clone());
+            // In submission order (then id), wherever the job came from: the same order a
+            // load from the store gives.
+            let list = self.device_jobs.entry(new.device_id.clone()).or_default();
+            let jobs = &self.jobs;
+            let key = (new.created_at, &new.job_id);
+            let at = list.partition_point(|id| {
+                jobs.get(id)
+                    .is_none_or(|j| (j.created_at, &j.job_id) <= key)
+            });
+            list.insert(at, new.job_id.clone());
             if let Some(key) = &new.idempotency_key {
                 self.idempotency
                     .entry((new.device_id.clone(), key.clone()))
@@ -312,6 +325,34 @@ impl JobDirectory {
             .sum()
     }
 
+    /// How many claims are under way.
+    #[cfg(test)]
+    pub(crate) fn claims(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| {
+                let p = p.lock().unwrap_or_else(|p| p.into_inner());
+                p.values().filter(|h| **h == JobHome::Claimed).count()
+            })
+            .sum()
+    }
+
+    /// Every settled entry, sorted (claims under way are left out).
+    #[cfg(test)]
+    pub(crate) fn snapshot(&self) -> String {
+        let mut all: Vec<(JobId, JobHome)> = Vec::new();
+        for p in self.parts.iter() {
+            let p = p.lock().unwrap_or_else(|p| p.into_inner());
+            all.extend(
+                p.iter()
+                    .filter(|(_, h)| **h != JobHome::Claimed)
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        format!("{all:?}")
+    }
+
     /// Claims a new job id: the time in milliseconds (48 bits) then 16 random bits, so that
     /// ids, and the store's `j/` and `p/` keys, grow with time. New jobs then land in the
     /// store's newest pages instead of anywhere in the key space, so the pages a busy bridge
@@ -374,13 +415,19 @@ mod tests {
 
     #[test]
     fn shards_spread_devices_and_stay_put() {
+        // Counting ids, and ids of one repeated byte (the tests' devices): all spread.
+        let counting = (0..8000u64).map(|n| DeviceId::from_random(n.to_be_bytes()));
         let mut counts = [0usize; 8];
-        for n in 0..8000u64 {
-            let id = DeviceId::from_random(n.to_be_bytes());
+        for id in counting {
             let s = shard_of(&id, 8);
             assert_eq!(s, shard_of(&id, 8));
             counts[s] += 1;
         }
         assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+        let mut used = [false; 4];
+        for n in 1..=16u8 {
+            used[shard_of(&DeviceId::from_random([n; 8]), 4)] = true;
+        }
+        assert_eq!(used, [true; 4]);
     }
 }
