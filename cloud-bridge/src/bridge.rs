@@ -10,32 +10,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use schemas::api::{
-    ApplicationView, ApplyForService, CompanionCreated, CompanionView, CreateCompanion,
-    CreateEnrollmentToken, CreateInstruction, CreateOwner, CreateService, CreateUser, CustomerView,
-    DeviceView, EnrollmentTokenCreated, InstructionView, JobView, OwnerCreated, PollNow,
-    PollNowPlan, PutContract, SettingsView, SubmitHeldJob, SubmitJob, UpdateService, UserCreated,
-};
 use schemas::data::{
     ErrorCode, MAX_SYNC_ENTRIES, MAX_SYNC_WAIT_MS, Registration, Request, Response,
 };
 use schemas::hint::{HintKind, Presence};
 use schemas::ops::{Channel, OpsEvent};
-use schemas::outbox::RequestNo;
-use schemas::print::{Capabilities, HeldJobRecord};
-use schemas::records::{DeviceRecord, DeviceRequestRecord};
-use schemas::services::{ContractRecord, InstructionBody, ServiceRecord};
-use schemas::settings::DeviceSettings;
-use schemas::{
-    ApplicationId, CompanionId, DeviceId, FeedSeq, InstructionId, JobId, OwnerId, Secret,
-    UnixMillis, UserId,
-};
+use schemas::records::DeviceRecord;
+use schemas::{DeviceId, FeedSeq, Secret, UnixMillis};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{
-    AuthFailure, Core, CoreError, CoreResult, Effects, NewJob, OwnerVerdict, Principal,
-    ServiceRegistration,
+    AuthFailure, Core, CoreError, CoreResult, Effects, OwnerVerdict, ServiceRegistration,
 };
 use crate::notifier::Notifier;
 use crate::sessions::{DataSession, DataSessions};
@@ -97,7 +83,7 @@ impl Bridge {
         }
     }
 
-    pub(crate) fn core(&self) -> &Core {
+    pub fn core(&self) -> &Core {
         &self.inner.core
     }
 
@@ -123,7 +109,7 @@ impl Bridge {
     }
 
     /// Waits for `ticket`, then wakes long-polls and publishes hints and events.
-    async fn finish(&self, ticket: Ticket, effects: Effects) -> CoreResult<()> {
+    pub(crate) async fn finish(&self, ticket: Ticket, effects: Effects) -> CoreResult<()> {
         self.inner.committer.wait_durable(ticket).await?;
         for (device, seq) in effects.feed_grew {
             self.feed_watch(&device).send_if_modified(|s| {
@@ -191,8 +177,30 @@ impl Bridge {
         self.core().check_active(device).err()
     }
 
-    async fn durable_read(&self, ticket: Ticket) -> CoreResult<()> {
+    /// Waits until everything `ticket` covers is durable (before answering a read with it).
+    pub(crate) async fn durable_read(&self, ticket: Ticket) -> CoreResult<()> {
         Ok(self.inner.committer.wait_durable(ticket).await?)
+    }
+
+    /// Wakes the device's long-polls, so that they look again (a device disabled meanwhile).
+    pub(crate) fn wake_long_polls(&self, device: &DeviceId) {
+        self.feed_watch(device).send_modify(|_| {});
+    }
+
+    /// Closes the open MQTT sessions of a revoked ops login (on the embedded broker).
+    pub(crate) async fn close_ops_sessions(&self, id: &schemas::OpsId) -> CoreResult<()> {
+        let Some(embedded) = self.inner.embedded.get().cloned() else {
+            return Ok(());
+        };
+        let login = id.as_str().to_owned();
+        let closed = tokio::task::spawn_blocking(move || embedded.disconnect_login(&login))
+            .await
+            .map_err(|e| CoreError::new(ErrorCode::Internal, e.to_string()))?;
+        match closed {
+            Ok(n) => tracing::info!(ops_login = %id, sessions = n, "ops login revoked"),
+            Err(e) => tracing::error!(ops_login = %id, error = %e, "could not close its sessions"),
+        }
+        Ok(())
     }
 
     fn feed_watch(&self, device: &DeviceId) -> watch::Sender<FeedSeq> {
@@ -204,29 +212,6 @@ impl Bridge {
     }
 
     // ---------------------------------------------------------------- registry
-
-    pub async fn create_enrollment(
-        &self,
-        req: CreateEnrollmentToken,
-    ) -> CoreResult<EnrollmentTokenCreated> {
-        let token = Secret::from_random(rand::random());
-        let max_uses = req.max_uses.unwrap_or(1);
-        let ttl_ms = req.ttl_secs.unwrap_or(24 * 3600).saturating_mul(1000);
-        let (record, ticket) = self.core().create_enrollment(
-            token.clone(),
-            req.customer,
-            max_uses,
-            ttl_ms,
-            UnixMillis::now(),
-        )?;
-        self.finish(ticket, Effects::default()).await?;
-        Ok(EnrollmentTokenCreated {
-            token,
-            customer: record.customer,
-            expires_at: record.expires_at,
-            max_uses,
-        })
-    }
 
     /// Registers a device; returns its record and its secret (to be given to it once).
     pub async fn register(&self, reg: &Registration) -> CoreResult<(DeviceRecord, Secret)> {
@@ -247,87 +232,10 @@ impl Bridge {
         self.core().check_active(device_id).is_ok()
     }
 
-    pub async fn devices(&self) -> CoreResult<Vec<DeviceView>> {
-        let (mut list, ticket) = {
-            let core = self.core();
-            let list: Vec<DeviceView> = core.devices().iter().map(DeviceView::from).collect();
-            (list, core.read_ticket())
-        };
-        self.durable_read(ticket).await?;
-        list.sort_by_key(|d| d.registered_at);
-        Ok(list)
-    }
-
-    pub async fn device(&self, id: &DeviceId) -> CoreResult<DeviceView> {
-        let (view, ticket) = {
-            let core = self.core();
-            (DeviceView::from(&core.device(id)?), core.read_ticket())
-        };
-        self.durable_read(ticket).await?;
-        Ok(view)
-    }
-
-    pub async fn disable_device(&self, id: &DeviceId) -> CoreResult<DeviceView> {
-        let (device, ticket, effects) = self.core().disable_device(id, UnixMillis::now())?;
-        self.finish(ticket, effects).await?;
-        // Wake its long-polls so they notice.
-        self.feed_watch(id).send_modify(|_| {});
-        Ok(DeviceView::from(&device))
-    }
-
-    /// Requests accepted from a device's outbox after `after`, oldest first.
-    pub async fn device_requests(
-        &self,
-        id: &DeviceId,
-        after: RequestNo,
-        limit: usize,
-    ) -> CoreResult<Vec<DeviceRequestRecord>> {
-        let (list, ticket) = {
-            let core = self.core();
-            (core.device_requests(id, after, limit)?, core.read_ticket())
-        };
-        self.durable_read(ticket).await?;
-        Ok(list)
-    }
-
-    /// Asks a device to report its consent setting (answered through its outbox).
-    pub async fn query_consent(&self, id: &DeviceId) -> CoreResult<()> {
-        let (ticket, effects) = self.core().query_consent(id, UnixMillis::now())?;
-        self.finish(ticket, effects).await
-    }
-
-    /// Sets a device's server settings (a new revision in its feed).
-    pub async fn set_settings(
-        &self,
-        principal: &Principal,
-        id: &DeviceId,
-        settings: DeviceSettings,
-    ) -> CoreResult<SettingsView> {
-        let (view, ticket, effects) = {
-            let core = self.core();
-            let (_, ticket, effects) =
-                core.set_settings(principal, id, settings, UnixMillis::now())?;
-            (SettingsView::from(&core.device(id)?), ticket, effects)
-        };
-        self.finish(ticket, effects).await?;
-        Ok(view)
-    }
-
-    /// A device's settings, as set and as reported.
-    pub async fn settings(&self, principal: &Principal, id: &DeviceId) -> CoreResult<SettingsView> {
-        let (view, ticket) = {
-            let core = self.core();
-            core.authorize_settings(principal, id)?;
-            (SettingsView::from(&core.device(id)?), core.read_ticket())
-        };
-        self.durable_read(ticket).await?;
-        Ok(view)
-    }
-
     // ---------------------------------------------------------------- services
 
     /// Runs a read of the core and waits until what it saw is durable.
-    async fn read<T>(&self, f: impl FnOnce(&Core) -> CoreResult<T>) -> CoreResult<T> {
+    pub(crate) async fn read<T>(&self, f: impl FnOnce(&Core) -> CoreResult<T>) -> CoreResult<T> {
         let (value, ticket) = {
             let core = self.core();
             (f(core)?, core.read_ticket())
@@ -336,427 +244,9 @@ impl Bridge {
         Ok(value)
     }
 
-    pub async fn create_service(&self, req: CreateService) -> CoreResult<ServiceRecord> {
-        let (record, ticket) = self.core().create_service(req, UnixMillis::now())?;
-        self.finish(ticket, Effects::default()).await?;
-        Ok(record)
-    }
-
-    pub async fn update_service(&self, id: &str, req: UpdateService) -> CoreResult<ServiceRecord> {
-        let (record, ticket) = self.core().update_service(id, req)?;
-        self.finish(ticket, Effects::default()).await?;
-        Ok(record)
-    }
-
-    pub async fn services(&self) -> CoreResult<Vec<ServiceRecord>> {
-        self.read(|c| Ok(c.services())).await
-    }
-
-    pub async fn service(&self, id: &str) -> CoreResult<ServiceRecord> {
-        self.read(|c| c.service(id)).await
-    }
-
-    pub async fn customers(&self) -> CoreResult<Vec<CustomerView>> {
-        self.read(|c| Ok(c.customers())).await
-    }
-
-    pub async fn customer_devices(&self, customer: &str) -> CoreResult<Vec<DeviceView>> {
-        let mut list: Vec<DeviceView> = self
-            .read(|c| {
-                Ok(c.customer_devices(customer)
-                    .iter()
-                    .map(DeviceView::from)
-                    .collect())
-            })
-            .await?;
-        list.sort_by_key(|d| d.registered_at);
-        Ok(list)
-    }
-
-    pub async fn candidates(&self, customer: &str, service: &str) -> CoreResult<Vec<DeviceView>> {
-        self.read(|c| {
-            Ok(c.candidates(customer, service)?
-                .iter()
-                .map(DeviceView::from)
-                .collect())
-        })
-        .await
-    }
-
-    /// Applies for a service for some of a customer's devices; each gets a use-start
-    /// instruction with a fresh one-time code, and a hint.
-    pub async fn apply_for_service(
-        &self,
-        customer: &str,
-        req: ApplyForService,
-    ) -> CoreResult<ApplicationView> {
-        let id = ApplicationId::from_random(rand::random());
-        let mut fresh = || {
-            (
-                InstructionId::from_random(rand::random()),
-                Secret::from_random(rand::random()),
-            )
-        };
-        let (view, ticket, effects) =
-            self.core()
-                .apply_for_service(customer, req, id, &mut fresh, UnixMillis::now())?;
-        self.finish(ticket, effects).await?;
-        Ok(view)
-    }
-
-    pub async fn application(&self, id: &ApplicationId) -> CoreResult<ApplicationView> {
-        self.read(|c| c.application(id, UnixMillis::now())).await
-    }
-
-    /// Puts an instruction of the device maker's own kind in a device's mailbox.
-    pub async fn create_instruction(
-        &self,
-        device: &DeviceId,
-        req: CreateInstruction,
-    ) -> CoreResult<InstructionView> {
-        crate::core::check_name(&req.name)?;
-        let size: usize = req.params.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if size > 16 * 1024 {
-            return Err(CoreError::new(
-                ErrorCode::BadRequest,
-                "params may hold at most 16 KiB",
-            ));
-        }
-        let ttl_ms = crate::core::ttl_ms(req.ttl_secs, 7 * 24 * 3600, 365 * 24 * 3600);
-        let body = InstructionBody::Custom {
-            name: req.name,
-            params: req.params,
-        };
-        let id = InstructionId::from_random(rand::random());
-        let (view, ticket, effects) =
-            self.core()
-                .create_instruction(device, id, body, ttl_ms, UnixMillis::now())?;
-        self.finish(ticket, effects).await?;
-        Ok(view)
-    }
-
-    pub async fn instructions(&self, device: &DeviceId) -> CoreResult<Vec<InstructionView>> {
-        self.read(|c| c.instructions(device, UnixMillis::now()))
-            .await
-    }
-
-    pub async fn create_user(&self, req: CreateUser) -> CoreResult<UserCreated> {
-        let id = UserId::from_random(rand::random());
-        let token = Secret::from_random(rand::random());
-        let (record, ticket) =
-            self.core()
-                .create_user(id, req.name, &req.pin, &token, UnixMillis::now())?;
-        self.finish(ticket, Effects::default()).await?;
-        Ok(UserCreated {
-            user_id: record.user_id,
-            name: record.name,
-            token,
-        })
-    }
-
-    /// A job for a user's virtual printer, held until the user releases it at a device.
-    pub async fn submit_held(
-        &self,
-        principal: &Principal,
-        user: &UserId,
-        req: SubmitHeldJob,
-    ) -> CoreResult<HeldJobRecord> {
-        self.core().authorize_user(principal, user)?;
-        let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
-        let (record, ticket, effects) =
-            self.core()
-                .submit_held(user, req, payload, UnixMillis::now())?;
-        self.finish(ticket, effects).await?;
-        Ok(record)
-    }
-
-    /// A user's held jobs in every state: held, released (where, when), expired.
-    pub async fn held_jobs(
-        &self,
-        principal: &Principal,
-        user: &UserId,
-    ) -> CoreResult<Vec<HeldJobRecord>> {
-        self.read(|c| {
-            c.authorize_user(principal, user)?;
-            c.held_jobs(user, UnixMillis::now())
-        })
-        .await
-    }
-
-    /// Moves a queued job to another device's printer queue.
-    pub async fn move_job(
-        &self,
-        principal: &Principal,
-        job: &JobId,
-        to: &DeviceId,
-    ) -> CoreResult<JobView> {
-        let (record, ticket, effects) =
-            self.core()
-                .move_job(principal, job, to, UnixMillis::now())?;
-        self.finish(ticket, effects).await?;
-        Ok(JobView::from(&record))
-    }
-
-    /// What a device's printer can do (for a client to offer only those settings); for whoever
-    /// may submit jobs to it.
-    pub async fn capabilities(
-        &self,
-        principal: &Principal,
-        device: &DeviceId,
-    ) -> CoreResult<Capabilities> {
-        self.read(|c| {
-            c.authorize_submit(principal, device)?;
-            c.device(device)?
-                .printer
-                .map(|p| p.capabilities)
-                .ok_or_else(|| {
-                    CoreError::new(
-                        ErrorCode::NotFound,
-                        format!("device {device} has registered no printer queue"),
-                    )
-                })
-        })
-        .await
-    }
-
-    /// Sets (or with an empty application id, clears) a device's contract for a support
-    /// service; another provider's contract of the same kind is canceled.
-    pub async fn put_contract(
-        &self,
-        device: &DeviceId,
-        service: &str,
-        req: PutContract,
-    ) -> CoreResult<Vec<ContractRecord>> {
-        let (list, ticket, effects) =
-            self.core()
-                .put_contract(device, service, req, UnixMillis::now())?;
-        self.finish(ticket, effects).await?;
-        Ok(list)
-    }
-
-    pub async fn cancel_contract(
-        &self,
-        device: &DeviceId,
-        service: &str,
-    ) -> CoreResult<Vec<ContractRecord>> {
-        let (list, ticket, effects) =
-            self.core()
-                .cancel_contract(device, service, UnixMillis::now())?;
-        self.finish(ticket, effects).await?;
-        Ok(list)
-    }
-
-    pub async fn contracts(&self, device: &DeviceId) -> CoreResult<Vec<ContractRecord>> {
-        self.read(|c| c.device_contracts(device)).await
-    }
-
-    /// Makes a customer's devices poll now: by hints, or through a tree on their LAN whose
-    /// root gets it in its mailbox.
-    pub async fn poll_now(&self, customer: &str, req: PollNow) -> CoreResult<PollNowPlan> {
-        let nudge_id: String = rand::random::<[u8; 16]>()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let instruction = InstructionId::from_random(rand::random());
-        let (plan, ticket, effects) =
-            self.core()
-                .poll_now(customer, req, nudge_id, instruction, UnixMillis::now())?;
-        self.finish(ticket, effects).await?;
-        for device in &plan.hinted {
-            if let Some(newest) = self.core().newest(device) {
-                self.inner.notifier.hint(device, HintKind::PollNow, newest);
-            }
-        }
-        Ok(plan)
-    }
-
     // ---------------------------------------------------------------- owners and companions
 
-    /// Who an API token (other than the admin token) belongs to.
-    pub fn principal(&self, token: &str) -> Option<Principal> {
-        self.core().principal(token)
-    }
-
-    pub async fn create_owner(&self, req: CreateOwner) -> CoreResult<OwnerCreated> {
-        let token = Secret::from_random(rand::random());
-        let id = OwnerId::from_random(rand::random());
-        let (record, ticket) = self
-            .core()
-            .create_owner(id, req.name, &token, UnixMillis::now())?;
-        self.finish(ticket, Effects::default()).await?;
-        Ok(OwnerCreated {
-            owner_id: record.owner_id,
-            name: record.name,
-            token,
-        })
-    }
-
-    /// A new MQTT login for operations; its password is in the answer only.
-    pub async fn create_ops_login(
-        &self,
-        req: schemas::api::CreateOpsLogin,
-    ) -> CoreResult<schemas::api::OpsLoginCreated> {
-        let password = Secret::from_random(rand::random());
-        let id = schemas::OpsId::from_random(rand::random());
-        let (record, ticket) =
-            self.core()
-                .create_ops_login(id, req.name, &password, UnixMillis::now())?;
-        self.finish(ticket, Effects::default()).await?;
-        Ok(schemas::api::OpsLoginCreated {
-            ops_id: record.ops_id,
-            name: record.name,
-            password,
-            created_at: record.created_at,
-        })
-    }
-
-    pub async fn ops_logins(&self) -> CoreResult<Vec<schemas::api::OpsLoginView>> {
-        let (list, ticket) = {
-            let core = self.core();
-            (core.ops_logins(), core.read_ticket())
-        };
-        self.durable_read(ticket).await?;
-        Ok(list.iter().map(schemas::api::OpsLoginView::from).collect())
-    }
-
-    /// Revokes an ops login and closes its open MQTT sessions.
-    pub async fn revoke_ops_login(
-        &self,
-        id: &schemas::OpsId,
-    ) -> CoreResult<schemas::api::OpsLoginView> {
-        let (record, ticket) = self.core().revoke_ops_login(id, UnixMillis::now())?;
-        self.finish(ticket, Effects::default()).await?;
-        if let Some(embedded) = self.inner.embedded.get().cloned() {
-            let login = id.as_str().to_owned();
-            let closed = tokio::task::spawn_blocking(move || embedded.disconnect_login(&login))
-                .await
-                .map_err(|e| CoreError::new(ErrorCode::Internal, e.to_string()))?;
-            match closed {
-                Ok(n) => tracing::info!(ops_login = %id, sessions = n, "ops login revoked"),
-                Err(e) => {
-                    tracing::error!(ops_login = %id, error = %e, "could not close its sessions")
-                }
-            }
-        }
-        Ok(schemas::api::OpsLoginView::from(&record))
-    }
-
-    pub async fn create_companion(
-        &self,
-        owner: &OwnerId,
-        req: CreateCompanion,
-    ) -> CoreResult<CompanionCreated> {
-        let token = Secret::from_random(rand::random());
-        let id = CompanionId::from_random(rand::random());
-        let (record, ticket) =
-            self.core()
-                .create_companion(owner, id, req.name, &token, UnixMillis::now())?;
-        self.finish(ticket, Effects::default()).await?;
-        Ok(CompanionCreated {
-            companion_id: record.companion_id,
-            owner_id: record.owner_id,
-            name: record.name,
-            token,
-        })
-    }
-
-    pub async fn companion(
-        &self,
-        principal: &Principal,
-        id: &CompanionId,
-    ) -> CoreResult<CompanionView> {
-        let (view, ticket) = {
-            let core = self.core();
-            (
-                CompanionView::from(&core.companion(principal, id)?),
-                core.read_ticket(),
-            )
-        };
-        self.durable_read(ticket).await?;
-        Ok(view)
-    }
-
-    pub async fn link_companion(
-        &self,
-        principal: &Principal,
-        companion: &CompanionId,
-        device: &DeviceId,
-        linked: bool,
-    ) -> CoreResult<CompanionView> {
-        let (record, ticket) = self
-            .core()
-            .link_companion(principal, companion, device, linked)?;
-        self.finish(ticket, Effects::default()).await?;
-        Ok(CompanionView::from(&record))
-    }
-
-    pub fn counts(&self) -> (usize, usize) {
-        self.core().counts()
-    }
-
     // ---------------------------------------------------------------- jobs
-
-    /// Submits a job for `principal`, if it may submit to `device`.
-    pub async fn submit_job(
-        &self,
-        principal: &Principal,
-        device: &DeviceId,
-        req: SubmitJob,
-    ) -> CoreResult<(JobView, bool)> {
-        let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
-        let new = NewJob {
-            payload,
-            content_type: req
-                .content_type
-                .unwrap_or_else(|| "application/octet-stream".into()),
-            ttl_ms: req.ttl_secs.map(|s| s.saturating_mul(1000)),
-            max_attempts: req.max_attempts,
-            idempotency_key: req.idempotency_key,
-            submitted_by: Some(principal.label()),
-            print: req.print,
-        };
-        let core = self.core();
-        core.authorize_submit(principal, device)?;
-        let (job, created, ticket, effects) = core.submit_job(device, new, UnixMillis::now())?;
-        self.finish(ticket, effects).await?;
-        if created {
-            self.inner
-                .metrics
-                .jobs_submitted
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        Ok((JobView::from(&job), created))
-    }
-
-    pub async fn job(&self, principal: &Principal, id: &JobId) -> CoreResult<JobView> {
-        let (view, ticket) = {
-            let core = self.core();
-            core.authorize_job_read(principal, id)?;
-            (JobView::from(&core.job(id)?), core.read_ticket())
-        };
-        self.durable_read(ticket).await?;
-        Ok(view)
-    }
-
-    pub async fn device_jobs(&self, device: &DeviceId) -> CoreResult<Vec<JobView>> {
-        let (list, ticket) = {
-            let core = self.core();
-            let list = core
-                .device_jobs(device)?
-                .iter()
-                .map(JobView::from)
-                .collect();
-            (list, core.read_ticket())
-        };
-        self.durable_read(ticket).await?;
-        Ok(list)
-    }
-
-    pub async fn cancel_job(&self, id: &JobId, reason: Option<String>) -> CoreResult<JobView> {
-        let (job, ticket, effects) = self.core().cancel_job(id, reason, UnixMillis::now())?;
-        self.finish(ticket, effects).await?;
-        Ok(JobView::from(&job))
-    }
 
     // ---------------------------------------------------------------- data channel
 
@@ -1085,20 +575,5 @@ impl broker::Authenticator for MqttAuth {
                 Err(Refusal::BadCredentials)
             }
         }
-    }
-}
-
-/// A payload given as text or as standard base64 (exactly one).
-fn decode_payload(text: Option<&str>, b64: Option<&str>) -> CoreResult<Vec<u8>> {
-    use base64::Engine as _;
-    match (text, b64) {
-        (Some(text), None) => Ok(text.as_bytes().to_vec()),
-        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-            .decode(b64.as_bytes())
-            .map_err(|e| CoreError::new(ErrorCode::BadRequest, format!("payload_base64: {e}"))),
-        _ => Err(CoreError::new(
-            ErrorCode::BadRequest,
-            "give exactly one of payload and payload_base64",
-        )),
     }
 }

@@ -5,21 +5,39 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use schemas::api::{CreateEnrollmentToken, SubmitJob};
+use schemas::admin::{ListDevices, SubmitJobOp};
+use schemas::api::SubmitJob;
 use schemas::data::{Registration, Request, Response};
 use schemas::job::{JobState, JobUpdate};
-use schemas::{DeviceId, JobId};
+use schemas::{DeviceId, JobId, Secret, UnixMillis};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::AppState;
+use crate::admin::serve::{Call, Serve};
 use crate::bridge::Bridge;
 use crate::core::{Core, JobPolicy, Principal};
 use crate::notifier::Notifier;
 use crate::store::{Committer, FailingStore, Store};
 
+/// Submits a job as the administrator would over HTTP.
+async fn submit(state: &AppState, device: &DeviceId, payload: &str) -> Option<JobId> {
+    let call = Call {
+        principal: Principal::Admin,
+        params: device.clone(),
+        query: (),
+        body: SubmitJob {
+            payload: Some(payload.into()),
+            ..SubmitJob::default()
+        },
+    };
+    let reply = SubmitJobOp::serve(state, call).await.ok()?;
+    Some(reply.answer.job_id)
+}
+
 /// One device's work, until the first refusal: submit a job, take it, finish it. Every
 /// acknowledged step is recorded as (job, state).
 async fn device_loop(
-    bridge: Bridge,
+    state: AppState,
     device: DeviceId,
     acked: Arc<std::sync::Mutex<Vec<(JobId, JobState)>>>,
     count: Arc<AtomicUsize>,
@@ -28,32 +46,29 @@ async fn device_loop(
         acked.lock().unwrap().push((job.clone(), state));
         count.fetch_add(1, Ordering::SeqCst);
     };
+    let bridge = &state.bridge;
     loop {
-        let submit = SubmitJob {
-            payload: Some("%PDF".into()),
-            ..SubmitJob::default()
-        };
-        let Ok((job, _)) = bridge.submit_job(&Principal::Admin, &device, submit).await else {
+        let Some(job) = submit(&state, &device, "%PDF").await else {
             return;
         };
-        note(&job.job_id, JobState::Queued);
+        note(&job, JobState::Queued);
         let fetch = Request::FetchJob {
-            job_id: job.job_id.clone(),
+            job_id: job.clone(),
             start: true,
         };
         let Ok(Response::Job(offer)) = bridge.handle(&device, fetch).await else {
             return;
         };
-        note(&job.job_id, JobState::InProgress);
+        note(&job, JobState::InProgress);
         let done = Request::JobUpdate {
-            job_id: job.job_id.clone(),
+            job_id: job.clone(),
             attempt: offer.attempt,
             update: JobUpdate::Succeeded { detail: None },
         };
         let Ok(Response::JobState { state, .. }) = bridge.handle(&device, done).await else {
             return;
         };
-        note(&job.job_id, state);
+        note(&job, state);
     }
 }
 
@@ -66,15 +81,14 @@ async fn after_a_failed_flush_nothing_more_is_acknowledged_and_what_was_is_on_di
     let flusher = tokio::spawn(committer.clone().run_flusher(shutdown.clone()));
     let core = Core::load(committer.clone(), JobPolicy::default(), 4).unwrap();
     let bridge = Bridge::new(core, committer.clone(), Notifier::new(1 << 16), "embedded");
-    let token = bridge
-        .create_enrollment(CreateEnrollmentToken {
-            customer: "acme".into(),
-            max_uses: Some(8),
-            ttl_secs: None,
-        })
-        .await
-        .unwrap()
-        .token;
+    let state = AppState::new(bridge.clone(), Secret::new("admin"));
+    let token = Secret::new("enrol");
+    let now = UnixMillis::now();
+    let (_, ticket) = bridge
+        .core()
+        .create_enrollment(token.clone(), "acme".into(), 8, 60_000, now)
+        .unwrap();
+    committer.wait_durable(ticket).await.unwrap();
     let mut devices = Vec::new();
     for n in 0..8 {
         let reg = Registration {
@@ -93,7 +107,7 @@ async fn after_a_failed_flush_nothing_more_is_acknowledged_and_what_was_is_on_di
     let workers: Vec<_> = devices
         .iter()
         .map(|d| {
-            let work = device_loop(bridge.clone(), d.clone(), acked.clone(), count.clone());
+            let work = device_loop(state.clone(), d.clone(), acked.clone(), count.clone());
             tokio::spawn(work)
         })
         .collect();
@@ -117,17 +131,17 @@ async fn after_a_failed_flush_nothing_more_is_acknowledged_and_what_was_is_on_di
 
     // Nothing more is acknowledged, reads included, and nothing more is accepted.
     assert!(committer.failure().is_some());
-    let submit = SubmitJob {
-        payload: Some("late".into()),
-        ..SubmitJob::default()
+    assert_eq!(submit(&state, &devices[0], "late").await, None);
+    let list = Call {
+        principal: Principal::Admin,
+        params: (),
+        query: (),
+        body: (),
     };
     assert!(
-        bridge
-            .submit_job(&Principal::Admin, &devices[0], submit)
-            .await
-            .is_err()
+        ListDevices::serve(&state, list).await.is_err(),
+        "a read was answered"
     );
-    assert!(bridge.devices().await.is_err(), "a read was answered");
 
     // Memory is what the store holds (every batch the store accepted, durable or not).
     let reloaded = Core::load(

@@ -8,10 +8,9 @@
 //! | [`notifier`] | hints and ops events out to MQTT, presence in; embedded or external broker |
 //! | [`data_channel`] | the devices' WebSocket connections |
 //! | [`sessions`] | open data-channel connections by device, closed at once on revocation |
-//! | [`admin`] | the admin HTTP API |
+//! | [`admin`] | the admin HTTP API: every operation of `schemas::admin`, served from its declaration |
 //! | [`http`] | serving the admin API: header, idle and request timeouts, graceful shutdown |
 //! | [`listener`] | connection caps per listener, accept backoff, TLS handshakes under a deadline |
-//! | [`client`] | a typed client of the admin API |
 //! | [`config`] | the configuration file and its defaults |
 //! | [`server`] | start-up, wiring, graceful shutdown |
 //! | [`cli`] | the `cloud-bridge` command line |
@@ -23,7 +22,6 @@
 pub mod admin;
 pub mod bridge;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod core;
 pub mod data_channel;

@@ -15,7 +15,7 @@ use cloud_bridge::bridge::Bridge;
 use cloud_bridge::store::{Committer, MemStore};
 use rumqttd::protocol::Protocol;
 use schemas::data::{ClientFrame, Request, ServerFrame};
-use schemas::{DeviceId, Secret};
+use schemas::{DeviceId, OpsId, OwnerId, Secret, UnixMillis, UserId};
 
 /// The names of the targets, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/`.
 pub const TARGETS: &[&str] = &[
@@ -104,15 +104,11 @@ impl World {
                     .clone()
                     .run_flusher(tokio_util::sync::CancellationToken::new()),
             );
-            let token = bridge
-                .create_enrollment(schemas::api::CreateEnrollmentToken {
-                    customer: "fuzz".into(),
-                    max_uses: Some(1),
-                    ttl_secs: None,
-                })
-                .await
-                .expect("an enrollment token")
-                .token;
+            let token = Secret::new("fuzz-enrollment");
+            bridge
+                .core()
+                .create_enrollment(token.clone(), "fuzz".into(), 1, 60_000, UnixMillis::now())
+                .expect("an enrollment token");
             let (record, secret) = bridge
                 .register(&schemas::data::Registration {
                     enrollment_token: token,
@@ -422,38 +418,23 @@ fn seeds_in(w: &World) -> Vec<(&'static str, Vec<u8>)> {
     }
 
     // Stored records, as the world's store holds them after some work.
-    w.runtime.block_on(async {
-        let _ = w
-            .bridge
-            .create_owner(schemas::api::CreateOwner {
-                name: "fuzz".into(),
-            })
-            .await;
-        let _ = w
-            .bridge
-            .create_user(schemas::api::CreateUser {
-                name: "fuzz".into(),
-                pin: Secret::new("2468"),
-            })
-            .await;
-        let _ = w
-            .bridge
-            .create_ops_login(schemas::api::CreateOpsLogin {
-                name: "fuzz".into(),
-            })
-            .await;
-        let _ = w
-            .bridge
-            .submit_job(
-                &cloud_bridge::core::Principal::Admin,
-                &w.device,
-                schemas::api::SubmitJob {
-                    payload: Some("seed".into()),
-                    ..Default::default()
-                },
-            )
-            .await;
-    });
+    let core = w.bridge.core();
+    let now = UnixMillis::now();
+    let token = Secret::new("fuzz-token");
+    let _ = core.create_owner(OwnerId::from_random([1; 8]), "fuzz".into(), &token, now);
+    let user = UserId::from_random([2; 8]);
+    let _ = core.create_user(user, "fuzz".into(), &Secret::new("2468"), &token, now);
+    let _ = core.create_ops_login(OpsId::from_random([3; 8]), "fuzz".into(), &token, now);
+    let job = cloud_bridge::core::NewJob {
+        payload: b"seed".to_vec(),
+        content_type: "text/plain".into(),
+        ttl_ms: None,
+        max_attempts: None,
+        idempotency_key: None,
+        submitted_by: None,
+        print: None,
+    };
+    let _ = core.submit_job(&w.device, job, now);
     for (kind, prefix) in [
         (0u8, "d/"),
         (1, "j/"),

@@ -14,8 +14,10 @@
 //! - [`services`]: services customers apply for, the instruction mailbox, enrollment codes.
 //! - [`settings`]: server settings (endpoints) given to a device from outside, and its report.
 //! - [`ops`]: fleet events for operations (JSON, so any MQTT client can read them).
-//! - [`api`]: the admin HTTP API's JSON bodies.
+//! - [`api`]: the admin HTTP API's JSON bodies; [`admin`]: its operations, each declared once
+//!   (route, access, types), served by the bridge and called by the client from there.
 
+pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod codec;

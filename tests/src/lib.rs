@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloud_bridge::client::AdminClient;
+use admin_client::AdminClient;
 use device_sim::{
     AgentConfig, AgentEvent, AgentHandle, DeviceInfo, JobExecutor, MemoryStateStore,
     SimulatedExecutor,

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cloud_bridge::client::ClientError;
+use admin_client::ClientError;
 use device_sim::executor::ExecFuture;
 use device_sim::{JobExecutor, JobOutcome};
 use e2e_tests::{Device, InProcessBridge, SOON, eventually, wait_reported};

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cloud_bridge::client::ClientError;
+use admin_client::ClientError;
 use device_sim::session::{DataSession, SessionSettings};
 use e2e_tests::{Device, InProcessBridge, SOON, device_info, eventually, wait_reported};
 use hyper::StatusCode;

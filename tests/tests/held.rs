@@ -29,7 +29,7 @@ fn code(r: Result<impl std::fmt::Debug, AgentError>) -> ErrorCode {
     }
 }
 
-async fn hold(admin: &cloud_bridge::client::AdminClient, user: &UserId, title: &str) -> JobId {
+async fn hold(admin: &admin_client::AdminClient, user: &UserId, title: &str) -> JobId {
     admin
         .submit_held(
             user,
@@ -235,7 +235,7 @@ async fn two_devices_releasing_the_same_job_at_once_exactly_one_gets_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_fill_and_read_only_their_own_virtual_printer() {
-    use cloud_bridge::client::ClientError;
+    use admin_client::ClientError;
     let bridge = InProcessBridge::start().await;
     let ep = &bridge.endpoints;
     let admin = ep.client();

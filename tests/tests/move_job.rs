@@ -2,7 +2,7 @@
 //! printer B, which prints it; A, back later, never prints it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cloud_bridge::client::ClientError;
+use admin_client::ClientError;
 use device_sim::AgentEvent;
 use e2e_tests::{Device, InProcessBridge, SOON, wait_for_event, wait_reported};
 use hyper::StatusCode;

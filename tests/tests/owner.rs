@@ -4,7 +4,7 @@
 //! device registers again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cloud_bridge::client::ClientError;
+use admin_client::ClientError;
 use device_sim::session::{DataSession, SessionError, SessionSettings};
 use device_sim::{AgentError, AgentEvent};
 use e2e_tests::{

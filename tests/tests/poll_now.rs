@@ -190,7 +190,7 @@ async fn poll_now_through_one_device_reaches_twenty_others_through_the_lan_tree(
 }
 
 async fn state_of(
-    admin: &cloud_bridge::client::AdminClient,
+    admin: &admin_client::AdminClient,
     device: &DeviceId,
     id: &InstructionId,
 ) -> (InstructionState, Option<UnixMillis>) {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use cloud_bridge::client::{AdminClient, ClientError};
+use admin_client::{AdminClient, ClientError};
 use device_sim::AgentEvent;
 use e2e_tests::{
     Device, InProcessBridge, SOON, TcpProxy, eventually, socket_addr, wait_for_event, wait_reported,

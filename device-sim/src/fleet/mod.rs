@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use cloud_bridge::client::{AdminClient, ClientError};
+use admin_client::{AdminClient, ClientError};
 use schemas::api::{CreateEnrollmentToken, SubmitJob};
 use schemas::data::JobOffer;
 use schemas::job::JobState;

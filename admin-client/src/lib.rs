@@ -1,5 +1,8 @@
-//! A typed client of the admin API, for cloud services written in Rust, the simulator's job
-//! generator, and the tests.
+//! A typed client of the bridge's admin API, for cloud services written in Rust, the
+//! simulator's job generator, and the tests.
+//!
+//! [`AdminClient::call`] calls any operation declared in [`schemas::admin`]; the named methods
+//! are shorthands for the common ones.
 
 use std::time::Duration;
 
@@ -8,22 +11,21 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use schemas::Secret;
+use schemas::admin::{self as op, BodyUse, Operation};
 use schemas::api::{
-    ApiError, CancelJob, CompanionCreated, CompanionView, CreateCompanion, CreateEnrollmentToken,
-    CreateOwner, DeviceView, EnrollmentTokenCreated, Health, JobView, OwnerCreated, PutSettings,
-    SettingsView, SubmitJob,
-};
-use schemas::api::{
-    ApplicationView, ApplyForService, CreateInstruction, CreateService, CreateUser, CustomerView,
-    InstructionView, MoveJob, PollNow, PollNowPlan, PutContract, SubmitHeldJob, UserCreated,
+    ApiError, ApplicationView, ApplyForService, CancelJob, CandidatesQuery, CompanionCreated,
+    CompanionView, CreateCompanion, CreateEnrollmentToken, CreateInstruction, CreateOwner,
+    CreateService, CreateUser, CustomerView, DeviceView, EnrollmentTokenCreated, Health,
+    InstructionView, JobView, MoveJob, OpsLoginCreated, OpsLoginView, OwnerCreated, PollNow,
+    PollNowPlan, PutContract, PutSettings, RequestsQuery, SettingsView, SubmitHeldJob, SubmitJob,
+    UserCreated,
 };
 use schemas::print::{Capabilities, HeldJobRecord};
 use schemas::records::DeviceRequestRecord;
 use schemas::services::{ContractRecord, ServiceRecord};
 use schemas::settings::Endpoints;
-use schemas::{ApplicationId, CompanionId, DeviceId, JobId, Secret, UserId};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use schemas::{ApplicationId, CompanionId, DeviceId, JobId, OpsId, UserId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -140,18 +142,30 @@ impl AdminClient {
             .map_err(|_| ClientError::Timeout(self.timeout))?
     }
 
-    async fn call<T: DeserializeOwned>(
+    /// Calls an operation: its path parameters, query and body as the declaration types them.
+    /// Returns the status (a success) with the answer.
+    pub async fn call_with_status<O: Operation>(
         &self,
-        method: Method,
-        path: &str,
-        body: Option<&impl Serialize>,
-    ) -> Result<(StatusCode, T), ClientError> {
-        let body = body
-            .map(serde_json::to_vec)
-            .transpose()
-            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        params: &O::Params,
+        query: &O::Query,
+        body: &O::Body,
+    ) -> Result<(StatusCode, O::Answer), ClientError> {
+        let mut path = op::path_of::<O>(params);
+        let query = serde_urlencoded::to_string(query)
+            .map_err(|e| ClientError::Decode(format!("query: {e}")))?;
+        if !query.is_empty() {
+            path = format!("{path}?{query}");
+        }
+        let body = match O::BODY {
+            BodyUse::None => None,
+            BodyUse::Required | BodyUse::Optional => {
+                Some(serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?)
+            }
+        };
+        let method = Method::from_bytes(O::METHOD.as_str().as_bytes())
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
         let (status, bytes) = self
-            .raw(method, path, body, Some(self.token.expose()))
+            .raw(method, &path, body, Some(self.token.expose()))
             .await?;
         if !status.is_success() {
             let error = serde_json::from_slice::<ApiError>(&bytes).map_err(|_| {
@@ -162,129 +176,118 @@ impl AdminClient {
             })?;
             return Err(ClientError::Api { status, error });
         }
-        let value =
-            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
-        Ok((status, value))
+        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        let answer =
+            serde_json::from_slice(bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok((status, answer))
+    }
+
+    /// Calls an operation (see [`Self::call_with_status`]).
+    pub async fn call<O: Operation>(
+        &self,
+        params: &O::Params,
+        query: &O::Query,
+        body: &O::Body,
+    ) -> Result<O::Answer, ClientError> {
+        Ok(self.call_with_status::<O>(params, query, body).await?.1)
+    }
+
+    /// An operation with path parameters only.
+    async fn get<O: Operation<Query = (), Body = ()>>(
+        &self,
+        params: &O::Params,
+    ) -> Result<O::Answer, ClientError> {
+        self.call::<O>(params, &(), &()).await
+    }
+
+    /// An operation with path parameters and a body.
+    async fn send<O: Operation<Query = ()>>(
+        &self,
+        params: &O::Params,
+        body: &O::Body,
+    ) -> Result<O::Answer, ClientError> {
+        self.call::<O>(params, &(), body).await
     }
 
     pub async fn health(&self) -> Result<Health, ClientError> {
-        Ok(self.call(Method::GET, "/v1/health", None::<&()>).await?.1)
+        self.get::<op::GetHealth>(&()).await
     }
 
     pub async fn metrics(&self) -> Result<serde_json::Value, ClientError> {
-        Ok(self.call(Method::GET, "/v1/metrics", None::<&()>).await?.1)
+        self.get::<op::GetMetrics>(&()).await
     }
 
     pub async fn create_enrollment(
         &self,
         req: &CreateEnrollmentToken,
     ) -> Result<EnrollmentTokenCreated, ClientError> {
-        Ok(self
-            .call(Method::POST, "/v1/enrollment-tokens", Some(req))
-            .await?
-            .1)
+        self.send::<op::CreateEnrollment>(&(), req).await
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceView>, ClientError> {
-        Ok(self.call(Method::GET, "/v1/devices", None::<&()>).await?.1)
+        self.get::<op::ListDevices>(&()).await
     }
 
     pub async fn device(&self, id: &DeviceId) -> Result<DeviceView, ClientError> {
-        Ok(self
-            .call(Method::GET, &format!("/v1/devices/{id}"), None::<&()>)
-            .await?
-            .1)
+        self.get::<op::GetDevice>(id).await
     }
 
     pub async fn disable_device(&self, id: &DeviceId) -> Result<DeviceView, ClientError> {
-        Ok(self
-            .call(
-                Method::POST,
-                &format!("/v1/devices/{id}/disable"),
-                None::<&()>,
-            )
-            .await?
-            .1)
+        self.get::<op::DisableDevice>(id).await
     }
 
     pub async fn create_owner(&self, name: &str) -> Result<OwnerCreated, ClientError> {
         let req = CreateOwner { name: name.into() };
-        Ok(self.call(Method::POST, "/v1/owners", Some(&req)).await?.1)
+        self.send::<op::CreateOwnerOp>(&(), &req).await
     }
 
-    /// A new MQTT login for operations tools; the password is in the answer only.
-    pub async fn create_ops_login(
-        &self,
-        name: &str,
-    ) -> Result<schemas::api::OpsLoginCreated, ClientError> {
+    /// An MQTT login for operations; its password is in the answer only.
+    pub async fn create_ops_login(&self, name: &str) -> Result<OpsLoginCreated, ClientError> {
         let req = schemas::api::CreateOpsLogin { name: name.into() };
-        Ok(self
-            .call(Method::POST, "/v1/ops-logins", Some(&req))
-            .await?
-            .1)
+        self.send::<op::CreateOpsLoginOp>(&(), &req).await
     }
 
-    pub async fn ops_logins(&self) -> Result<Vec<schemas::api::OpsLoginView>, ClientError> {
-        Ok(self
-            .call(Method::GET, "/v1/ops-logins", None::<&()>)
-            .await?
-            .1)
+    pub async fn ops_logins(&self) -> Result<Vec<OpsLoginView>, ClientError> {
+        self.get::<op::ListOpsLogins>(&()).await
     }
 
-    /// Revokes an ops login: it is refused from now on and its open sessions close.
-    pub async fn revoke_ops_login(
-        &self,
-        id: &schemas::OpsId,
-    ) -> Result<schemas::api::OpsLoginView, ClientError> {
-        Ok(self
-            .call(Method::DELETE, &format!("/v1/ops-logins/{id}"), None::<&()>)
-            .await?
-            .1)
+    /// Revokes an ops login; its open sessions are closed.
+    pub async fn revoke_ops_login(&self, id: &OpsId) -> Result<OpsLoginView, ClientError> {
+        self.get::<op::RevokeOpsLogin>(&id.as_str().to_owned())
+            .await
     }
 
-    /// Creates a companion of the calling owner.
+    /// A companion of the owner whose token this client uses.
     pub async fn create_companion(&self, name: &str) -> Result<CompanionCreated, ClientError> {
         let req = CreateCompanion { name: name.into() };
-        Ok(self
-            .call(Method::POST, "/v1/companions", Some(&req))
-            .await?
-            .1)
+        self.send::<op::CreateCompanionOp>(&(), &req).await
     }
 
     pub async fn companion(&self, id: &CompanionId) -> Result<CompanionView, ClientError> {
-        Ok(self
-            .call(Method::GET, &format!("/v1/companions/{id}"), None::<&()>)
-            .await?
-            .1)
+        self.get::<op::GetCompanion>(id).await
     }
 
-    /// Links (or unlinks) a companion and a device of the calling owner.
+    /// Links (or with `linked` false, unlinks) a companion and a device.
     pub async fn link_companion(
         &self,
-        id: &CompanionId,
+        companion: &CompanionId,
         device: &DeviceId,
         linked: bool,
     ) -> Result<CompanionView, ClientError> {
-        let method = if linked { Method::PUT } else { Method::DELETE };
-        Ok(self
-            .call(
-                method,
-                &format!("/v1/companions/{id}/devices/{device}"),
-                None::<&()>,
-            )
-            .await?
-            .1)
+        let params = (companion.clone(), device.clone());
+        if linked {
+            self.get::<op::LinkCompanion>(&params).await
+        } else {
+            self.get::<op::UnlinkCompanion>(&params).await
+        }
     }
 
     pub async fn create_service(&self, req: &CreateService) -> Result<ServiceRecord, ClientError> {
-        Ok(self.call(Method::POST, "/v1/services", Some(req)).await?.1)
+        self.send::<op::CreateServiceOp>(&(), req).await
     }
 
     pub async fn customers(&self) -> Result<Vec<CustomerView>, ClientError> {
-        Ok(self
-            .call(Method::GET, "/v1/customers", None::<&()>)
-            .await?
-            .1)
+        self.get::<op::ListCustomers>(&()).await
     }
 
     /// The customer's devices a service can be applied for.
@@ -293,12 +296,11 @@ impl AdminClient {
         customer: &str,
         service: &str,
     ) -> Result<Vec<DeviceView>, ClientError> {
-        let path = format!(
-            "/v1/customers/{}/candidates?service={}",
-            encode_path(customer),
-            encode_path(service)
-        );
-        Ok(self.call(Method::GET, &path, None::<&()>).await?.1)
+        let query = CandidatesQuery {
+            service: service.into(),
+        };
+        self.call::<op::Candidates>(&customer.to_owned(), &query, &())
+            .await
     }
 
     pub async fn apply_for_service(
@@ -306,8 +308,8 @@ impl AdminClient {
         customer: &str,
         req: &ApplyForService,
     ) -> Result<ApplicationView, ClientError> {
-        let path = format!("/v1/customers/{}/applications", encode_path(customer));
-        Ok(self.call(Method::POST, &path, Some(req)).await?.1)
+        self.send::<op::ApplyForServiceOp>(&customer.to_owned(), req)
+            .await
     }
 
     pub async fn poll_now(
@@ -315,15 +317,11 @@ impl AdminClient {
         customer: &str,
         req: &PollNow,
     ) -> Result<PollNowPlan, ClientError> {
-        let path = format!("/v1/customers/{}/poll-now", encode_path(customer));
-        Ok(self.call(Method::POST, &path, Some(req)).await?.1)
+        self.send::<op::PollNowOp>(&customer.to_owned(), req).await
     }
 
     pub async fn application(&self, id: &ApplicationId) -> Result<ApplicationView, ClientError> {
-        Ok(self
-            .call(Method::GET, &format!("/v1/applications/{id}"), None::<&()>)
-            .await?
-            .1)
+        self.get::<op::GetApplication>(id).await
     }
 
     pub async fn create_instruction(
@@ -331,71 +329,49 @@ impl AdminClient {
         device: &DeviceId,
         req: &CreateInstruction,
     ) -> Result<InstructionView, ClientError> {
-        Ok(self
-            .call(
-                Method::POST,
-                &format!("/v1/devices/{device}/instructions"),
-                Some(req),
-            )
-            .await?
-            .1)
+        self.send::<op::CreateInstructionOp>(device, req).await
     }
 
     pub async fn instructions(
         &self,
         device: &DeviceId,
     ) -> Result<Vec<InstructionView>, ClientError> {
-        Ok(self
-            .call(
-                Method::GET,
-                &format!("/v1/devices/{device}/instructions"),
-                None::<&()>,
-            )
-            .await?
-            .1)
+        self.get::<op::ListInstructions>(device).await
     }
 
     pub async fn create_user(&self, req: &CreateUser) -> Result<UserCreated, ClientError> {
-        Ok(self.call(Method::POST, "/v1/users", Some(req)).await?.1)
+        self.send::<op::CreateUserOp>(&(), req).await
     }
 
-    /// A job for a user's virtual printer, held until released at a device.
     pub async fn submit_held(
         &self,
         user: &UserId,
         req: &SubmitHeldJob,
     ) -> Result<HeldJobRecord, ClientError> {
-        let path = format!("/v1/users/{user}/held-jobs");
-        Ok(self.call(Method::POST, &path, Some(req)).await?.1)
+        self.send::<op::SubmitHeld>(user, req).await
     }
 
     pub async fn held_jobs(&self, user: &UserId) -> Result<Vec<HeldJobRecord>, ClientError> {
-        let path = format!("/v1/users/{user}/held-jobs");
-        Ok(self.call(Method::GET, &path, None::<&()>).await?.1)
+        self.get::<op::ListHeld>(user).await
     }
 
-    /// Moves a queued job to another device's printer queue.
     pub async fn move_job(&self, job: &JobId, to: &DeviceId) -> Result<JobView, ClientError> {
-        let body = MoveJob { to: to.clone() };
-        let path = format!("/v1/jobs/{job}/move");
-        Ok(self.call(Method::POST, &path, Some(&body)).await?.1)
+        let req = MoveJob { to: to.clone() };
+        self.send::<op::MoveJobOp>(job, &req).await
     }
 
-    /// What a device's printer can do.
     pub async fn capabilities(&self, device: &DeviceId) -> Result<Capabilities, ClientError> {
-        let path = format!("/v1/devices/{device}/capabilities");
-        Ok(self.call(Method::GET, &path, None::<&()>).await?.1)
+        self.get::<op::GetCapabilities>(device).await
     }
 
-    /// Sets a device's contract for a support service.
     pub async fn put_contract(
         &self,
         device: &DeviceId,
         service: &str,
         req: &PutContract,
     ) -> Result<Vec<ContractRecord>, ClientError> {
-        let path = format!("/v1/devices/{device}/contracts/{}", encode_path(service));
-        Ok(self.call(Method::PUT, &path, Some(req)).await?.1)
+        let params = (device.clone(), service.to_owned());
+        self.send::<op::PutContractOp>(&params, req).await
     }
 
     pub async fn cancel_contract(
@@ -403,44 +379,28 @@ impl AdminClient {
         device: &DeviceId,
         service: &str,
     ) -> Result<Vec<ContractRecord>, ClientError> {
-        let path = format!("/v1/devices/{device}/contracts/{}", encode_path(service));
-        Ok(self.call(Method::DELETE, &path, None::<&()>).await?.1)
+        let params = (device.clone(), service.to_owned());
+        self.get::<op::CancelContract>(&params).await
     }
 
     pub async fn contracts(&self, device: &DeviceId) -> Result<Vec<ContractRecord>, ClientError> {
-        let path = format!("/v1/devices/{device}/contracts");
-        Ok(self.call(Method::GET, &path, None::<&()>).await?.1)
+        self.get::<op::ListContracts>(device).await
     }
 
-    /// Sets the endpoints a device uses (admin or the device's owner).
+    /// Sets the endpoints a device uses (a new settings revision, through its feed).
     pub async fn set_settings(
         &self,
         device: &DeviceId,
         endpoints: &Endpoints,
     ) -> Result<SettingsView, ClientError> {
-        let body = PutSettings {
+        let req = PutSettings {
             endpoints: endpoints.clone(),
         };
-        Ok(self
-            .call(
-                Method::PUT,
-                &format!("/v1/devices/{device}/settings"),
-                Some(&body),
-            )
-            .await?
-            .1)
+        self.send::<op::PutSettingsOp>(device, &req).await
     }
 
-    /// A device's settings as set and as the device reports them.
     pub async fn settings(&self, device: &DeviceId) -> Result<SettingsView, ClientError> {
-        Ok(self
-            .call(
-                Method::GET,
-                &format!("/v1/devices/{device}/settings"),
-                None::<&()>,
-            )
-            .await?
-            .1)
+        self.get::<op::GetSettings>(device).await
     }
 
     /// Requests accepted from the device's outbox after number `after`, oldest first.
@@ -450,14 +410,12 @@ impl AdminClient {
         after: u64,
         limit: usize,
     ) -> Result<Vec<DeviceRequestRecord>, ClientError> {
-        Ok(self
-            .call(
-                Method::GET,
-                &format!("/v1/devices/{device}/requests?after={after}&limit={limit}"),
-                None::<&()>,
-            )
-            .await?
-            .1)
+        let query = RequestsQuery {
+            after: Some(after),
+            limit: Some(limit),
+        };
+        self.call::<op::ListDeviceRequests>(device, &query, &())
+            .await
     }
 
     /// Every request accepted from the device's outbox, oldest first.
@@ -478,20 +436,7 @@ impl AdminClient {
 
     /// Asks the device to report its consent setting through its outbox.
     pub async fn query_consent(&self, device: &DeviceId) -> Result<(), ClientError> {
-        let (status, bytes) = self
-            .raw(
-                Method::POST,
-                &format!("/v1/devices/{device}/consent-query"),
-                None,
-                Some(self.token.expose()),
-            )
-            .await?;
-        if status.is_success() {
-            return Ok(());
-        }
-        let error = serde_json::from_slice::<ApiError>(&bytes)
-            .map_err(|e| ClientError::Decode(e.to_string()))?;
-        Err(ClientError::Api { status, error })
+        self.get::<op::QueryConsent>(device).await
     }
 
     /// Submits a job; the flag is false when an earlier job with the same idempotency key was
@@ -502,31 +447,17 @@ impl AdminClient {
         req: &SubmitJob,
     ) -> Result<(JobView, bool), ClientError> {
         let (status, job) = self
-            .call(
-                Method::POST,
-                &format!("/v1/devices/{device}/jobs"),
-                Some(req),
-            )
+            .call_with_status::<op::SubmitJobOp>(device, &(), req)
             .await?;
         Ok((job, status == StatusCode::CREATED))
     }
 
     pub async fn job(&self, id: &JobId) -> Result<JobView, ClientError> {
-        Ok(self
-            .call(Method::GET, &format!("/v1/jobs/{id}"), None::<&()>)
-            .await?
-            .1)
+        self.get::<op::GetJob>(id).await
     }
 
     pub async fn device_jobs(&self, device: &DeviceId) -> Result<Vec<JobView>, ClientError> {
-        Ok(self
-            .call(
-                Method::GET,
-                &format!("/v1/devices/{device}/jobs"),
-                None::<&()>,
-            )
-            .await?
-            .1)
+        self.get::<op::ListDeviceJobs>(device).await
     }
 
     pub async fn cancel_job(
@@ -534,28 +465,9 @@ impl AdminClient {
         id: &JobId,
         reason: Option<String>,
     ) -> Result<JobView, ClientError> {
-        Ok(self
-            .call(
-                Method::POST,
-                &format!("/v1/jobs/{id}/cancel"),
-                Some(&CancelJob { reason }),
-            )
-            .await?
-            .1)
+        self.send::<op::CancelJobOp>(id, &Some(CancelJob { reason }))
+            .await
     }
-}
-
-/// Percent-encodes a path segment or query value (customer names may hold anything).
-fn encode_path(raw: &str) -> String {
-    let mut out = String::with_capacity(raw.len());
-    for b in raw.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// Connections for the client: TCP (TCP_NODELAY) and, for `https://`, TLS.

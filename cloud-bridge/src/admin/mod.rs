@@ -1,0 +1,158 @@
+//! The HTTP API: JSON over HTTP/1.1, every route but health behind
+//! `Authorization: Bearer <token>`. The token says who calls ([`Principal`]): the admin token
+//! opens every route; an owner's, a companion's or a user's token opens only the routes
+//! declared `Token`, and there only their own devices, jobs and held jobs (see
+//! [`crate::core`]'s `principals`).
+//!
+//! Every operation is declared once in [`schemas::admin`] (method, route, access, types);
+//! [`serve`] serves any declared operation, and [`ops`] says what each one does and lists the
+//! routes. Health and metrics are in [`status`].
+//!
+//! Errors are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
+
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use schemas::Secret;
+use schemas::api::ApiError;
+use schemas::data::ErrorCode;
+
+use crate::bridge::Bridge;
+use crate::core::{CoreError, Principal};
+
+pub(crate) mod ops;
+pub(crate) mod serve;
+mod status;
+
+#[derive(Debug, Clone)]
+pub(crate) struct AppState {
+    pub(crate) bridge: Bridge,
+    token: Arc<Secret>,
+}
+
+impl AppState {
+    pub(crate) fn new(bridge: Bridge, admin_token: Secret) -> AppState {
+        AppState {
+            bridge,
+            token: Arc::new(admin_token),
+        }
+    }
+}
+
+/// The admin API router: every operation of [`schemas::admin`].
+pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
+    let state = AppState::new(bridge, admin_token);
+    ops::routes(Router::new())
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            2 * schemas::MAX_FRAME_BYTES,
+        ))
+        .with_state(state)
+}
+
+/// Answers 408 `timeout` for a request (body included) not answered within `limit`: a client
+/// that trickles its body cannot hold a connection and a task for ever.
+pub fn with_request_timeout(router: Router, limit: std::time::Duration) -> Router {
+    router.layer(middleware::from_fn(
+        move |req: Request, next: Next| async move {
+            match tokio::time::timeout(limit, next.run(req)).await {
+                Ok(response) => response,
+                Err(_) => ApiFailure::new(
+                    ErrorCode::Timeout,
+                    format!("the request was not complete within {} s", limit.as_secs()),
+                )
+                .into_response(),
+            }
+        },
+    ))
+}
+
+/// An API error response.
+#[derive(Debug)]
+pub struct ApiFailure(StatusCode, ApiError);
+
+impl ApiFailure {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> ApiFailure {
+        ApiFailure(
+            status_for(code),
+            ApiError {
+                code,
+                message: message.into(),
+            },
+        )
+    }
+}
+
+fn status_for(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest | ErrorCode::BadFrame | ErrorCode::FrameTooLarge => {
+            StatusCode::BAD_REQUEST
+        }
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden | ErrorCode::DeviceDisabled | ErrorCode::EnrollmentInvalid => {
+            StatusCode::FORBIDDEN
+        }
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::InvalidState
+        | ErrorCode::Conflict
+        | ErrorCode::LeaseLost
+        | ErrorCode::RegistrationIncomplete => StatusCode::CONFLICT,
+        ErrorCode::ConsentWithheld => StatusCode::FORBIDDEN,
+        ErrorCode::Expired => StatusCode::GONE,
+        ErrorCode::RegistrationCodeInvalid => StatusCode::FORBIDDEN,
+        ErrorCode::UnsupportedSetting => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::Overloaded | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Timeout => StatusCode::REQUEST_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<CoreError> for ApiFailure {
+    fn from(e: CoreError) -> ApiFailure {
+        let body = e.body();
+        if body.code == ErrorCode::Internal {
+            tracing::error!(error = %e, "admin API internal error");
+        }
+        ApiFailure::new(body.code, body.message)
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+pub(crate) type ApiResult<T> = Result<T, ApiFailure>;
+
+/// Who the bearer token belongs to.
+fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Principal> {
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token)
+            if broker::constant_time_eq(token.as_bytes(), state.token.expose().as_bytes()) =>
+        {
+            Ok(Principal::Admin)
+        }
+        Some(token) => state
+            .bridge
+            .core()
+            .principal(token)
+            .ok_or_else(|| ApiFailure::new(ErrorCode::Unauthorized, "unknown token")),
+        None => Err(ApiFailure::new(
+            ErrorCode::Unauthorized,
+            "missing `Authorization: Bearer <token>`",
+        )),
+    }
+}
+
+async fn not_found() -> ApiFailure {
+    ApiFailure::new(ErrorCode::NotFound, "no such route")
+}

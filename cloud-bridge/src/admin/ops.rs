@@ -1,0 +1,624 @@
+//! What each operation of [`schemas::admin`] does: one function per operation, and the table
+//! that serves it. Each function asks the core (which decides), waits until the change or what
+//! was read is durable ([`Bridge::finish`], [`Bridge::read`]), and answers.
+//!
+//! Adding an operation: declare it in `schemas/src/admin.rs`, write its function here and add
+//! it to the table below.
+
+use schemas::admin::{self as op, Operation};
+use schemas::api::{
+    CompanionCreated, CompanionView, DeviceView, EnrollmentTokenCreated, JobView, OpsLoginCreated,
+    OpsLoginView, OwnerCreated, SettingsView, UserCreated,
+};
+use schemas::data::ErrorCode;
+use schemas::hint::HintKind;
+use schemas::services::InstructionBody;
+use schemas::{
+    ApplicationId, CompanionId, DeviceId, InstructionId, OpsId, OwnerId, Secret, UnixMillis, UserId,
+};
+
+use super::serve::{Call, Reply, Serve, route};
+use super::{ApiFailure, ApiResult, AppState, status};
+use crate::bridge::Bridge;
+use crate::core::{CoreError, Effects, NewJob, Principal};
+
+/// `Op => function;` for every operation: serves each with its function and lists its route.
+macro_rules! operations {
+    ($($op:ty => $f:path;)*) => {
+        $(impl Serve for $op {
+            async fn serve(
+                state: &AppState,
+                call: Call<Self>,
+            ) -> ApiResult<Reply<<Self as Operation>::Answer>> {
+                Ok($f(state, call).await?.into())
+            }
+        })*
+
+        /// Every operation's route.
+        pub(crate) fn routes(
+            router: axum::Router<AppState>,
+        ) -> axum::Router<AppState> {
+            $(let router = route::<$op>(router);)*
+            router
+        }
+    };
+}
+
+operations! {
+    op::GetHealth => status::health;
+    op::GetMetrics => status::metrics;
+    op::CreateEnrollment => create_enrollment;
+    op::ListDevices => list_devices;
+    op::GetDevice => get_device;
+    op::DisableDevice => disable_device;
+    op::ListDeviceRequests => device_requests;
+    op::QueryConsent => query_consent;
+    op::ListDeviceJobs => device_jobs;
+    op::CancelJobOp => cancel_job;
+    op::CreateInstructionOp => create_instruction;
+    op::ListInstructions => instructions;
+    op::CreateServiceOp => create_service;
+    op::ListServices => services;
+    op::GetService => service;
+    op::UpdateServiceOp => update_service;
+    op::ListCustomers => customers;
+    op::CustomerDevices => customer_devices;
+    op::Candidates => candidates;
+    op::ApplyForServiceOp => apply_for_service;
+    op::GetApplication => application;
+    op::PollNowOp => poll_now;
+    op::ListContracts => contracts;
+    op::PutContractOp => put_contract;
+    op::CancelContract => cancel_contract;
+    op::CreateUserOp => create_user;
+    op::CreateOwnerOp => create_owner;
+    op::CreateOpsLoginOp => create_ops_login;
+    op::ListOpsLogins => ops_logins;
+    op::RevokeOpsLogin => revoke_ops_login;
+    op::SubmitJobOp => submit_job;
+    op::GetJob => job;
+    op::GetCapabilities => capabilities;
+    op::SubmitHeld => submit_held;
+    op::ListHeld => held_jobs;
+    op::MoveJobOp => move_job;
+    op::GetSettings => settings;
+    op::PutSettingsOp => set_settings;
+    op::CreateCompanionOp => create_companion;
+    op::GetCompanion => companion;
+    op::LinkCompanion => link_companion;
+    op::UnlinkCompanion => unlink_companion;
+}
+
+type Result<T> = std::result::Result<T, ApiFailure>;
+
+fn bridge(state: &AppState) -> &Bridge {
+    &state.bridge
+}
+
+fn now() -> UnixMillis {
+    UnixMillis::now()
+}
+
+/// A payload given as text or as standard base64 (exactly one).
+fn decode_payload(text: Option<&str>, b64: Option<&str>) -> Result<Vec<u8>> {
+    use base64::Engine as _;
+    match (text, b64) {
+        (Some(text), None) => Ok(text.as_bytes().to_vec()),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map_err(|e| ApiFailure::new(ErrorCode::BadRequest, format!("payload_base64: {e}"))),
+        _ => Err(ApiFailure::new(
+            ErrorCode::BadRequest,
+            "give exactly one of payload and payload_base64",
+        )),
+    }
+}
+
+// ------------------------------------------------------------------- devices
+
+async fn create_enrollment(
+    s: &AppState,
+    c: Call<op::CreateEnrollment>,
+) -> Result<EnrollmentTokenCreated> {
+    let token = Secret::from_random(rand::random());
+    let max_uses = c.body.max_uses.unwrap_or(1);
+    let ttl_ms = c.body.ttl_secs.unwrap_or(24 * 3600).saturating_mul(1000);
+    let b = bridge(s);
+    let (record, ticket) =
+        b.core()
+            .create_enrollment(token.clone(), c.body.customer, max_uses, ttl_ms, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(EnrollmentTokenCreated {
+        token,
+        customer: record.customer,
+        expires_at: record.expires_at,
+        max_uses,
+    })
+}
+
+async fn list_devices(s: &AppState, _: Call<op::ListDevices>) -> Result<Vec<DeviceView>> {
+    let mut list: Vec<DeviceView> = bridge(s)
+        .read(|core| Ok(core.devices().iter().map(DeviceView::from).collect()))
+        .await?;
+    list.sort_by_key(|d| d.registered_at);
+    Ok(list)
+}
+
+async fn get_device(s: &AppState, c: Call<op::GetDevice>) -> Result<DeviceView> {
+    Ok(bridge(s)
+        .read(|core| Ok(DeviceView::from(&core.device(&c.params)?)))
+        .await?)
+}
+
+async fn disable_device(s: &AppState, c: Call<op::DisableDevice>) -> Result<DeviceView> {
+    let b = bridge(s);
+    let (device, ticket, effects) = b.core().disable_device(&c.params, now())?;
+    b.finish(ticket, effects).await?;
+    // Wake its long-polls so they notice.
+    b.wake_long_polls(&c.params);
+    Ok(DeviceView::from(&device))
+}
+
+async fn device_requests(
+    s: &AppState,
+    c: Call<op::ListDeviceRequests>,
+) -> Result<Vec<schemas::records::DeviceRequestRecord>> {
+    let limit = c.query.limit.unwrap_or(100).clamp(1, 1000);
+    let after = schemas::outbox::RequestNo(c.query.after.unwrap_or(0));
+    Ok(bridge(s)
+        .read(|core| core.device_requests(&c.params, after, limit))
+        .await?)
+}
+
+async fn query_consent(s: &AppState, c: Call<op::QueryConsent>) -> Result<()> {
+    let b = bridge(s);
+    let (ticket, effects) = b.core().query_consent(&c.params, now())?;
+    Ok(b.finish(ticket, effects).await?)
+}
+
+async fn settings(s: &AppState, c: Call<op::GetSettings>) -> Result<SettingsView> {
+    Ok(bridge(s)
+        .read(|core| {
+            core.authorize_settings(&c.principal, &c.params)?;
+            Ok(SettingsView::from(&core.device(&c.params)?))
+        })
+        .await?)
+}
+
+async fn set_settings(s: &AppState, c: Call<op::PutSettingsOp>) -> Result<SettingsView> {
+    let b = bridge(s);
+    let settings = schemas::settings::DeviceSettings {
+        endpoints: c.body.endpoints,
+    };
+    let core = b.core();
+    let (_, ticket, effects) = core.set_settings(&c.principal, &c.params, settings, now())?;
+    let view = SettingsView::from(&core.device(&c.params)?);
+    b.finish(ticket, effects).await?;
+    Ok(view)
+}
+
+// ------------------------------------------------------------------- jobs
+
+async fn submit_job(s: &AppState, c: Call<op::SubmitJobOp>) -> Result<Reply<JobView>> {
+    let b = bridge(s);
+    let req = c.body;
+    let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
+    let new = NewJob {
+        payload,
+        content_type: req
+            .content_type
+            .unwrap_or_else(|| "application/octet-stream".into()),
+        ttl_ms: req.ttl_secs.map(|s| s.saturating_mul(1000)),
+        max_attempts: req.max_attempts,
+        idempotency_key: req.idempotency_key,
+        submitted_by: Some(c.principal.label()),
+        print: req.print,
+    };
+    let core = b.core();
+    core.authorize_submit(&c.principal, &c.params)?;
+    let (job, created, ticket, effects) = core.submit_job(&c.params, new, now())?;
+    b.finish(ticket, effects).await?;
+    if created {
+        b.metrics()
+            .jobs_submitted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    // An earlier job with the same idempotency key: 200, not 201.
+    let status = (!created).then_some(axum::http::StatusCode::OK);
+    Ok(Reply {
+        answer: JobView::from(&job),
+        status,
+    })
+}
+
+async fn job(s: &AppState, c: Call<op::GetJob>) -> Result<JobView> {
+    Ok(bridge(s)
+        .read(|core| {
+            core.authorize_job_read(&c.principal, &c.params)?;
+            Ok(JobView::from(&core.job(&c.params)?))
+        })
+        .await?)
+}
+
+async fn device_jobs(s: &AppState, c: Call<op::ListDeviceJobs>) -> Result<Vec<JobView>> {
+    Ok(bridge(s)
+        .read(|core| {
+            Ok(core
+                .device_jobs(&c.params)?
+                .iter()
+                .map(JobView::from)
+                .collect())
+        })
+        .await?)
+}
+
+async fn cancel_job(s: &AppState, c: Call<op::CancelJobOp>) -> Result<JobView> {
+    let b = bridge(s);
+    let reason = c.body.and_then(|b| b.reason);
+    let (job, ticket, effects) = b.core().cancel_job(&c.params, reason, now())?;
+    b.finish(ticket, effects).await?;
+    Ok(JobView::from(&job))
+}
+
+async fn move_job(s: &AppState, c: Call<op::MoveJobOp>) -> Result<JobView> {
+    let b = bridge(s);
+    let (job, ticket, effects) = b
+        .core()
+        .move_job(&c.principal, &c.params, &c.body.to, now())?;
+    b.finish(ticket, effects).await?;
+    Ok(JobView::from(&job))
+}
+
+async fn capabilities(
+    s: &AppState,
+    c: Call<op::GetCapabilities>,
+) -> Result<schemas::print::Capabilities> {
+    Ok(bridge(s)
+        .read(|core| {
+            core.authorize_submit(&c.principal, &c.params)?;
+            core.device(&c.params)?
+                .printer
+                .map(|p| p.capabilities)
+                .ok_or_else(|| {
+                    CoreError::new(
+                        ErrorCode::NotFound,
+                        format!("device {} has registered no printer queue", c.params),
+                    )
+                })
+        })
+        .await?)
+}
+
+// ------------------------------------------------------------------- mailbox and services
+
+async fn create_instruction(
+    s: &AppState,
+    c: Call<op::CreateInstructionOp>,
+) -> Result<schemas::api::InstructionView> {
+    let req = c.body;
+    crate::core::check_name(&req.name)?;
+    let size: usize = req.params.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > 16 * 1024 {
+        return Err(ApiFailure::new(
+            ErrorCode::BadRequest,
+            "params may hold at most 16 KiB",
+        ));
+    }
+    let ttl_ms = crate::core::ttl_ms(req.ttl_secs, 7 * 24 * 3600, 365 * 24 * 3600);
+    let body = InstructionBody::Custom {
+        name: req.name,
+        params: req.params,
+    };
+    let id = InstructionId::from_random(rand::random());
+    let b = bridge(s);
+    let (view, ticket, effects) =
+        b.core()
+            .create_instruction(&c.params, id, body, ttl_ms, now())?;
+    b.finish(ticket, effects).await?;
+    Ok(view)
+}
+
+async fn instructions(
+    s: &AppState,
+    c: Call<op::ListInstructions>,
+) -> Result<Vec<schemas::api::InstructionView>> {
+    Ok(bridge(s)
+        .read(|core| core.instructions(&c.params, now()))
+        .await?)
+}
+
+async fn create_service(
+    s: &AppState,
+    c: Call<op::CreateServiceOp>,
+) -> Result<schemas::services::ServiceRecord> {
+    let b = bridge(s);
+    let (record, ticket) = b.core().create_service(c.body, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(record)
+}
+
+async fn update_service(
+    s: &AppState,
+    c: Call<op::UpdateServiceOp>,
+) -> Result<schemas::services::ServiceRecord> {
+    let b = bridge(s);
+    let (record, ticket) = b.core().update_service(&c.params, c.body)?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(record)
+}
+
+async fn services(
+    s: &AppState,
+    _: Call<op::ListServices>,
+) -> Result<Vec<schemas::services::ServiceRecord>> {
+    Ok(bridge(s).read(|core| Ok(core.services())).await?)
+}
+
+async fn service(
+    s: &AppState,
+    c: Call<op::GetService>,
+) -> Result<schemas::services::ServiceRecord> {
+    Ok(bridge(s).read(|core| core.service(&c.params)).await?)
+}
+
+async fn customers(
+    s: &AppState,
+    _: Call<op::ListCustomers>,
+) -> Result<Vec<schemas::api::CustomerView>> {
+    Ok(bridge(s).read(|core| Ok(core.customers())).await?)
+}
+
+async fn customer_devices(s: &AppState, c: Call<op::CustomerDevices>) -> Result<Vec<DeviceView>> {
+    let mut list: Vec<DeviceView> = bridge(s)
+        .read(|core| {
+            let devices = core.customer_devices(&c.params);
+            Ok(devices.iter().map(DeviceView::from).collect())
+        })
+        .await?;
+    list.sort_by_key(|d| d.registered_at);
+    Ok(list)
+}
+
+async fn candidates(s: &AppState, c: Call<op::Candidates>) -> Result<Vec<DeviceView>> {
+    Ok(bridge(s)
+        .read(|core| {
+            let list = core.candidates(&c.params, &c.query.service)?;
+            Ok(list.iter().map(DeviceView::from).collect())
+        })
+        .await?)
+}
+
+/// Each chosen device gets a use-start instruction with a fresh one-time code, and a hint.
+async fn apply_for_service(
+    s: &AppState,
+    c: Call<op::ApplyForServiceOp>,
+) -> Result<schemas::api::ApplicationView> {
+    let id = ApplicationId::from_random(rand::random());
+    let mut fresh = || {
+        (
+            InstructionId::from_random(rand::random()),
+            Secret::from_random(rand::random()),
+        )
+    };
+    let b = bridge(s);
+    let (view, ticket, effects) =
+        b.core()
+            .apply_for_service(&c.params, c.body, id, &mut fresh, now())?;
+    b.finish(ticket, effects).await?;
+    Ok(view)
+}
+
+async fn application(
+    s: &AppState,
+    c: Call<op::GetApplication>,
+) -> Result<schemas::api::ApplicationView> {
+    Ok(bridge(s)
+        .read(|core| core.application(&c.params, now()))
+        .await?)
+}
+
+/// Hints, or a tree over the customer's LAN whose root gets it in its mailbox.
+async fn poll_now(s: &AppState, c: Call<op::PollNowOp>) -> Result<schemas::api::PollNowPlan> {
+    let nudge_id: String = rand::random::<[u8; 16]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let instruction = InstructionId::from_random(rand::random());
+    let b = bridge(s);
+    let (plan, ticket, effects) =
+        b.core()
+            .poll_now(&c.params, c.body, nudge_id, instruction, now())?;
+    b.finish(ticket, effects).await?;
+    for device in &plan.hinted {
+        if let Some(newest) = b.core().newest(device) {
+            b.notifier().hint(device, HintKind::PollNow, newest);
+        }
+    }
+    Ok(plan)
+}
+
+async fn contracts(
+    s: &AppState,
+    c: Call<op::ListContracts>,
+) -> Result<Vec<schemas::services::ContractRecord>> {
+    Ok(bridge(s)
+        .read(|core| core.device_contracts(&c.params))
+        .await?)
+}
+
+/// Sets (or with an empty application id, clears) a contract; another provider's contract
+/// of the same kind is canceled.
+async fn put_contract(
+    s: &AppState,
+    c: Call<op::PutContractOp>,
+) -> Result<Vec<schemas::services::ContractRecord>> {
+    let b = bridge(s);
+    let (device, service) = &c.params;
+    let (list, ticket, effects) = b.core().put_contract(device, service, c.body, now())?;
+    b.finish(ticket, effects).await?;
+    Ok(list)
+}
+
+async fn cancel_contract(
+    s: &AppState,
+    c: Call<op::CancelContract>,
+) -> Result<Vec<schemas::services::ContractRecord>> {
+    let b = bridge(s);
+    let (device, service) = &c.params;
+    let (list, ticket, effects) = b.core().cancel_contract(device, service, now())?;
+    b.finish(ticket, effects).await?;
+    Ok(list)
+}
+
+// ------------------------------------------------------------------- people
+
+async fn create_user(s: &AppState, c: Call<op::CreateUserOp>) -> Result<UserCreated> {
+    let id = UserId::from_random(rand::random());
+    let token = Secret::from_random(rand::random());
+    let b = bridge(s);
+    let (record, ticket) = b
+        .core()
+        .create_user(id, c.body.name, &c.body.pin, &token, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(UserCreated {
+        user_id: record.user_id,
+        name: record.name,
+        token,
+    })
+}
+
+/// A job for a user's virtual printer, held until the user releases it at a device.
+async fn submit_held(
+    s: &AppState,
+    c: Call<op::SubmitHeld>,
+) -> Result<schemas::print::HeldJobRecord> {
+    let b = bridge(s);
+    b.core().authorize_user(&c.principal, &c.params)?;
+    let req = c.body;
+    let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
+    let (record, ticket, effects) = b.core().submit_held(&c.params, req, payload, now())?;
+    b.finish(ticket, effects).await?;
+    Ok(record)
+}
+
+/// A user's held jobs in every state: held, released (where, when), expired.
+async fn held_jobs(
+    s: &AppState,
+    c: Call<op::ListHeld>,
+) -> Result<Vec<schemas::print::HeldJobRecord>> {
+    Ok(bridge(s)
+        .read(|core| {
+            core.authorize_user(&c.principal, &c.params)?;
+            core.held_jobs(&c.params, now())
+        })
+        .await?)
+}
+
+async fn create_owner(s: &AppState, c: Call<op::CreateOwnerOp>) -> Result<OwnerCreated> {
+    let token = Secret::from_random(rand::random());
+    let id = OwnerId::from_random(rand::random());
+    let b = bridge(s);
+    let (record, ticket) = b.core().create_owner(id, c.body.name, &token, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(OwnerCreated {
+        owner_id: record.owner_id,
+        name: record.name,
+        token,
+    })
+}
+
+/// A new MQTT login for operations; its password is in the answer only.
+async fn create_ops_login(s: &AppState, c: Call<op::CreateOpsLoginOp>) -> Result<OpsLoginCreated> {
+    let password = Secret::from_random(rand::random());
+    let id = OpsId::from_random(rand::random());
+    let b = bridge(s);
+    let (record, ticket) = b
+        .core()
+        .create_ops_login(id, c.body.name, &password, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(OpsLoginCreated {
+        ops_id: record.ops_id,
+        name: record.name,
+        password,
+        created_at: record.created_at,
+    })
+}
+
+async fn ops_logins(s: &AppState, _: Call<op::ListOpsLogins>) -> Result<Vec<OpsLoginView>> {
+    let list = bridge(s).read(|core| Ok(core.ops_logins())).await?;
+    Ok(list.iter().map(OpsLoginView::from).collect())
+}
+
+/// Revokes an ops login and closes its open MQTT sessions. An id that cannot be one is a
+/// login that does not exist (404), not a bad request.
+async fn revoke_ops_login(s: &AppState, c: Call<op::RevokeOpsLogin>) -> Result<OpsLoginView> {
+    let id =
+        OpsId::parse(&c.params).map_err(|e| ApiFailure::new(ErrorCode::NotFound, e.to_string()))?;
+    let b = bridge(s);
+    let (record, ticket) = b.core().revoke_ops_login(&id, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    b.close_ops_sessions(&id).await?;
+    Ok(OpsLoginView::from(&record))
+}
+
+fn owner_of(principal: &Principal) -> Result<&OwnerId> {
+    match principal {
+        Principal::Owner(id) => Ok(id),
+        _ => Err(ApiFailure::new(
+            ErrorCode::Forbidden,
+            "this route needs an owner's token",
+        )),
+    }
+}
+
+async fn create_companion(
+    s: &AppState,
+    c: Call<op::CreateCompanionOp>,
+) -> Result<CompanionCreated> {
+    let owner = owner_of(&c.principal)?;
+    let token = Secret::from_random(rand::random());
+    let id = CompanionId::from_random(rand::random());
+    let b = bridge(s);
+    let (record, ticket) = b
+        .core()
+        .create_companion(owner, id, c.body.name, &token, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(CompanionCreated {
+        companion_id: record.companion_id,
+        owner_id: record.owner_id,
+        name: record.name,
+        token,
+    })
+}
+
+async fn companion(s: &AppState, c: Call<op::GetCompanion>) -> Result<CompanionView> {
+    Ok(bridge(s)
+        .read(|core| {
+            Ok(CompanionView::from(
+                &core.companion(&c.principal, &c.params)?,
+            ))
+        })
+        .await?)
+}
+
+async fn link(
+    s: &AppState,
+    principal: &Principal,
+    (companion, device): &(CompanionId, DeviceId),
+    linked: bool,
+) -> Result<CompanionView> {
+    let b = bridge(s);
+    let (record, ticket) = b
+        .core()
+        .link_companion(principal, companion, device, linked)?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(CompanionView::from(&record))
+}
+
+async fn link_companion(s: &AppState, c: Call<op::LinkCompanion>) -> Result<CompanionView> {
+    link(s, &c.principal, &c.params, true).await
+}
+
+async fn unlink_companion(s: &AppState, c: Call<op::UnlinkCompanion>) -> Result<CompanionView> {
+    link(s, &c.principal, &c.params, false).await
+}
