@@ -544,6 +544,12 @@ impl Bridge {
     }
 }
 
+impl crate::notifier::PresenceSink for Bridge {
+    fn presence(&self, device: &DeviceId, presence: Presence) {
+        self.on_presence(device, presence);
+    }
+}
+
 #[derive(Debug)]
 struct MqttAuth {
     bridge: Bridge,

@@ -8,7 +8,8 @@
 //!
 //! Two backends drain the outbox: the embedded broker's in-process link (on a thread of its
 //! own, since rumqttd's publish blocks while its router is busy), or any MQTT 3.1.1 broker
-//! through rumqttc. Both also deliver presence announcements to the bridge.
+//! through rumqttc. Both also deliver presence announcements to a [`PresenceSink`] (the
+//! bridge).
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -22,8 +23,6 @@ use schemas::ops::OpsEvent;
 use schemas::{DeviceId, FeedSeq, topics};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-use crate::bridge::Bridge;
 
 /// One MQTT publish.
 #[derive(Debug)]
@@ -273,11 +272,17 @@ pub fn parse_presence(topic: &[u8], payload: &[u8]) -> Option<(DeviceId, Presenc
     Some((device, presence))
 }
 
-/// Hands a presence announcement to the bridge without blocking the MQTT reader.
-fn deliver_presence(bridge: &Bridge, stats: &NotifierStats, topic: &[u8], payload: &[u8]) {
+/// Who hears the devices' presence announcements (the bridge). Called on the MQTT reader's
+/// task: it must not block.
+pub trait PresenceSink: Send + Sync + 'static {
+    fn presence(&self, device: &DeviceId, presence: Presence);
+}
+
+/// Hands a presence announcement on without blocking the MQTT reader.
+fn deliver_presence(sink: &dyn PresenceSink, stats: &NotifierStats, topic: &[u8], payload: &[u8]) {
     stats.presence_received.fetch_add(1, Ordering::Relaxed);
     match parse_presence(topic, payload) {
-        Some((device, presence)) => bridge.on_presence(&device, presence),
+        Some((device, presence)) => sink.presence(&device, presence),
         None => {
             stats.presence_dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -285,12 +290,17 @@ fn deliver_presence(bridge: &Bridge, stats: &NotifierStats, topic: &[u8], payloa
 }
 
 /// Drains the outbox into the embedded broker and reads presence from it.
-pub async fn run_embedded(link: broker::BridgeLink, bridge: Bridge, shutdown: CancellationToken) {
+pub async fn run_embedded(
+    link: broker::BridgeLink,
+    notifier: Notifier,
+    sink: Arc<dyn PresenceSink>,
+    shutdown: CancellationToken,
+) {
     let broker::BridgeLink {
         tx: mut link_tx,
         rx: mut link_rx,
     } = link;
-    let outbox = bridge.notifier().outbox();
+    let outbox = notifier.outbox();
     if let Err(e) = link_tx.try_subscribe(topics::PRESENCE_FILTER) {
         tracing::error!(error = %e, "cannot subscribe to presence on the embedded broker");
     }
@@ -299,7 +309,7 @@ pub async fn run_embedded(link: broker::BridgeLink, bridge: Bridge, shutdown: Ca
     // used to subscribe to its own ops events; the vendored rumqttd compares a new topic only
     // with the filter equal to it and the wildcard filters (vendor/rumqttd/PATCHES.md), and an
     // unwatched event costs the router no delivery at all.
-    let reader_bridge = bridge.clone();
+    let reader_sink = sink.clone();
     let reader_outbox = outbox.clone();
     let reader_shutdown = shutdown.clone();
     let reader = tokio::spawn(async move {
@@ -310,7 +320,7 @@ pub async fn run_embedded(link: broker::BridgeLink, bridge: Bridge, shutdown: Ca
             };
             match next {
                 Ok(Some(broker::Notification::Forward(f))) => deliver_presence(
-                    &reader_bridge,
+                    &*reader_sink,
                     &reader_outbox.stats,
                     &f.publish.topic,
                     &f.publish.payload,
@@ -366,8 +376,13 @@ pub struct ExternalBroker {
 
 /// Drains the outbox into an external MQTT broker and reads presence from it. Reconnects with
 /// exponential backoff and jitter (rumqttc alone would retry at once, in a tight loop).
-pub async fn run_external(cfg: ExternalBroker, bridge: Bridge, shutdown: CancellationToken) {
-    let outbox = bridge.notifier().outbox();
+pub async fn run_external(
+    cfg: ExternalBroker,
+    notifier: Notifier,
+    sink: Arc<dyn PresenceSink>,
+    shutdown: CancellationToken,
+) {
+    let outbox = notifier.outbox();
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(true);
@@ -415,12 +430,7 @@ pub async fn run_external(cfg: ExternalBroker, bridge: Bridge, shutdown: Cancell
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    deliver_presence(
-                        &bridge,
-                        &driver_outbox.stats,
-                        p.topic.as_bytes(),
-                        &p.payload,
-                    );
+                    deliver_presence(&*sink, &driver_outbox.stats, p.topic.as_bytes(), &p.payload);
                 }
                 Ok(_) => {}
                 Err(e) => {

@@ -192,7 +192,8 @@ pub async fn start(
                     })??;
             tracker.spawn(notifier::run_embedded(
                 link,
-                bridge.clone(),
+                bridge.notifier().clone(),
+                Arc::new(bridge.clone()),
                 shutdown.clone(),
             ));
             let addr = embedded.addr().to_string();
@@ -222,7 +223,8 @@ pub async fn start(
             };
             tracker.spawn(notifier::run_external(
                 external,
-                bridge.clone(),
+                bridge.notifier().clone(),
+                Arc::new(bridge.clone()),
                 shutdown.clone(),
             ));
             format!("{host}:{port}")

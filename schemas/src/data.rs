@@ -15,6 +15,7 @@ use crate::outbox::{OutboxItem, RequestNo};
 use crate::print::{Capabilities, HeldJobSummary, PrintSettings};
 use crate::services::{ContractInfo, DeviceControl, InstructionOffer};
 use crate::settings::SettingsReport;
+pub use crate::status::{DeviceState, DeviceStatus};
 use crate::{
     DeviceId, FeedSeq, InstructionId, JobId, OwnerId, RequestId, Secret, UnixMillis, UserId,
 };
@@ -354,26 +355,6 @@ impl std::fmt::Debug for JobOffer {
 pub enum ServerEvent {
     /// The server is going away (shutdown); reconnect with backoff.
     Closing { reason: String },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceStatus {
-    pub state: DeviceState,
-    /// Free text, e.g. an error code shown on the panel.
-    pub detail: String,
-    /// The device's own clock when the status was observed.
-    pub observed_at: UnixMillis,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceState {
-    Idle,
-    Busy,
-    Error,
-    Sleeping,
-    #[serde(other)]
-    Unknown,
 }
 
 /// A typed error with a stable code and a human message.

@@ -8,7 +8,8 @@
 //! - [`data`]: the WebSocket data channel's frames, error codes and close codes.
 //! - [`feed`], [`job`]: feed entries and the job lifecycle shared by the cloud and the device.
 //! - [`nudge`]: poll-now nudges passed on over the LAN as a tree, with tokens only the cloud makes.
-//! - [`outbox`]: requests a device makes on its own, delivered in order from a durable outbox.
+//! - [`outbox`]: requests a device makes on its own, delivered in order from a durable outbox;
+//!   [`status`]: the device state it reports.
 //! - [`print`]: printer capabilities and the print settings a job asks for.
 //! - [`records`]: what the cloud bridge stores on disk.
 //! - [`services`]: services customers apply for, the instruction mailbox, enrollment codes.
@@ -33,6 +34,7 @@ pub mod print;
 pub mod records;
 pub mod services;
 pub mod settings;
+pub mod status;
 pub mod topics;
 
 pub use codec::{DecodeError, EncodeError, decode, encode};

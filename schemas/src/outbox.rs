@@ -10,7 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::UnixMillis;
-use crate::data::DeviceStatus;
+use crate::status::DeviceStatus;
 
 /// The number a device gives a request when it is made; 1, 2, 3, ... per device, never reused
 /// (gaps are allowed: a request dropped from a full outbox leaves one).
@@ -111,7 +111,7 @@ pub struct Consent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::DeviceState;
+    use crate::status::DeviceState;
     use crate::{decode, encode};
 
     #[test]
