@@ -1,6 +1,7 @@
 //! The device side of the data channel: a cloneable [`DataSession`] handle and one task that
 //! owns the WebSocket. Requests go to the task over a bounded channel; each reply comes back on
-//! a oneshot, matched by request id, so many requests can be in flight at once.
+//! a oneshot, matched by request id, so many requests can be in flight at once. Each request
+//! has a typed method (`calls.rs`); [`DataSession::request`] sends any.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
+mod calls;
+pub use calls::LoggedIn;
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SessionError {
     #[error("cannot connect to {url}: {detail}")]
@@ -31,6 +35,9 @@ pub enum SessionError {
     Closed(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The server answered with a response of another kind than the request asks for.
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
 }
 
 impl SessionError {

@@ -1,0 +1,100 @@
+//! Instructions from the mailbox: taken once, acted on before their expiry.
+
+use schemas::InstructionId;
+use schemas::data::{Request, Response};
+use schemas::services::InstructionBody;
+
+use crate::lan::{self};
+use crate::session::{DataSession, SessionError};
+
+use super::{Agent, AgentEvent, WorkError};
+
+impl Agent {
+    /// Takes an instruction from the mailbox and acts on it. The cloud refuses one that has
+    /// expired: it is skipped, never acted on.
+    pub(super) async fn take_instruction(
+        &mut self,
+        session: &DataSession,
+        instruction_id: &InstructionId,
+    ) -> Result<(), WorkError> {
+        let request = Request::TakeInstruction {
+            instruction_id: instruction_id.clone(),
+        };
+        let offer = match session.request(request).await {
+            Ok(Response::Instruction(offer)) => offer,
+            Ok(other) => {
+                return Err(SessionError::Closed(format!(
+                    "unexpected answer to take_instruction: {other:?}"
+                ))
+                .into());
+            }
+            Err(SessionError::Request(error)) => {
+                tracing::info!(%instruction_id, %error, "instruction skipped");
+                self.emit(AgentEvent::InstructionSkipped {
+                    instruction_id: instruction_id.clone(),
+                    error,
+                });
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.emit(AgentEvent::InstructionTaken {
+            instruction_id: instruction_id.clone(),
+            kind: offer.body.kind(),
+        });
+        match offer.body {
+            InstructionBody::UseStart {
+                service_id,
+                registration_url,
+                registration_code,
+                ..
+            } => {
+                let request = Request::RegisterService {
+                    url: registration_url,
+                    code: registration_code,
+                };
+                match session.request(request).await {
+                    Ok(Response::ServiceRegistered { service_id, .. }) => {
+                        tracing::info!(%service_id, "registered for a service");
+                        self.emit(AgentEvent::ServiceRegistered { service_id });
+                    }
+                    Ok(other) => {
+                        return Err(SessionError::Closed(format!(
+                            "unexpected answer to register_service: {other:?}"
+                        ))
+                        .into());
+                    }
+                    // A refusal is final (and recorded by the cloud for the administrator).
+                    Err(SessionError::Request(error)) => {
+                        tracing::warn!(%service_id, %error, "service registration refused");
+                        self.emit(AgentEvent::ServiceRefused { service_id, error });
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            InstructionBody::RelayNudge { nudge } => {
+                let now = lan::cloud_now(self.skew_ms);
+                let verdict = match &self.nudges {
+                    Some(check) => check.accept(&nudge, now),
+                    None => Err("no identity to check the nudge against".into()),
+                };
+                match verdict {
+                    Ok(accepted) => {
+                        lan::pass_on(&nudge);
+                        self.nudged(accepted);
+                    }
+                    Err(reason) => self.emit(AgentEvent::NudgeRefused { reason }),
+                }
+            }
+            InstructionBody::Custom { name, params } => {
+                self.emit(AgentEvent::CustomInstruction {
+                    instruction_id: instruction_id.clone(),
+                    name,
+                    params,
+                });
+            }
+            InstructionBody::Unknown => {}
+        }
+        Ok(())
+    }
+}
