@@ -1,12 +1,13 @@
 //! The embedder's side: an [`AgentHandle`] that sends commands to the agent's task.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use schemas::agent::AgentState;
-use schemas::data::{DeviceStatus, ErrorBody, OwnerCheckReason, OwnerClaim, Request, Response};
+use schemas::agent::{AgentState, PendingOwnerCheck};
+use schemas::data::{DeviceStatus, ErrorBody, OwnerCheckReason, OwnerClaim};
 use schemas::outbox::{Consent, DeviceRequest};
 use schemas::print::HeldJobSummary;
 use schemas::settings::SettingsReport;
@@ -18,10 +19,32 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::executor::JobExecutor;
-use crate::outbox::Submitted;
+use crate::outbox::{self, Submitted};
 use crate::state::StateStore;
 
-use super::{Agent, AgentConfig, AgentError, AgentEvent, unexpected};
+use super::run::{Flow, Loop};
+use super::{Agent, AgentConfig, AgentError, AgentEvent, Exit};
+use crate::session::{DataSession, SessionError};
+
+/// A call on the data channel, run on the agent's task with its session (or why there is
+/// none); resolves to whether it succeeded.
+pub(super) struct SessionJob(
+    Box<dyn FnOnce(Result<DataSession, SessionError>) -> Succeeded + Send>,
+);
+
+type Succeeded = std::pin::Pin<Box<dyn Future<Output = bool> + Send>>;
+
+impl SessionJob {
+    pub(super) fn run(self, session: Result<DataSession, SessionError>) -> Succeeded {
+        (self.0)(session)
+    }
+}
+
+impl std::fmt::Debug for SessionJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionJob")
+    }
+}
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
 
@@ -35,7 +58,11 @@ pub(super) enum Command {
     InUse(Reply<SettingsReport>),
     SetSupport(String, bool, Reply<()>),
     ReportCounters(Reply<Submitted>),
-    Call(Request, Reply<Response>),
+    /// Work on the data channel for the embedder (see [`AgentHandle::with_session`]).
+    Session {
+        job: SessionJob,
+        then_sync: bool,
+    },
     Readings(BTreeMap<String, String>, Reply<Vec<String>>),
     PollNow,
 }
@@ -161,18 +188,14 @@ impl AgentHandle {
     /// A user logs in at the panel (user id and PIN, checked by the cloud; needs the data
     /// channel). The session is for this device; it ends on logout or after a while unused.
     pub async fn login(&self, user_id: UserId, pin: Secret) -> Result<PrintSession, AgentError> {
-        match self.call(Request::Login { user_id, pin }).await? {
-            Response::LoggedIn {
-                session,
-                expires_at,
-                held,
-            } => Ok(PrintSession {
-                token: session,
-                expires_at,
-                held,
-            }),
-            other => Err(unexpected(other)),
-        }
+        let logged_in = self
+            .with_session(false, move |s| async move { s.login(user_id, pin).await })
+            .await?;
+        Ok(PrintSession {
+            token: logged_in.session,
+            expires_at: logged_in.expires_at,
+            held: logged_in.held,
+        })
     }
 
     /// The logged-in user's held jobs.
@@ -180,43 +203,58 @@ impl AgentHandle {
         &self,
         session: &PrintSession,
     ) -> Result<Vec<HeldJobSummary>, AgentError> {
-        let request = Request::HeldJobs {
-            session: session.token.clone(),
-        };
-        match self.call(request).await? {
-            Response::Held { held } => Ok(held),
-            other => Err(unexpected(other)),
-        }
+        let token = session.token.clone();
+        self.with_session(false, move |s| async move { s.held_jobs(token).await })
+            .await
     }
 
-    /// Releases the chosen held jobs to this device's printer queue; they arrive as jobs.
-    /// Returns those released and those refused (with why).
+    /// Releases the chosen held jobs to this device's printer queue; they arrive as jobs (the
+    /// agent syncs at once). Returns those released and those refused (with why).
     #[allow(clippy::type_complexity)]
     pub async fn release(
         &self,
         session: &PrintSession,
         jobs: Vec<JobId>,
     ) -> Result<(Vec<JobId>, Vec<(JobId, ErrorBody)>), AgentError> {
-        let request = Request::Release {
-            session: session.token.clone(),
-            jobs,
-        };
-        match self.call(request).await? {
-            Response::Released { released, refused } => Ok((released, refused)),
-            other => Err(unexpected(other)),
-        }
+        let token = session.token.clone();
+        self.with_session(true, move |s| async move { s.release(token, jobs).await })
+            .await
     }
 
     pub async fn logout(&self, session: &PrintSession) -> Result<(), AgentError> {
-        let request = Request::Logout {
-            session: session.token.clone(),
-        };
-        self.call(request).await.map(|_| ())
+        let token = session.token.clone();
+        self.with_session(false, move |s| async move { s.logout(token).await })
+            .await
     }
 
-    /// Sends one request over the data channel (connecting if needed).
-    async fn call(&self, request: Request) -> Result<Response, AgentError> {
-        self.ask(|r| Command::Call(request, r)).await
+    /// Runs `call` on the data channel (connecting if needed) on the agent's task. With
+    /// `then_sync`, a round of work follows a call that succeeded.
+    async fn with_session<T, F, Fut>(&self, then_sync: bool, call: F) -> Result<T, AgentError>
+    where
+        T: Send + 'static,
+        F: FnOnce(DataSession) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, SessionError>> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = SessionJob(Box::new(move |session| {
+            Box::pin(async move {
+                let result = match session {
+                    Ok(session) => call(session).await.map_err(|e| match e {
+                        SessionError::Request(body) => AgentError::Refused(body),
+                        e => AgentError::Offline(e.to_string()),
+                    }),
+                    Err(e) => Err(AgentError::Offline(e.to_string())),
+                };
+                let ok = result.is_ok();
+                let _ = reply.send(result);
+                ok
+            })
+        }));
+        self.commands
+            .send(Command::Session { job, then_sync })
+            .await
+            .map_err(|_| AgentError::Stopped)?;
+        answer.await.map_err(|_| AgentError::Stopped)?
     }
 
     /// Reads the page counters whole and queues them for the cloud (device information: without
@@ -297,5 +335,89 @@ pub fn start(
         device_id,
         shutdown,
         task,
+    }
+}
+
+impl Agent {
+    /// A command from the embedder.
+    pub(super) async fn on_command(
+        &mut self,
+        command: Command,
+        lp: &mut Loop,
+    ) -> Result<Flow, AgentError> {
+        match command {
+            Command::Submit(body, reply) => {
+                let result = self.submit(body);
+                if matches!(result, Ok(Submitted::Queued(_))) {
+                    lp.want_sync = true;
+                }
+                let _ = reply.send(result);
+            }
+            Command::SetConsent(granted, reply) => {
+                let limit = self.config.outbox_limit;
+                let consent =
+                    outbox::set_consent(&mut self.state, granted, UnixMillis::now(), limit);
+                let _ = reply.send(self.save().map(|()| consent).map_err(AgentError::from));
+                lp.want_sync = true;
+            }
+            Command::GetConsent(reply) => {
+                let _ = reply.send(Ok(self.state.consent));
+            }
+            Command::InUse(reply) => {
+                let _ = reply.send(Ok(self.in_use()));
+            }
+            Command::SetSupport(service, enabled, reply) => {
+                self.state.support.entry(service).or_default().enabled = enabled;
+                self.contracts_due = true;
+                let _ = reply.send(self.save().map_err(AgentError::from));
+                lp.want_sync = true;
+            }
+            Command::Session { job, then_sync } => {
+                let session = self.session().await;
+                // Released jobs are in the feed now: fetch them at once.
+                if job.run(session).await && then_sync {
+                    lp.want_sync = true;
+                }
+            }
+            Command::ReportCounters(reply) => {
+                let result = self.queue_counters().await;
+                if matches!(result, Ok(Submitted::Queued(_))) {
+                    lp.want_sync = true;
+                }
+                let _ = reply.send(result);
+            }
+            Command::Readings(readings, reply) => {
+                let queued = self.queue_telemetry(&readings, |_| true);
+                if !matches!(queued, Ok(ref q) if q.is_empty()) {
+                    lp.want_sync = true;
+                }
+                let _ = reply.send(queued);
+            }
+            Command::OwnerCheck(reason, reply) => {
+                if self.state.owner_check.is_none() {
+                    self.state.owner_check = Some(PendingOwnerCheck {
+                        reason,
+                        since: UnixMillis::now(),
+                        reported: false,
+                    });
+                }
+                let _ = reply.send(self.save().map_err(AgentError::from));
+                lp.want_sync = true;
+            }
+            Command::ConfirmOwner(owner, reply) => {
+                let result = self.confirm_owner(owner).await;
+                let invalidated = match &result {
+                    Err(AgentError::Invalidated(reason)) => Some(reason.clone()),
+                    _ => None,
+                };
+                let _ = reply.send(result);
+                if let Some(reason) = invalidated {
+                    return Ok(Flow::Exit(Exit::Invalidated(reason)));
+                }
+                lp.want_sync = true;
+            }
+            Command::PollNow => lp.want_sync = true,
+        }
+        Ok(Flow::Go)
     }
 }

@@ -1,7 +1,6 @@
 //! Instructions from the mailbox: taken once, acted on before their expiry.
 
 use schemas::InstructionId;
-use schemas::data::{Request, Response};
 use schemas::services::InstructionBody;
 
 use crate::lan::{self};
@@ -17,17 +16,8 @@ impl Agent {
         session: &DataSession,
         instruction_id: &InstructionId,
     ) -> Result<(), WorkError> {
-        let request = Request::TakeInstruction {
-            instruction_id: instruction_id.clone(),
-        };
-        let offer = match session.request(request).await {
-            Ok(Response::Instruction(offer)) => offer,
-            Ok(other) => {
-                return Err(SessionError::Closed(format!(
-                    "unexpected answer to take_instruction: {other:?}"
-                ))
-                .into());
-            }
+        let offer = match session.take_instruction(instruction_id.clone()).await {
+            Ok(offer) => offer,
             Err(SessionError::Request(error)) => {
                 tracing::info!(%instruction_id, %error, "instruction skipped");
                 self.emit(AgentEvent::InstructionSkipped {
@@ -49,20 +39,13 @@ impl Agent {
                 registration_code,
                 ..
             } => {
-                let request = Request::RegisterService {
-                    url: registration_url,
-                    code: registration_code,
-                };
-                match session.request(request).await {
-                    Ok(Response::ServiceRegistered { service_id, .. }) => {
+                match session
+                    .register_service(registration_url, registration_code)
+                    .await
+                {
+                    Ok((service_id, _)) => {
                         tracing::info!(%service_id, "registered for a service");
                         self.emit(AgentEvent::ServiceRegistered { service_id });
-                    }
-                    Ok(other) => {
-                        return Err(SessionError::Closed(format!(
-                            "unexpected answer to register_service: {other:?}"
-                        ))
-                        .into());
                     }
                     // A refusal is final (and recorded by the cloud for the administrator).
                     Err(SessionError::Request(error)) => {

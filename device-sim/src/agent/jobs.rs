@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use schemas::agent::DoneJob;
-use schemas::data::{ErrorCode, JobOffer, Request, Response};
+use schemas::data::{ErrorCode, JobOffer};
 use schemas::job::JobUpdate;
 use schemas::{JobId, UnixMillis};
 use tokio::time::Instant;
@@ -26,19 +26,8 @@ impl Agent {
             return Ok(());
         }
         // The job starts as soon as it is here: fetching it also records it started.
-        let offer = match session
-            .request(Request::FetchJob {
-                job_id: job_id.clone(),
-                start: true,
-            })
-            .await
-        {
-            Ok(Response::Job(offer)) => offer,
-            Ok(other) => {
-                return Err(
-                    SessionError::Closed(format!("unexpected answer to fetch: {other:?}")).into(),
-                );
-            }
+        let offer = match session.fetch_job(job_id.clone(), true).await {
+            Ok(offer) => offer,
             // Canceled, expired, finished: nothing to run.
             Err(e) if is_final_refusal(&e) => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -113,8 +102,8 @@ impl Agent {
             tokio::select! {
                 outcome = &mut run => return Some(outcome),
                 _ = renew.tick() => {
-                    let progress = Request::JobUpdate { job_id: job_id.clone(), attempt, update: JobUpdate::Progress { percent: 0 } };
-                    match session.request(progress).await {
+                    let progress = JobUpdate::Progress { percent: 0 };
+                    match session.update_job(job_id.clone(), attempt, progress).await {
                         Ok(_) => {}
                         Err(e) if is_final_refusal(&e) || e.code() == Some(ErrorCode::LeaseLost) => return None,
                         // A network blip does not stop a print; the outcome is reported later.
@@ -139,24 +128,15 @@ impl Agent {
         else {
             return Ok(());
         };
-        let report = |attempt: u32| Request::JobUpdate {
-            job_id: job_id.clone(),
-            attempt,
-            update: done.outcome.clone(),
-        };
-        let result = match session.request(report(done.attempt)).await {
+        let report =
+            |attempt: u32| session.update_job(job_id.clone(), attempt, done.outcome.clone());
+        let result = match report(done.attempt).await {
             Err(e) if e.code() == Some(ErrorCode::LeaseLost) => {
                 // The lease ran out before we could report: take the job again, report the
                 // recorded outcome under the new attempt. It is not run again.
-                match session
-                    .request(Request::FetchJob {
-                        job_id: job_id.clone(),
-                        start: false,
-                    })
-                    .await
-                {
-                    Ok(Response::Job(offer)) => session.request(report(offer.attempt)).await,
-                    other => other,
+                match session.fetch_job(job_id.clone(), false).await {
+                    Ok(offer) => report(offer.attempt).await,
+                    Err(e) => Err(e),
                 }
             }
             other => other,

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 
 use schemas::DeviceId;
 use schemas::agent::AgentState;
-use schemas::data::{Response, Welcome};
+use schemas::data::Welcome;
 use schemas::settings::SettingsReport;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -54,10 +54,6 @@ use crate::lan::NudgeCheck;
 use crate::mqtt::LinkEvent;
 use crate::session::{DataSession, SessionError};
 use crate::state::{StateError, StateStore};
-
-fn unexpected(response: Response) -> AgentError {
-    AgentError::Offline(format!("unexpected answer: {response:?}"))
-}
 
 /// Why the main loop ended.
 enum Exit {
@@ -176,8 +172,13 @@ impl From<StateError> for WorkError {
     }
 }
 
-type LongPoll =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, SessionError>> + Send>>;
+type LongPoll = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<(Vec<schemas::feed::FeedEntry>, schemas::FeedSeq), SessionError>,
+            > + Send,
+    >,
+>;
 
 impl Agent {
     fn emit(&self, event: AgentEvent) {

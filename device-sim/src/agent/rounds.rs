@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use schemas::data::{ErrorCode, OwnerClaim, Request, Response};
+use schemas::data::{ErrorCode, OwnerClaim};
 use schemas::feed::{FeedBody, FeedEntry};
 use schemas::outbox::MAX_DELIVER_ITEMS;
 use schemas::{JobId, UnixMillis};
@@ -22,17 +22,14 @@ impl Agent {
         if !self.state.registration_completed {
             // The credentials are on disk: tell the cloud, which only then lets companions
             // send jobs to this device.
-            session.request(Request::CompleteRegistration).await?;
+            session.complete_registration().await?;
             self.state.registration_completed = true;
             self.save()?;
         }
         if let Some(capabilities) = &self.config.printer
             && self.state.printer_registered.as_ref() != Some(capabilities)
         {
-            let request = Request::RegisterPrinter {
-                capabilities: capabilities.clone(),
-            };
-            session.request(request).await?;
+            session.register_printer(capabilities.clone()).await?;
             self.state.printer_registered = Some(capabilities.clone());
             self.save()?;
         }
@@ -40,13 +37,7 @@ impl Agent {
             // Sent again while waiting for the owner: it also tells whether the cloud has
             // given up waiting (the id is then invalidated and this request refused).
             let reason = check.reason.clone();
-            let response = session.request(Request::OwnerCheck { reason }).await?;
-            let Response::OwnerCheck { deadline } = response else {
-                return Err(SessionError::Closed(format!(
-                    "unexpected answer to owner_check: {response:?}"
-                ))
-                .into());
-            };
+            let deadline = session.owner_check(reason).await?;
             let first = self.state.owner_check.as_ref().is_some_and(|c| !c.reported);
             match deadline {
                 // No owner bound: nothing to confirm.
@@ -78,23 +69,10 @@ impl Agent {
         let mut ack = None;
         while self.state.owner_check.is_none() {
             let sent_ack = ack.take();
-            let response = session
-                .request(Request::Sync {
-                    after: self.state.cursor,
-                    wait_ms: 0,
-                    limit: 64,
-                    ack: sent_ack,
-                })
-                .await?;
+            let (entries, _) = session.sync(self.state.cursor, 0, 64, sent_ack).await?;
             if let Some(cursor) = sent_ack {
                 self.emit(AgentEvent::Synced { cursor });
             }
-            let Response::Feed { entries, .. } = response else {
-                return Err(SessionError::Closed(format!(
-                    "unexpected answer to sync: {response:?}"
-                ))
-                .into());
-            };
             if entries.is_empty() {
                 break;
             }
@@ -107,7 +85,7 @@ impl Agent {
         }
         if let Some(upto) = ack {
             // Left unsent only when an owner check began meanwhile: acknowledge on its own.
-            session.request(Request::Ack { upto }).await?;
+            session.ack(upto).await?;
             self.emit(AgentEvent::Synced { cursor: upto });
         }
         if self.state.owner_check.is_none() && self.state.hinted.take().is_some() {
@@ -141,13 +119,7 @@ impl Agent {
                 .take(MAX_DELIVER_ITEMS)
                 .cloned()
                 .collect();
-            let response = session.request(Request::Deliver { items }).await?;
-            let Response::Delivered { upto, refused } = response else {
-                return Err(SessionError::Closed(format!(
-                    "unexpected answer to deliver: {response:?}"
-                ))
-                .into());
-            };
+            let (upto, refused) = session.deliver(items).await?;
             let mut handled = Vec::new();
             while self.state.outbox.front().is_some_and(|i| i.no <= upto) {
                 if let Some(item) = self.state.outbox.pop_front() {
@@ -221,7 +193,7 @@ impl Agent {
             .session()
             .await
             .map_err(|e| AgentError::Offline(e.to_string()))?;
-        match session.request(Request::ConfirmOwner { owner }).await {
+        match session.confirm_owner(owner).await {
             Ok(_) => {
                 self.state.owner_check = None;
                 self.save()?;

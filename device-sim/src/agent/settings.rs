@@ -1,7 +1,6 @@
 //! Server settings from the feed: applied, used from the next round on, and reported back.
 
 use schemas::agent::AppliedSettings;
-use schemas::data::Request;
 use schemas::settings::{DeviceSettings, Endpoints, SettingsReport};
 
 use crate::session::DataSession;
@@ -61,11 +60,7 @@ impl Agent {
             return Ok(());
         }
         let revision = report.revision;
-        session
-            .request(Request::ReportSettings {
-                report: report.clone(),
-            })
-            .await?;
+        session.report_settings(report.clone()).await?;
         self.last_report = Some(report);
         if let Some(s) = self.state.settings.as_mut()
             && !s.reported

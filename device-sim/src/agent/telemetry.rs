@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use schemas::UnixMillis;
 use schemas::agent::ActiveService;
-use schemas::data::{Request, Response};
 use schemas::outbox::DeviceRequest;
 use tokio::time::Instant;
 
@@ -20,13 +19,7 @@ impl Agent {
     /// exactly those enabled in the device's table, with a contract (non-empty application id),
     /// supporting the device's model.
     pub(super) async fn sync_contracts(&mut self, session: &DataSession) -> Result<(), WorkError> {
-        let response = session.request(Request::Contracts).await?;
-        let Response::Contracts { contracts } = response else {
-            return Err(SessionError::Closed(format!(
-                "unexpected answer to contracts: {response:?}"
-            ))
-            .into());
-        };
+        let contracts = session.contracts().await?;
         let model = self.config.info.model.clone();
         let services: Vec<String> = self.state.support.keys().cloned().collect();
         for service_id in services {
@@ -46,22 +39,15 @@ impl Agent {
             let activated = match wanted {
                 None => None,
                 Some(application_id) => {
-                    let request = Request::ActivateService {
-                        service_id: service_id.clone(),
-                        application_id: application_id.clone(),
-                    };
-                    match session.request(request).await {
-                        Ok(Response::DeviceControl(control)) => Some(ActiveService {
+                    let activation = session
+                        .activate_service(service_id.clone(), application_id.clone())
+                        .await;
+                    match activation {
+                        Ok(control) => Some(ActiveService {
                             application_id,
                             data_types: control.data_types,
                             report_every_secs: control.report_every_secs,
                         }),
-                        Ok(other) => {
-                            return Err(SessionError::Closed(format!(
-                                "unexpected answer to activate_service: {other:?}"
-                            ))
-                            .into());
-                        }
                         Err(SessionError::Request(error)) => {
                             tracing::warn!(%service_id, %error, "activation refused");
                             None
@@ -180,5 +166,33 @@ impl Agent {
                 })
             })
             .min()
+    }
+
+    /// The readings now (none without a source of readings).
+    pub(super) fn read_readings(&self) -> BTreeMap<String, String> {
+        self.config
+            .readings
+            .as_ref()
+            .map(|r| r.read())
+            .unwrap_or_default()
+    }
+
+    /// The active support services whose periodic report is due.
+    pub(super) fn reports_due(&self) -> Vec<String> {
+        let due = |s: &str, every: u32| {
+            self.telemetry_sent
+                .get(s)
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(u64::from(every)))
+        };
+        self.state
+            .support
+            .iter()
+            .filter_map(|(id, s)| {
+                s.active
+                    .as_ref()
+                    .filter(|a| a.report_every_secs > 0 && due(id, a.report_every_secs))
+                    .map(|_| id.clone())
+            })
+            .collect()
     }
 }
