@@ -11,8 +11,10 @@
 //! - [`backoff`]: exponential backoff with jitter.
 //! - [`counters`]: page counters, read whole even while pages are being counted.
 //! - [`consumables`]: what a device can measure for support services; simulated cartridges.
-//! - `fleet` (feature `fleet`, on by default): many devices in one process, a job generator,
-//!   faults, and a latency and throughput report.
+//! - [`panel`]: the simulated panel of `device-sim device` (commands on standard input).
+//! - [`duration`]: durations on the command line (`250ms`, `30s`, `5m`).
+//! - `fleet` (feature `fleet`, on by default): many devices in one process (or several), a job
+//!   generator, faults, and a latency and throughput report; `fleet::cli` is `device-sim fleet`.
 //!
 //! The `device-sim` binary runs one device (`device-sim device`) or many (`device-sim run`).
 
@@ -20,12 +22,14 @@ pub mod agent;
 pub mod backoff;
 pub mod consumables;
 pub mod counters;
+pub mod duration;
 pub mod executor;
 #[cfg(feature = "fleet")]
 pub mod fleet;
 pub mod lan;
 pub mod mqtt;
 pub mod outbox;
+pub mod panel;
 pub mod session;
 pub mod state;
 

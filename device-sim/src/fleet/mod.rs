@@ -9,12 +9,15 @@
 //! Lost and duplicated jobs are decided at the end from the cloud's own records (every job of
 //! every device, fetched through the admin API), checked against what the devices saw.
 
+pub mod cli;
+mod connect;
+mod generator;
 pub mod procstat;
 pub mod proxy;
 pub mod report;
+mod verify;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -22,7 +25,6 @@ use std::time::Duration;
 use admin_client::{AdminClient, ClientError};
 use schemas::api::{CreateEnrollmentToken, SubmitJob};
 use schemas::data::JobOffer;
-use schemas::job::JobState;
 use schemas::{DeviceId, JobId, Secret};
 use tokio::sync::{Notify, Semaphore, broadcast};
 use tokio::time::Instant;
@@ -30,9 +32,7 @@ use tokio::time::Instant;
 use crate::agent::{AgentConfig, AgentEvent, AgentHandle, DeviceInfo};
 use crate::executor::{ExecFuture, JobExecutor, JobOutcome};
 use crate::state::MemoryStateStore;
-use procstat::ProcUsage;
-use proxy::CutProxy;
-use report::{FleetReport, Latency, ProcessReport, Second};
+use report::FleetReport;
 
 /// A fault applied to a share of the devices at a time into the run, for a while.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -160,6 +160,24 @@ struct Timing {
     runs_finished: u32,
 }
 
+impl Timing {
+    /// A submission to agent `device`, sent now.
+    fn submitted(device: usize) -> Timing {
+        Timing {
+            device,
+            via_fallback: false,
+            submitted: Instant::now(),
+            job_id: None,
+            refused: false,
+            hinted: None,
+            fetched: None,
+            completed: None,
+            runs_started: 0,
+            runs_finished: 0,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     jobs: Vec<Timing>,
@@ -183,6 +201,21 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(devices: usize) -> Shared {
+        Shared {
+            state: Mutex::new(State {
+                unhinted: vec![VecDeque::new(); devices],
+                connected: vec![false; devices],
+                mqtt_up: vec![false; devices],
+                ..State::default()
+            }),
+            connected: AtomicUsize::new(0),
+            completed: AtomicU64::new(0),
+            lagged: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -376,7 +409,8 @@ async fn warm_up(
     }
 }
 
-/// Runs the fleet and returns its report.
+/// Runs the fleet and returns its report: connect, warm up (if asked), generate jobs with the
+/// faults, drain, then check every job against the cloud's records.
 pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
     if cfg.devices == 0 || cfg.rate <= 0.0 || cfg.connect_rate == 0 {
         return Err(FleetError::Config(
@@ -393,470 +427,32 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
         })
         .await?
         .token;
-    let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            unhinted: vec![VecDeque::new(); cfg.devices],
-            connected: vec![false; cfg.devices],
-            mqtt_up: vec![false; cfg.devices],
-            ..State::default()
-        }),
-        connected: AtomicUsize::new(0),
-        completed: AtomicU64::new(0),
-        lagged: AtomicU64::new(0),
-        changed: Notify::new(),
-    });
+    let shared = Arc::new(Shared::new(cfg.devices));
     let executor: Arc<dyn JobExecutor> = Arc::new(FleetExecutor {
         shared: shared.clone(),
         job_time: cfg.job_time,
     });
-
-    // Devices whose MQTT link will be cut connect through one proxy.
-    let cut_count = cfg
-        .cut_mqtt
-        .map(|f| ((cfg.devices as f64) * f.share).round() as usize)
-        .unwrap_or(0);
-    let proxy = match (&cfg.mqtt, cut_count) {
-        (Some((host, port)), n) if n > 0 => {
-            let target: SocketAddr = format!("{host}:{port}")
-                .parse()
-                .map_err(|e| FleetError::Config(format!("MQTT address {host}:{port}: {e}")))?;
-            Some(CutProxy::start(target).await.map_err(FleetError::Proxy)?)
-        }
-        _ => None,
-    };
-    let poll_only = cfg.mqtt.is_none();
-
-    // Start the devices at the connect rate.
-    let mut agents: Vec<Slot> = Vec::with_capacity(cfg.devices);
-    let pace = Duration::from_secs_f64(1.0 / f64::from(cfg.connect_rate));
-    let started = Instant::now();
-    for i in 0..cfg.devices {
-        let mqtt = match (&proxy, &cfg.mqtt) {
-            (Some(p), Some(_)) if i < cut_count => Some(("127.0.0.1".to_owned(), p.addr.port())),
-            (_, m) => m.clone(),
-        };
-        let config = agent_config(&cfg, mqtt, format!("SIM-{}-{i:06}", cfg.label), &token);
-        let store = MemoryStateStore::default();
-        let agent = crate::start(config.clone(), executor.clone(), store.clone());
-        follow(shared.clone(), i, agent.subscribe(), poll_only);
-        agents.push(Slot {
-            agent: Some(agent),
-            store,
-            config,
-        });
-        tokio::time::sleep_until(started + pace * (i as u32 + 1)).await;
-    }
-    // Wait for every device, generously; then run with those that made it (the report says how
-    // many). Connecting slows down as the fleet grows: every device registers durably and
-    // opens two connections.
-    let waited = Duration::from_secs_f64(3.0 * cfg.devices as f64 / f64::from(cfg.connect_rate))
-        + Duration::from_secs(60);
-    let deadline = started + waited;
-    loop {
-        let notified = shared.changed.notified();
-        if shared.connected.load(Ordering::Relaxed) >= cfg.devices {
-            break;
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            break;
-        }
-    }
-    // (agent index, device id) of every connected device: jobs go only to them.
-    let ready: Vec<(usize, DeviceId)> = {
-        let state = shared.state();
-        agents
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| state.connected[*i])
-            .filter_map(|(i, s)| {
-                s.agent
-                    .as_ref()
-                    .and_then(|a| a.device_id())
-                    .map(|id| (i, id))
-            })
-            .collect()
-    };
-    if ready.is_empty() {
-        return Err(FleetError::NotConnected {
-            connected: 0,
-            wanted: cfg.devices,
-            waited,
-        });
-    }
-    if ready.len() < cfg.devices {
-        tracing::warn!(
-            connected = ready.len(),
-            wanted = cfg.devices,
-            ?waited,
-            "not every device connected; running with those that did"
-        );
-    }
-    let connect_secs = started.elapsed().as_secs_f64();
-    tracing::info!(devices = ready.len(), took = ?started.elapsed(), "fleet connected");
+    let mut fleet = connect::start(&cfg, &token, &shared, &executor).await?;
     let warmup_secs = if cfg.warmup {
         let began = Instant::now();
-        warm_up(&cfg, &client, &shared, &ready).await?;
+        warm_up(&cfg, &client, &shared, &fleet.ready).await?;
         tracing::info!(took = ?began.elapsed(), "fleet warmed up");
         Some(began.elapsed().as_secs_f64())
     } else {
         None
     };
-
-    // What is measured starts here: CPU, requests and connections exclude connecting and
-    // warming up.
-    let measured = Instant::now();
-    let sim_before = ProcUsage::current().unwrap_or_default();
-    let watched_before: Vec<ProcUsage> = cfg
-        .watch
-        .iter()
-        .map(|(_, pid)| ProcUsage::of(*pid).unwrap_or_default())
-        .collect();
-    let metrics_before = client.metrics().await?;
-
-    // Generate jobs for `duration`, applying faults on schedule.
-    let progress = cfg.progress.then(|| {
-        let bar = indicatif::ProgressBar::new(cfg.duration.as_secs());
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len}s {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
-    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
-    let mut faults = Vec::new();
-    let gen_start = Instant::now();
-    let mut submitted: u64 = 0;
-    let mut cut_state = 0u8; // 0 not yet, 1 cut, 2 restored
-    let mut restart_state = 0u8;
-    let mut killed: Vec<usize> = Vec::new();
-    let payload_pad = "x".repeat(cfg.payload_bytes.saturating_sub(24));
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    loop {
-        tick.tick().await;
-        let elapsed = gen_start.elapsed();
-        if elapsed >= cfg.duration {
-            break;
-        }
-        if let (Some(f), Some(p)) = (cfg.cut_mqtt, &proxy) {
-            if cut_state == 0 && elapsed >= f.at {
-                p.cut();
-                cut_state = 1;
-                faults.push(format!(
-                    "MQTT cut for {cut_count} devices at {:?} for {:?}",
-                    f.at, f.length
-                ));
-            } else if cut_state == 1 && elapsed >= f.at + f.length {
-                p.restore();
-                cut_state = 2;
-            }
-        }
-        if let Some(f) = cfg.restart_devices {
-            if restart_state == 0 && elapsed >= f.at {
-                let n = (((cfg.devices as f64) * f.share).round() as usize).min(cfg.devices);
-                let mut order: Vec<usize> = (0..cfg.devices).collect();
-                for i in 0..n {
-                    let j = rand::random_range(i..cfg.devices);
-                    order.swap(i, j);
-                }
-                killed = order.into_iter().take(n).collect();
-                for &i in &killed {
-                    if let Some(agent) = agents[i].agent.take() {
-                        agent.kill();
-                    }
-                }
-                restart_state = 1;
-                faults.push(format!(
-                    "{n} devices killed at {:?}, restarted after {:?}",
-                    f.at, f.length
-                ));
-            } else if restart_state == 1 && elapsed >= f.at + f.length {
-                for &i in &killed {
-                    let slot = &mut agents[i];
-                    let agent =
-                        crate::start(slot.config.clone(), executor.clone(), slot.store.clone());
-                    follow(shared.clone(), i, agent.subscribe(), poll_only);
-                    slot.agent = Some(agent);
-                }
-                restart_state = 2;
-            }
-        }
-        let due = (elapsed.as_secs_f64() * cfg.rate) as u64;
-        while submitted < due {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                break;
-            };
-            let (device, id) = ready[rand::random_range(0..ready.len())].clone();
-            let n = {
-                let mut state = shared.state();
-                let n = state.jobs.len();
-                state.jobs.push(Timing {
-                    device,
-                    via_fallback: false,
-                    submitted: Instant::now(),
-                    job_id: None,
-                    refused: false,
-                    hinted: None,
-                    fetched: None,
-                    completed: None,
-                    runs_started: 0,
-                    runs_finished: 0,
-                });
-                state.unhinted[device].push_back(n);
-                n
-            };
-            submitted += 1;
-            let (client, shared) = (client.clone(), shared.clone());
-            let job = SubmitJob {
-                payload: Some(format!("fleet:{n};{payload_pad}")),
-                content_type: Some("text/plain".into()),
-                ..Default::default()
-            };
-            tokio::spawn(async move {
-                let result = client.submit_job(&id, &job).await;
-                let mut state = shared.state();
-                match result {
-                    Ok((view, _)) => {
-                        state.jobs[n].job_id = Some(view.job_id.clone());
-                        state.by_job_id.insert(view.job_id.clone(), n);
-                        if let Some(at) = state.early_reports.remove(&view.job_id) {
-                            shared.complete(n, at, &mut state);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "submission refused");
-                        state.jobs[n].refused = true;
-                        shared.changed.notify_waiters();
-                    }
-                }
-                drop(permit);
-            });
-        }
-        if let Some(bar) = &progress {
-            bar.set_position(elapsed.as_secs());
-            bar.set_message(format!(
-                "{submitted} submitted, {} completed, {} connected",
-                shared.completed.load(Ordering::Relaxed),
-                shared.connected.load(Ordering::Relaxed)
-            ));
-        }
-    }
-    let gen_elapsed = gen_start.elapsed();
-    if let Some(p) = &proxy {
-        p.restore();
-    }
-    // Wait for every submission to be answered, then for the outstanding jobs.
-    let _all = in_flight
-        .acquire_many(u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX))
-        .await;
-    let drain_deadline = Instant::now() + cfg.drain;
-    loop {
-        let notified = shared.changed.notified();
-        let (acked, completed) = {
-            let state = shared.state();
-            let acked = state.jobs.iter().filter(|t| t.job_id.is_some()).count() as u64;
-            (acked, shared.completed.load(Ordering::Relaxed))
-        };
-        if completed >= acked
-            || tokio::time::timeout_at(drain_deadline, notified)
-                .await
-                .is_err()
-        {
-            break;
-        }
-    }
-    if let Some(bar) = progress {
-        bar.finish_and_clear();
-    }
-    let wall = measured.elapsed();
-
-    // The cloud's records.
-    let mut cloud: HashMap<JobId, (JobState, usize)> = HashMap::new();
-    for (_, id) in &ready {
-        for job in client.device_jobs(id).await? {
-            let succeeded = job
-                .history
-                .iter()
-                .filter(|t| t.to == JobState::Succeeded)
-                .count();
-            cloud.insert(job.job_id, (job.state, succeeded));
-        }
-    }
-    let metrics_after = client.metrics().await?;
-    let sim_after = ProcUsage::current().unwrap_or_default();
-    let watched_after: Vec<Option<ProcUsage>> = cfg
-        .watch
-        .iter()
-        .map(|(_, pid)| ProcUsage::of(*pid))
-        .collect();
-
-    // Stop the devices.
-    let mut stops = tokio::task::JoinSet::new();
-    for agent in agents.into_iter().filter_map(|s| s.agent) {
-        stops.spawn(agent.stop());
-    }
-    while stops.join_next().await.is_some() {}
-
-    let state = shared.state();
-    let mut hint = report::histogram();
-    let mut fetch = report::histogram();
-    let mut complete = report::histogram();
-    let mut per_second: Vec<hdrhistogram::Histogram<u64>> = Vec::new();
-    let mut submitted_per_second: Vec<u64> = Vec::new();
-    let (
-        mut acked,
-        mut refused,
-        mut completed,
-        mut lost,
-        mut duplicated,
-        mut rerun,
-        mut fallback,
-        mut fetched_total,
-    ) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut last_completion: Option<Instant> = None;
-    let mut unfinished = 0u64;
-    let mut samples = Vec::new();
-    for t in &state.jobs {
-        let second = t.submitted.saturating_duration_since(gen_start).as_secs() as usize;
-        if cfg.keep_samples {
-            let us = |at: Option<Instant>| {
-                at.map(|a| u64::try_from((a - t.submitted).as_micros()).unwrap_or(u64::MAX))
-            };
-            samples.push(report::Sample {
-                second: u32::try_from(second).unwrap_or(u32::MAX),
-                hint_us: us(t.hinted),
-                fetch_us: us(t.fetched),
-                complete_us: us(t.completed),
-                via_fallback: t.via_fallback,
-            });
-        }
-        if per_second.len() <= second {
-            per_second.resize_with(second + 1, report::histogram);
-            submitted_per_second.resize(second + 1, 0);
-        }
-        submitted_per_second[second] += 1;
-        if t.refused {
-            refused += 1;
-        }
-        if let Some(h) = t.hinted {
-            report::record(&mut hint, h - t.submitted);
-        }
-        if let Some(f) = t.fetched {
-            report::record(&mut fetch, f - t.submitted);
-            fetched_total += 1;
-            if t.via_fallback {
-                fallback += 1;
-            }
-        }
-        if let Some(c) = t.completed {
-            completed += 1;
-            report::record(&mut complete, c - t.submitted);
-            report::record(&mut per_second[second], c - t.submitted);
-            last_completion = Some(last_completion.map_or(c, |l| l.max(c)));
-        }
-        if t.runs_started > 1 && t.runs_finished <= 1 {
-            rerun += 1;
-        }
-        let Some(id) = &t.job_id else { continue };
-        acked += 1;
-        match cloud.get(id) {
-            Some((JobState::Succeeded, n)) => {
-                if *n > 1 || t.runs_finished > 1 {
-                    duplicated += 1;
-                }
-            }
-            // Still queued or running when the drain window closed: backlog, not loss.
-            Some((state, _)) if !state.is_terminal() => unfinished += 1,
-            // Missing from the cloud's records, or ended without being done.
-            _ => lost += 1,
-        }
-    }
-    let mut completions: Vec<Instant> = state.jobs.iter().filter_map(|t| t.completed).collect();
-    completions.sort();
-    let longest_gap = completions
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or_default();
-    let metric = |m: &serde_json::Value, k: &str| m.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-    let (requests_before, requests_after) = (
-        metric(&metrics_before, "data_requests"),
-        metric(&metrics_after, "data_requests"),
-    );
-    let restarted = requests_after < requests_before;
-    let requests = requests_after.saturating_sub(requests_before);
-    let connections = metric(&metrics_after, "data_connections_total")
-        .saturating_sub(metric(&metrics_before, "data_connections_total"));
-    let hints_coalesced = metric(&metrics_after, "hints_coalesced")
-        .saturating_sub(metric(&metrics_before, "hints_coalesced"));
-    let device_hours = cfg.devices as f64 * wall.as_secs_f64() / 3600.0;
-    let span = match (state.jobs.first(), last_completion) {
-        (Some(first), Some(last)) => (last - first.submitted).as_secs_f64(),
-        _ => 0.0,
-    };
-    let mut processes = vec![ProcessReport::new(
-        "device-sim fleet",
-        std::process::id(),
-        &sim_before,
-        &sim_after,
-        wall,
-    )];
-    for (((name, pid), before), after) in cfg.watch.iter().zip(&watched_before).zip(&watched_after)
-    {
-        if let Some(after) = after {
-            processes.push(ProcessReport::new(name, *pid, before, after, wall));
-        }
-    }
-    let mode = match &cfg.mqtt {
-        None => format!("poll-only every {:?}", cfg.poll_interval),
-        Some(_) => "push".to_owned(),
-    };
-    Ok(FleetReport {
-        label: cfg.label.clone(),
-        mode,
-        devices: cfg.devices,
-        devices_connected: ready.len(),
-        connect_secs,
+    let mut measure = verify::Measure::start(&cfg, &client).await?;
+    let generated = generator::run(&cfg, &client, &shared, &mut fleet).await;
+    measure.stop_clock();
+    let cloud = verify::cloud_records(&client, &fleet.ready).await?;
+    measure.finish(&cfg, &client).await?;
+    let connected = verify::Connected {
+        connected: fleet.ready.len(),
+        connect_secs: fleet.connect_secs,
         warmup_secs,
-        target_rate: cfg.rate,
-        duration_secs: gen_elapsed.as_secs_f64(),
-        jobs_submitted: submitted,
-        jobs_acknowledged: acked,
-        jobs_refused: refused,
-        jobs_completed: completed,
-        jobs_per_sec: if span > 0.0 {
-            completed as f64 / span
-        } else {
-            0.0
-        },
-        submit_to_hint: Latency::from_histogram(&hint),
-        submit_to_fetch: Latency::from_histogram(&fetch),
-        submit_to_complete: Latency::from_histogram(&complete),
-        fallback_share: if fetched_total > 0 {
-            fallback as f64 / fetched_total as f64
-        } else {
-            0.0
-        },
-        jobs_lost: lost,
-        jobs_unfinished: unfinished,
-        jobs_duplicated: duplicated,
-        jobs_rerun_after_crash: rerun,
-        longest_completion_gap_ms: longest_gap.as_secs_f64() * 1000.0,
-        server_requests_per_device_hour: (!restarted && device_hours > 0.0)
-            .then(|| requests as f64 / device_hours),
-        server_connections_per_device_hour: (!restarted && device_hours > 0.0)
-            .then(|| connections as f64 / device_hours),
-        hints_coalesced,
-        events_lagged: shared.lagged.load(Ordering::Relaxed),
-        faults,
-        processes,
-        per_second: per_second
-            .iter()
-            .zip(&submitted_per_second)
-            .enumerate()
-            .map(|(i, (h, &n))| Second::from_histogram(i, n, h))
-            .collect(),
-        samples,
-    })
+    };
+    fleet.stop().await;
+    Ok(verify::report(
+        &cfg, &shared, &connected, &generated, &cloud, &measure,
+    ))
 }
