@@ -29,281 +29,27 @@
 //! rumqttd has no shutdown API: the broker lives until the process exits.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rumqttd::protocol::{ConnectReturnCode, QoS};
 use rumqttd::{
     AuthResult, Config, ConnectionSettings, RouterConfig, RouterHealth, SegmentConfig,
     ServerSettings, SessionControl,
 };
-use sha2::{Digest, Sha256};
+
+mod auth;
+mod probe;
+mod rules;
+mod stats;
+
+pub use auth::{Authenticator, Login, Refusal, StaticAuthenticator, constant_time_eq};
+use probe::{ProbeIdentity, probe_once, wait_ready};
+use rules::{DeviceRules, NothingAllowed, OpsRules, OpsSessions};
+pub use stats::{BrokerStats, LogLimiter};
 
 pub use rumqttd::Notification;
 pub use rumqttd::local::{LinkError, LinkRx, LinkTx};
-
-/// Who an accepted MQTT CONNECT is, which decides what it may do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Login {
-    /// A device, by its id: it may subscribe to its own notify topic and publish its own
-    /// presence, nothing else.
-    Device(String),
-    /// An operations tool, by its login (username): it may subscribe under `fleet/events/`
-    /// and publish nothing.
-    Ops(String),
-}
-
-/// Why an MQTT CONNECT was refused: each is answered with its MQTT 3.1.1 CONNACK return code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// 2, identifier rejected: the client id is not the one these credentials may use.
-    IdentifierRejected,
-    /// 4, bad user name or password.
-    BadCredentials,
-    /// 5, not authorized: the credentials are right but the client may not log in (a
-    /// disabled or invalidated device).
-    NotAuthorized,
-}
-
-impl Refusal {
-    fn return_code(self) -> ConnectReturnCode {
-        match self {
-            Refusal::IdentifierRejected => ConnectReturnCode::ClientIdentifierNotValid,
-            Refusal::BadCredentials => ConnectReturnCode::BadUserNamePassword,
-            Refusal::NotAuthorized => ConnectReturnCode::NotAuthorized,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::IdentifierRejected => "identifier_rejected",
-            Refusal::BadCredentials => "bad_credentials",
-            Refusal::NotAuthorized => "not_authorized",
-        }
-    }
-}
-
-/// Decides who an MQTT CONNECT is, or why it is refused. Called on a listener thread for every
-/// CONNECT, so it must not block for long.
-pub trait Authenticator: Send + Sync + 'static {
-    fn authenticate(
-        &self,
-        client_id: &str,
-        username: &str,
-        password: &str,
-    ) -> Result<Login, Refusal>;
-}
-
-/// Lets through at most a number of log lines per second, and counts the rest: for events a
-/// peer can cause at will (refusals, accept errors), so that the log grows at a bounded rate.
-#[derive(Debug)]
-pub struct LogLimiter {
-    per_second: u32,
-    started: Instant,
-    /// Start of the current one-second window (ms since `started`), lines let through in it,
-    /// and lines held back since the last one let through.
-    window: Mutex<(u64, u32, u64)>,
-    suppressed_total: AtomicU64,
-}
-
-impl LogLimiter {
-    pub fn per_second(per_second: u32) -> LogLimiter {
-        LogLimiter {
-            per_second,
-            started: Instant::now(),
-            window: Mutex::new((0, 0, 0)),
-            suppressed_total: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(n)` when a line may be logged now, `n` being how many were held back since the
-    /// last one; `None` when this one is held back.
-    pub fn allow(&self) -> Option<u64> {
-        let now = self.started.elapsed().as_millis() as u64;
-        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        if now.saturating_sub(w.0) >= 1000 {
-            w.0 = now;
-            w.1 = 0;
-        }
-        if w.1 < self.per_second {
-            w.1 += 1;
-            Some(std::mem::take(&mut w.2))
-        } else {
-            w.2 += 1;
-            self.suppressed_total.fetch_add(1, Ordering::Relaxed);
-            None
-        }
-    }
-
-    /// Lines held back since the start.
-    pub fn suppressed(&self) -> u64 {
-        self.suppressed_total.load(Ordering::Relaxed)
-    }
-}
-
-/// What the broker refused, since it started.
-#[derive(Debug)]
-pub struct BrokerStats {
-    pub connects_refused: AtomicU64,
-    pub subscribes_refused: AtomicU64,
-    pub publishes_refused: AtomicU64,
-    log: LogLimiter,
-}
-
-impl BrokerStats {
-    /// Refusals logged per second at most; the rest are only counted.
-    const LOG_PER_SECOND: u32 = 10;
-
-    fn new() -> BrokerStats {
-        BrokerStats {
-            connects_refused: AtomicU64::new(0),
-            subscribes_refused: AtomicU64::new(0),
-            publishes_refused: AtomicU64::new(0),
-            log: LogLimiter::per_second(Self::LOG_PER_SECOND),
-        }
-    }
-
-    /// Refusals not logged because too many came at once.
-    pub fn refusals_not_logged(&self) -> u64 {
-        self.log.suppressed()
-    }
-
-    fn may_log(&self) -> bool {
-        self.log.allow().is_some()
-    }
-
-    fn refused_subscribe(&self, who: &str, filter: &str) {
-        self.subscribes_refused.fetch_add(1, Ordering::Relaxed);
-        if self.may_log() {
-            tracing::warn!(client = who, filter, "MQTT subscribe refused");
-        }
-    }
-
-    fn refused_publish(&self, who: &str, topic: &str, qos: QoS, retain: bool) {
-        self.publishes_refused.fetch_add(1, Ordering::Relaxed);
-        if self.may_log() {
-            tracing::warn!(
-                client = who,
-                topic,
-                ?qos,
-                retain,
-                "MQTT publish refused; disconnecting"
-            );
-        }
-    }
-
-    fn refused_connect(&self, client_id: &str, refusal: Refusal) {
-        self.connects_refused.fetch_add(1, Ordering::Relaxed);
-        if self.may_log() {
-            tracing::info!(%client_id, reason = refusal.as_str(), "MQTT connect refused");
-        }
-    }
-}
-
-/// The client ids each operations login connected with, newest last, at most
-/// [`OpsSessions::PER_LOGIN`] per login (a tool that picks a new random client id for every
-/// connection would otherwise grow this without bound; the oldest are the ones long gone).
-#[derive(Debug, Clone, Default)]
-struct OpsSessions(Arc<Mutex<HashMap<String, std::collections::VecDeque<String>>>>);
-
-impl OpsSessions {
-    const PER_LOGIN: usize = 256;
-
-    fn add(&self, login: String, client_id: &str) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let ids = map.entry(login).or_default();
-        ids.retain(|id| id != client_id);
-        ids.push_back(client_id.to_owned());
-        while ids.len() > Self::PER_LOGIN {
-            ids.pop_front();
-        }
-    }
-
-    fn take(&self, login: &str) -> Vec<String> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(login).map(Vec::from).unwrap_or_default()
-    }
-}
-
-/// What one device may do on MQTT.
-struct DeviceRules {
-    device: String,
-    notify: String,
-    presence: String,
-    stats: Arc<BrokerStats>,
-}
-
-impl rumqttd::Authorizer for DeviceRules {
-    fn may_subscribe(&self, filter: &str, _qos: QoS) -> bool {
-        let allowed = filter == self.notify;
-        if !allowed {
-            self.stats.refused_subscribe(&self.device, filter);
-        }
-        allowed
-    }
-
-    fn may_publish(&self, topic: &str, qos: QoS, retain: bool) -> bool {
-        let allowed = topic == self.presence && qos != QoS::ExactlyOnce && !retain;
-        if !allowed {
-            self.stats.refused_publish(&self.device, topic, qos, retain);
-        }
-        allowed
-    }
-}
-
-/// What an operations login may do: watch ops events.
-struct OpsRules {
-    stats: Arc<BrokerStats>,
-}
-
-impl rumqttd::Authorizer for OpsRules {
-    fn may_subscribe(&self, filter: &str, _qos: QoS) -> bool {
-        let allowed = filter.starts_with(schemas::topics::OPS_PREFIX) && valid_filter(filter);
-        if !allowed {
-            self.stats.refused_subscribe("ops", filter);
-        }
-        allowed
-    }
-
-    fn may_publish(&self, topic: &str, qos: QoS, retain: bool) -> bool {
-        self.stats.refused_publish("ops", topic, qos, retain);
-        false
-    }
-}
-
-/// The readiness probe and watchdog: may log in, nothing more.
-struct NothingAllowed;
-
-impl rumqttd::Authorizer for NothingAllowed {
-    fn may_subscribe(&self, _filter: &str, _qos: QoS) -> bool {
-        false
-    }
-
-    fn may_publish(&self, _topic: &str, _qos: QoS, _retain: bool) -> bool {
-        false
-    }
-}
-
-/// An MQTT topic filter as the specification allows it: `#` only as the last level, `+` only
-/// as a whole level, not empty.
-fn valid_filter(filter: &str) -> bool {
-    let mut levels = filter.split('/').peekable();
-    while let Some(level) = levels.next() {
-        let last = levels.peek().is_none();
-        let ok = match level {
-            "#" => last,
-            "+" => true,
-            other => !other.contains(['#', '+']),
-        };
-        if !ok {
-            return false;
-        }
-    }
-    !filter.is_empty()
-}
 
 /// Settings of the embedded broker. Defaults suit a fleet of up to ~10,000 devices.
 #[derive(Debug, Clone)]
@@ -598,34 +344,6 @@ fn pick_addr(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
     })
 }
 
-/// A one-time identity that only the readiness probe knows, and how it reaches the listener.
-#[derive(Clone)]
-struct ProbeIdentity {
-    client_id: String,
-    password: String,
-    /// With a TLS listener: a client that checks nothing but that its own listener answers.
-    tls: Option<Arc<tls::rustls::ClientConfig>>,
-}
-
-impl ProbeIdentity {
-    fn new(tls: bool) -> ProbeIdentity {
-        let mut hasher = Sha256::new();
-        hasher.update(format!(
-            "{:?}{:?}",
-            Instant::now(),
-            std::thread::current().id()
-        ));
-        hasher.update(std::process::id().to_le_bytes());
-        let digest = hasher.finalize();
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        ProbeIdentity {
-            client_id: format!("broker-probe-{}", &hex[..16]),
-            password: hex[16..].to_owned(),
-            tls: tls.then(tls::self_probe_config),
-        }
-    }
-}
-
 fn rumqttd_config(
     settings: &BrokerSettings,
     addr: SocketAddr,
@@ -724,150 +442,6 @@ fn rumqttd_config(
     }
 }
 
-/// Sends an MQTT 3.1.1 CONNECT with the probe identity until this broker answers CONNACK 0.
-fn wait_ready(
-    addr: SocketAddr,
-    probe: &ProbeIdentity,
-    timeout: Duration,
-) -> Result<(), BrokerError> {
-    let deadline = Instant::now() + timeout;
-    let mut detail = String::from("no answer");
-    while Instant::now() < deadline {
-        match probe_once(addr, probe) {
-            Ok(()) => return Ok(()),
-            Err(e) => detail = e,
-        }
-        // Polling a port that rumqttd's listener thread is about to bind: there is no event
-        // to wait on, so back off briefly between tries.
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Err(BrokerError::NotReady {
-        addr,
-        timeout,
-        detail,
-    })
-}
-
-fn probe_once(addr: SocketAddr, probe: &ProbeIdentity) -> Result<(), String> {
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
-        .map_err(|e| format!("connect: {e}"))?;
-    for timeout in [
-        tcp.set_read_timeout(Some(Duration::from_secs(2))),
-        tcp.set_write_timeout(Some(Duration::from_secs(2))),
-    ] {
-        timeout.map_err(|e| e.to_string())?;
-    }
-    let mut stream: Box<dyn ReadWrite> = match &probe.tls {
-        None => Box::new(tcp),
-        Some(config) => {
-            let name = tls::server_name(&addr.ip().to_string()).map_err(|e| e.to_string())?;
-            let session = tls::rustls::ClientConnection::new(config.clone(), name)
-                .map_err(|e| format!("TLS: {e}"))?;
-            Box::new(tls::rustls::StreamOwned::new(session, tcp))
-        }
-    };
-    stream
-        .write_all(&connect_packet(probe))
-        .map_err(|e| format!("write: {e}"))?;
-    let mut connack = [0u8; 4];
-    stream
-        .read_exact(&mut connack)
-        .map_err(|e| format!("no CONNACK (another process on this port?): {e}"))?;
-    if connack == [0x20, 0x02, 0x00, 0x00] {
-        // Just close: the probe's session is clean, so nothing is left behind. (A DISCONNECT
-        // racing the close makes rumqttd log a spurious "connection already gone" error.)
-        Ok(())
-    } else {
-        Err(format!("unexpected CONNACK {connack:02x?}"))
-    }
-}
-
-trait ReadWrite: Read + Write {}
-impl<T: Read + Write> ReadWrite for T {}
-
-fn connect_packet(probe: &ProbeIdentity) -> Vec<u8> {
-    fn string(out: &mut Vec<u8>, s: &str) {
-        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        out.extend_from_slice(s.as_bytes());
-    }
-    let mut body = Vec::new();
-    string(&mut body, "MQTT");
-    body.push(4); // protocol level 3.1.1
-    body.push(0b1100_0010); // username, password, clean session
-    body.extend_from_slice(&10u16.to_be_bytes()); // keep-alive seconds
-    string(&mut body, &probe.client_id);
-    string(&mut body, &probe.client_id);
-    string(&mut body, &probe.password);
-    let mut packet = vec![0x10, body.len() as u8];
-    packet.extend_from_slice(&body);
-    packet
-}
-
-/// An authenticator for the standalone broker binary: a fixed table of device id → SHA-256 of
-/// the secret (hex), where username and client id must both be the device id.
-#[derive(Debug, Clone, Default)]
-pub struct StaticAuthenticator {
-    secrets_sha256: HashMap<String, String>,
-}
-
-impl StaticAuthenticator {
-    /// Reads `device_id sha256hex` pairs, one per line; `#` starts a comment.
-    pub fn from_lines(text: &str) -> Result<StaticAuthenticator, String> {
-        let mut secrets_sha256 = HashMap::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let mut parts = line.split_whitespace();
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(id), Some(hash), None) if hash.len() == 64 => {
-                    secrets_sha256.insert(id.to_owned(), hash.to_ascii_lowercase());
-                }
-                _ => {
-                    return Err(format!(
-                        "line {}: expected `<device id> <sha256 of secret, 64 hex digits>`",
-                        n + 1
-                    ));
-                }
-            }
-        }
-        Ok(StaticAuthenticator { secrets_sha256 })
-    }
-
-    pub fn len(&self) -> usize {
-        self.secrets_sha256.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.secrets_sha256.is_empty()
-    }
-}
-
-impl Authenticator for StaticAuthenticator {
-    fn authenticate(
-        &self,
-        client_id: &str,
-        username: &str,
-        password: &str,
-    ) -> Result<Login, Refusal> {
-        let Some(expected) = self.secrets_sha256.get(username) else {
-            return Err(Refusal::BadCredentials);
-        };
-        let actual: String = Sha256::digest(password.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if !constant_time_eq(actual.as_bytes(), expected.as_bytes()) {
-            return Err(Refusal::BadCredentials);
-        }
-        if client_id != username {
-            return Err(Refusal::IdentifierRejected);
-        }
-        Ok(Login::Device(username.to_owned()))
-    }
-}
-
 /// Sets up logging to standard error for a process that embeds the broker: `RUST_LOG` when set,
 /// otherwise `default_filter`; colours only on a terminal.
 ///
@@ -898,14 +472,15 @@ pub fn init_logging(default_filter: &str) {
         .init();
 }
 
-/// Compares two byte strings in time that depends only on their lengths.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
+    use rumqttd::protocol::QoS;
+    use sha2::{Digest, Sha256};
+
     use super::*;
+    use crate::rules::valid_filter;
 
     #[test]
     fn static_authenticator_requires_matching_client_id_and_secret() {

@@ -25,6 +25,7 @@ use crate::bridge::Bridge;
 use crate::core::{CoreError, Principal};
 
 pub(crate) mod ops;
+mod people;
 pub(crate) mod serve;
 mod status;
 

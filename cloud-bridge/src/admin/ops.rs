@@ -6,21 +6,16 @@
 //! it to the table below.
 
 use schemas::admin::{self as op, Operation};
-use schemas::api::{
-    CompanionCreated, CompanionView, DeviceView, EnrollmentTokenCreated, JobView, OpsLoginCreated,
-    OpsLoginView, OwnerCreated, SettingsView, UserCreated,
-};
+use schemas::api::{DeviceView, EnrollmentTokenCreated, JobView, SettingsView};
 use schemas::data::ErrorCode;
 use schemas::hint::HintKind;
 use schemas::services::InstructionBody;
-use schemas::{
-    ApplicationId, CompanionId, DeviceId, InstructionId, OpsId, OwnerId, Secret, UnixMillis, UserId,
-};
+use schemas::{ApplicationId, InstructionId, Secret, UnixMillis};
 
 use super::serve::{Call, Reply, Serve, route};
-use super::{ApiFailure, ApiResult, AppState, status};
+use super::{ApiFailure, ApiResult, AppState, people, status};
 use crate::bridge::Bridge;
-use crate::core::{CoreError, Effects, NewJob, Principal};
+use crate::core::{CoreError, Effects, NewJob};
 
 /// `Op => function;` for every operation: serves each with its function and lists its route.
 macro_rules! operations {
@@ -70,37 +65,37 @@ operations! {
     op::ListContracts => contracts;
     op::PutContractOp => put_contract;
     op::CancelContract => cancel_contract;
-    op::CreateUserOp => create_user;
-    op::CreateOwnerOp => create_owner;
-    op::CreateOpsLoginOp => create_ops_login;
-    op::ListOpsLogins => ops_logins;
-    op::RevokeOpsLogin => revoke_ops_login;
+    op::CreateUserOp => people::create_user;
+    op::CreateOwnerOp => people::create_owner;
+    op::CreateOpsLoginOp => people::create_ops_login;
+    op::ListOpsLogins => people::ops_logins;
+    op::RevokeOpsLogin => people::revoke_ops_login;
     op::SubmitJobOp => submit_job;
     op::GetJob => job;
     op::GetCapabilities => capabilities;
-    op::SubmitHeld => submit_held;
-    op::ListHeld => held_jobs;
+    op::SubmitHeld => people::submit_held;
+    op::ListHeld => people::held_jobs;
     op::MoveJobOp => move_job;
     op::GetSettings => settings;
     op::PutSettingsOp => set_settings;
-    op::CreateCompanionOp => create_companion;
-    op::GetCompanion => companion;
-    op::LinkCompanion => link_companion;
-    op::UnlinkCompanion => unlink_companion;
+    op::CreateCompanionOp => people::create_companion;
+    op::GetCompanion => people::companion;
+    op::LinkCompanion => people::link_companion;
+    op::UnlinkCompanion => people::unlink_companion;
 }
 
 type Result<T> = std::result::Result<T, ApiFailure>;
 
-fn bridge(state: &AppState) -> &Bridge {
+pub(super) fn bridge(state: &AppState) -> &Bridge {
     &state.bridge
 }
 
-fn now() -> UnixMillis {
+pub(super) fn now() -> UnixMillis {
     UnixMillis::now()
 }
 
 /// A payload given as text or as standard base64 (exactly one).
-fn decode_payload(text: Option<&str>, b64: Option<&str>) -> Result<Vec<u8>> {
+pub(super) fn decode_payload(text: Option<&str>, b64: Option<&str>) -> Result<Vec<u8>> {
     use base64::Engine as _;
     match (text, b64) {
         (Some(text), None) => Ok(text.as_bytes().to_vec()),
@@ -468,157 +463,4 @@ async fn cancel_contract(
     let (list, ticket, effects) = b.core().cancel_contract(device, service, now())?;
     b.finish(ticket, effects).await?;
     Ok(list)
-}
-
-// ------------------------------------------------------------------- people
-
-async fn create_user(s: &AppState, c: Call<op::CreateUserOp>) -> Result<UserCreated> {
-    let id = UserId::from_random(rand::random());
-    let token = Secret::from_random(rand::random());
-    let b = bridge(s);
-    let (record, ticket) = b
-        .core()
-        .create_user(id, c.body.name, &c.body.pin, &token, now())?;
-    b.finish(ticket, Effects::default()).await?;
-    Ok(UserCreated {
-        user_id: record.user_id,
-        name: record.name,
-        token,
-    })
-}
-
-/// A job for a user's virtual printer, held until the user releases it at a device.
-async fn submit_held(
-    s: &AppState,
-    c: Call<op::SubmitHeld>,
-) -> Result<schemas::print::HeldJobRecord> {
-    let b = bridge(s);
-    b.core().authorize_user(&c.principal, &c.params)?;
-    let req = c.body;
-    let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
-    let (record, ticket, effects) = b.core().submit_held(&c.params, req, payload, now())?;
-    b.finish(ticket, effects).await?;
-    Ok(record)
-}
-
-/// A user's held jobs in every state: held, released (where, when), expired.
-async fn held_jobs(
-    s: &AppState,
-    c: Call<op::ListHeld>,
-) -> Result<Vec<schemas::print::HeldJobRecord>> {
-    Ok(bridge(s)
-        .read(|core| {
-            core.authorize_user(&c.principal, &c.params)?;
-            core.held_jobs(&c.params, now())
-        })
-        .await?)
-}
-
-async fn create_owner(s: &AppState, c: Call<op::CreateOwnerOp>) -> Result<OwnerCreated> {
-    let token = Secret::from_random(rand::random());
-    let id = OwnerId::from_random(rand::random());
-    let b = bridge(s);
-    let (record, ticket) = b.core().create_owner(id, c.body.name, &token, now())?;
-    b.finish(ticket, Effects::default()).await?;
-    Ok(OwnerCreated {
-        owner_id: record.owner_id,
-        name: record.name,
-        token,
-    })
-}
-
-/// A new MQTT login for operations; its password is in the answer only.
-async fn create_ops_login(s: &AppState, c: Call<op::CreateOpsLoginOp>) -> Result<OpsLoginCreated> {
-    let password = Secret::from_random(rand::random());
-    let id = OpsId::from_random(rand::random());
-    let b = bridge(s);
-    let (record, ticket) = b
-        .core()
-        .create_ops_login(id, c.body.name, &password, now())?;
-    b.finish(ticket, Effects::default()).await?;
-    Ok(OpsLoginCreated {
-        ops_id: record.ops_id,
-        name: record.name,
-        password,
-        created_at: record.created_at,
-    })
-}
-
-async fn ops_logins(s: &AppState, _: Call<op::ListOpsLogins>) -> Result<Vec<OpsLoginView>> {
-    let list = bridge(s).read(|core| Ok(core.ops_logins())).await?;
-    Ok(list.iter().map(OpsLoginView::from).collect())
-}
-
-/// Revokes an ops login and closes its open MQTT sessions. An id that cannot be one is a
-/// login that does not exist (404), not a bad request.
-async fn revoke_ops_login(s: &AppState, c: Call<op::RevokeOpsLogin>) -> Result<OpsLoginView> {
-    let id =
-        OpsId::parse(&c.params).map_err(|e| ApiFailure::new(ErrorCode::NotFound, e.to_string()))?;
-    let b = bridge(s);
-    let (record, ticket) = b.core().revoke_ops_login(&id, now())?;
-    b.finish(ticket, Effects::default()).await?;
-    b.close_ops_sessions(&id).await?;
-    Ok(OpsLoginView::from(&record))
-}
-
-fn owner_of(principal: &Principal) -> Result<&OwnerId> {
-    match principal {
-        Principal::Owner(id) => Ok(id),
-        _ => Err(ApiFailure::new(
-            ErrorCode::Forbidden,
-            "this route needs an owner's token",
-        )),
-    }
-}
-
-async fn create_companion(
-    s: &AppState,
-    c: Call<op::CreateCompanionOp>,
-) -> Result<CompanionCreated> {
-    let owner = owner_of(&c.principal)?;
-    let token = Secret::from_random(rand::random());
-    let id = CompanionId::from_random(rand::random());
-    let b = bridge(s);
-    let (record, ticket) = b
-        .core()
-        .create_companion(owner, id, c.body.name, &token, now())?;
-    b.finish(ticket, Effects::default()).await?;
-    Ok(CompanionCreated {
-        companion_id: record.companion_id,
-        owner_id: record.owner_id,
-        name: record.name,
-        token,
-    })
-}
-
-async fn companion(s: &AppState, c: Call<op::GetCompanion>) -> Result<CompanionView> {
-    Ok(bridge(s)
-        .read(|core| {
-            Ok(CompanionView::from(
-                &core.companion(&c.principal, &c.params)?,
-            ))
-        })
-        .await?)
-}
-
-async fn link(
-    s: &AppState,
-    principal: &Principal,
-    (companion, device): &(CompanionId, DeviceId),
-    linked: bool,
-) -> Result<CompanionView> {
-    let b = bridge(s);
-    let (record, ticket) = b
-        .core()
-        .link_companion(principal, companion, device, linked)?;
-    b.finish(ticket, Effects::default()).await?;
-    Ok(CompanionView::from(&record))
-}
-
-async fn link_companion(s: &AppState, c: Call<op::LinkCompanion>) -> Result<CompanionView> {
-    link(s, &c.principal, &c.params, true).await
-}
-
-async fn unlink_companion(s: &AppState, c: Call<op::UnlinkCompanion>) -> Result<CompanionView> {
-    link(s, &c.principal, &c.params, false).await
 }

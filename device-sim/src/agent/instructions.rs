@@ -3,7 +3,7 @@
 use schemas::InstructionId;
 use schemas::services::InstructionBody;
 
-use crate::lan::{self};
+use crate::lan;
 use crate::session::{DataSession, SessionError};
 
 use super::{Agent, AgentEvent, WorkError};

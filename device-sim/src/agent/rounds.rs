@@ -9,7 +9,7 @@ use schemas::outbox::MAX_DELIVER_ITEMS;
 use schemas::{JobId, UnixMillis};
 use tokio::time::Instant;
 
-use crate::outbox::{self};
+use crate::outbox;
 use crate::session::{DataSession, SessionError};
 
 use super::{Agent, AgentError, AgentEvent, WorkError};

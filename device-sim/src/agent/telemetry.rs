@@ -8,7 +8,7 @@ use schemas::agent::ActiveService;
 use schemas::outbox::DeviceRequest;
 use tokio::time::Instant;
 
-use crate::counters::{self};
+use crate::counters;
 use crate::outbox::{self, Submitted};
 use crate::session::{DataSession, SessionError};
 

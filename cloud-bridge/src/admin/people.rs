@@ -1,0 +1,183 @@
+//! The operations about people: users and their held jobs, owners, companions, and MQTT logins
+//! for operations.
+
+use schemas::admin as op;
+use schemas::api::{
+    CompanionCreated, CompanionView, OpsLoginCreated, OpsLoginView, OwnerCreated, UserCreated,
+};
+use schemas::data::ErrorCode;
+use schemas::{CompanionId, DeviceId, OpsId, OwnerId, Secret, UserId};
+
+use super::ApiFailure;
+use super::AppState;
+use super::ops::{bridge, decode_payload, now};
+use super::serve::Call;
+use crate::core::{Effects, Principal};
+
+type Result<T> = std::result::Result<T, ApiFailure>;
+
+pub(super) async fn create_user(s: &AppState, c: Call<op::CreateUserOp>) -> Result<UserCreated> {
+    let id = UserId::from_random(rand::random());
+    let token = Secret::from_random(rand::random());
+    let b = bridge(s);
+    let (record, ticket) = b
+        .core()
+        .create_user(id, c.body.name, &c.body.pin, &token, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(UserCreated {
+        user_id: record.user_id,
+        name: record.name,
+        token,
+    })
+}
+
+/// A job for a user's virtual printer, held until the user releases it at a device.
+pub(super) async fn submit_held(
+    s: &AppState,
+    c: Call<op::SubmitHeld>,
+) -> Result<schemas::print::HeldJobRecord> {
+    let b = bridge(s);
+    b.core().authorize_user(&c.principal, &c.params)?;
+    let req = c.body;
+    let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
+    let (record, ticket, effects) = b.core().submit_held(&c.params, req, payload, now())?;
+    b.finish(ticket, effects).await?;
+    Ok(record)
+}
+
+/// A user's held jobs in every state: held, released (where, when), expired.
+pub(super) async fn held_jobs(
+    s: &AppState,
+    c: Call<op::ListHeld>,
+) -> Result<Vec<schemas::print::HeldJobRecord>> {
+    Ok(bridge(s)
+        .read(|core| {
+            core.authorize_user(&c.principal, &c.params)?;
+            core.held_jobs(&c.params, now())
+        })
+        .await?)
+}
+
+pub(super) async fn create_owner(s: &AppState, c: Call<op::CreateOwnerOp>) -> Result<OwnerCreated> {
+    let token = Secret::from_random(rand::random());
+    let id = OwnerId::from_random(rand::random());
+    let b = bridge(s);
+    let (record, ticket) = b.core().create_owner(id, c.body.name, &token, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(OwnerCreated {
+        owner_id: record.owner_id,
+        name: record.name,
+        token,
+    })
+}
+
+/// A new MQTT login for operations; its password is in the answer only.
+pub(super) async fn create_ops_login(
+    s: &AppState,
+    c: Call<op::CreateOpsLoginOp>,
+) -> Result<OpsLoginCreated> {
+    let password = Secret::from_random(rand::random());
+    let id = OpsId::from_random(rand::random());
+    let b = bridge(s);
+    let (record, ticket) = b
+        .core()
+        .create_ops_login(id, c.body.name, &password, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(OpsLoginCreated {
+        ops_id: record.ops_id,
+        name: record.name,
+        password,
+        created_at: record.created_at,
+    })
+}
+
+pub(super) async fn ops_logins(
+    s: &AppState,
+    _: Call<op::ListOpsLogins>,
+) -> Result<Vec<OpsLoginView>> {
+    let list = bridge(s).read(|core| Ok(core.ops_logins())).await?;
+    Ok(list.iter().map(OpsLoginView::from).collect())
+}
+
+/// Revokes an ops login and closes its open MQTT sessions. An id that cannot be one is a
+/// login that does not exist (404), not a bad request.
+pub(super) async fn revoke_ops_login(
+    s: &AppState,
+    c: Call<op::RevokeOpsLogin>,
+) -> Result<OpsLoginView> {
+    let id =
+        OpsId::parse(&c.params).map_err(|e| ApiFailure::new(ErrorCode::NotFound, e.to_string()))?;
+    let b = bridge(s);
+    let (record, ticket) = b.core().revoke_ops_login(&id, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    b.close_ops_sessions(&id).await?;
+    Ok(OpsLoginView::from(&record))
+}
+
+fn owner_of(principal: &Principal) -> Result<&OwnerId> {
+    match principal {
+        Principal::Owner(id) => Ok(id),
+        _ => Err(ApiFailure::new(
+            ErrorCode::Forbidden,
+            "this route needs an owner's token",
+        )),
+    }
+}
+
+pub(super) async fn create_companion(
+    s: &AppState,
+    c: Call<op::CreateCompanionOp>,
+) -> Result<CompanionCreated> {
+    let owner = owner_of(&c.principal)?;
+    let token = Secret::from_random(rand::random());
+    let id = CompanionId::from_random(rand::random());
+    let b = bridge(s);
+    let (record, ticket) = b
+        .core()
+        .create_companion(owner, id, c.body.name, &token, now())?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(CompanionCreated {
+        companion_id: record.companion_id,
+        owner_id: record.owner_id,
+        name: record.name,
+        token,
+    })
+}
+
+pub(super) async fn companion(s: &AppState, c: Call<op::GetCompanion>) -> Result<CompanionView> {
+    Ok(bridge(s)
+        .read(|core| {
+            Ok(CompanionView::from(
+                &core.companion(&c.principal, &c.params)?,
+            ))
+        })
+        .await?)
+}
+
+pub(super) async fn link(
+    s: &AppState,
+    principal: &Principal,
+    (companion, device): &(CompanionId, DeviceId),
+    linked: bool,
+) -> Result<CompanionView> {
+    let b = bridge(s);
+    let (record, ticket) = b
+        .core()
+        .link_companion(principal, companion, device, linked)?;
+    b.finish(ticket, Effects::default()).await?;
+    Ok(CompanionView::from(&record))
+}
+
+pub(super) async fn link_companion(
+    s: &AppState,
+    c: Call<op::LinkCompanion>,
+) -> Result<CompanionView> {
+    link(s, &c.principal, &c.params, true).await
+}
+
+pub(super) async fn unlink_companion(
+    s: &AppState,
+    c: Call<op::UnlinkCompanion>,
+) -> Result<CompanionView> {
+    link(s, &c.principal, &c.params, false).await
+}
