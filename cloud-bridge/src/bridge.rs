@@ -20,6 +20,7 @@ use schemas::{DeviceId, FeedSeq, Secret, UnixMillis};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{Clock, SystemClock};
 use crate::core::{
     AuthFailure, Core, CoreError, CoreResult, Effects, OwnerVerdict, ServiceRegistration,
 };
@@ -53,6 +54,7 @@ struct Inner {
     /// The embedded broker, once started (none with an external broker).
     embedded: OnceLock<broker::EmbeddedBroker>,
     data_sessions: Arc<DataSessions>,
+    clock: Arc<dyn Clock>,
 }
 
 /// Cheap to clone; all clones share one state.
@@ -79,8 +81,30 @@ impl Bridge {
                 broker_mode: broker_mode.to_owned(),
                 embedded: OnceLock::new(),
                 data_sessions: Arc::new(DataSessions::default()),
+                clock: Arc::new(SystemClock),
             }),
         }
+    }
+
+    /// The same bridge reading the time from `clock` (before it serves anything).
+    pub fn with_clock(self, clock: Arc<dyn Clock>) -> Bridge {
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => {
+                inner.clock = clock;
+                Bridge {
+                    inner: Arc::new(inner),
+                }
+            }
+            Err(inner) => {
+                tracing::error!("the clock can only be set before the bridge is shared");
+                Bridge { inner }
+            }
+        }
+    }
+
+    /// The time, as the bridge's clock says.
+    pub fn now(&self) -> UnixMillis {
+        self.inner.clock.now()
     }
 
     pub fn core(&self) -> &Core {
@@ -217,8 +241,7 @@ impl Bridge {
     pub async fn register(&self, reg: &Registration) -> CoreResult<(DeviceRecord, Secret)> {
         let secret = Secret::from_random(rand::random());
         let id = DeviceId::from_random(rand::random());
-        let (device, ticket, effects) =
-            self.core().register(reg, id, &secret, UnixMillis::now())?;
+        let (device, ticket, effects) = self.core().register(reg, id, &secret, self.now())?;
         self.finish(ticket, effects).await?;
         Ok((device, secret))
     }
@@ -264,7 +287,7 @@ impl Bridge {
     }
 
     async fn handle_inner(&self, device: &DeviceId, request: Request) -> CoreResult<Response> {
-        let now = UnixMillis::now();
+        let now = self.now();
         match request {
             Request::Sync {
                 after,
@@ -444,7 +467,7 @@ impl Bridge {
     }
 
     pub fn data_connected(&self, device: &DeviceId, up: bool) {
-        let at = UnixMillis::now();
+        let at = self.now();
         let event = if up {
             self.inner
                 .metrics
@@ -478,7 +501,7 @@ impl Bridge {
     /// A device announced itself on MQTT. Untrusted: it can at most cause a hint carrying
     /// nothing but a sequence number, and an ops event.
     pub fn on_presence(&self, device: &DeviceId, presence: Presence) {
-        let at = UnixMillis::now();
+        let at = self.now();
         let Some(pending) = self.core().presence(device) else {
             return;
         };
@@ -521,16 +544,18 @@ impl Bridge {
     pub async fn run_reaper(self, shutdown: CancellationToken) {
         loop {
             let next = self.core().next_deadline();
-            let wait = next.map(|t| Duration::from_millis(t.0.saturating_sub(UnixMillis::now().0)));
+            let now = self.now();
+            let wait = next.map(|t| Duration::from_millis(t.0.saturating_sub(now.0)));
             if wait != Some(Duration::ZERO) {
                 let sleep = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600)));
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = self.inner.reaper.notified() => continue,
+                    _ = self.inner.clock.jumped() => continue,
                     _ = sleep => {}
                 }
             }
-            let result = self.core().expire_due(UnixMillis::now());
+            let result = self.core().expire_due(self.now());
             match result {
                 Ok((Some(ticket), effects)) => {
                     if let Err(e) = self.finish(ticket, effects).await {

@@ -16,7 +16,7 @@ use schemas::data::{
     CLOSE_UNSUPPORTED_VERSION, ClientFrame, ErrorBody, ErrorCode, Hello, HelloAuth, ServerEvent,
     ServerFrame, Welcome,
 };
-use schemas::{DeviceId, PROTOCOL_VERSION, UnixMillis};
+use schemas::{DeviceId, PROTOCOL_VERSION};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -319,7 +319,7 @@ impl Connection {
             credentials,
             newest,
             acked,
-            server_time: UnixMillis::now(),
+            server_time: self.bridge.now(),
             poll_interval_secs: Some(self.bridge.poll_interval_secs()),
         });
         self.send(ws, &welcome)

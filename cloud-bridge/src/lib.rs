@@ -11,6 +11,7 @@
 //! | [`admin`] | the admin HTTP API: every operation of `schemas::admin`, served from its declaration |
 //! | [`http`] | serving the admin API: header, idle and request timeouts, graceful shutdown |
 //! | [`listener`] | connection caps per listener, accept backoff, TLS handshakes under a deadline |
+//! | [`clock`] | where the bridge reads the time (a test's clock can jump forward) |
 //! | [`config`] | the configuration file and its defaults |
 //! | [`server`] | start-up, wiring, graceful shutdown |
 //! | [`cli`] | the `cloud-bridge` command line |
@@ -22,6 +23,7 @@
 pub mod admin;
 pub mod bridge;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod data_channel;
@@ -36,4 +38,4 @@ pub mod sessions;
 pub mod store;
 
 pub use config::Config;
-pub use server::{Listeners, Running, StartError, start};
+pub use server::{Listeners, Running, StartError, start, start_with_clock};

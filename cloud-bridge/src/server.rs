@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bridge::Bridge;
+use crate::clock::{Clock, SystemClock};
 use crate::config::{BrokerMode, Config, ConfigError};
 use crate::core::Core;
 use crate::listener::Listener;
@@ -141,6 +142,16 @@ pub async fn start(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
+    start_with_clock(config, listeners, shutdown, Arc::new(SystemClock)).await
+}
+
+/// Like [`start`], reading the time from `clock` (a test's [`crate::clock::SteppedClock`]).
+pub async fn start_with_clock(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    clock: Arc<dyn Clock>,
+) -> Result<Running, StartError> {
     config.validate()?;
     // Private: the store holds job payloads, and the admin token file sits beside it.
     tls::create_private_dir(&config.data_dir)
@@ -167,7 +178,7 @@ pub async fn start(
         BrokerMode::Embedded => "embedded",
         BrokerMode::External => "external",
     };
-    let bridge = Bridge::new(core, committer.clone(), notifier, mode);
+    let bridge = Bridge::new(core, committer.clone(), notifier, mode).with_clock(clock);
 
     let tracker = TaskTracker::new();
     let flusher_stop = CancellationToken::new();

@@ -414,6 +414,8 @@ pub struct InProcessBridge {
     pub endpoints: Endpoints,
     pub running: Option<cloud_bridge::Running>,
     pub dir: tempfile::TempDir,
+    /// The bridge's clock: a test moves it forward instead of waiting for time to pass.
+    pub clock: Arc<cloud_bridge::clock::SteppedClock>,
 }
 
 impl InProcessBridge {
@@ -445,9 +447,15 @@ impl InProcessBridge {
         config.broker.listen = "127.0.0.1:0".parse().unwrap();
         adjust(&mut config);
         let listeners = cloud_bridge::Listeners::bind(&config).await.unwrap();
-        let running = cloud_bridge::start(config, listeners, CancellationToken::new())
-            .await
-            .unwrap();
+        let clock = Arc::new(cloud_bridge::clock::SteppedClock::default());
+        let running = cloud_bridge::start_with_clock(
+            config,
+            listeners,
+            CancellationToken::new(),
+            clock.clone(),
+        )
+        .await
+        .unwrap();
         let (http, ws) = if running.tls {
             ("https", "wss")
         } else {
@@ -466,6 +474,7 @@ impl InProcessBridge {
             endpoints,
             running: Some(running),
             dir,
+            clock,
         }
     }
 }
@@ -513,13 +522,6 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Waits until the clock is past `at` (with a margin), for deadlines: an expiry is a time, not
-/// an event anything could announce.
-pub async fn wait_past(at: schemas::UnixMillis) {
-    let left = at.0.saturating_sub(schemas::UnixMillis::now().0) + 100;
-    tokio::time::sleep(Duration::from_millis(left)).await;
 }
 
 pub use device_sim::fleet::proxy::CutProxy as TcpProxy;

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use device_sim::{AgentError, AgentEvent, AgentHandle};
-use e2e_tests::{Device, InProcessBridge, SOON, wait_for_event, wait_past, wait_reported};
+use e2e_tests::{Device, InProcessBridge, SOON, wait_for_event, wait_reported};
 use schemas::api::{CreateUser, SubmitHeldJob};
 use schemas::data::ErrorCode;
 use schemas::job::JobState;
@@ -57,7 +57,7 @@ async fn printers(ep: &e2e_tests::Endpoints) -> (Device, Device) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_jobs_are_released_once_where_the_user_logs_in() {
-    let bridge = InProcessBridge::start_with(|c| c.jobs.print_session_secs = 1).await;
+    let bridge = InProcessBridge::start_with(|c| c.jobs.print_session_secs = 60).await;
     let ep = &bridge.endpoints;
     let admin = ep.client();
     let ana = admin
@@ -161,7 +161,7 @@ async fn held_jobs_are_released_once_where_the_user_logs_in() {
         .login(ana.clone(), Secret::new("2468"))
         .await
         .unwrap();
-    wait_past(idle.expires_at).await;
+    bridge.clock.advance_past(idle.expires_at);
     assert_eq!(
         code(b.agent.release(&idle, vec![later.clone()]).await),
         ErrorCode::Unauthorized,

@@ -14,7 +14,7 @@ use schemas::ops::OpsEvent;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_devices_job_comes_back_and_the_attempt_limit_holds() {
-    let bridge = InProcessBridge::start_with(|c| c.jobs.lease_secs = 1).await;
+    let bridge = InProcessBridge::start_with(|c| c.jobs.lease_secs = 30).await;
     let ep = &bridge.endpoints;
     // Register the device, then stop its agent.
     let registered = ep
@@ -52,6 +52,7 @@ async fn a_dead_devices_job_comes_back_and_the_attempt_limit_holds() {
     )
     .await
     .unwrap();
+    let mut leased_until = schemas::UnixMillis(0);
     for job in [&retried, &doomed] {
         let Response::Job(offer) = session
             .request(Request::FetchJob {
@@ -64,8 +65,11 @@ async fn a_dead_devices_job_comes_back_and_the_attempt_limit_holds() {
             panic!("expected a job");
         };
         assert_eq!(offer.attempt, 1);
+        leased_until = leased_until.max(offer.lease_until);
     }
     session.close();
+    // Time passes: the leases run out (no waiting for the wall clock).
+    bridge.clock.advance_past(leased_until);
 
     // Leases run out: one job goes back to the queue, the other has no attempts left.
     // Both leases run out in the same pass of the reaper, in either order.

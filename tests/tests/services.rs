@@ -12,7 +12,6 @@ use device_sim::AgentEvent;
 use device_sim::session::{DataSession, SessionError, SessionSettings};
 use e2e_tests::{
     Device, Endpoints, InProcessBridge, OpsWatcher, SOON, device_info, eventually, wait_for_event,
-    wait_past,
 };
 use schemas::api::{ApplyForService, CreateEnrollmentToken, CreateInstruction, CreateService};
 use schemas::data::{ErrorCode, HelloAuth, Registration, Request, Response};
@@ -318,11 +317,11 @@ async fn wrong_reused_and_expired_codes_are_refused_and_shown_with_their_reason(
 
     // Taken in time, used too late.
     let short = admin
-        .apply_for_service("acme", &apply(vec![z_id.clone()], 1))
+        .apply_for_service("acme", &apply(vec![z_id.clone()], 60))
         .await
         .unwrap();
     let code_z = take_code(&z).await.unwrap();
-    wait_past(short.expires_at).await;
+    bridge.clock.advance_past(short.expires_at);
     assert_eq!(refusal(redeem(&z, &code_z).await), ErrorCode::Expired);
     let view = admin.application(&short.application_id).await.unwrap();
     assert_eq!(
@@ -359,13 +358,13 @@ async fn an_instruction_not_taken_before_it_expires_is_never_acted_on() {
             &ApplyForService {
                 service_id: "toner".into(),
                 devices: Some(vec![id.clone()]),
-                ttl_secs: Some(1),
+                ttl_secs: Some(60),
                 ..ApplyForService::default()
             },
         )
         .await
         .unwrap();
-    wait_past(app.expires_at).await;
+    bridge.clock.advance_past(app.expires_at);
 
     let agent = device_sim::start(config, Device::simulated(), store);
     let mut events = agent.subscribe();

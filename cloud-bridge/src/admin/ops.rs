@@ -90,8 +90,9 @@ pub(super) fn bridge(state: &AppState) -> &Bridge {
     &state.bridge
 }
 
-pub(super) fn now() -> UnixMillis {
-    UnixMillis::now()
+/// The time, as the bridge's clock says.
+pub(super) fn now(s: &AppState) -> UnixMillis {
+    s.bridge.now()
 }
 
 /// A payload given as text or as standard base64 (exactly one).
@@ -121,7 +122,7 @@ async fn create_enrollment(
     let b = bridge(s);
     let (record, ticket) =
         b.core()
-            .create_enrollment(token.clone(), c.body.customer, max_uses, ttl_ms, now())?;
+            .create_enrollment(token.clone(), c.body.customer, max_uses, ttl_ms, now(s))?;
     b.finish(ticket, Effects::default()).await?;
     Ok(EnrollmentTokenCreated {
         token,
@@ -147,7 +148,7 @@ async fn get_device(s: &AppState, c: Call<op::GetDevice>) -> Result<DeviceView> 
 
 async fn disable_device(s: &AppState, c: Call<op::DisableDevice>) -> Result<DeviceView> {
     let b = bridge(s);
-    let (device, ticket, effects) = b.core().disable_device(&c.params, now())?;
+    let (device, ticket, effects) = b.core().disable_device(&c.params, now(s))?;
     b.finish(ticket, effects).await?;
     // Wake its long-polls so they notice.
     b.wake_long_polls(&c.params);
@@ -167,7 +168,7 @@ async fn device_requests(
 
 async fn query_consent(s: &AppState, c: Call<op::QueryConsent>) -> Result<()> {
     let b = bridge(s);
-    let (ticket, effects) = b.core().query_consent(&c.params, now())?;
+    let (ticket, effects) = b.core().query_consent(&c.params, now(s))?;
     Ok(b.finish(ticket, effects).await?)
 }
 
@@ -186,7 +187,7 @@ async fn set_settings(s: &AppState, c: Call<op::PutSettingsOp>) -> Result<Settin
         endpoints: c.body.endpoints,
     };
     let core = b.core();
-    let (_, ticket, effects) = core.set_settings(&c.principal, &c.params, settings, now())?;
+    let (_, ticket, effects) = core.set_settings(&c.principal, &c.params, settings, now(s))?;
     let view = SettingsView::from(&core.device(&c.params)?);
     b.finish(ticket, effects).await?;
     Ok(view)
@@ -211,7 +212,7 @@ async fn submit_job(s: &AppState, c: Call<op::SubmitJobOp>) -> Result<Reply<JobV
     };
     let core = b.core();
     core.authorize_submit(&c.principal, &c.params)?;
-    let (job, created, ticket, effects) = core.submit_job(&c.params, new, now())?;
+    let (job, created, ticket, effects) = core.submit_job(&c.params, new, now(s))?;
     b.finish(ticket, effects).await?;
     if created {
         b.metrics()
@@ -250,7 +251,7 @@ async fn device_jobs(s: &AppState, c: Call<op::ListDeviceJobs>) -> Result<Vec<Jo
 async fn cancel_job(s: &AppState, c: Call<op::CancelJobOp>) -> Result<JobView> {
     let b = bridge(s);
     let reason = c.body.and_then(|b| b.reason);
-    let (job, ticket, effects) = b.core().cancel_job(&c.params, reason, now())?;
+    let (job, ticket, effects) = b.core().cancel_job(&c.params, reason, now(s))?;
     b.finish(ticket, effects).await?;
     Ok(JobView::from(&job))
 }
@@ -259,7 +260,7 @@ async fn move_job(s: &AppState, c: Call<op::MoveJobOp>) -> Result<JobView> {
     let b = bridge(s);
     let (job, ticket, effects) = b
         .core()
-        .move_job(&c.principal, &c.params, &c.body.to, now())?;
+        .move_job(&c.principal, &c.params, &c.body.to, now(s))?;
     b.finish(ticket, effects).await?;
     Ok(JobView::from(&job))
 }
@@ -308,7 +309,7 @@ async fn create_instruction(
     let b = bridge(s);
     let (view, ticket, effects) =
         b.core()
-            .create_instruction(&c.params, id, body, ttl_ms, now())?;
+            .create_instruction(&c.params, id, body, ttl_ms, now(s))?;
     b.finish(ticket, effects).await?;
     Ok(view)
 }
@@ -318,7 +319,7 @@ async fn instructions(
     c: Call<op::ListInstructions>,
 ) -> Result<Vec<schemas::api::InstructionView>> {
     Ok(bridge(s)
-        .read(|core| core.instructions(&c.params, now()))
+        .read(|core| core.instructions(&c.params, now(s)))
         .await?)
 }
 
@@ -327,7 +328,7 @@ async fn create_service(
     c: Call<op::CreateServiceOp>,
 ) -> Result<schemas::services::ServiceRecord> {
     let b = bridge(s);
-    let (record, ticket) = b.core().create_service(c.body, now())?;
+    let (record, ticket) = b.core().create_service(c.body, now(s))?;
     b.finish(ticket, Effects::default()).await?;
     Ok(record)
 }
@@ -398,7 +399,7 @@ async fn apply_for_service(
     let b = bridge(s);
     let (view, ticket, effects) =
         b.core()
-            .apply_for_service(&c.params, c.body, id, &mut fresh, now())?;
+            .apply_for_service(&c.params, c.body, id, &mut fresh, now(s))?;
     b.finish(ticket, effects).await?;
     Ok(view)
 }
@@ -408,7 +409,7 @@ async fn application(
     c: Call<op::GetApplication>,
 ) -> Result<schemas::api::ApplicationView> {
     Ok(bridge(s)
-        .read(|core| core.application(&c.params, now()))
+        .read(|core| core.application(&c.params, now(s)))
         .await?)
 }
 
@@ -422,7 +423,7 @@ async fn poll_now(s: &AppState, c: Call<op::PollNowOp>) -> Result<schemas::api::
     let b = bridge(s);
     let (plan, ticket, effects) =
         b.core()
-            .poll_now(&c.params, c.body, nudge_id, instruction, now())?;
+            .poll_now(&c.params, c.body, nudge_id, instruction, now(s))?;
     b.finish(ticket, effects).await?;
     for device in &plan.hinted {
         if let Some(newest) = b.core().newest(device) {
@@ -449,7 +450,7 @@ async fn put_contract(
 ) -> Result<Vec<schemas::services::ContractRecord>> {
     let b = bridge(s);
     let (device, service) = &c.params;
-    let (list, ticket, effects) = b.core().put_contract(device, service, c.body, now())?;
+    let (list, ticket, effects) = b.core().put_contract(device, service, c.body, now(s))?;
     b.finish(ticket, effects).await?;
     Ok(list)
 }
@@ -460,7 +461,7 @@ async fn cancel_contract(
 ) -> Result<Vec<schemas::services::ContractRecord>> {
     let b = bridge(s);
     let (device, service) = &c.params;
-    let (list, ticket, effects) = b.core().cancel_contract(device, service, now())?;
+    let (list, ticket, effects) = b.core().cancel_contract(device, service, now(s))?;
     b.finish(ticket, effects).await?;
     Ok(list)
 }

@@ -22,7 +22,7 @@ pub(super) async fn create_user(s: &AppState, c: Call<op::CreateUserOp>) -> Resu
     let b = bridge(s);
     let (record, ticket) = b
         .core()
-        .create_user(id, c.body.name, &c.body.pin, &token, now())?;
+        .create_user(id, c.body.name, &c.body.pin, &token, now(s))?;
     b.finish(ticket, Effects::default()).await?;
     Ok(UserCreated {
         user_id: record.user_id,
@@ -40,7 +40,7 @@ pub(super) async fn submit_held(
     b.core().authorize_user(&c.principal, &c.params)?;
     let req = c.body;
     let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
-    let (record, ticket, effects) = b.core().submit_held(&c.params, req, payload, now())?;
+    let (record, ticket, effects) = b.core().submit_held(&c.params, req, payload, now(s))?;
     b.finish(ticket, effects).await?;
     Ok(record)
 }
@@ -53,7 +53,7 @@ pub(super) async fn held_jobs(
     Ok(bridge(s)
         .read(|core| {
             core.authorize_user(&c.principal, &c.params)?;
-            core.held_jobs(&c.params, now())
+            core.held_jobs(&c.params, now(s))
         })
         .await?)
 }
@@ -62,7 +62,7 @@ pub(super) async fn create_owner(s: &AppState, c: Call<op::CreateOwnerOp>) -> Re
     let token = Secret::from_random(rand::random());
     let id = OwnerId::from_random(rand::random());
     let b = bridge(s);
-    let (record, ticket) = b.core().create_owner(id, c.body.name, &token, now())?;
+    let (record, ticket) = b.core().create_owner(id, c.body.name, &token, now(s))?;
     b.finish(ticket, Effects::default()).await?;
     Ok(OwnerCreated {
         owner_id: record.owner_id,
@@ -81,7 +81,7 @@ pub(super) async fn create_ops_login(
     let b = bridge(s);
     let (record, ticket) = b
         .core()
-        .create_ops_login(id, c.body.name, &password, now())?;
+        .create_ops_login(id, c.body.name, &password, now(s))?;
     b.finish(ticket, Effects::default()).await?;
     Ok(OpsLoginCreated {
         ops_id: record.ops_id,
@@ -108,7 +108,7 @@ pub(super) async fn revoke_ops_login(
     let id =
         OpsId::parse(&c.params).map_err(|e| ApiFailure::new(ErrorCode::NotFound, e.to_string()))?;
     let b = bridge(s);
-    let (record, ticket) = b.core().revoke_ops_login(&id, now())?;
+    let (record, ticket) = b.core().revoke_ops_login(&id, now(s))?;
     b.finish(ticket, Effects::default()).await?;
     b.close_ops_sessions(&id).await?;
     Ok(OpsLoginView::from(&record))
@@ -134,7 +134,7 @@ pub(super) async fn create_companion(
     let b = bridge(s);
     let (record, ticket) = b
         .core()
-        .create_companion(owner, id, c.body.name, &token, now())?;
+        .create_companion(owner, id, c.body.name, &token, now(s))?;
     b.finish(ticket, Effects::default()).await?;
     Ok(CompanionCreated {
         companion_id: record.companion_id,
