@@ -47,10 +47,7 @@ impl Core {
             expires_at: now.saturating_add_ms(ttl_ms),
             uses_left: max_uses,
         };
-        let mut tx = Tx::new(self, Access::Write, &[]);
-        tx.put_enrollment(record.clone())?;
-        let (ticket, _) = tx.commit()?;
-        Ok((record, ticket))
+        self.create(record, Tx::put_enrollment)
     }
 
     /// Registers a device with an enrollment token; the caller generated `device_id` and

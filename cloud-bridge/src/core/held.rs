@@ -79,16 +79,7 @@ impl Core {
             name,
             created_at: now,
         };
-        let mut tx = Tx::new(self, Access::Write, &[]);
-        if tx.user(&user_id)?.is_some() {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "user id collision; retry",
-            ));
-        }
-        tx.put_user(record.clone())?;
-        let (ticket, _) = tx.commit()?;
-        Ok((record, ticket))
+        self.create(record, Tx::insert_user)
     }
 
     /// A job for a user's virtual printer. A device where the user is logged in now is told.

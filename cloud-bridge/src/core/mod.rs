@@ -354,6 +354,19 @@ impl Core {
         ))
     }
 
+    /// Commits a new registry record through `insert` (a `Tx::insert_*`, which refuses an id
+    /// already taken, or more checks around one).
+    fn create<'c, R: Clone>(
+        &'c self,
+        record: R,
+        insert: impl FnOnce(&mut Tx<'c>, R) -> CoreResult<()>,
+    ) -> CoreResult<(R, Ticket)> {
+        let mut tx = Tx::new(self, Access::Write, &[]);
+        insert(&mut tx, record.clone())?;
+        let (ticket, _) = tx.commit()?;
+        Ok((record, ticket))
+    }
+
     /// A ticket covering everything applied so far (for reads).
     pub fn read_ticket(&self) -> Ticket {
         self.committer.current()

@@ -35,16 +35,7 @@ impl Core {
             created_at: now,
             revoked_at: None,
         };
-        let mut tx = Tx::new(self, Access::Write, &[]);
-        if tx.ops_login(&ops_id)?.is_some() {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "ops login id collision; retry",
-            ));
-        }
-        tx.put_ops_login(record.clone())?;
-        let (ticket, _) = tx.commit()?;
-        Ok((record, ticket))
+        self.create(record, Tx::insert_ops_login)
     }
 
     /// Every ops login, revoked ones included, oldest first.

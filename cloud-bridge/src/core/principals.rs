@@ -59,16 +59,7 @@ impl Core {
             token_sha256: sha256_hex(token.expose().as_bytes()),
             created_at: now,
         };
-        let mut tx = Tx::new(self, Access::Write, &[]);
-        if tx.owner(&owner_id)?.is_some() {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "owner id collision; retry",
-            ));
-        }
-        tx.put_owner(record.clone())?;
-        let (ticket, _) = tx.commit()?;
-        Ok((record, ticket))
+        self.create(record, Tx::insert_owner)
     }
 
     pub fn owner_exists(&self, owner_id: &OwnerId) -> bool {
@@ -92,22 +83,15 @@ impl Core {
             created_at: now,
             devices: Vec::new(),
         };
-        let mut tx = Tx::new(self, Access::Write, &[]);
-        if tx.owner(owner_id)?.is_none() {
-            return Err(CoreError::new(
-                ErrorCode::NotFound,
-                format!("no owner {owner_id}"),
-            ));
-        }
-        if tx.companion_record(&companion_id)?.is_some() {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "companion id collision; retry",
-            ));
-        }
-        tx.put_companion(record.clone())?;
-        let (ticket, _) = tx.commit()?;
-        Ok((record, ticket))
+        self.create(record, |tx, record| {
+            if tx.owner(owner_id)?.is_none() {
+                return Err(CoreError::new(
+                    ErrorCode::NotFound,
+                    format!("no owner {owner_id}"),
+                ));
+            }
+            tx.insert_companion(record)
+        })
     }
 
     /// The companion, if `principal` may see it (the administrator, its owner, itself).

@@ -58,8 +58,8 @@ fn not_locked(what: &str) -> CoreError {
 }
 
 macro_rules! registry_tables {
-    ($( $field:ident, $get:ident, $put:ident: $K:ty => $V:ty, $kind:expr, |$r:ident| $id:expr,
-        $install:ident; )*) => {
+    ($( $field:ident, $get:ident, $put:ident, $insert:ident, $what:literal: $K:ty => $V:ty,
+        $kind:expr, |$r:ident| $id:expr, $install:ident; )*) => {
         /// Registry records a transaction writes.
         #[derive(Debug, Default)]
         struct RegistryWrites {
@@ -109,30 +109,45 @@ macro_rules! registry_tables {
                     self.reg_writes.$field.insert(k, $r);
                     Ok(())
                 }
+
+                /// Stages a new record; refused when its id is taken (ids are drawn at random:
+                /// the caller retries).
+                #[allow(dead_code)]
+                pub(crate) fn $insert(&mut self, $r: $V) -> CoreResult<()> {
+                    if self.$get(&$id)?.is_some() {
+                        return Err(CoreError::new(
+                            ErrorCode::Conflict,
+                            concat!($what, " id collision; retry"),
+                        ));
+                    }
+                    self.$put($r)
+                }
             )*
         }
     };
 }
 
 registry_tables! {
-    enrollments, enrollment, put_enrollment: String => EnrollmentRecord, Kind::Enrollment,
-        |r| r.token_sha256, install_enrollment;
-    owners, owner, put_owner: OwnerId => OwnerRecord, Kind::Owner,
-        |r| r.owner_id, install_owner;
-    companions, companion_record, put_companion: CompanionId => CompanionRecord, Kind::Companion,
-        |r| r.companion_id, install_companion;
-    services, service_record, put_service: String => ServiceRecord, Kind::Service,
-        |r| r.service_id, install_service;
-    applications, application_record, put_application: ApplicationId => ApplicationRecord,
-        Kind::Application, |r| r.application_id, install_application;
-    instructions, instruction, put_instruction_record: InstructionId => InstructionRecord,
-        Kind::Instruction, |r| r.instruction_id, install_instruction;
-    users, user, put_user: UserId => UserRecord, Kind::User,
-        |r| r.user_id, install_user;
-    held, held_job, put_held: JobId => HeldJobRecord, Kind::HeldJob,
-        |r| r.job_id, install_held;
-    ops_logins, ops_login, put_ops_login: OpsId => OpsLoginRecord, Kind::OpsLogin,
-        |r| r.ops_id, install_ops_login;
+    enrollments, enrollment, put_enrollment, insert_enrollment, "enrollment token":
+        String => EnrollmentRecord, Kind::Enrollment, |r| r.token_sha256, install_enrollment;
+    owners, owner, put_owner, insert_owner, "owner":
+        OwnerId => OwnerRecord, Kind::Owner, |r| r.owner_id, install_owner;
+    companions, companion_record, put_companion, insert_companion, "companion":
+        CompanionId => CompanionRecord, Kind::Companion, |r| r.companion_id, install_companion;
+    services, service_record, put_service, insert_service, "service":
+        String => ServiceRecord, Kind::Service, |r| r.service_id, install_service;
+    applications, application_record, put_application, insert_application, "application":
+        ApplicationId => ApplicationRecord, Kind::Application, |r| r.application_id,
+        install_application;
+    instructions, instruction, put_instruction_record, insert_instruction, "instruction":
+        InstructionId => InstructionRecord, Kind::Instruction, |r| r.instruction_id,
+        install_instruction;
+    users, user, put_user, insert_user, "user":
+        UserId => UserRecord, Kind::User, |r| r.user_id, install_user;
+    held, held_job, put_held, insert_held, "job":
+        JobId => HeldJobRecord, Kind::HeldJob, |r| r.job_id, install_held;
+    ops_logins, ops_login, put_ops_login, insert_ops_login, "ops login":
+        OpsId => OpsLoginRecord, Kind::OpsLogin, |r| r.ops_id, install_ops_login;
 }
 
 /// A transaction over some parts of the state. See the module documentation.

@@ -104,12 +104,6 @@ impl Tx<'_> {
         expires_at: UnixMillis,
         now: UnixMillis,
     ) -> CoreResult<InstructionRecord> {
-        if self.instruction(&instruction_id)?.is_some() {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "instruction id collision; retry",
-            ));
-        }
         let record = InstructionRecord {
             instruction_id: instruction_id.clone(),
             device_id: device_id.clone(),
@@ -118,7 +112,7 @@ impl Tx<'_> {
             expires_at,
             taken_at: None,
         };
-        self.put_instruction_record(record.clone())?;
+        self.insert_instruction(record.clone())?;
         let entry = FeedBody::Instruction {
             instruction_id,
             expires_at,
