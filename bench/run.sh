@@ -13,7 +13,9 @@
 # first publish to its topic and the agent's first data channel. Poll and faults start measuring
 # at once.
 #
-# QUICK=1 shrinks fleets and durations for a smoke run of the script itself.
+# QUICK=1 shrinks fleets and durations for a smoke run of the script itself. BRIDGE and SIM name
+# other builds of cloud-bridge and device-sim (to compare two commits side by side); without
+# them the script builds and uses this checkout's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,9 +26,11 @@ q() { if [ "$QUICK" = 1 ]; then echo "$2"; else echo "$1"; fi; }
 # A process may hold at most 20,000 descriptors here; take them all.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-cargo build --release --locked -q -p cloud-bridge -p device-sim
-BRIDGE=target/release/cloud-bridge
-SIM=target/release/device-sim
+if [ -z "${BRIDGE:-}" ] || [ -z "${SIM:-}" ]; then
+    cargo build --release --locked -q -p cloud-bridge -p device-sim
+fi
+BRIDGE=${BRIDGE:-target/release/cloud-bridge}
+SIM=${SIM:-target/release/device-sim}
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {

@@ -9,17 +9,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use frames::{FrameSocket, Incoming};
+use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use futures_util::{SinkExt, StreamExt};
 use schemas::data::{
     CLOSE_BAD_FRAME, CLOSE_FORBIDDEN, CLOSE_TIMEOUT, CLOSE_TOO_LARGE, CLOSE_UNAUTHORIZED,
     CLOSE_UNSUPPORTED_VERSION, ClientFrame, ErrorBody, ErrorCode, Hello, HelloAuth, ServerEvent,
     ServerFrame, Welcome,
 };
 use schemas::{DeviceId, PROTOCOL_VERSION};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -83,7 +82,7 @@ pub async fn serve(
     }
 }
 
-type Ws = WebSocketStream<listener::Connection>;
+type Ws = FrameSocket<listener::Connection>;
 
 struct Connection {
     bridge: Bridge,
@@ -98,15 +97,6 @@ enum End {
     Shutdown,
     Refused(ErrorBody),
     Io(String),
-}
-
-fn ws_config(max_frame_bytes: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(max_frame_bytes * 2)
-        .max_message_size(Some(max_frame_bytes))
-        .max_frame_size(Some(max_frame_bytes))
 }
 
 fn close_code_for(code: ErrorCode) -> u16 {
@@ -124,15 +114,6 @@ fn close_code_for(code: ErrorCode) -> u16 {
     }
 }
 
-/// A read error of tungstenite as a typed protocol error.
-fn read_error(e: &tungstenite::Error) -> ErrorBody {
-    match e {
-        tungstenite::Error::Capacity(c) => ErrorBody::new(ErrorCode::FrameTooLarge, c.to_string()),
-        tungstenite::Error::Protocol(p) => ErrorBody::new(ErrorCode::BadFrame, p.to_string()),
-        other => ErrorBody::new(ErrorCode::BadFrame, other.to_string()),
-    }
-}
-
 impl Connection {
     async fn run(self, accepted: Accepted) {
         let peer = accepted.peer;
@@ -141,9 +122,10 @@ impl Connection {
             let (stream, slot) = accepted.handshake().await.map_err(tungstenite::Error::Io)?;
             let ws = tokio_tungstenite::accept_async_with_config(
                 stream,
-                Some(ws_config(self.settings.max_frame_bytes)),
+                Some(frames::config(self.settings.max_frame_bytes)),
             )
             .await?;
+            let ws = FrameSocket::new(ws, self.settings.write_timeout);
             Ok::<_, tungstenite::Error>((ws, slot))
         })
         .await;
@@ -188,8 +170,8 @@ impl Connection {
                 let frame = ServerFrame::Event(ServerEvent::Closing {
                     reason: "server shutting down".into(),
                 });
-                let _ = self.send(&mut ws, &frame).await;
-                self.close(&mut ws, 1001, "shutting down").await;
+                let _ = ws.send(&frame).await;
+                ws.close(1001, "shutting down").await;
             }
             End::Closed => tracing::debug!("data channel closed by device"),
             End::Io(e) => tracing::debug!(error = %e, "data channel lost"),
@@ -207,69 +189,43 @@ impl Connection {
     /// Sends a connection-level error, then closes with the matching code.
     async fn refuse(&self, ws: &mut Ws, error: ErrorBody) {
         let code = close_code_for(error.code);
-        let _ = self
-            .send(
-                ws,
-                &ServerFrame::Error {
-                    id: None,
-                    error: error.clone(),
-                },
-            )
-            .await;
-        self.close(ws, code, error.code.as_str()).await;
-    }
-
-    async fn close(&self, ws: &mut Ws, code: u16, reason: &str) {
-        let frame = CloseFrame {
-            code: code.into(),
-            reason: reason.to_owned().into(),
+        let frame = ServerFrame::Error {
+            id: None,
+            error: error.clone(),
         };
-        let _ = tokio::time::timeout(self.settings.write_timeout, ws.close(Some(frame))).await;
-    }
-
-    async fn send(&self, ws: &mut Ws, frame: &ServerFrame) -> Result<(), String> {
-        let bytes = schemas::encode(frame).map_err(|e| e.to_string())?;
-        match tokio::time::timeout(
-            self.settings.write_timeout,
-            ws.send(Message::Binary(bytes.into())),
-        )
-        .await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("write timed out".into()),
-        }
+        let _ = ws.send(&frame).await;
+        ws.close(code, error.code.as_str()).await;
     }
 
     /// Reads and checks the hello; returns the authenticated device.
     async fn hello(&self, ws: &mut Ws) -> Result<DeviceId, ErrorBody> {
-        let first = tokio::time::timeout(self.settings.hello_timeout, ws.next()).await;
-        let bytes = match first {
+        let first =
+            tokio::time::timeout(self.settings.hello_timeout, ws.recv::<ClientFrame>()).await;
+        let hello = match first {
             Err(_) => {
                 return Err(ErrorBody::new(
                     ErrorCode::HelloTimeout,
                     "no hello before the deadline",
                 ));
             }
-            Ok(None) => return Err(ErrorBody::new(ErrorCode::BadFrame, "closed before hello")),
-            Ok(Some(Err(e))) => return Err(read_error(&e)),
-            Ok(Some(Ok(Message::Binary(b)))) => b,
-            Ok(Some(Ok(_))) => {
-                return Err(ErrorBody::new(
-                    ErrorCode::BadFrame,
-                    "expected a binary hello frame",
-                ));
-            }
-        };
-        let hello = match schemas::decode::<ClientFrame>(&bytes) {
-            Ok(ClientFrame::Hello(h)) => h,
-            Ok(_) => {
+            Ok(Incoming::Frame(ClientFrame::Hello(h))) => h,
+            Ok(Incoming::Frame(_)) => {
                 return Err(ErrorBody::new(
                     ErrorCode::BadFrame,
                     "the first frame must be a hello",
                 ));
             }
-            Err(e) => return Err(ErrorBody::new(ErrorCode::BadFrame, e.to_string())),
+            Ok(Incoming::Closed(_)) => {
+                return Err(ErrorBody::new(ErrorCode::BadFrame, "closed before hello"));
+            }
+            Ok(Incoming::Text) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadFrame,
+                    "expected a binary hello frame",
+                ));
+            }
+            Ok(Incoming::Bad(error)) => return Err(error),
+            Ok(Incoming::Failed(e)) => return Err(ErrorBody::new(ErrorCode::BadFrame, e)),
         };
         let Hello {
             protocol,
@@ -322,7 +278,7 @@ impl Connection {
             server_time: self.bridge.now(),
             poll_interval_secs: Some(self.bridge.poll_interval_secs()),
         });
-        self.send(ws, &welcome)
+        ws.send(&welcome)
             .await
             .map_err(|e| ErrorBody::new(ErrorCode::Internal, e))?;
         Ok(device)
@@ -345,44 +301,35 @@ impl Connection {
                     if !self.bridge.is_active(device) {
                         return End::Refused(ErrorBody::new(ErrorCode::DeviceDisabled, "device is disabled"));
                     }
-                    let sent = tokio::time::timeout(self.settings.write_timeout, ws.send(Message::Ping(Default::default()))).await;
-                    if !matches!(sent, Ok(Ok(()))) {
+                    if ws.ping().await.is_err() {
                         return End::Io("ping failed".into());
                     }
                 }
                 Some(frame) = inflight.next(), if !inflight.is_empty() => {
-                    if let Err(e) = self.send(ws, &frame).await {
+                    if let Err(e) = ws.send(&frame).await {
                         return End::Io(e);
                     }
                 }
-                msg = ws.next() => {
+                msg = ws.recv::<ClientFrame>() => {
                     last_heard = tokio::time::Instant::now();
-                    let bytes = match msg {
-                        None => return End::Closed,
-                        Some(Err(e @ (tungstenite::Error::Capacity(_) | tungstenite::Error::Protocol(_)))) => {
-                            return End::Refused(read_error(&e));
-                        }
-                        Some(Err(e)) => return End::Io(e.to_string()),
-                        Some(Ok(Message::Binary(b))) => b,
-                        Some(Ok(Message::Close(_))) => return End::Closed,
-                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                        Some(Ok(Message::Text(_))) => {
-                            return End::Refused(ErrorBody::new(ErrorCode::BadFrame, "text frames are not part of the protocol"));
-                        }
-                    };
-                    let (id, body) = match schemas::decode::<ClientFrame>(&bytes) {
-                        Ok(ClientFrame::Request { id, body }) => (id, body),
-                        Ok(ClientFrame::Hello(_)) => {
+                    let (id, body) = match msg {
+                        Incoming::Frame(ClientFrame::Request { id, body }) => (id, body),
+                        Incoming::Frame(ClientFrame::Hello(_)) => {
                             return End::Refused(ErrorBody::new(ErrorCode::BadFrame, "hello sent twice"));
                         }
-                        Err(e) => return End::Refused(ErrorBody::new(ErrorCode::BadFrame, e.to_string())),
+                        Incoming::Closed(_) => return End::Closed,
+                        Incoming::Text => {
+                            return End::Refused(ErrorBody::new(ErrorCode::BadFrame, "text frames are not part of the protocol"));
+                        }
+                        Incoming::Bad(error) => return End::Refused(error),
+                        Incoming::Failed(e) => return End::Io(e),
                     };
                     if inflight.len() >= self.settings.max_inflight {
                         let frame = ServerFrame::Error {
                             id: Some(id),
                             error: ErrorBody::new(ErrorCode::Overloaded, format!("more than {} requests in flight", self.settings.max_inflight)),
                         };
-                        if let Err(e) = self.send(ws, &frame).await {
+                        if let Err(e) = ws.send(&frame).await {
                             return End::Io(e);
                         }
                         continue;

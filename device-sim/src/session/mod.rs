@@ -7,15 +7,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use frames::{FrameSocket, Incoming};
 use schemas::data::{
     ClientFrame, ErrorBody, ErrorCode, Hello, HelloAuth, Request, Response, ServerEvent,
     ServerFrame, Welcome,
 };
 use schemas::{PROTOCOL_VERSION, RequestId};
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 mod calls;
@@ -137,12 +135,8 @@ impl DataSession {
             url: url.to_owned(),
             detail,
         };
-        let config = WebSocketConfig::default()
-            .read_buffer_size(16 * 1024)
-            .write_buffer_size(0)
-            .max_message_size(Some(schemas::MAX_FRAME_BYTES))
-            .max_frame_size(Some(schemas::MAX_FRAME_BYTES));
-        let (mut ws, _) = tokio::time::timeout(settings.connect_timeout, async {
+        let config = frames::config(schemas::MAX_FRAME_BYTES);
+        let ws = tokio::time::timeout(settings.connect_timeout, async {
             let stream = open_stream(url, settings.tls.as_ref()).await?;
             tokio_tungstenite::client_async_with_config(url, stream, Some(config))
                 .await
@@ -150,43 +144,36 @@ impl DataSession {
         })
         .await
         .map_err(|_| connect_err("timed out".into()))?
-        .map_err(connect_err)?;
+        .map_err(connect_err)?
+        .0;
+        let mut ws = FrameSocket::new(ws, settings.reply_timeout);
 
         let hello = ClientFrame::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             auth,
             agent: agent.to_owned(),
         });
-        let bytes = schemas::encode(&hello).map_err(|e| connect_err(e.to_string()))?;
-        ws.send(Message::Binary(bytes.into()))
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
+        ws.send(&hello).await.map_err(connect_err)?;
         let welcome = tokio::time::timeout(settings.connect_timeout, async {
             loop {
-                match ws.next().await {
-                    Some(Ok(Message::Binary(b))) => {
-                        return match schemas::decode::<ServerFrame>(&b) {
-                            Ok(ServerFrame::Welcome(w)) => Ok(w),
-                            Ok(ServerFrame::Error { error, .. }) => {
-                                Err(SessionError::Refused(error))
-                            }
-                            Ok(other) => Err(SessionError::Closed(format!(
-                                "expected a welcome, got {other:?}"
-                            ))),
-                            Err(e) => {
-                                Err(SessionError::Closed(format!("undecodable welcome: {e}")))
-                            }
-                        };
+                return match ws.recv::<ServerFrame>().await {
+                    Incoming::Frame(ServerFrame::Welcome(w)) => Ok(w),
+                    Incoming::Frame(ServerFrame::Error { error, .. }) => {
+                        Err(SessionError::Refused(error))
                     }
-                    Some(Ok(Message::Close(frame))) => {
-                        return Err(SessionError::Closed(format!(
-                            "closed before welcome: {frame:?}"
-                        )));
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(SessionError::Closed(e.to_string())),
-                    None => return Err(SessionError::Closed("closed before welcome".into())),
-                }
+                    Incoming::Frame(other) => Err(SessionError::Closed(format!(
+                        "expected a welcome, got {other:?}"
+                    ))),
+                    Incoming::Text => continue,
+                    Incoming::Bad(e) => Err(SessionError::Closed(format!(
+                        "undecodable welcome: {}",
+                        e.message
+                    ))),
+                    Incoming::Closed(frame) => Err(SessionError::Closed(format!(
+                        "closed before welcome: {frame:?}"
+                    ))),
+                    Incoming::Failed(e) => Err(SessionError::Closed(e)),
+                };
             }
         })
         .await
@@ -261,7 +248,7 @@ impl DataSession {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tls::MaybeTls>;
+type Ws = FrameSocket<tls::MaybeTls>;
 
 async fn run(
     mut ws: Ws,
@@ -282,7 +269,7 @@ async fn run(
                 break format!("nothing heard for {:?}", settings.idle_timeout);
             }
             _ = ping.tick() => {
-                if ws.send(Message::Ping(Default::default())).await.is_err() {
+                if ws.ping().await.is_err() {
                     break "ping failed".to_owned();
                 }
             }
@@ -291,48 +278,36 @@ async fn run(
                 next_id = next_id.wrapping_add(1);
                 let id = RequestId(next_id);
                 let frame = ClientFrame::Request { id, body };
-                let bytes = match schemas::encode(&frame) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = reply.send(Err(SessionError::Closed(e.to_string())));
-                        continue;
-                    }
-                };
-                if let Err(e) = ws.send(Message::Binary(bytes.into())).await {
-                    let _ = reply.send(Err(SessionError::Closed(e.to_string())));
+                if let Err(e) = ws.send(&frame).await {
+                    let _ = reply.send(Err(SessionError::Closed(e.clone())));
                     break format!("write failed: {e}");
                 }
                 pending.insert(id, reply);
             }
-            msg = ws.next() => {
+            msg = ws.recv::<ServerFrame>() => {
                 last_heard = tokio::time::Instant::now();
-                let bytes = match msg {
-                    Some(Ok(Message::Binary(b))) => b,
-                    Some(Ok(Message::Close(frame))) => break format!("closed by the server: {frame:?}"),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => break e.to_string(),
-                    None => break "connection ended".to_owned(),
-                };
-                match schemas::decode::<ServerFrame>(&bytes) {
-                    Ok(ServerFrame::Response { id, body }) => {
+                match msg {
+                    Incoming::Frame(ServerFrame::Response { id, body }) => {
                         if let Some(reply) = pending.remove(&id) {
                             let _ = reply.send(Ok(body));
                         }
                     }
-                    Ok(ServerFrame::Error { id: Some(id), error }) => {
+                    Incoming::Frame(ServerFrame::Error { id: Some(id), error }) => {
                         if let Some(reply) = pending.remove(&id) {
                             let _ = reply.send(Err(SessionError::Request(error)));
                         }
                     }
-                    Ok(ServerFrame::Error { id: None, error }) => {
+                    Incoming::Frame(ServerFrame::Error { id: None, error }) => {
                         for (_, reply) in pending.drain() {
                             let _ = reply.send(Err(SessionError::Refused(error.clone())));
                         }
                         break format!("server error: {error}");
                     }
-                    Ok(ServerFrame::Event(ServerEvent::Closing { reason })) => break format!("server closing: {reason}"),
-                    Ok(ServerFrame::Welcome(_)) => continue,
-                    Err(e) => break format!("undecodable frame from the server: {e}"),
+                    Incoming::Frame(ServerFrame::Event(ServerEvent::Closing { reason })) => break format!("server closing: {reason}"),
+                    Incoming::Frame(ServerFrame::Welcome(_)) | Incoming::Text => continue,
+                    Incoming::Closed(frame) => break format!("closed by the server: {frame:?}"),
+                    Incoming::Bad(e) => break format!("undecodable frame from the server: {}", e.message),
+                    Incoming::Failed(e) => break e,
                 }
             }
         }
@@ -343,5 +318,5 @@ async fn run(
     for (_, reply) in pending.drain() {
         let _ = reply.send(Err(SessionError::Closed(reason.clone())));
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+    ws.close_plain().await;
 }
