@@ -13,7 +13,8 @@
 # first publish to its topic and the agent's first data channel. Poll and faults start measuring
 # at once.
 #
-# QUICK=1 shrinks fleets and durations for a smoke run of the script itself. BRIDGE and SIM name
+# QUICK=1 shrinks fleets and durations for a smoke run of the script itself; RATES="1000 2000"
+# picks the rates of the throughput scenario. BRIDGE and SIM name
 # other builds of cloud-bridge and device-sim (to compare two commits side by side); without
 # them the script builds and uses this checkout's.
 set -euo pipefail
@@ -51,12 +52,15 @@ start_bridge() {
     local mqtt_port
     mqtt_port=$(free_port)
     # The listeners' connection caps share the process's 20,000 descriptors: room for
-    # MQTT_CAP devices on MQTT (default 10,000) and the rest for data channels.
+    # MQTT_CAP devices on MQTT (default 10,000), 1,024 admin connections (the fleet keeps up to
+    # 256 submissions in flight per process; at a cap that low the bridge closes idle pooled
+    # connections the fleet is about to reuse) and the rest for data channels.
     local mqtt_cap=${MQTT_CAP:-10000}
-    local data_cap=$((19000 - mqtt_cap - 256))
+    local admin_cap=1024
+    local data_cap=$((19000 - mqtt_cap - admin_cap))
     if [ "$data_cap" -gt 8000 ]; then data_cap=8000; fi
-    printf '[broker]\nmax_connections = %d\n[data_channel]\nmax_connections = %d\n[admin]\nmax_connections = 256\n' \
-        "$mqtt_cap" "$data_cap" > "$DIR/bridge.toml"
+    printf '[broker]\nmax_connections = %d\n[data_channel]\nmax_connections = %d\n[admin]\nmax_connections = %d\n' \
+        "$mqtt_cap" "$data_cap" "$admin_cap" > "$DIR/bridge.toml"
     BRIDGE_ARGS=(serve --config "$DIR/bridge.toml" --data-dir "$DIR/data" --admin-listen "127.0.0.1:$ADMIN_PORT"
         --data-listen "127.0.0.1:$DATA_PORT" --mqtt-listen "127.0.0.1:$mqtt_port" "$@")
     launch_bridge
@@ -128,7 +132,7 @@ scenario_scale() {
 scenario_throughput() {
     echo "== throughput: highest rate with p99 submission→completion under 100 ms, 1,000 devices" >&2
     start_bridge throughput
-    for rate in $(q "250 500 750 1000 1250 1500 2000 3000 5000" "50 100 200"); do
+    for rate in ${RATES:-$(q "250 500 750 1000 1250 1500 2000 3000 5000" "50 100 200")}; do
         fleet throughput "rate-$rate" --devices "$(q 1000 100)" --rate "$rate" --duration "$(q 20s 5s)" \
             --warmup
         [ -f "$OUT/throughput/rate-$rate.json" ] || break

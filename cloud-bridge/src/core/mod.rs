@@ -238,6 +238,9 @@ pub struct Core {
     policy: JobPolicy,
     registry: RwLock<Registry>,
     shards: Box<[Mutex<Shard>]>,
+    /// Each shard's next deadline (unix ms; `u64::MAX`: none), kept by every commit that
+    /// changes the shard, so that the reaper finds the next one without taking every lock.
+    deadlines: Box<[std::sync::atomic::AtomicU64]>,
     jobs: JobDirectory,
 }
 
@@ -297,6 +300,13 @@ impl Core {
             committer,
             policy,
             registry: RwLock::new(reg),
+            deadlines: parts
+                .iter()
+                .map(|s| {
+                    let next = s.next_deadline().map_or(u64::MAX, |t| t.0);
+                    std::sync::atomic::AtomicU64::new(next)
+                })
+                .collect(),
             shards: parts.into_iter().map(Mutex::new).collect(),
             jobs: dir,
         })

@@ -447,6 +447,10 @@ impl<'a> Tx<'a> {
         for id in std::mem::take(&mut self.claims) {
             self.core.jobs.unclaim(&id);
         }
+        for (i, shard) in &self.shards {
+            let next = shard.next_deadline().map_or(u64::MAX, |t| t.0);
+            self.core.deadlines[*i].store(next, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// The position of a shard that `put_*` checked was locked.

@@ -12,6 +12,7 @@ use schemas::records::JobRecord;
 use schemas::{DeviceId, JobId, UnixMillis};
 
 use super::keys::Kind;
+use super::state::JobHome;
 use super::tx::{Access, Tx};
 use super::{
     Core, CoreError, CoreResult, Effects, NewJob, check_print, transition_event, truncate,
@@ -185,9 +186,9 @@ impl Core {
     /// With `start`, the device starts the job at once: `delivered` and `in_progress` are
     /// recorded in one write (a job already in progress stays so).
     ///
-    /// The take is tried first in a transaction that is dropped, so that the payload is read
-    /// (without any lock) only for the device's own job in a state it may take; then it is
-    /// made for real. A payload that cannot be read changes nothing.
+    /// The payload is read first, without any lock, and only for a job the directory says is
+    /// the device's own (for any other the take is tried, in a transaction that is dropped, for
+    /// its refusal); then the take is made. A payload that cannot be read changes nothing.
     pub fn fetch_job(
         &self,
         device_id: &DeviceId,
@@ -195,13 +196,15 @@ impl Core {
         start: bool,
         now: UnixMillis,
     ) -> CoreResult<(JobOffer, Ticket, Effects)> {
-        take(
-            &mut self.device_tx(device_id),
-            device_id,
-            job_id,
-            start,
-            now,
-        )?;
+        if self.jobs.get(job_id) != Some(JobHome::Device(device_id.clone())) {
+            take(
+                &mut self.device_tx(device_id),
+                device_id,
+                job_id,
+                start,
+                now,
+            )?;
+        }
         let payload = self
             .committer
             .store()
@@ -329,11 +332,13 @@ impl Core {
 
     /// When the next lease, TTL or owner check falls due, if any.
     pub fn next_deadline(&self) -> Option<UnixMillis> {
-        let mut next: Option<UnixMillis> = None;
-        self.each_shard(|s| {
-            next = [next, s.next_deadline()].into_iter().flatten().min();
-        });
-        next
+        let next = self
+            .deadlines
+            .iter()
+            .map(|d| d.load(std::sync::atomic::Ordering::Acquire))
+            .min()
+            .unwrap_or(u64::MAX);
+        (next != u64::MAX).then_some(UnixMillis(next))
     }
 
     /// Applies every lease, TTL and owner check that has fallen due by `now`: one
@@ -342,6 +347,9 @@ impl Core {
         let mut ticket = None;
         let mut effects = Effects::default();
         for shard in 0..self.shards.len() {
+            if self.deadlines[shard].load(std::sync::atomic::Ordering::Acquire) > now.0 {
+                continue; // Nothing due in this shard.
+            }
             let mut tx = Tx::over_shards(self, Access::None, [shard]);
             expire_shard(&mut tx, now)?;
             if tx.is_empty() {
