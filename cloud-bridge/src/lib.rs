@@ -6,6 +6,7 @@
 //! | [`core`] | registry, per-device feeds, job lifecycle, leases and TTLs (synchronous rules) |
 //! | [`bridge`] | the service around `core`: durability before acknowledgement, long-poll, effects |
 //! | [`notifier`] | hints and ops events out to MQTT, presence in; embedded or external broker |
+//! | `device_requests` | what each data-channel request does |
 //! | [`data_channel`] | the devices' WebSocket connections |
 //! | [`sessions`] | open data-channel connections by device, closed at once on revocation |
 //! | [`admin`] | the admin HTTP API: every operation of `schemas::admin`, served from its declaration |
@@ -27,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod data_channel;
+mod device_requests;
 #[cfg(test)]
 mod durability_tests;
 pub mod export;
