@@ -92,11 +92,17 @@ impl Shard {
             let list = self.device_jobs.entry(new.device_id.clone()).or_default();
             let jobs = &self.jobs;
             let key = (new.created_at, &new.job_id);
-            let at = list.partition_point(|id| {
+            let before = |id: &JobId| {
                 jobs.get(id)
                     .is_none_or(|j| (j.created_at, &j.job_id) <= key)
-            });
-            list.insert(at, new.job_id.clone());
+            };
+            // A new job is almost always the newest: appended without a search.
+            if list.last().is_none_or(before) {
+                list.push(new.job_id.clone());
+            } else {
+                let at = list.partition_point(before);
+                list.insert(at, new.job_id.clone());
+            }
             if let Some(key) = &new.idempotency_key {
                 self.idempotency
                     .entry((new.device_id.clone(), key.clone()))
