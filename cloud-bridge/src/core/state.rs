@@ -270,6 +270,8 @@ pub(crate) enum JobHome {
 #[derive(Debug)]
 pub(crate) struct JobDirectory {
     parts: Box<[Mutex<HashMap<JobId, JobHome>>]>,
+    /// How many entries are jobs of a device (for `/v1/health`, without a scan).
+    device_jobs: std::sync::atomic::AtomicUsize,
 }
 
 const DIRECTORY_PARTS: usize = 16;
@@ -280,6 +282,7 @@ impl Default for JobDirectory {
             parts: (0..DIRECTORY_PARTS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
+            device_jobs: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -297,7 +300,14 @@ impl JobDirectory {
     }
 
     pub(crate) fn set(&self, id: JobId, home: JobHome) {
-        self.part(&id).insert(id, home);
+        use std::sync::atomic::Ordering::Relaxed;
+        let is_job = matches!(home, JobHome::Device(_));
+        let was_job = matches!(self.part(&id).insert(id, home), Some(JobHome::Device(_)));
+        match (was_job, is_job) {
+            (false, true) => self.device_jobs.fetch_add(1, Relaxed),
+            (true, false) => self.device_jobs.fetch_sub(1, Relaxed),
+            _ => 0,
+        };
     }
 
     /// Claims `id` if no job has it.
@@ -318,17 +328,9 @@ impl JobDirectory {
         }
     }
 
+    /// How many jobs of devices there are.
     pub(crate) fn len(&self) -> usize {
-        self.parts
-            .iter()
-            .map(|p| {
-                p.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .values()
-                    .filter(|h| matches!(h, JobHome::Device(_)))
-                    .count()
-            })
-            .sum()
+        self.device_jobs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many claims are under way.
