@@ -178,7 +178,11 @@ fn check_invariants(w: &World, seed: u64) {
         }
     }
     assert_eq!(seen.len(), records, "seed {seed}: a job in no queue");
-    assert_eq!(core.jobs.len(), records, "seed {seed}: the directory miscounts");
+    assert_eq!(
+        core.jobs.len(),
+        records,
+        "seed {seed}: the directory miscounts"
+    );
     for (job, device) in &seen {
         assert_eq!(
             core.jobs.get(job),
