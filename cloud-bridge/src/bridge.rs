@@ -18,7 +18,9 @@ use schemas::{DeviceId, FeedSeq, Secret, UnixMillis};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::Clock;
+#[cfg(doc)]
+use crate::clock::SystemClock;
 use crate::core::{AuthFailure, Core, CoreError, CoreResult, Effects};
 use crate::notifier::Notifier;
 use crate::sessions::{DataSession, DataSessions};
@@ -60,11 +62,13 @@ pub struct Bridge {
 }
 
 impl Bridge {
+    /// A bridge over `core`, reading the time from `clock` ([`SystemClock`], or a test's).
     pub fn new(
         core: Core,
         committer: Arc<Committer>,
         notifier: Notifier,
         broker_mode: &str,
+        clock: Arc<dyn Clock>,
     ) -> Bridge {
         Bridge {
             inner: Arc::new(Inner {
@@ -77,24 +81,8 @@ impl Bridge {
                 broker_mode: broker_mode.to_owned(),
                 embedded: OnceLock::new(),
                 data_sessions: Arc::new(DataSessions::default()),
-                clock: Arc::new(SystemClock),
+                clock,
             }),
-        }
-    }
-
-    /// The same bridge reading the time from `clock` (before it serves anything).
-    pub fn with_clock(self, clock: Arc<dyn Clock>) -> Bridge {
-        match Arc::try_unwrap(self.inner) {
-            Ok(mut inner) => {
-                inner.clock = clock;
-                Bridge {
-                    inner: Arc::new(inner),
-                }
-            }
-            Err(inner) => {
-                tracing::error!("the clock can only be set before the bridge is shared");
-                Bridge { inner }
-            }
         }
     }
 

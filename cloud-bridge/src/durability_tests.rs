@@ -80,7 +80,14 @@ async fn after_a_failed_flush_nothing_more_is_acknowledged_and_what_was_is_on_di
     let shutdown = CancellationToken::new();
     let flusher = tokio::spawn(committer.clone().run_flusher(shutdown.clone()));
     let core = Core::load(committer.clone(), JobPolicy::default(), 4).unwrap();
-    let bridge = Bridge::new(core, committer.clone(), Notifier::new(1 << 16), "embedded");
+    let clock = Arc::new(crate::clock::SystemClock);
+    let bridge = Bridge::new(
+        core,
+        committer.clone(),
+        Notifier::new(1 << 16),
+        "embedded",
+        clock,
+    );
     let state = AppState::new(bridge.clone(), Secret::new("admin"));
     let token = Secret::new("enrol");
     let now = UnixMillis::now();

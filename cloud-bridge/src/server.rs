@@ -178,7 +178,7 @@ pub async fn start_with_clock(
         BrokerMode::Embedded => "embedded",
         BrokerMode::External => "external",
     };
-    let bridge = Bridge::new(core, committer.clone(), notifier, mode).with_clock(clock);
+    let bridge = Bridge::new(core, committer.clone(), notifier, mode, clock);
 
     let tracker = TaskTracker::new();
     let flusher_stop = CancellationToken::new();

@@ -94,7 +94,8 @@ impl World {
         let core = cloud_bridge::core::Core::load(committer.clone(), config.job_policy(), shards)
             .expect("an empty store loads");
         let notifier = cloud_bridge::notifier::Notifier::new(1024);
-        let bridge = Bridge::new(core, committer.clone(), notifier, "embedded");
+        let clock = Arc::new(cloud_bridge::clock::SystemClock);
+        let bridge = Bridge::new(core, committer.clone(), notifier, "embedded", clock);
         let admin_token = Secret::new("fuzz-admin-token");
         let admin = cloud_bridge::admin::router(bridge.clone(), admin_token.clone());
         let (device, device_secret) = runtime.block_on(async {

@@ -502,13 +502,18 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn registered(core: &Core, n: u8) -> DeviceId {
+        registered_as(core, n, "acme", "MFP-1")
+    }
+
+    /// Device `n` (id of the byte `n`, secret "secret") of `customer`, of `model`.
+    pub(crate) fn registered_as(core: &Core, n: u8, customer: &str, model: &str) -> DeviceId {
         let token = Secret::new(format!("token-{n}"));
-        core.create_enrollment(token.clone(), "acme".into(), 1, 60_000, T0)
+        core.create_enrollment(token.clone(), customer.into(), 1, 60_000, T0)
             .unwrap();
         let reg = Registration {
             enrollment_token: token,
             serial: format!("SN{n}"),
-            model: "MFP-1".into(),
+            model: model.into(),
             destination: "EU".into(),
             time_zone: "Europe/Berlin".into(),
             owner: None,

@@ -156,8 +156,8 @@ impl Shard {
     /// A device's contracts, by service id.
     pub(crate) fn device_contracts(&self, device: &DeviceId) -> Vec<ContractRecord> {
         self.contracts
-            .iter()
-            .filter(|((d, _), _)| d == device)
+            .range((device.clone(), String::new())..)
+            .take_while(|((d, _), _)| d == device)
             .map(|(_, c)| c.clone())
             .collect()
     }
@@ -297,6 +297,11 @@ impl JobDirectory {
 
     pub(crate) fn get(&self, id: &JobId) -> Option<JobHome> {
         self.part(id).get(id).cloned()
+    }
+
+    /// Whether `id` is a job of `device` (without copying the entry).
+    pub(crate) fn belongs_to(&self, id: &JobId, device: &DeviceId) -> bool {
+        matches!(self.part(id).get(id), Some(JobHome::Device(d)) if d == device)
     }
 
     pub(crate) fn set(&self, id: JobId, home: JobHome) {

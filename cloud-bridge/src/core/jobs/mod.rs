@@ -12,7 +12,6 @@ use schemas::records::JobRecord;
 use schemas::{DeviceId, JobId, UnixMillis};
 
 use super::keys::Kind;
-use super::state::JobHome;
 use super::tx::{Access, Tx};
 use super::{
     Core, CoreError, CoreResult, Effects, NewJob, check_print, transition_event, truncate,
@@ -196,7 +195,7 @@ impl Core {
         start: bool,
         now: UnixMillis,
     ) -> CoreResult<(JobOffer, Ticket, Effects)> {
-        if self.jobs.get(job_id) != Some(JobHome::Device(device_id.clone())) {
+        if !self.jobs.belongs_to(job_id, device_id) {
             take(
                 &mut self.device_tx(device_id),
                 device_id,

@@ -3,32 +3,18 @@
 use std::collections::BTreeMap;
 
 use schemas::api::{ApplicationView, ApplyForService, CreateService};
-use schemas::data::{ErrorCode, Registration};
+use schemas::data::ErrorCode;
 use schemas::feed::FeedBody;
 use schemas::ops::OpsEvent;
 use schemas::services::{EnrollmentState, InstructionBody, registration_url};
 use schemas::{ApplicationId, DeviceId, InstructionId, Secret, UnixMillis};
 
 use super::ServiceRegistration;
-use crate::core::tests::{T0, core};
+use crate::core::tests::{T0, core, registered_as};
 use crate::core::{Core, CoreResult, Effects};
 
 fn device(core: &Core, n: u8, customer: &str, model: &str) -> DeviceId {
-    let token = Secret::new(format!("token-{n}"));
-    core.create_enrollment(token.clone(), customer.into(), 1, 60_000, T0)
-        .unwrap();
-    let reg = Registration {
-        enrollment_token: token,
-        serial: format!("SN{n}"),
-        model: model.into(),
-        destination: "EU".into(),
-        time_zone: "Europe/Berlin".into(),
-        owner: None,
-    };
-    let id = DeviceId::from_random([n; 8]);
-    core.register(&reg, id.clone(), &Secret::new("secret"), T0)
-        .unwrap();
-    id
+    registered_as(core, n, customer, model)
 }
 
 fn toner(core: &Core) {
