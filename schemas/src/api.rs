@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{DeviceStatus, ErrorCode};
-use crate::job::{JobState, Transition};
 use crate::outbox::RequestNo;
 use crate::print::PrintSettings;
 use crate::records::{
@@ -18,8 +17,8 @@ use crate::services::{
 };
 use crate::settings::{Endpoints, ReportedSettings, SettingsRecord};
 use crate::{
-    ApplicationId, CompanionId, DeviceId, FeedSeq, InstructionId, JobId, OwnerId, Secret,
-    UnixMillis, UserId,
+    ApplicationId, CompanionId, DeviceId, FeedSeq, InstructionId, OwnerId, Secret, UnixMillis,
+    UserId,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -403,47 +402,10 @@ pub struct SubmitJob {
     pub print: Option<PrintSettings>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobView {
-    pub job_id: JobId,
-    pub device_id: DeviceId,
-    pub state: JobState,
-    pub attempt: u32,
-    pub max_attempts: u32,
-    pub created_at: UnixMillis,
-    pub expires_at: UnixMillis,
-    pub lease_until: Option<UnixMillis>,
-    pub idempotency_key: Option<String>,
-    pub content_type: String,
-    pub payload_len: u64,
-    pub outcome: Option<String>,
-    pub history: Vec<Transition>,
-    pub submitted_by: Option<String>,
-    #[serde(default)]
-    pub print: Option<PrintSettings>,
-}
-
-impl From<&JobRecord> for JobView {
-    fn from(j: &JobRecord) -> JobView {
-        JobView {
-            job_id: j.job_id.clone(),
-            device_id: j.device_id.clone(),
-            state: j.state,
-            attempt: j.attempt,
-            max_attempts: j.max_attempts,
-            created_at: j.created_at,
-            expires_at: j.expires_at,
-            lease_until: j.lease_until,
-            idempotency_key: j.idempotency_key.clone(),
-            content_type: j.content_type.clone(),
-            payload_len: j.payload_len,
-            outcome: j.outcome.clone(),
-            history: j.history.clone(),
-            submitted_by: j.submitted_by.clone(),
-            print: j.print.clone(),
-        }
-    }
-}
+/// A job as the admin API shows it: the stored record itself, since every field of it is
+/// for whoever may read the job (the payload is not in it). Should the record ever hold
+/// something the API must not show, this becomes a type of its own again.
+pub type JobView = JobRecord;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

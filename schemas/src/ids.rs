@@ -132,26 +132,39 @@ prefixed_id!(
     InstructionId, "ins-", "instruction id"
 );
 
-/// Position in a device's feed. The first entry has sequence 1; 0 means "nothing yet".
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-#[serde(transparent)]
-pub struct FeedSeq(pub u64);
+/// A number that counts up from 1 per device, with 0 for "nothing yet": [`FeedSeq`] and
+/// [`crate::outbox::RequestNo`].
+macro_rules! counter {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(
+            Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize,
+            Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(pub u64);
 
-impl FeedSeq {
-    pub const ZERO: FeedSeq = FeedSeq(0);
+        impl $name {
+            pub const ZERO: $name = $name(0);
 
-    pub fn next(self) -> FeedSeq {
-        FeedSeq(self.0 + 1)
-    }
+            pub fn next(self) -> $name {
+                $name(self.0 + 1)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
 }
+pub(crate) use counter;
 
-impl fmt::Display for FeedSeq {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+counter!(
+    /// Position in a device's feed. The first entry has sequence 1; 0 means "nothing yet".
+    FeedSeq
+);
 
 /// Correlates a data-channel request with its response; chosen by the device, unique per
 /// connection.

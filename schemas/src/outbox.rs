@@ -5,34 +5,17 @@
 //! accepted from that device is a duplicate (a resend after a crash) and is only acknowledged.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::UnixMillis;
 use crate::status::DeviceStatus;
 
-/// The number a device gives a request when it is made; 1, 2, 3, ... per device, never reused
-/// (gaps are allowed: a request dropped from a full outbox leaves one).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
-#[serde(transparent)]
-pub struct RequestNo(pub u64);
-
-impl RequestNo {
-    pub const ZERO: RequestNo = RequestNo(0);
-
-    pub fn next(self) -> RequestNo {
-        RequestNo(self.0 + 1)
-    }
-}
-
-impl fmt::Display for RequestNo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
+crate::ids::counter!(
+    /// The number a device gives a request when it is made; 1, 2, 3, ... per device, never
+    /// reused (gaps are allowed: a request dropped from a full outbox leaves one).
+    RequestNo
+);
 
 /// Most requests delivered in one [`crate::data::Request::Deliver`].
 pub const MAX_DELIVER_ITEMS: usize = 64;

@@ -222,7 +222,7 @@ async fn submit_job(s: &AppState, c: Call<op::SubmitJobOp>) -> Result<Reply<JobV
     // An earlier job with the same idempotency key: 200, not 201.
     let status = (!created).then_some(axum::http::StatusCode::OK);
     Ok(Reply {
-        answer: JobView::from(&job),
+        answer: job,
         status,
     })
 }
@@ -231,21 +231,13 @@ async fn job(s: &AppState, c: Call<op::GetJob>) -> Result<JobView> {
     Ok(bridge(s)
         .read(|core| {
             core.authorize_job_read(&c.principal, &c.params)?;
-            Ok(JobView::from(&core.job(&c.params)?))
+            core.job(&c.params)
         })
         .await?)
 }
 
 async fn device_jobs(s: &AppState, c: Call<op::ListDeviceJobs>) -> Result<Vec<JobView>> {
-    Ok(bridge(s)
-        .read(|core| {
-            Ok(core
-                .device_jobs(&c.params)?
-                .iter()
-                .map(JobView::from)
-                .collect())
-        })
-        .await?)
+    Ok(bridge(s).read(|core| core.device_jobs(&c.params)).await?)
 }
 
 async fn cancel_job(s: &AppState, c: Call<op::CancelJobOp>) -> Result<JobView> {
@@ -253,7 +245,7 @@ async fn cancel_job(s: &AppState, c: Call<op::CancelJobOp>) -> Result<JobView> {
     let reason = c.body.and_then(|b| b.reason);
     let (job, ticket, effects) = b.core().cancel_job(&c.params, reason, now(s))?;
     b.finish(ticket, effects).await?;
-    Ok(JobView::from(&job))
+    Ok(job)
 }
 
 async fn move_job(s: &AppState, c: Call<op::MoveJobOp>) -> Result<JobView> {
@@ -262,7 +254,7 @@ async fn move_job(s: &AppState, c: Call<op::MoveJobOp>) -> Result<JobView> {
         .core()
         .move_job(&c.principal, &c.params, &c.body.to, now(s))?;
     b.finish(ticket, effects).await?;
-    Ok(JobView::from(&job))
+    Ok(job)
 }
 
 async fn capabilities(
