@@ -106,48 +106,39 @@ impl ServeArgs {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
-        if let Some(v) = self.data_dir {
-            config.data_dir = v;
-        }
-        if let Some(v) = self.admin_listen {
-            config.listen.admin = v;
-        }
-        if let Some(v) = self.data_listen {
-            config.listen.data = v;
-        }
-        if let Some(v) = self.mqtt_listen {
-            config.broker.listen = v;
-        }
-        if let Some(v) = self.broker {
-            config.broker.mode = v;
-        }
-        if let Some(v) = self.mqtt_url {
-            config.broker.url = v;
-        }
-        if let Some(v) = self.mqtt_username {
-            config.broker.username = v;
-        }
-        if let Some(v) = self.mqtt_password {
-            config.broker.password = RedactedString(v);
-        }
-        if let Some(v) = self.admin_token {
-            config.admin_token = RedactedString(v);
-        }
-        if let Some(v) = self.lease_secs {
-            config.jobs.lease_secs = v;
-        }
+        set(&mut config.data_dir, self.data_dir);
+        set(&mut config.listen.admin, self.admin_listen);
+        set(&mut config.listen.data, self.data_listen);
+        set(&mut config.broker.listen, self.mqtt_listen);
+        set(&mut config.broker.mode, self.broker);
+        set(&mut config.broker.url, self.mqtt_url);
+        set(&mut config.broker.username, self.mqtt_username);
+        set(
+            &mut config.broker.password,
+            self.mqtt_password.map(RedactedString),
+        );
+        set(
+            &mut config.admin_token,
+            self.admin_token.map(RedactedString),
+        );
+        set(&mut config.jobs.lease_secs, self.lease_secs);
         if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
             config.tls.cert = cert;
             config.tls.key = key;
         }
-        if let Some(v) = self.mqtt_ca_file {
-            config.broker.ca_file = v;
-        }
+        set(&mut config.broker.ca_file, self.mqtt_ca_file);
         if self.allow_plaintext {
             config.listen.allow_plaintext = true;
         }
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// A flag given on the command line overrides the configuration file.
+fn set<T>(slot: &mut T, flag: Option<T>) {
+    if let Some(v) = flag {
+        *slot = v;
     }
 }
 

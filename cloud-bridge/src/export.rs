@@ -28,38 +28,41 @@ pub enum ExportError {
     Write(#[from] std::io::Error),
 }
 
+/// One line of the export. Built and written one at a time, so the size of its largest
+/// variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum Line<'a> {
-    Device(&'a DeviceRecord),
-    Enrollment(&'a EnrollmentRecord),
+enum Line {
+    Device(DeviceRecord),
+    Enrollment(EnrollmentRecord),
     Job {
         #[serde(flatten)]
-        job: &'a JobRecord,
+        job: JobRecord,
         payload_base64: String,
     },
     Feed {
-        device_id: &'a str,
+        device_id: String,
         #[serde(flatten)]
-        entry: &'a FeedEntry,
+        entry: FeedEntry,
     },
-    DeviceRequest(&'a DeviceRequestRecord),
-    Owner(&'a OwnerRecord),
-    Companion(&'a CompanionRecord),
-    Service(&'a ServiceRecord),
-    Application(&'a ApplicationRecord),
-    Instruction(&'a InstructionRecord),
-    Contract(&'a ContractRecord),
-    User(&'a UserRecord),
+    DeviceRequest(DeviceRequestRecord),
+    Owner(OwnerRecord),
+    Companion(CompanionRecord),
+    Service(ServiceRecord),
+    Application(ApplicationRecord),
+    Instruction(InstructionRecord),
+    Contract(ContractRecord),
+    User(UserRecord),
     HeldJob {
         #[serde(flatten)]
-        held: &'a HeldJobRecord,
+        held: HeldJobRecord,
         payload_base64: String,
     },
-    OpsLogin(&'a OpsLoginRecord),
+    OpsLogin(OpsLoginRecord),
 }
 
-fn write_line(out: &mut impl Write, line: &Line<'_>) -> Result<(), ExportError> {
+fn write_line(out: &mut impl Write, line: &Line) -> Result<(), ExportError> {
     serde_json::to_writer(&mut *out, line).map_err(std::io::Error::other)?;
     out.write_all(b"\n")?;
     Ok(())
@@ -78,54 +81,42 @@ pub fn export(store: &dyn Store, out: &mut impl Write) -> Result<u64, ExportErro
             continue;
         }
         for (k, v) in store.scan_prefix(kind.prefix().as_bytes())? {
-            match kind {
-                Kind::Device => write_line(out, &Line::Device(&decode(&k, &v)?))?,
-                Kind::Enrollment => write_line(out, &Line::Enrollment(&decode(&k, &v)?))?,
-                Kind::OpsLogin => write_line(out, &Line::OpsLogin(&decode(&k, &v)?))?,
+            let line = match kind {
+                Kind::Device => Line::Device(decode(&k, &v)?),
+                Kind::Enrollment => Line::Enrollment(decode(&k, &v)?),
+                Kind::OpsLogin => Line::OpsLogin(decode(&k, &v)?),
                 Kind::Job => {
                     let job: JobRecord = decode(&k, &v)?;
-                    let payload_base64 = payload_base64(job.job_id.as_str())?;
-                    write_line(
-                        out,
-                        &Line::Job {
-                            job: &job,
-                            payload_base64,
-                        },
-                    )?
+                    Line::Job {
+                        payload_base64: payload_base64(job.job_id.as_str())?,
+                        job,
+                    }
                 }
                 Kind::Feed => {
-                    let entry: FeedEntry = decode(&k, &v)?;
                     let key = String::from_utf8_lossy(&k);
-                    let device_id = key.split('/').nth(1).unwrap_or_default();
-                    write_line(
-                        out,
-                        &Line::Feed {
-                            device_id,
-                            entry: &entry,
-                        },
-                    )?
+                    Line::Feed {
+                        device_id: key.split('/').nth(1).unwrap_or_default().to_owned(),
+                        entry: decode(&k, &v)?,
+                    }
                 }
-                Kind::DeviceRequest => write_line(out, &Line::DeviceRequest(&decode(&k, &v)?))?,
-                Kind::Owner => write_line(out, &Line::Owner(&decode(&k, &v)?))?,
-                Kind::Companion => write_line(out, &Line::Companion(&decode(&k, &v)?))?,
-                Kind::Service => write_line(out, &Line::Service(&decode(&k, &v)?))?,
-                Kind::Application => write_line(out, &Line::Application(&decode(&k, &v)?))?,
-                Kind::Instruction => write_line(out, &Line::Instruction(&decode(&k, &v)?))?,
-                Kind::Contract => write_line(out, &Line::Contract(&decode(&k, &v)?))?,
-                Kind::User => write_line(out, &Line::User(&decode(&k, &v)?))?,
+                Kind::DeviceRequest => Line::DeviceRequest(decode(&k, &v)?),
+                Kind::Owner => Line::Owner(decode(&k, &v)?),
+                Kind::Companion => Line::Companion(decode(&k, &v)?),
+                Kind::Service => Line::Service(decode(&k, &v)?),
+                Kind::Application => Line::Application(decode(&k, &v)?),
+                Kind::Instruction => Line::Instruction(decode(&k, &v)?),
+                Kind::Contract => Line::Contract(decode(&k, &v)?),
+                Kind::User => Line::User(decode(&k, &v)?),
                 Kind::HeldJob => {
                     let held: HeldJobRecord = decode(&k, &v)?;
-                    let payload_base64 = payload_base64(held.job_id.as_str())?;
-                    write_line(
-                        out,
-                        &Line::HeldJob {
-                            held: &held,
-                            payload_base64,
-                        },
-                    )?
+                    Line::HeldJob {
+                        payload_base64: payload_base64(held.job_id.as_str())?,
+                        held,
+                    }
                 }
-                Kind::Payload => {}
-            }
+                Kind::Payload => continue,
+            };
+            write_line(out, &line)?;
             lines += 1;
         }
     }

@@ -245,14 +245,20 @@ pub async fn start_with_clock(
     tracker.spawn(bridge.clone().run_reaper(shutdown.clone()));
 
     let acceptor = server_tls.map(tls::TlsAcceptor::from);
-    let data_addr = listeners.data.local_addr().map_err(io("data listener"))?;
-    let data_listener = Listener::new(
-        listeners.data,
-        "data channel",
-        caps.data,
-        acceptor.clone(),
-        config.tls.handshake_timeout(),
-    );
+    let listener = |socket: tokio::net::TcpListener, name: &'static str, cap| {
+        let addr = socket
+            .local_addr()
+            .map_err(io(format!("{name} listener")))?;
+        let listener = Listener::new(
+            socket,
+            name,
+            cap,
+            acceptor.clone(),
+            config.tls.handshake_timeout(),
+        );
+        Ok::<_, StartError>((addr, listener))
+    };
+    let (data_addr, data_listener) = listener(listeners.data, "data channel", caps.data)?;
     tracker.spawn(crate::data_channel::serve(
         data_listener,
         bridge.clone(),
@@ -261,14 +267,7 @@ pub async fn start_with_clock(
         tracker.clone(),
     ));
 
-    let admin_addr = listeners.admin.local_addr().map_err(io("admin listener"))?;
-    let admin_listener = Listener::new(
-        listeners.admin,
-        "admin API",
-        caps.admin,
-        acceptor.clone(),
-        config.tls.handshake_timeout(),
-    );
+    let (admin_addr, admin_listener) = listener(listeners.admin, "admin API", caps.admin)?;
     let app = crate::admin::with_request_timeout(
         crate::admin::router(bridge.clone(), admin_token.clone()),
         Duration::from_secs(config.admin.request_timeout_secs),
