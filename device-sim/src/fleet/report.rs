@@ -36,6 +36,15 @@ impl Latency {
 }
 
 /// A histogram of microseconds up to an hour, three significant digits.
+/// `part / whole`, or 0 when there is no whole.
+pub fn share(part: u64, whole: u64) -> f64 {
+    if whole > 0 {
+        part as f64 / whole as f64
+    } else {
+        0.0
+    }
+}
+
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid")
 }
@@ -234,11 +243,7 @@ impl FleetReport {
             submit_to_hint: Latency::from_histogram(&hint),
             submit_to_fetch: Latency::from_histogram(&fetch),
             submit_to_complete: Latency::from_histogram(&complete),
-            fallback_share: if fetched > 0 {
-                fallback as f64 / fetched as f64
-            } else {
-                0.0
-            },
+            fallback_share: share(fallback, fetched),
             jobs_lost: sum(|p| p.jobs_lost),
             jobs_unfinished: sum(|p| p.jobs_unfinished),
             jobs_duplicated: sum(|p| p.jobs_duplicated),
@@ -327,21 +332,21 @@ impl FleetReport {
             "fetched with MQTT down (data-channel fallback)",
             format!("{:.1} %", self.fallback_share * 100.0),
         );
+        let per_device_hour = |r: Option<f64>| {
+            r.map_or_else(
+                || "n/a (bridge restarted)".to_owned(),
+                |r| format!("{r:.0}"),
+            )
+        };
         row(
             &mut s,
             "server requests per device-hour",
-            self.server_requests_per_device_hour.map_or_else(
-                || "n/a (bridge restarted)".to_owned(),
-                |r| format!("{r:.0}"),
-            ),
+            per_device_hour(self.server_requests_per_device_hour),
         );
         row(
             &mut s,
             "server connections per device-hour",
-            self.server_connections_per_device_hour.map_or_else(
-                || "n/a (bridge restarted)".to_owned(),
-                |r| format!("{r:.0}"),
-            ),
+            per_device_hour(self.server_connections_per_device_hour),
         );
         if self.jobs_refused > 0 {
             row(

@@ -258,11 +258,7 @@ pub(super) fn report(
         submit_to_hint: Latency::from_histogram(&hint),
         submit_to_fetch: Latency::from_histogram(&fetch),
         submit_to_complete: Latency::from_histogram(&complete),
-        fallback_share: if fetched_total > 0 {
-            fallback as f64 / fetched_total as f64
-        } else {
-            0.0
-        },
+        fallback_share: report::share(fallback, fetched_total),
         jobs_lost: lost,
         jobs_unfinished: unfinished,
         jobs_duplicated: duplicated,
