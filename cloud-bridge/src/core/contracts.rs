@@ -272,7 +272,7 @@ mod tests {
     use schemas::outbox::{DeviceRequest, OutboxItem, RequestNo};
 
     use super::*;
-    use crate::core::tests::{T0, core, registered};
+    use crate::core::tests::{T0, core, error_code, registered};
 
     fn support(core: &Core, id: &str, kind: &str, types: &[&str]) {
         core.create_service(
@@ -357,10 +357,10 @@ mod tests {
             T0,
         )
         .unwrap();
-        let err = core
-            .put_contract(&dev, "plain", contract("X"), T0)
-            .unwrap_err();
-        assert_eq!(err.code(), ErrorCode::BadRequest);
+        assert_eq!(
+            error_code(core.put_contract(&dev, "plain", contract("X"), T0)),
+            ErrorCode::BadRequest
+        );
     }
 
     #[test]

@@ -501,6 +501,11 @@ pub(crate) mod tests {
         Core::load(committer, policy(), 4).unwrap()
     }
 
+    /// The code of the error an operation is expected to refuse with.
+    pub(crate) fn error_code<T: std::fmt::Debug>(result: CoreResult<T>) -> ErrorCode {
+        result.unwrap_err().code()
+    }
+
     pub(crate) fn registered(core: &Core, n: u8) -> DeviceId {
         registered_as(core, n, "acme", "MFP-1")
     }

@@ -6,7 +6,7 @@ use schemas::FeedSeq;
 use schemas::feed::FeedBody;
 
 use super::*;
-use crate::core::tests::{T0, core, job, registered};
+use crate::core::tests::{T0, core, error_code, job, registered};
 use crate::core::{JobPolicy, decode};
 use crate::store::{Committer, MemStore};
 
@@ -98,12 +98,14 @@ fn another_devices_job_is_forbidden() {
     let a = registered(&core, 1);
     let b = registered(&core, 2);
     let id = job(&core, &a);
-    let err = core.fetch_job(&b, &id, false, T0).unwrap_err();
-    assert_eq!(err.code(), ErrorCode::Forbidden);
-    let err = core
-        .update_job(&b, &id, 1, JobUpdate::Started, T0)
-        .unwrap_err();
-    assert_eq!(err.code(), ErrorCode::Forbidden);
+    assert_eq!(
+        error_code(core.fetch_job(&b, &id, false, T0)),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        error_code(core.update_job(&b, &id, 1, JobUpdate::Started, T0)),
+        ErrorCode::Forbidden
+    );
 }
 
 #[test]
@@ -117,10 +119,10 @@ fn lost_lease_requeues_then_fails_at_the_attempt_limit() {
     assert_eq!(core.job(&id).unwrap().state, JobState::Queued);
     assert_eq!(effects.feed_grew, vec![(dev.clone(), FeedSeq(2))]);
     // The stale attempt can no longer report.
-    let err = core
-        .update_job(&dev, &id, 1, JobUpdate::Succeeded { detail: None }, T0)
-        .unwrap_err();
-    assert_eq!(err.code(), ErrorCode::LeaseLost);
+    assert_eq!(
+        error_code(core.update_job(&dev, &id, 1, JobUpdate::Succeeded { detail: None }, T0)),
+        ErrorCode::LeaseLost
+    );
     let t1 = T0.saturating_add_ms(2000);
     let (offer, ..) = core.fetch_job(&dev, &id, false, t1).unwrap();
     assert_eq!(offer.attempt, 2);
@@ -190,8 +192,10 @@ fn cancel_of_a_taken_job_tells_the_device() {
     core.fetch_job(&dev, &id, false, T0).unwrap();
     let (_, _, effects) = core.cancel_job(&id, None, T0).unwrap();
     assert_eq!(effects.feed_grew, vec![(dev.clone(), FeedSeq(2))]);
-    let err = core.cancel_job(&id, None, T0).unwrap_err();
-    assert_eq!(err.code(), ErrorCode::InvalidState);
+    assert_eq!(
+        error_code(core.cancel_job(&id, None, T0)),
+        ErrorCode::InvalidState
+    );
 }
 
 #[test]
