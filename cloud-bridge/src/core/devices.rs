@@ -277,8 +277,7 @@ impl Core {
             registered_at: now,
         });
         tx.put_device(device)?;
-        let (ticket, _) = tx.commit()?;
-        Ok((now, ticket))
+        tx.commit_answer(now)
     }
 
     // ---------------------------------------------------------------- feed
@@ -333,8 +332,7 @@ impl Core {
         let mut device = device.clone();
         device.acked = upto;
         tx.put_device(device)?;
-        let (ticket, _) = tx.commit()?;
-        Ok((upto, ticket))
+        tx.commit_answer(upto)
     }
 
     /// Whether a connecting device should be told at once that work is waiting.

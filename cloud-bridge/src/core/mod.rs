@@ -373,8 +373,7 @@ impl Core {
     ) -> CoreResult<(R, Ticket)> {
         let mut tx = Tx::new(self, Access::Write, &[]);
         insert(&mut tx, record.clone())?;
-        let (ticket, _) = tx.commit()?;
-        Ok((record, ticket))
+        tx.commit_answer(record)
     }
 
     /// A ticket covering everything applied so far (for reads).

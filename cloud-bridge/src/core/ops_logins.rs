@@ -62,8 +62,7 @@ impl Core {
         }
         record.revoked_at = Some(now);
         tx.put_ops_login(record.clone())?;
-        let (ticket, _) = tx.commit()?;
-        Ok((record, ticket))
+        tx.commit_answer(record)
     }
 
     /// Checks an MQTT login as operations: the id as username, its password.

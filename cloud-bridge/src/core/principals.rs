@@ -143,8 +143,7 @@ impl Core {
             companion.devices.retain(|d| d != device_id);
         }
         tx.put_companion(companion.clone())?;
-        let (ticket, _) = tx.commit()?;
-        Ok((companion, ticket))
+        tx.commit_answer(companion)
     }
 
     /// Whether `principal` may submit a job to `device_id`; a clear refusal if not.
@@ -214,8 +213,7 @@ impl Core {
         let mut device = device.clone();
         device.registration_completed_at = Some(now);
         tx.put_device(device)?;
-        let (ticket, _) = tx.commit()?;
-        Ok((now, ticket))
+        tx.commit_answer(now)
     }
 }
 

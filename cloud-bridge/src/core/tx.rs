@@ -386,6 +386,13 @@ impl<'a> Tx<'a> {
             && self.reg_writes.is_empty()
     }
 
+    /// Commits, answering `answer` with the ticket; for changes that have no effects (or whose
+    /// effects the caller does not need).
+    pub(crate) fn commit_answer<A>(self, answer: A) -> CoreResult<(A, Ticket)> {
+        let (ticket, _) = self.commit()?;
+        Ok((answer, ticket))
+    }
+
     /// Writes everything staged as one batch and, once the store has accepted it, installs it
     /// in memory. Returns the ticket to wait on before acting on the effects.
     pub(crate) fn commit(mut self) -> CoreResult<(Ticket, Effects)> {

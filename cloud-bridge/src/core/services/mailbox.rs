@@ -89,8 +89,7 @@ impl Core {
         record.taken_at = Some(now);
         let answer = offer(&record, now);
         tx.put_instruction_record(record)?;
-        let (ticket, _) = tx.commit()?;
-        Ok((answer, ticket))
+        tx.commit_answer(answer)
     }
 }
 

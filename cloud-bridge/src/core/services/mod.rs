@@ -99,16 +99,15 @@ impl Core {
             data_types,
             report_every_secs: req.report_every_secs.unwrap_or(0),
         };
-        let mut tx = Tx::new(self, Access::Write, &[]);
-        if tx.service_record(&record.service_id)?.is_some() {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                format!("service {} exists", record.service_id),
-            ));
-        }
-        tx.put_service(record.clone())?;
-        let (ticket, _) = tx.commit()?;
-        Ok((record, ticket))
+        self.create(record, |tx, record| {
+            if tx.service_record(&record.service_id)?.is_some() {
+                return Err(CoreError::new(
+                    ErrorCode::Conflict,
+                    format!("service {} exists", record.service_id),
+                ));
+            }
+            tx.put_service(record)
+        })
     }
 
     pub fn update_service(
@@ -134,8 +133,7 @@ impl Core {
             record.report_every_secs = every;
         }
         tx.put_service(record.clone())?;
-        let (ticket, _) = tx.commit()?;
-        Ok((record, ticket))
+        tx.commit_answer(record)
     }
 
     pub fn service(&self, service_id: &str) -> CoreResult<ServiceRecord> {
