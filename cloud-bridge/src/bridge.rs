@@ -46,7 +46,7 @@ struct Inner {
     notifier: Notifier,
     /// Durable newest sequence number per device, for long-polls.
     feeds: Mutex<HashMap<DeviceId, watch::Sender<FeedSeq>>>,
-    reaper: Notify,
+    reaper: ReaperWake,
     metrics: Metrics,
     broker_mode: String,
     /// The embedded broker, once started (none with an external broker).
@@ -76,7 +76,7 @@ impl Bridge {
                 committer,
                 notifier,
                 feeds: Mutex::new(HashMap::new()),
-                reaper: Notify::new(),
+                reaper: ReaperWake::default(),
                 metrics: Metrics::default(),
                 broker_mode: broker_mode.to_owned(),
                 embedded: OnceLock::new(),
@@ -145,7 +145,9 @@ impl Bridge {
             }
             self.inner.notifier.ops(&event);
         }
-        self.inner.reaper.notify_one();
+        self.inner
+            .reaper
+            .deadline_changed(|| self.core().next_deadline());
         Ok(())
     }
 
@@ -346,15 +348,18 @@ impl Bridge {
 
     /// Applies leases and TTLs as they fall due, until `shutdown`.
     pub async fn run_reaper(self, shutdown: CancellationToken) {
+        let wake = &self.inner.reaper;
         loop {
-            let next = self.core().next_deadline();
+            let next = wake.next_deadline(|| self.core().next_deadline());
             let now = self.now();
             let wait = next.map(|t| Duration::from_millis(t.0.saturating_sub(now.0)));
             if wait != Some(Duration::ZERO) {
-                let sleep = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600)));
+                let wait = wait.unwrap_or(Duration::from_secs(3600));
+                wake.sleeping_until(now.saturating_add_ms(wait.as_millis() as u64));
+                let sleep = tokio::time::sleep(wait);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = self.inner.reaper.notified() => continue,
+                    _ = wake.notify.notified() => continue,
                     _ = self.inner.clock.jumped() => continue,
                     _ = sleep => {}
                 }
@@ -369,6 +374,51 @@ impl Bridge {
                 Ok((None, _)) => {}
                 Err(e) => tracing::error!(error = %e, "lease/TTL processing failed"),
             }
+        }
+    }
+}
+
+/// Wakes the reaper when a deadline earlier than the one it sleeps towards appears, and only
+/// then: most changes (a job fetched, a lease renewed) move no deadline before it, and waking
+/// it for each cost a task switch per durable change.
+#[derive(Debug)]
+struct ReaperWake {
+    notify: Notify,
+    /// What the reaper sleeps towards (ms); `u64::MAX` while it is awake and looking.
+    sleeps_until: AtomicU64,
+}
+
+impl Default for ReaperWake {
+    fn default() -> Self {
+        ReaperWake {
+            notify: Notify::new(),
+            sleeps_until: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl ReaperWake {
+    /// The reaper's look at the deadlines. Marks it awake first, so that a deadline installed
+    /// while it looks wakes it again rather than being missed.
+    fn next_deadline(&self, deadlines: impl FnOnce() -> Option<UnixMillis>) -> Option<UnixMillis> {
+        self.sleeps_until.store(u64::MAX, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        deadlines()
+    }
+
+    fn sleeping_until(&self, until: UnixMillis) {
+        self.sleeps_until.store(until.0, Ordering::SeqCst);
+    }
+
+    /// After a change was installed (its deadlines are in the core's atomics).
+    fn deadline_changed(&self, deadlines: impl FnOnce() -> Option<UnixMillis>) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let next = deadlines().map_or(u64::MAX, |t| t.0);
+        let until = self.sleeps_until.load(Ordering::SeqCst);
+        // While it looks, it may have read the deadlines before this change: a permit makes
+        // it look once more.
+        if until == u64::MAX || next < until {
+            self.notify.notify_one();
         }
     }
 }
@@ -410,5 +460,37 @@ impl broker::Authenticator for MqttAuth {
                 Err(Refusal::BadCredentials)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    fn woken(wake: &ReaperWake) -> bool {
+        wake.notify.notified().now_or_never().is_some()
+    }
+
+    #[test]
+    fn the_reaper_is_woken_only_by_an_earlier_deadline_or_while_it_looks() {
+        let wake = ReaperWake::default();
+        // Looking: any change wakes it once more, a deadline or none.
+        assert_eq!(wake.next_deadline(|| None), None);
+        wake.deadline_changed(|| None);
+        assert!(woken(&wake));
+        // Asleep until 1000: a later or equal deadline does not wake it, an earlier one does.
+        wake.sleeping_until(UnixMillis(1000));
+        wake.deadline_changed(|| Some(UnixMillis(1000)));
+        wake.deadline_changed(|| Some(UnixMillis(5000)));
+        wake.deadline_changed(|| None);
+        assert!(!woken(&wake));
+        wake.deadline_changed(|| Some(UnixMillis(999)));
+        assert!(woken(&wake));
+        // Once it looks again, it is awake until it sleeps.
+        wake.next_deadline(|| Some(UnixMillis(999)));
+        wake.deadline_changed(|| Some(UnixMillis(5000)));
+        assert!(woken(&wake));
     }
 }
