@@ -76,23 +76,21 @@ impl Measure {
         })
     }
 
-    /// The end of the measured time (the generator and the drain are over).
-    pub(super) fn stop_clock(&mut self) {
-        self.wall = self.started.elapsed();
-    }
-
+    /// The end of the measured time (the generator and the drain are over): the bridge's
+    /// processes' CPU and counters are read now, before anything else asks the bridge.
     pub(super) async fn finish(
         &mut self,
         cfg: &FleetConfig,
         client: &AdminClient,
     ) -> Result<(), ClientError> {
-        self.metrics_after = client.metrics().await?;
+        self.wall = self.started.elapsed();
         self.sim_after = ProcUsage::current().unwrap_or_default();
         self.watched_after = cfg
             .watch
             .iter()
             .map(|(_, pid)| ProcUsage::of(*pid))
             .collect();
+        self.metrics_after = client.metrics().await?;
         Ok(())
     }
 }
