@@ -16,7 +16,8 @@
 # QUICK=1 shrinks fleets and durations for a smoke run of the script itself; RATES="1000 2000"
 # picks the rates of the throughput scenario. BRIDGE and SIM name
 # other builds of cloud-bridge and device-sim (to compare two commits side by side); without
-# them the script builds and uses this checkout's.
+# them the script builds and uses this checkout's. BRIDGE_CONFIG adds lines to the benchmark
+# bridges' configuration, e.g. BRIDGE_CONFIG='[store]\nshards = 1\n'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,6 +62,7 @@ start_bridge() {
     if [ "$data_cap" -gt 8000 ]; then data_cap=8000; fi
     printf '[broker]\nmax_connections = %d\n[data_channel]\nmax_connections = %d\n[admin]\nmax_connections = %d\n' \
         "$mqtt_cap" "$data_cap" "$admin_cap" > "$DIR/bridge.toml"
+    printf '%b' "${BRIDGE_CONFIG:-}" >> "$DIR/bridge.toml"
     BRIDGE_ARGS=(serve --config "$DIR/bridge.toml" --data-dir "$DIR/data" --admin-listen "127.0.0.1:$ADMIN_PORT"
         --data-listen "127.0.0.1:$DATA_PORT" --mqtt-listen "127.0.0.1:$mqtt_port" "$@")
     launch_bridge
