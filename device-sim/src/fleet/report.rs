@@ -35,7 +35,6 @@ impl Latency {
     }
 }
 
-/// A histogram of microseconds up to an hour, three significant digits.
 /// `part / whole`, or 0 when there is no whole.
 pub fn share(part: u64, whole: u64) -> f64 {
     if whole > 0 {
@@ -45,6 +44,7 @@ pub fn share(part: u64, whole: u64) -> f64 {
     }
 }
 
+/// A histogram of microseconds up to an hour, three significant digits.
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid")
 }
