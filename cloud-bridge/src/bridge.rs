@@ -116,7 +116,9 @@ impl Bridge {
         &self.inner.broker_mode
     }
 
-    /// Waits for `ticket`, then wakes long-polls and publishes hints and events.
+    /// Waits for `ticket`, then wakes long-polls, publishes hints and closes the connections
+    /// of devices disabled or invalidated. The ops events go out in order through
+    /// [`Bridge::run_ops_publisher`].
     pub(crate) async fn finish(&self, ticket: Ticket, effects: Effects) -> CoreResult<()> {
         self.inner.committer.wait_durable(ticket).await?;
         for (device, seq) in effects.feed_grew {
@@ -143,7 +145,6 @@ impl Bridge {
                     .notifier
                     .hint(device_id, HintKind::PollNow, newest);
             }
-            self.inner.notifier.ops(&event);
         }
         self.inner
             .reaper
@@ -299,7 +300,7 @@ impl Bridge {
                 at,
             }
         };
-        self.inner.notifier.ops(&event);
+        self.core().observe(event);
     }
 
     // ---------------------------------------------------------------- notification channel
@@ -313,7 +314,7 @@ impl Bridge {
         };
         match presence {
             Presence::Online => {
-                self.inner.notifier.ops(&OpsEvent::DeviceOnline {
+                self.core().observe(OpsEvent::DeviceOnline {
                     device_id: device.clone(),
                     channel: Channel::Mqtt,
                     at,
@@ -326,7 +327,7 @@ impl Bridge {
                     self.inner.notifier.hint(device, HintKind::Pending, newest);
                 }
             }
-            Presence::Offline => self.inner.notifier.ops(&OpsEvent::DeviceOffline {
+            Presence::Offline => self.core().observe(OpsEvent::DeviceOffline {
                 device_id: device.clone(),
                 channel: Channel::Mqtt,
                 at,
@@ -373,6 +374,32 @@ impl Bridge {
                 }
                 Ok((None, _)) => {}
                 Err(e) => tracing::error!(error = %e, "lease/TTL processing failed"),
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- ops events
+
+    /// Publishes the ops events of committed changes in the order of the changes, each once
+    /// its change is durable (see `core/events.rs`), until `shutdown` or a failed flush
+    /// (after which nothing more becomes durable, so nothing more is published).
+    pub async fn run_ops_publisher(self, shutdown: CancellationToken) {
+        let queue = self.core().ops_queue();
+        loop {
+            let covering = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                t = queue.next() => t,
+            };
+            let durable = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                d = self.inner.committer.wait_durable(covering) => d,
+            };
+            if let Err(e) = durable {
+                tracing::error!(error = %e, "ops events held back: the store stopped");
+                return;
+            }
+            for event in queue.release(covering) {
+                self.inner.notifier.ops(&event);
             }
         }
     }

@@ -288,6 +288,14 @@ impl std::fmt::Debug for dyn Store {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket(u64);
 
+#[cfg(test)]
+impl Ticket {
+    /// How many batches were applied up to and including this one.
+    pub(crate) fn number(self) -> u64 {
+        self.0
+    }
+}
+
 impl Committer {
     pub fn new(store: Arc<dyn Store>, min_flush_interval: Duration) -> Arc<Committer> {
         let (durable, _) = watch::channel(Durable::Upto(0));
@@ -326,15 +334,30 @@ impl Committer {
     /// it only moves the wait from sled's locks, which spin before they park, to a mutex here
     /// (measured in BENCHMARKS.md).
     pub fn apply(&self, batch: Batch) -> Result<Ticket, StoreError> {
+        self.apply_then(batch, |_| {})
+    }
+
+    /// [`Committer::apply`], then `then(ticket)` before the next batch is applied: what
+    /// `then` queues is in the store's order. An empty batch writes nothing and gets the
+    /// current ticket, without waiting for other batches.
+    pub fn apply_then(
+        &self,
+        batch: Batch,
+        then: impl FnOnce(Ticket),
+    ) -> Result<Ticket, StoreError> {
         if let Some(failure) = self.failure() {
             return Err(StoreError::Poisoned(failure));
         }
         if batch.is_empty() {
-            return Ok(self.current());
+            let ticket = self.current();
+            then(ticket);
+            return Ok(ticket);
         }
         let _one_writer = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         self.store.apply(batch)?;
-        Ok(Ticket(self.applied.fetch_add(1, Ordering::SeqCst) + 1))
+        let ticket = Ticket(self.applied.fetch_add(1, Ordering::SeqCst) + 1);
+        then(ticket);
+        Ok(ticket)
     }
 
     /// A ticket covering everything applied so far: waiting on it before answering a read

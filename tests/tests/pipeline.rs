@@ -11,6 +11,14 @@ use schemas::hint::HintKind;
 use schemas::job::JobState;
 use schemas::ops::OpsEvent;
 
+/// The transitions of a job that succeeds at its first attempt.
+const ONE_RUN: [JobState; 4] = [
+    JobState::Queued,
+    JobState::Delivered,
+    JobState::InProgress,
+    JobState::Succeeded,
+];
+
 fn job(text: &str) -> SubmitJob {
     SubmitJob {
         payload: Some(text.into()),
@@ -65,6 +73,77 @@ async fn online_device_is_hinted_and_completes_the_job() {
     })
     .await;
     agent.stop().await.unwrap();
+}
+
+/// Jobs for several devices at once, each in its own transactions on its own shard: the
+/// watcher of `fleet/events/#` sees every job's transitions in the order they were made, and
+/// a device's registration before its first job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_events_of_concurrent_jobs_arrive_in_the_order_of_the_changes() {
+    let bridge = InProcessBridge::start().await;
+    let ep = &bridge.endpoints;
+    let mut ops = OpsWatcher::start(ep).await;
+    let mut devices = Vec::new();
+    for n in 0..4 {
+        devices.push(
+            ep.online_device(&format!("SN-ORDER-{n}"), Device::simulated(), |_| {})
+                .await,
+        );
+    }
+    let client = ep.client();
+    let submissions = devices.iter().flat_map(|d| {
+        let client = client.clone();
+        (0..10).map(move |i| {
+            let client = client.clone();
+            let device = d.id.clone();
+            async move {
+                let (submitted, _) = client
+                    .submit_job(&device, &job(&format!("{i}")))
+                    .await
+                    .unwrap();
+                submitted.job_id
+            }
+        })
+    });
+    let jobs: std::collections::HashSet<_> = futures_util::future::join_all(submissions)
+        .await
+        .into_iter()
+        .collect();
+
+    let mut seen: std::collections::HashMap<_, Vec<JobState>> = Default::default();
+    let mut registered = std::collections::HashSet::new();
+    let mut finished = 0;
+    ops.wait_for(SOON, |e| {
+        match e {
+            OpsEvent::DeviceRegistered { device_id, .. } => {
+                registered.insert(device_id.clone());
+            }
+            OpsEvent::JobTransition {
+                device_id,
+                job_id,
+                to,
+                ..
+            } if jobs.contains(job_id) => {
+                assert!(
+                    registered.contains(device_id),
+                    "a job of {device_id} before its registration"
+                );
+                seen.entry(job_id.clone()).or_default().push(*to);
+                if to.is_terminal() {
+                    finished += 1;
+                }
+            }
+            _ => {}
+        }
+        (finished == jobs.len()).then_some(())
+    })
+    .await;
+    for (job, states) in &seen {
+        assert_eq!(states, &ONE_RUN, "job {job}");
+    }
+    for d in devices {
+        d.agent.stop().await.unwrap();
+    }
 }
 
 /// Registers a device, stops it, and submits a job while it is away. With `mqtt_before` false
@@ -150,15 +229,7 @@ async fn offline_device_gets_its_job_pushed_on_connect() {
 
     let view = ep.client().job(&submitted.job_id).await.unwrap();
     let states: Vec<JobState> = view.history.iter().map(|t| t.to).collect();
-    assert_eq!(
-        states,
-        [
-            JobState::Queued,
-            JobState::Delivered,
-            JobState::InProgress,
-            JobState::Succeeded
-        ]
-    );
+    assert_eq!(states, ONE_RUN);
     assert!(
         view.history.windows(2).all(|w| w[0].at <= w[1].at),
         "times go forward"

@@ -113,7 +113,7 @@ fn metrics_view(state: &AppState) -> MetricsView {
         hints_queued: get(&n.hints_queued),
         hints_coalesced: get(&n.hints_coalesced),
         events_queued: get(&n.events_queued),
-        events_dropped: get(&n.events_dropped),
+        events_dropped: get(&n.events_dropped) + state.bridge.core().ops_queue().dropped(),
         mqtt_published: get(&n.published),
         mqtt_publish_failed: get(&n.publish_failed),
         presence_received: get(&n.presence_received),

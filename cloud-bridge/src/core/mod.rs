@@ -36,6 +36,7 @@ use crate::store::{Committer, StoreError, Ticket};
 mod concurrency_tests;
 mod contracts;
 mod devices;
+mod events;
 #[cfg(test)]
 mod failure_tests;
 mod held;
@@ -52,6 +53,7 @@ mod settings;
 mod state;
 mod tx;
 
+pub use events::OpsQueue;
 pub use ops_logins::OpsLoginFailure;
 pub use owner::OwnerVerdict;
 pub use principals::Principal;
@@ -242,6 +244,8 @@ pub struct Core {
     /// changes the shard, so that the reaper finds the next one without taking every lock.
     deadlines: Box<[std::sync::atomic::AtomicU64]>,
     jobs: JobDirectory,
+    /// Ops events waiting for their changes to be durable, in the order of the changes.
+    events: OpsQueue,
 }
 
 impl Core {
@@ -309,11 +313,23 @@ impl Core {
                 .collect(),
             shards: parts.into_iter().map(Mutex::new).collect(),
             jobs: dir,
+            events: OpsQueue::new(events::OPS_QUEUE_CAPACITY),
         })
     }
 
     pub fn policy(&self) -> &JobPolicy {
         &self.policy
+    }
+
+    /// The ops events of committed changes, for the bridge's publisher.
+    pub fn ops_queue(&self) -> &OpsQueue {
+        &self.events
+    }
+
+    /// Queues an event that belongs to no transaction (presence) behind every change
+    /// applied so far.
+    pub fn observe(&self, event: OpsEvent) {
+        self.events.push(self.committer.current(), [event]);
     }
 
     pub fn shard_count(&self) -> usize {

@@ -407,7 +407,11 @@ impl<'a> Tx<'a> {
             batch.put(contract_key(&c.device_id, &c.service_id), encode(c)?);
         }
         self.reg_writes.encode_into(&mut batch)?;
-        let ticket = self.core.committer.apply(batch)?;
+        let core = self.core;
+        let events = &self.effects.events;
+        let ticket = core
+            .committer
+            .apply_then(batch, |t| core.events.push(t, events.iter().cloned()))?;
         self.install();
         Ok((ticket, std::mem::take(&mut self.effects)))
     }
