@@ -13,14 +13,37 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
 fi
 
-# Run everything, keep cargo's output, and close with one total over all test binaries (cargo's
-# own last line is the last binary's, often a crate's empty doc tests).
+# Run every test binary even when one fails (--no-fail-fast), keep cargo's output, and close
+# with one total over all of them (cargo's own last line is the last binary's, often a crate's
+# empty doc tests), naming each binary that failed or ended without a result line (a crash).
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --locked --workspace "$@" 2>&1 | tee "$log"
+cargo test --locked --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "%d passed, %d failed\n", p, f }' "$log"
+awk '
+    function check() { if (current != "" && !had_result) crashed = crashed " " current }
+    /^     Running / || /^   Doc-tests / {
+        check()
+        binaries++
+        had_result = 0
+        current = $NF
+        gsub(/[()]/, "", current); sub(/.*\//, "", current); sub(/-[0-9a-f]+$/, "", current)
+    }
+    /^test result:/ {
+        had_result = 1
+        for (i = 1; i <= NF; i++) {
+            if ($(i+1) ~ /^passed/) p += $i
+            if ($(i+1) ~ /^failed/) { f += $i; if ($i > 0) failed = failed " " current }
+            if ($(i+1) ~ /^ignored/) ig += $i
+        }
+    }
+    END {
+        check()
+        printf "%d passed, %d failed, %d ignored, in %d test binaries", p, f, ig, binaries
+        if (failed != "") printf "; failed:%s", failed
+        if (crashed != "") printf "; ended without a result:%s", crashed
+        printf "\n"
+    }' "$log"
 exit "$status"
