@@ -196,4 +196,9 @@ pub struct JobRecord {
     /// The print settings asked for.
     #[serde(default)]
     pub print: Option<PrintSettings>,
+    /// With an idempotency key: SHA-256 of the submission (payload, content type, TTL,
+    /// attempts, print settings, submitter), so that the key reused for another request is
+    /// refused instead of answered with this job.
+    #[serde(default)]
+    pub request_sha256: Option<String>,
 }

@@ -351,3 +351,44 @@ async fn admin_api_refuses_missing_or_wrong_tokens_and_bad_bodies() {
         .unwrap();
     assert_eq!(status.as_u16(), 200);
 }
+
+/// An idempotency key answers the same submission with the first job (200), and refuses
+/// another submission under it with 409 naming the key; nothing is stored for the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_reused_for_another_job_is_a_conflict_naming_the_key() {
+    let bridge = InProcessBridge::start().await;
+    let ep = &bridge.endpoints;
+    let (agent, credentials) = device(ep, "SN-KEY").await;
+    let device = credentials.device_id;
+    let client = ep.client();
+    let submission = |text: &str| SubmitJob {
+        payload: Some(text.into()),
+        content_type: Some("text/plain".into()),
+        idempotency_key: Some("order-42".into()),
+        ..SubmitJob::default()
+    };
+    let (first, created) = client
+        .submit_job(&device, &submission("one"))
+        .await
+        .unwrap();
+    assert!(created);
+    let (again, created) = client
+        .submit_job(&device, &submission("one"))
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(again.job_id, first.job_id);
+    let refused = client
+        .submit_job(&device, &submission("two"))
+        .await
+        .unwrap_err();
+    let admin_client::ClientError::Api { status, error } = refused else {
+        panic!("expected an API error, got {refused}");
+    };
+    assert_eq!(status.as_u16(), 409);
+    assert_eq!(error.code, ErrorCode::Conflict);
+    assert!(error.message.contains("\"order-42\""), "{}", error.message);
+    let jobs = client.device_jobs(&device).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    agent.stop().await.unwrap();
+}

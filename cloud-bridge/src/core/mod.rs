@@ -143,6 +143,24 @@ pub struct NewJob {
     pub print: Option<schemas::print::PrintSettings>,
 }
 
+impl NewJob {
+    /// What makes two submissions the same request: SHA-256 over every field the submitter
+    /// chose, and who submitted it (a key never answers one principal with another's job).
+    fn fingerprint(&self) -> CoreResult<String> {
+        let chosen = (
+            &self.content_type,
+            self.ttl_ms,
+            self.max_attempts,
+            &self.print,
+            &self.submitted_by,
+        );
+        let mut hash = Sha256::new();
+        hash.update(encode(&chosen)?);
+        hash.update(&self.payload);
+        Ok(hex(&hash.finalize()))
+    }
+}
+
 /// The outcome of authenticating a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthFailure {
@@ -193,10 +211,11 @@ fn check_print(device: &DeviceRecord, print: &schemas::print::PrintSettings) -> 
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(data))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What the cloud keeps of an owner PIN: salted with the device id.

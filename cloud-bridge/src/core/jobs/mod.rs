@@ -68,6 +68,7 @@ pub(super) fn queued_job(
         outcome: None,
         submitted_by: None,
         print: None,
+        request_sha256: None,
         history: vec![Transition {
             from: None,
             to: JobState::Queued,
@@ -85,6 +86,11 @@ impl Core {
         new: NewJob,
         now: UnixMillis,
     ) -> CoreResult<(JobRecord, bool, Ticket, Effects)> {
+        // Hashed before locking: the payload may be a megabyte.
+        let fingerprint = match &new.idempotency_key {
+            Some(_) => Some(new.fingerprint()?),
+            None => None,
+        };
         let mut tx = self.device_tx(device_id);
         let device = tx.active_device(device_id)?;
         if let Some(key) = &new.idempotency_key {
@@ -97,6 +103,16 @@ impl Core {
             let slot = (device_id.clone(), key.clone());
             if let Some(existing) = tx.shard(device_id)?.idempotency.get(&slot) {
                 let job = tx.job(existing)?.clone();
+                // Jobs stored before fingerprints were kept have none: answered as before.
+                if job.request_sha256.is_some() && job.request_sha256 != fingerprint {
+                    return Err(CoreError::new(
+                        ErrorCode::Conflict,
+                        format!(
+                            "idempotency_key {key:?} was already used for a different \
+                             submission to this device; a new job needs a new key"
+                        ),
+                    ));
+                }
                 return Ok((job, false, self.read_ticket(), Effects::default()));
             }
         }
@@ -146,6 +162,7 @@ impl Core {
             None,
         );
         job.idempotency_key = new.idempotency_key;
+        job.request_sha256 = fingerprint;
         job.content_type = new.content_type;
         job.payload_len = new.payload.len() as u64;
         job.submitted_by = new.submitted_by;

@@ -178,10 +178,52 @@ fn idempotency_key_returns_the_first_job() {
     };
     let (first, created, ..) = core.submit_job(&dev, new.clone(), T0).unwrap();
     assert!(created);
-    let (second, created, ..) = core.submit_job(&dev, new, T0).unwrap();
+    let (second, created, ..) = core.submit_job(&dev, new.clone(), T0).unwrap();
     assert!(!created);
     assert_eq!(first.job_id, second.job_id);
+
+    // The key reused for another submission is refused, naming the key; so is the same
+    // submission from someone else. Nothing is stored for either.
+    let other_payload = NewJob {
+        payload: vec![2],
+        ..new.clone()
+    };
+    let other_ttl = NewJob {
+        ttl_ms: Some(60_000),
+        ..new.clone()
+    };
+    let other_submitter = NewJob {
+        submitted_by: Some("owner:someone".into()),
+        ..new.clone()
+    };
+    for different in [other_payload, other_ttl, other_submitter] {
+        let refused = core.submit_job(&dev, different, T0).unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::Conflict);
+        assert!(refused.to_string().contains("\"order-7\""), "{refused}");
+    }
     assert_eq!(core.device_jobs(&dev).unwrap().len(), 1);
+
+    // The fingerprint is durable: after a reload the key still tells the two apart.
+    let reloaded = Core::load(
+        core.committer.clone(),
+        JobPolicy::default(),
+        crate::core::default_shards(),
+    )
+    .unwrap();
+    let (again, created, ..) = reloaded.submit_job(&dev, new.clone(), T0).unwrap();
+    assert!(!created);
+    assert_eq!(again.job_id, first.job_id);
+    let refused = reloaded
+        .submit_job(
+            &dev,
+            NewJob {
+                payload: vec![3],
+                ..new
+            },
+            T0,
+        )
+        .unwrap_err();
+    assert_eq!(refused.code(), ErrorCode::Conflict);
 }
 
 #[test]
