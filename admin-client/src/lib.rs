@@ -42,6 +42,17 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether the same request may succeed if sent again: no answer (the connection failed
+    /// or the time ran out), or the bridge said it is busy, restarting or behind a proxy
+    /// that lost it (502, 503, 504). Other errors answer the request itself.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Transport(_) | ClientError::Timeout(_) => true,
+            ClientError::Api { status, .. } => matches!(status.as_u16(), 502..=504),
+            ClientError::Decode(_) => false,
+        }
+    }
+
     /// The HTTP status, when the API answered.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
@@ -57,7 +68,15 @@ pub struct AdminClient {
     token: Secret,
     http: Client<connector::Connector, Full<Bytes>>,
     timeout: Duration,
+    /// Job submissions sent again after a transient error, at most this many times.
+    retries: u32,
+    retried: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Retries of a job submission by default: waits of about 0.1, 0.3, 0.9 and 2.7 s, 4 s in
+/// all, which covers a bridge's restart.
+pub const DEFAULT_RETRIES: u32 = 4;
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 impl AdminClient {
     /// `base` is like `http://127.0.0.1:8080`; an `https://` base is verified against the
@@ -86,6 +105,8 @@ impl AdminClient {
             token,
             http: Client::builder(TokioExecutor::new()).build(connector::Connector::new(tls)),
             timeout: Duration::from_secs(30),
+            retries: DEFAULT_RETRIES,
+            retried: Default::default(),
         }
     }
 
@@ -100,6 +121,19 @@ impl AdminClient {
     pub fn with_timeout(mut self, timeout: Duration) -> AdminClient {
         self.timeout = timeout;
         self
+    }
+
+    /// How many times [`AdminClient::submit_job`] sends a submission again after a transient
+    /// error ([`ClientError::is_transient`]); 0: never. Waits between tries grow threefold
+    /// from 0.1 s, with jitter.
+    pub fn with_retries(mut self, retries: u32) -> AdminClient {
+        self.retries = retries;
+        self
+    }
+
+    /// Submissions sent again so far by this client and its clones.
+    pub fn retried(&self) -> u64 {
+        self.retried.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sends a request and returns the status and body, whatever the status.
@@ -441,15 +475,52 @@ impl AdminClient {
 
     /// Submits a job; the flag is false when an earlier job with the same idempotency key was
     /// returned instead.
+    ///
+    /// A transient error is retried (see [`AdminClient::with_retries`]) under the same
+    /// idempotency key, so a submission stored by a try whose answer was lost is answered
+    /// with that job, never made twice. Without a key of the caller's the client makes one
+    /// (`auto-` and 128 random bits); a job it then finds made by its own earlier try counts
+    /// as created.
     pub async fn submit_job(
         &self,
         device: &DeviceId,
         req: &SubmitJob,
     ) -> Result<(JobView, bool), ClientError> {
-        let (status, job) = self
-            .call_with_status::<op::SubmitJobOp>(device, &(), req)
-            .await?;
-        Ok((job, status == StatusCode::CREATED))
+        let keyed;
+        let (req, own_key) = match &req.idempotency_key {
+            None if self.retries > 0 => {
+                keyed = SubmitJob {
+                    idempotency_key: Some(format!("auto-{:032x}", rand::random::<u128>())),
+                    ..req.clone()
+                };
+                (&keyed, true)
+            }
+            _ => (req, false),
+        };
+        let mut delay = FIRST_RETRY_DELAY;
+        let mut tries = 0;
+        loop {
+            match self
+                .call_with_status::<op::SubmitJobOp>(device, &(), req)
+                .await
+            {
+                Ok((status, job)) => {
+                    let created = status == StatusCode::CREATED || (own_key && tries > 0);
+                    return Ok((job, created));
+                }
+                Err(e) if e.is_transient() && tries < self.retries => {
+                    tries += 1;
+                    self.retried
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // Full jitter over the upper half: clients that failed together do not
+                    // come back together.
+                    let wait = delay.mul_f64(rand::random_range(0.5..=1.0));
+                    tokio::time::sleep(wait).await;
+                    delay *= 3;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub async fn job(&self, id: &JobId) -> Result<JobView, ClientError> {

@@ -158,3 +158,83 @@ async fn kill9_during_submissions_loses_no_acknowledged_job_and_runs_none_twice(
     }
     agent.stop().await.unwrap();
 }
+
+/// The Rust client retries a submission under an idempotency key of its own: with the
+/// bridge killed (-9) and restarted in the middle of 300 submissions that carry no key of
+/// the caller's, every one of them succeeds and makes exactly one job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_client_makes_each_job_exactly_once_across_a_kill9() {
+    const SUBMISSIONS: usize = 300;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge = BridgeProcess::start(dir.path(), &[]).await;
+    let ep = bridge.endpoints.clone();
+    let Device {
+        agent, id: device, ..
+    } = ep
+        .online_device("SN-RETRY", Device::simulated(), |_| {})
+        .await;
+    // Retries over about 12 s: room for a restart on a loaded machine.
+    let client = ep
+        .client()
+        .with_timeout(Duration::from_secs(5))
+        .with_retries(5);
+    let next = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+    let kill_tx = Arc::new(Mutex::new(Some(kill_tx)));
+    let mut submitters = Vec::new();
+    for _ in 0..8 {
+        let (client, device, next, answered, kill_tx) = (
+            client.clone(),
+            device.clone(),
+            next.clone(),
+            answered.clone(),
+            kill_tx.clone(),
+        );
+        submitters.push(tokio::spawn(async move {
+            let mut made = Vec::new();
+            while next.fetch_add(1, Ordering::SeqCst) < SUBMISSIONS {
+                let job = SubmitJob {
+                    payload: Some("no key of mine".into()),
+                    ..Default::default()
+                };
+                let (view, created) = client.submit_job(&device, &job).await.unwrap();
+                assert!(created, "a job this call made");
+                made.push(view.job_id);
+                if answered.fetch_add(1, Ordering::SeqCst) + 1 == SUBMISSIONS / 3
+                    && let Some(tx) = kill_tx.lock().unwrap().take()
+                {
+                    let _ = tx.send(());
+                }
+            }
+            made
+        }));
+    }
+    tokio::time::timeout(SOON, kill_rx).await.unwrap().unwrap();
+    bridge.kill9().await;
+    bridge.restart().await;
+    let mut made = Vec::new();
+    for s in submitters {
+        made.extend(s.await.unwrap());
+    }
+    assert_eq!(made.len(), SUBMISSIONS, "every submission answered");
+    let distinct: HashSet<&JobId> = made.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        SUBMISSIONS,
+        "two submissions got the same job"
+    );
+    assert!(
+        client.retried() > 0,
+        "nothing was retried: the kill came too late"
+    );
+    let stored = ep.client().device_jobs(&device).await.unwrap();
+    assert_eq!(
+        stored.len(),
+        SUBMISSIONS,
+        "a submission made two jobs, or none"
+    );
+    assert!(stored.iter().all(|j| distinct.contains(&j.job_id)));
+    agent.stop().await.unwrap();
+}
