@@ -99,6 +99,7 @@ async fn after_a_failed_flush_nothing_more_is_acknowledged_and_what_was_is_on_di
     let mut devices = Vec::new();
     for n in 0..8 {
         let reg = Registration {
+            registration_id: None,
             enrollment_token: token.clone(),
             serial: format!("SN{n}"),
             model: "MFP-1".into(),

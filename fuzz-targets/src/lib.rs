@@ -118,6 +118,7 @@ impl World {
                     destination: "EU".into(),
                     time_zone: "Europe/Berlin".into(),
                     owner: None,
+                    registration_id: None,
                 })
                 .await
                 .expect("a registration");

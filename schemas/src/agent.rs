@@ -61,6 +61,10 @@ pub struct AgentState {
     /// The printer capabilities the cloud has (registered with the printer queue).
     #[serde(default)]
     pub printer_registered: Option<Capabilities>,
+    /// The registration id sent while registering (see
+    /// [`crate::data::Registration::registration_id`]), stored before the first try.
+    #[serde(default)]
+    pub registration_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +99,7 @@ impl Default for AgentState {
             support: BTreeMap::new(),
             contracts_fetched_at: None,
             printer_registered: None,
+            registration_id: None,
         }
     }
 }
@@ -132,6 +137,8 @@ impl AgentState {
     /// to the device and its user (consent, the outbox, request numbering).
     pub fn forget_identity(&mut self) {
         self.credentials = None;
+        // The next identity is a new registration.
+        self.registration_id = None;
         self.cursor = FeedSeq::ZERO;
         self.done.clear();
         self.hinted = None;

@@ -75,6 +75,12 @@ pub struct Registration {
     /// again when the device is reset or moved.
     #[serde(default)]
     pub owner: Option<OwnerClaim>,
+    /// Chosen by the device (16 to 64 of `A-Z a-z 0-9 _ -`, random) and kept until it has
+    /// stored its credentials: registering again with the same token, serial and id before
+    /// [`Request::CompleteRegistration`] is the same registration (the same device id, a new
+    /// secret, no further use of the token). Without one, every registration is new.
+    #[serde(default)]
+    pub registration_id: Option<String>,
 }
 
 /// Owner information entered at the panel.

@@ -67,6 +67,10 @@ pub struct DeviceRecord {
     /// The newest page counters accepted (never lower than any before).
     #[serde(default)]
     pub counters: Option<CountersRecord>,
+    /// SHA-256 of (enrollment token, serial, registration id) when the device registered
+    /// with a registration id: a repeat of that registration finds this device.
+    #[serde(default)]
+    pub registration_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

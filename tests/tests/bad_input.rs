@@ -227,6 +227,7 @@ async fn bad_input_is_refused_and_other_devices_keep_working() {
     );
     // A bad enrollment token.
     let register = HelloAuth::Register(schemas::data::Registration {
+        registration_id: None,
         enrollment_token: Secret::new("not-a-token"),
         serial: "SN-X".into(),
         model: "m".into(),

@@ -56,6 +56,7 @@ async fn export_writes_every_record_as_json_lines() {
     let (session, welcome) = device_sim::session::DataSession::connect(
         &ep.data_url,
         schemas::data::HelloAuth::Register(schemas::data::Registration {
+            registration_id: None,
             enrollment_token: token,
             serial: "SN-EXPORT".into(),
             model: "m".into(),

@@ -64,6 +64,7 @@ async fn companion_submits_only_to_linked_registered_devices() {
     let (session, welcome) = DataSession::connect(
         &ep.data_url,
         HelloAuth::Register(Registration {
+            registration_id: None,
             enrollment_token: token,
             serial: info.serial,
             model: info.model,

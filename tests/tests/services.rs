@@ -187,6 +187,7 @@ async fn bare_device(ep: &Endpoints, serial: &str) -> (DataSession, DeviceId) {
     let (session, welcome) = DataSession::connect(
         &ep.data_url,
         HelloAuth::Register(Registration {
+            registration_id: None,
             enrollment_token: token,
             serial: info.serial,
             model: "MFP-A".into(),

@@ -72,6 +72,14 @@ impl Core {
                 ));
             }
         }
+        let token_hash = sha256_hex(reg.enrollment_token.expose().as_bytes());
+        let registration = registration_key(reg, &token_hash)?;
+        // With a registration id the device id follows from it, so a repeat finds the
+        // device in the same shard.
+        let device_id = match &registration {
+            Some(key) => registered_id(key),
+            None => device_id,
+        };
         let owner = match &reg.owner {
             None => None,
             Some(claim) => {
@@ -88,35 +96,53 @@ impl Core {
                 })
             }
         };
-        let token_hash = sha256_hex(reg.enrollment_token.expose().as_bytes());
         let secret_sha256 = sha256_hex(secret.expose().as_bytes());
         let mut tx = Tx::new(self, Access::Write, &[&device_id]);
-        let mut enrollment = match tx.enrollment(&token_hash)? {
-            None => {
+        let Some(enrollment) = tx.enrollment(&token_hash)? else {
+            return Err(CoreError::new(
+                ErrorCode::EnrollmentInvalid,
+                "unknown enrollment token",
+            ));
+        };
+        let mut enrollment = enrollment.clone();
+        if let Ok(existing) = tx.device(&device_id) {
+            let same = registration.is_some() && existing.registration_sha256 == registration;
+            if !same {
                 return Err(CoreError::new(
-                    ErrorCode::EnrollmentInvalid,
-                    "unknown enrollment token",
+                    ErrorCode::Conflict,
+                    "device id collision; retry",
                 ));
             }
-            Some(e) if e.expires_at <= now => {
+            if existing.registration_completed_at.is_some() {
+                return Err(CoreError::new(
+                    ErrorCode::Conflict,
+                    "this registration is complete (the device confirmed storing its \
+                     credentials); registering again needs a new registration_id",
+                ));
+            }
+            // The same registration again: its answer was lost, or the device did not keep
+            // it. The same device, with the new secret; the token is not used again.
+            let mut device = existing.clone();
+            check_active(&device)?;
+            device.secret_sha256 = secret_sha256;
+            tx.put_device(device.clone())?;
+            let (ticket, effects) = tx.commit()?;
+            return Ok((device, ticket, effects));
+        }
+        match &enrollment {
+            e if e.expires_at <= now => {
                 return Err(CoreError::new(
                     ErrorCode::EnrollmentInvalid,
                     "enrollment token expired",
                 ));
             }
-            Some(e) if e.uses_left == 0 => {
+            e if e.uses_left == 0 => {
                 return Err(CoreError::new(
                     ErrorCode::EnrollmentInvalid,
                     "enrollment token already used up",
                 ));
             }
-            Some(e) => e.clone(),
-        };
-        if tx.device(&device_id).is_ok() {
-            return Err(CoreError::new(
-                ErrorCode::Conflict,
-                "device id collision; retry",
-            ));
+            _ => {}
         }
         if let Some(binding) = &owner
             && tx.owner(&binding.owner_id)?.is_none()
@@ -152,6 +178,7 @@ impl Core {
             services: Vec::new(),
             printer: None,
             counters: None,
+            registration_sha256: registration,
         };
         enrollment.uses_left -= 1;
         tx.put_device(device.clone())?;
@@ -357,6 +384,36 @@ impl Core {
     }
 }
 
+/// SHA-256 (hex) of the enrollment token's hash, the serial and the registration id, when the
+/// registration has an id; refuses an id that is not 16 to 64 of `A-Z a-z 0-9 _ -`.
+fn registration_key(reg: &Registration, token_hash: &str) -> CoreResult<Option<String>> {
+    let Some(id) = &reg.registration_id else {
+        return Ok(None);
+    };
+    let valid = (16..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(CoreError::new(
+            ErrorCode::BadRequest,
+            "registration_id must be 16 to 64 of A-Z a-z 0-9 _ -",
+        ));
+    }
+    Ok(Some(sha256_hex(
+        format!("{token_hash}\n{}\n{id}", reg.serial).as_bytes(),
+    )))
+}
+
+/// The device id of a registration with an id: the first 8 bytes of its key.
+fn registered_id(key: &str) -> DeviceId {
+    let mut bytes = [0u8; 8];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&key[2 * i..2 * i + 2], 16).unwrap_or(0);
+    }
+    DeviceId::from_random(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +424,7 @@ mod tests {
         let core = core();
         registered(&core, 1);
         let reg = Registration {
+            registration_id: None,
             enrollment_token: Secret::new("token-1"),
             serial: "SN2".into(),
             model: "m".into(),
@@ -378,6 +436,65 @@ mod tests {
             .register(&reg, DeviceId::from_random([2; 8]), &Secret::new("s"), T0)
             .unwrap_err();
         assert_eq!(err.code(), ErrorCode::EnrollmentInvalid);
+    }
+
+    #[test]
+    fn a_registration_repeated_under_its_id_is_the_same_device_until_it_is_complete() {
+        let core = core();
+        let token = Secret::new("token-once");
+        core.create_enrollment(token.clone(), "acme".into(), 1, 60_000, T0)
+            .unwrap();
+        let reg = |serial: &str, id: &str| Registration {
+            registration_id: Some(id.into()),
+            enrollment_token: token.clone(),
+            serial: serial.into(),
+            model: "m".into(),
+            destination: "EU".into(),
+            time_zone: "UTC".into(),
+            owner: None,
+        };
+        let register = |r: &Registration, secret: &str| {
+            let fresh = DeviceId::from_random(rand::random());
+            core.register(r, fresh, &Secret::new(secret), T0)
+        };
+        let first = reg("SN-R", "0123456789abcdef0123");
+        let (a, ..) = register(&first, "s1").unwrap();
+        // The answer was lost: the same registration again, though the token is used up.
+        let (b, ..) = register(&first, "s2").unwrap();
+        assert_eq!(a.device_id, b.device_id);
+        assert_eq!(core.devices().len(), 1);
+        assert_eq!(
+            core.authenticate(a.device_id.as_str(), "s1").unwrap_err(),
+            AuthFailure::WrongSecret,
+            "the secret of the lost answer is void"
+        );
+        assert!(core.authenticate(a.device_id.as_str(), "s2").is_ok());
+        // Another id, or the same id for another serial, is a new registration: the token
+        // has no use left for it.
+        for other in [
+            reg("SN-R", "another-id-0000000000"),
+            reg("SN-OTHER", "0123456789abcdef0123"),
+        ] {
+            assert_eq!(
+                register(&other, "s3").unwrap_err().code(),
+                ErrorCode::EnrollmentInvalid
+            );
+        }
+        // Once the device confirmed storing its credentials, the id is spent.
+        core.complete_registration(&a.device_id, T0).unwrap();
+        assert_eq!(
+            register(&first, "s4").unwrap_err().code(),
+            ErrorCode::Conflict
+        );
+        assert!(core.authenticate(a.device_id.as_str(), "s2").is_ok());
+        // Ids outside the syntax are refused.
+        for bad in ["short", "has space 0123456789", &"x".repeat(65)] {
+            assert_eq!(
+                register(&reg("SN-R", bad), "s5").unwrap_err().code(),
+                ErrorCode::BadRequest,
+                "{bad}"
+            );
+        }
     }
 
     #[test]

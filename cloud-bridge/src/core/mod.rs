@@ -550,6 +550,7 @@ pub(crate) mod tests {
         core.create_enrollment(token.clone(), customer.into(), 1, 60_000, T0)
             .unwrap();
         let reg = Registration {
+            registration_id: None,
             enrollment_token: token,
             serial: format!("SN{n}"),
             model: model.into(),

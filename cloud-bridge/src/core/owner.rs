@@ -194,6 +194,7 @@ mod tests {
         core.create_enrollment(token.clone(), "acme".into(), 1, 60_000, T0)
             .unwrap();
         let reg = Registration {
+            registration_id: None,
             enrollment_token: token,
             serial: "SN".into(),
             model: "MFP-1".into(),

@@ -71,7 +71,19 @@ impl Agent {
             .ok_or(AgentError::NoCredentials)?;
         let info = self.config.info.clone();
         loop {
+            // Stored before the first try: a try whose welcome is lost is repeated as the
+            // same registration, not a second device.
+            let registration_id = match &self.state.registration_id {
+                Some(id) => id.clone(),
+                None => {
+                    let id = format!("{:032x}", rand::random::<u128>());
+                    self.state.registration_id = Some(id.clone());
+                    self.save()?;
+                    id
+                }
+            };
             let auth = HelloAuth::Register(Registration {
+                registration_id: Some(registration_id),
                 enrollment_token: token.clone(),
                 serial: info.serial.clone(),
                 model: info.model.clone(),
@@ -102,6 +114,13 @@ impl Agent {
                     self.emit(AgentEvent::Registered(welcome.device_id));
                     self.emit_data_up();
                     return Ok(Some(credentials));
+                }
+                Err(SessionError::Refused(body)) if body.code == ErrorCode::Conflict => {
+                    // A finished registration under this id (the credentials were lost
+                    // since) or an id collision: register anew under another id.
+                    tracing::warn!(reason = %body.message, "registering under a new id");
+                    self.state.registration_id = None;
+                    self.save()?;
                 }
                 Err(SessionError::Refused(body)) => return Err(AgentError::Registration(body)),
                 Err(e) => {
