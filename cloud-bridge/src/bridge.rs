@@ -116,6 +116,17 @@ impl Bridge {
         &self.inner.broker_mode
     }
 
+    /// Makes a change through `f` (a method of [`Core`] answering with its ticket, and its
+    /// effects if it has any), waits until the change is durable and carries out its effects.
+    pub(crate) async fn change<C: Change>(
+        &self,
+        f: impl FnOnce(&Core) -> CoreResult<C>,
+    ) -> CoreResult<C::Answer> {
+        let (answer, ticket, effects) = f(self.core())?.split();
+        self.finish(ticket, effects).await?;
+        Ok(answer)
+    }
+
     /// Waits for `ticket`, then wakes long-polls, publishes hints and closes the connections
     /// of devices disabled or invalidated. The ops events go out in order through
     /// [`Bridge::run_ops_publisher`].
@@ -402,6 +413,27 @@ impl Bridge {
                 self.inner.notifier.ops(&event);
             }
         }
+    }
+}
+
+/// What a change of the core answers: its answer and the ticket to wait on, and the effects
+/// when it has any (see [`Bridge::change`]).
+pub(crate) trait Change {
+    type Answer;
+    fn split(self) -> (Self::Answer, Ticket, Effects);
+}
+
+impl<T> Change for (T, Ticket) {
+    type Answer = T;
+    fn split(self) -> (T, Ticket, Effects) {
+        (self.0, self.1, Effects::default())
+    }
+}
+
+impl<T> Change for (T, Ticket, Effects) {
+    type Answer = T;
+    fn split(self) -> (T, Ticket, Effects) {
+        self
     }
 }
 

@@ -36,9 +36,9 @@ impl Bridge {
                 Ok(Response::Acked { acked })
             }
             Request::FetchJob { job_id, start } => {
-                let (offer, ticket, effects) =
-                    self.core().fetch_job(device, &job_id, start, now)?;
-                self.finish(ticket, effects).await?;
+                let offer = self
+                    .change(|core| core.fetch_job(device, &job_id, start, now))
+                    .await?;
                 Ok(Response::Job(offer))
             }
             Request::JobUpdate {
@@ -62,14 +62,15 @@ impl Bridge {
                 Ok(Response::StatusAccepted { at: now })
             }
             Request::OwnerCheck { reason } => {
-                let (deadline, ticket, effects) =
-                    self.core().start_owner_check(device, &reason, now)?;
-                self.finish(ticket, effects).await?;
+                let deadline = self
+                    .change(|core| core.start_owner_check(device, &reason, now))
+                    .await?;
                 Ok(Response::OwnerCheck { deadline })
             }
             Request::ConfirmOwner { owner } => {
-                let (verdict, ticket, effects) = self.core().confirm_owner(device, &owner, now)?;
-                self.finish(ticket, effects).await?;
+                let verdict = self
+                    .change(|core| core.confirm_owner(device, &owner, now))
+                    .await?;
                 match verdict {
                     OwnerVerdict::Confirmed => Ok(Response::OwnerConfirmed),
                     OwnerVerdict::Invalidated(reason) => Err(CoreError::new(
@@ -94,9 +95,9 @@ impl Bridge {
                 Ok(Response::Instruction(offer))
             }
             Request::RegisterService { url, code } => {
-                let (outcome, ticket, effects) =
-                    self.core().register_service(device, &url, &code, now)?;
-                self.finish(ticket, effects).await?;
+                let outcome = self
+                    .change(|core| core.register_service(device, &url, &code, now))
+                    .await?;
                 match outcome {
                     ServiceRegistration::Registered { service_id, at } => {
                         Ok(Response::ServiceRegistered { service_id, at })
@@ -151,10 +152,9 @@ impl Bridge {
                 service_id,
                 application_id,
             } => {
-                let (control, ticket, effects) =
-                    self.core()
-                        .activate_service(device, &service_id, &application_id, now)?;
-                self.finish(ticket, effects).await?;
+                let control = self
+                    .change(|core| core.activate_service(device, &service_id, &application_id, now))
+                    .await?;
                 Ok(Response::DeviceControl(control))
             }
             Request::ReportSettings { report } => {

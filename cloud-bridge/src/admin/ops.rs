@@ -15,7 +15,7 @@ use schemas::{ApplicationId, InstructionId, Secret, UnixMillis};
 use super::serve::{Call, Reply, Serve, route};
 use super::{ApiFailure, ApiResult, AppState, people, status};
 use crate::bridge::Bridge;
-use crate::core::{CoreError, Effects, NewJob};
+use crate::core::{CoreError, NewJob};
 
 /// `Op => function;` for every operation: serves each with its function and lists its route.
 macro_rules! operations {
@@ -119,11 +119,11 @@ async fn create_enrollment(
     let token = Secret::from_random(rand::random());
     let max_uses = c.body.max_uses.unwrap_or(1);
     let ttl_ms = c.body.ttl_secs.unwrap_or(24 * 3600).saturating_mul(1000);
-    let b = bridge(s);
-    let (record, ticket) =
-        b.core()
-            .create_enrollment(token.clone(), c.body.customer, max_uses, ttl_ms, now(s))?;
-    b.finish(ticket, Effects::default()).await?;
+    let record = bridge(s)
+        .change(|core| {
+            core.create_enrollment(token.clone(), c.body.customer, max_uses, ttl_ms, now(s))
+        })
+        .await?;
     Ok(EnrollmentTokenCreated {
         token,
         customer: record.customer,
@@ -148,8 +148,9 @@ async fn get_device(s: &AppState, c: Call<op::GetDevice>) -> Result<DeviceView> 
 
 async fn disable_device(s: &AppState, c: Call<op::DisableDevice>) -> Result<DeviceView> {
     let b = bridge(s);
-    let (device, ticket, effects) = b.core().disable_device(&c.params, now(s))?;
-    b.finish(ticket, effects).await?;
+    let device = b
+        .change(|core| core.disable_device(&c.params, now(s)))
+        .await?;
     // Wake its long-polls so they notice.
     b.wake_long_polls(&c.params);
     Ok(DeviceView::from(&device))
@@ -241,20 +242,16 @@ async fn device_jobs(s: &AppState, c: Call<op::ListDeviceJobs>) -> Result<Vec<Jo
 }
 
 async fn cancel_job(s: &AppState, c: Call<op::CancelJobOp>) -> Result<JobView> {
-    let b = bridge(s);
     let reason = c.body.and_then(|b| b.reason);
-    let (job, ticket, effects) = b.core().cancel_job(&c.params, reason, now(s))?;
-    b.finish(ticket, effects).await?;
-    Ok(job)
+    Ok(bridge(s)
+        .change(|core| core.cancel_job(&c.params, reason, now(s)))
+        .await?)
 }
 
 async fn move_job(s: &AppState, c: Call<op::MoveJobOp>) -> Result<JobView> {
-    let b = bridge(s);
-    let (job, ticket, effects) = b
-        .core()
-        .move_job(&c.principal, &c.params, &c.body.to, now(s))?;
-    b.finish(ticket, effects).await?;
-    Ok(job)
+    Ok(bridge(s)
+        .change(|core| core.move_job(&c.principal, &c.params, &c.body.to, now(s)))
+        .await?)
 }
 
 async fn capabilities(
@@ -298,12 +295,9 @@ async fn create_instruction(
         params: req.params,
     };
     let id = InstructionId::from_random(rand::random());
-    let b = bridge(s);
-    let (view, ticket, effects) =
-        b.core()
-            .create_instruction(&c.params, id, body, ttl_ms, now(s))?;
-    b.finish(ticket, effects).await?;
-    Ok(view)
+    Ok(bridge(s)
+        .change(|core| core.create_instruction(&c.params, id, body, ttl_ms, now(s)))
+        .await?)
 }
 
 async fn instructions(
@@ -319,20 +313,18 @@ async fn create_service(
     s: &AppState,
     c: Call<op::CreateServiceOp>,
 ) -> Result<schemas::services::ServiceRecord> {
-    let b = bridge(s);
-    let (record, ticket) = b.core().create_service(c.body, now(s))?;
-    b.finish(ticket, Effects::default()).await?;
-    Ok(record)
+    Ok(bridge(s)
+        .change(|core| core.create_service(c.body, now(s)))
+        .await?)
 }
 
 async fn update_service(
     s: &AppState,
     c: Call<op::UpdateServiceOp>,
 ) -> Result<schemas::services::ServiceRecord> {
-    let b = bridge(s);
-    let (record, ticket) = b.core().update_service(&c.params, c.body)?;
-    b.finish(ticket, Effects::default()).await?;
-    Ok(record)
+    Ok(bridge(s)
+        .change(|core| core.update_service(&c.params, c.body))
+        .await?)
 }
 
 async fn services(
@@ -388,12 +380,9 @@ async fn apply_for_service(
             Secret::from_random(rand::random()),
         )
     };
-    let b = bridge(s);
-    let (view, ticket, effects) =
-        b.core()
-            .apply_for_service(&c.params, c.body, id, &mut fresh, now(s))?;
-    b.finish(ticket, effects).await?;
-    Ok(view)
+    Ok(bridge(s)
+        .change(|core| core.apply_for_service(&c.params, c.body, id, &mut fresh, now(s)))
+        .await?)
 }
 
 async fn application(
@@ -413,10 +402,9 @@ async fn poll_now(s: &AppState, c: Call<op::PollNowOp>) -> Result<schemas::api::
         .collect();
     let instruction = InstructionId::from_random(rand::random());
     let b = bridge(s);
-    let (plan, ticket, effects) =
-        b.core()
-            .poll_now(&c.params, c.body, nudge_id, instruction, now(s))?;
-    b.finish(ticket, effects).await?;
+    let plan = b
+        .change(|core| core.poll_now(&c.params, c.body, nudge_id, instruction, now(s)))
+        .await?;
     for device in &plan.hinted {
         if let Some(newest) = b.core().newest(device) {
             b.notifier().hint(device, HintKind::PollNow, newest);
@@ -440,20 +428,18 @@ async fn put_contract(
     s: &AppState,
     c: Call<op::PutContractOp>,
 ) -> Result<Vec<schemas::services::ContractRecord>> {
-    let b = bridge(s);
     let (device, service) = &c.params;
-    let (list, ticket, effects) = b.core().put_contract(device, service, c.body, now(s))?;
-    b.finish(ticket, effects).await?;
-    Ok(list)
+    Ok(bridge(s)
+        .change(|core| core.put_contract(device, service, c.body, now(s)))
+        .await?)
 }
 
 async fn cancel_contract(
     s: &AppState,
     c: Call<op::CancelContract>,
 ) -> Result<Vec<schemas::services::ContractRecord>> {
-    let b = bridge(s);
     let (device, service) = &c.params;
-    let (list, ticket, effects) = b.core().cancel_contract(device, service, now(s))?;
-    b.finish(ticket, effects).await?;
-    Ok(list)
+    Ok(bridge(s)
+        .change(|core| core.cancel_contract(device, service, now(s)))
+        .await?)
 }

@@ -12,18 +12,16 @@ use super::ApiFailure;
 use super::AppState;
 use super::ops::{bridge, decode_payload, now};
 use super::serve::Call;
-use crate::core::{Effects, Principal};
+use crate::core::Principal;
 
 type Result<T> = std::result::Result<T, ApiFailure>;
 
 pub(super) async fn create_user(s: &AppState, c: Call<op::CreateUserOp>) -> Result<UserCreated> {
     let id = UserId::from_random(rand::random());
     let token = Secret::from_random(rand::random());
-    let b = bridge(s);
-    let (record, ticket) = b
-        .core()
-        .create_user(id, c.body.name, &c.body.pin, &token, now(s))?;
-    b.finish(ticket, Effects::default()).await?;
+    let record = bridge(s)
+        .change(|core| core.create_user(id, c.body.name, &c.body.pin, &token, now(s)))
+        .await?;
     Ok(UserCreated {
         user_id: record.user_id,
         name: record.name,
@@ -40,9 +38,10 @@ pub(super) async fn submit_held(
     b.core().authorize_user(&c.principal, &c.params)?;
     let req = c.body;
     let payload = decode_payload(req.payload.as_deref(), req.payload_base64.as_deref())?;
-    let (record, ticket, effects) = b.core().submit_held(&c.params, req, payload, now(s))?;
-    b.finish(ticket, effects).await?;
-    Ok(record)
+    Ok(
+        b.change(|core| core.submit_held(&c.params, req, payload, now(s)))
+            .await?,
+    )
 }
 
 /// A user's held jobs in every state: held, released (where, when), expired.
@@ -61,9 +60,9 @@ pub(super) async fn held_jobs(
 pub(super) async fn create_owner(s: &AppState, c: Call<op::CreateOwnerOp>) -> Result<OwnerCreated> {
     let token = Secret::from_random(rand::random());
     let id = OwnerId::from_random(rand::random());
-    let b = bridge(s);
-    let (record, ticket) = b.core().create_owner(id, c.body.name, &token, now(s))?;
-    b.finish(ticket, Effects::default()).await?;
+    let record = bridge(s)
+        .change(|core| core.create_owner(id, c.body.name, &token, now(s)))
+        .await?;
     Ok(OwnerCreated {
         owner_id: record.owner_id,
         name: record.name,
@@ -78,11 +77,9 @@ pub(super) async fn create_ops_login(
 ) -> Result<OpsLoginCreated> {
     let password = Secret::from_random(rand::random());
     let id = OpsId::from_random(rand::random());
-    let b = bridge(s);
-    let (record, ticket) = b
-        .core()
-        .create_ops_login(id, c.body.name, &password, now(s))?;
-    b.finish(ticket, Effects::default()).await?;
+    let record = bridge(s)
+        .change(|core| core.create_ops_login(id, c.body.name, &password, now(s)))
+        .await?;
     Ok(OpsLoginCreated {
         ops_id: record.ops_id,
         name: record.name,
@@ -108,8 +105,7 @@ pub(super) async fn revoke_ops_login(
     let id =
         OpsId::parse(&c.params).map_err(|e| ApiFailure::new(ErrorCode::NotFound, e.to_string()))?;
     let b = bridge(s);
-    let (record, ticket) = b.core().revoke_ops_login(&id, now(s))?;
-    b.finish(ticket, Effects::default()).await?;
+    let record = b.change(|core| core.revoke_ops_login(&id, now(s))).await?;
     b.close_ops_sessions(&id).await?;
     Ok(OpsLoginView::from(&record))
 }
@@ -131,11 +127,9 @@ pub(super) async fn create_companion(
     let owner = owner_of(&c.principal)?;
     let token = Secret::from_random(rand::random());
     let id = CompanionId::from_random(rand::random());
-    let b = bridge(s);
-    let (record, ticket) = b
-        .core()
-        .create_companion(owner, id, c.body.name, &token, now(s))?;
-    b.finish(ticket, Effects::default()).await?;
+    let record = bridge(s)
+        .change(|core| core.create_companion(owner, id, c.body.name, &token, now(s)))
+        .await?;
     Ok(CompanionCreated {
         companion_id: record.companion_id,
         owner_id: record.owner_id,
@@ -160,11 +154,9 @@ pub(super) async fn link(
     (companion, device): &(CompanionId, DeviceId),
     linked: bool,
 ) -> Result<CompanionView> {
-    let b = bridge(s);
-    let (record, ticket) = b
-        .core()
-        .link_companion(principal, companion, device, linked)?;
-    b.finish(ticket, Effects::default()).await?;
+    let record = bridge(s)
+        .change(|core| core.link_companion(principal, companion, device, linked))
+        .await?;
     Ok(CompanionView::from(&record))
 }
 
