@@ -99,6 +99,9 @@ min_flush_interval_us = 1000
 # The working state is split into this many shards of devices, each with its own lock: an
 # operation on one device locks one shard. 0: four per core.
 shards = 0
+# Each flush ends with fdatasync: an acknowledged write survives a power cut. false:
+# sync_file_range, which survives a killed bridge but not a power cut (the disk's write cache).
+fsync = true
 
 [data_channel]
 hello_timeout_ms = 5000
@@ -300,6 +303,8 @@ pub struct StoreConfig {
     pub min_flush_interval_us: u64,
     /// 0: [`crate::core::default_shards`].
     pub shards: usize,
+    /// fdatasync at every flush (see [`crate::store::SledStore::open`]).
+    pub fsync: bool,
 }
 
 impl Default for StoreConfig {
@@ -307,6 +312,7 @@ impl Default for StoreConfig {
         StoreConfig {
             min_flush_interval_us: 1000,
             shards: 0,
+            fsync: true,
         }
     }
 }

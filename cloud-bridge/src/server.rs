@@ -158,7 +158,8 @@ pub async fn start_with_clock(
         .map_err(io(format!("creating {}", config.data_dir.display())))?;
     let admin_token = admin_token(&config, &config.data_dir)?;
     let store_dir = config.data_dir.join("store");
-    let store = tokio::task::spawn_blocking(move || SledStore::open(&store_dir))
+    let fsync = config.store.fsync;
+    let store = tokio::task::spawn_blocking(move || SledStore::open(&store_dir, fsync))
         .await
         .map_err(|e| StoreError::Open(e.to_string()))??;
     let committer = Committer::new(Arc::new(store), config.store.min_flush_interval());

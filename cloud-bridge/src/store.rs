@@ -72,12 +72,16 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+    /// `fsync`: each flush ends with `fdatasync`, so what it covers survives a power cut;
+    /// without, with `sync_file_range`, which survives a killed process but not a power cut
+    /// (the disk's write cache and the file's size are not made durable).
+    pub fn open(dir: &Path, fsync: bool) -> Result<SledStore, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             // We flush explicitly before acknowledging; the background flush is only a backstop.
             .flush_every_ms(Some(1000))
             .cache_capacity(64 * 1024 * 1024)
+            .sync_data(fsync)
             .open()
             .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
         Ok(SledStore { db })
@@ -593,7 +597,7 @@ mod tests {
     #[test]
     fn sled_range_and_prefix_respect_bounds() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path(), true).unwrap();
         let mut batch = Batch::default();
         for k in ["a/1", "a/2", "a/3", "b/1"] {
             batch.put(k, k.as_bytes().to_vec());

@@ -202,6 +202,8 @@ pub struct Inner {
     #[doc(hidden)]
     pub temporary: bool,
     #[doc(hidden)]
+    pub sync_data: bool,
+    #[doc(hidden)]
     pub use_compression: bool,
     #[doc(hidden)]
     pub compression_factor: i32,
@@ -230,6 +232,7 @@ impl Default for Inner {
             use_compression: false,
             compression_factor: 5,
             temporary: false,
+            sync_data: false,
             version: crate_version(),
 
             // useful in testing
@@ -510,6 +513,11 @@ impl Config {
             create_new,
             bool,
             "attempts to exclusively open the database, failing if it already exists"
+        ),
+        (
+            sync_data,
+            bool,
+            "make each log write durable with fdatasync (survives a power cut) instead of sync_file_range (survives a killed process)"
         ),
         (
             print_profile_on_drop,

@@ -728,7 +728,11 @@ impl IoBufs {
         {
             let f = &self.config.file;
             pwrite_all(f, data, log_offset)?;
-            if !self.config.temporary {
+            if !self.config.temporary && self.config.sync_data {
+                // The data and what is needed to read it back (the file's size) reach stable
+                // storage, the disk's write cache included.
+                f.sync_data()?;
+            } else if !self.config.temporary {
                 #[cfg(target_os = "linux")]
                 {
                     use std::os::unix::io::AsRawFd;
