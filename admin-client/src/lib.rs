@@ -79,6 +79,8 @@ pub struct AdminClient {
 /// all, which covers a bridge's restart.
 pub const DEFAULT_RETRIES: u32 = 4;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// However many retries are asked for, no wait is longer.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 impl AdminClient {
     /// `base` is like `http://127.0.0.1:8080`; an `https://` base is verified against the
@@ -518,7 +520,7 @@ impl AdminClient {
                     // come back together.
                     let wait = delay.mul_f64(rand::random_range(0.5..=1.0));
                     tokio::time::sleep(wait).await;
-                    delay *= 3;
+                    delay = delay.saturating_mul(3).min(MAX_RETRY_DELAY);
                 }
                 Err(e) => return Err(e),
             }

@@ -5,11 +5,12 @@ use schemas::feed::FeedEntry;
 use schemas::ops::OpsEvent;
 use schemas::records::{DeviceRecord, EnrollmentRecord, OwnerBinding};
 use schemas::{DeviceId, FeedSeq, Secret, UnixMillis};
+use sha2::{Digest, Sha256};
 
 use super::keys::{Kind, device_range_end, feed_key};
 use super::tx::{Access, Tx};
 use super::{
-    AuthFailure, Core, CoreError, CoreResult, Effects, check_active, decode, owner_pin_hash,
+    AuthFailure, Core, CoreError, CoreResult, Effects, check_active, decode, hex, owner_pin_hash,
     requests, sha256_hex,
 };
 use crate::store::Ticket;
@@ -73,12 +74,11 @@ impl Core {
             }
         }
         let token_hash = sha256_hex(reg.enrollment_token.expose().as_bytes());
-        let registration = registration_key(reg, &token_hash)?;
         // With a registration id the device id follows from it, so a repeat finds the
         // device in the same shard.
-        let device_id = match &registration {
-            Some(key) => registered_id(key),
-            None => device_id,
+        let (registration, device_id) = match registration_key(reg, &token_hash)? {
+            Some((key, derived)) => (Some(key), derived),
+            None => (None, device_id),
         };
         let owner = match &reg.owner {
             None => None,
@@ -129,20 +129,17 @@ impl Core {
             let (ticket, effects) = tx.commit()?;
             return Ok((device, ticket, effects));
         }
-        match &enrollment {
-            e if e.expires_at <= now => {
-                return Err(CoreError::new(
-                    ErrorCode::EnrollmentInvalid,
-                    "enrollment token expired",
-                ));
-            }
-            e if e.uses_left == 0 => {
-                return Err(CoreError::new(
-                    ErrorCode::EnrollmentInvalid,
-                    "enrollment token already used up",
-                ));
-            }
-            _ => {}
+        if enrollment.expires_at <= now {
+            return Err(CoreError::new(
+                ErrorCode::EnrollmentInvalid,
+                "enrollment token expired",
+            ));
+        }
+        if enrollment.uses_left == 0 {
+            return Err(CoreError::new(
+                ErrorCode::EnrollmentInvalid,
+                "enrollment token already used up",
+            ));
         }
         if let Some(binding) = &owner
             && tx.owner(&binding.owner_id)?.is_none()
@@ -384,9 +381,13 @@ impl Core {
     }
 }
 
-/// SHA-256 (hex) of the enrollment token's hash, the serial and the registration id, when the
-/// registration has an id; refuses an id that is not 16 to 64 of `A-Z a-z 0-9 _ -`.
-fn registration_key(reg: &Registration, token_hash: &str) -> CoreResult<Option<String>> {
+/// For a registration with an id: SHA-256 (hex) of the enrollment token's hash, the serial
+/// and the id, and the device id it gives (the digest's first 8 bytes). Refuses an id that is
+/// not 16 to 64 of `A-Z a-z 0-9 _ -`.
+fn registration_key(
+    reg: &Registration,
+    token_hash: &str,
+) -> CoreResult<Option<(String, DeviceId)>> {
     let Some(id) = &reg.registration_id else {
         return Ok(None);
     };
@@ -400,18 +401,10 @@ fn registration_key(reg: &Registration, token_hash: &str) -> CoreResult<Option<S
             "registration_id must be 16 to 64 of A-Z a-z 0-9 _ -",
         ));
     }
-    Ok(Some(sha256_hex(
-        format!("{token_hash}\n{}\n{id}", reg.serial).as_bytes(),
-    )))
-}
-
-/// The device id of a registration with an id: the first 8 bytes of its key.
-fn registered_id(key: &str) -> DeviceId {
-    let mut bytes = [0u8; 8];
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&key[2 * i..2 * i + 2], 16).unwrap_or(0);
-    }
-    DeviceId::from_random(bytes)
+    let digest = Sha256::digest(format!("{token_hash}\n{}\n{id}", reg.serial).as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    Ok(Some((hex(&digest), DeviceId::from_random(first))))
 }
 
 #[cfg(test)]
