@@ -753,6 +753,29 @@ pattern write devices/%u/presence\n";
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Mosquitto listens before it installs its signal handlers: a SIGHUP in between kills
+        // it, or is lost if SIGHUP is ignored in the parent (`nohup`), and then the users added
+        // later are never read. Ready means listening and catching SIGHUP.
+        while !self.catches_sighup() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "mosquitto did not install its SIGHUP handler"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Whether the broker has its own SIGHUP handler (bit 0 of `SigCgt` in its `/proc` status).
+    fn catches_sighup(&self) -> bool {
+        let Some(pid) = self.child.id() else {
+            return false;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & 1 == 1)
     }
 
     /// Kills the broker (SIGKILL), as a crash would.
