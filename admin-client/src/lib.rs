@@ -17,9 +17,9 @@ use schemas::api::{
     ApiError, ApplicationView, ApplyForService, CancelJob, CandidatesQuery, CompanionCreated,
     CompanionView, CreateCompanion, CreateEnrollmentToken, CreateInstruction, CreateOwner,
     CreateService, CreateUser, CustomerView, DeviceView, EnrollmentTokenCreated, Health,
-    InstructionView, JobView, MoveJob, OpsLoginCreated, OpsLoginView, OwnerCreated, PollNow,
-    PollNowPlan, PutContract, PutSettings, RequestsQuery, SettingsView, SubmitHeldJob, SubmitJob,
-    UserCreated,
+    InstructionView, JobView, JobsQuery, MoveJob, OpsLoginCreated, OpsLoginView, OwnerCreated,
+    PollNow, PollNowPlan, PutContract, PutSettings, RequestsQuery, SettingsView, SubmitHeldJob,
+    SubmitJob, UserCreated,
 };
 use schemas::print::{Capabilities, HeldJobRecord};
 use schemas::records::DeviceRequestRecord;
@@ -531,8 +531,33 @@ impl AdminClient {
         self.get::<op::GetJob>(id).await
     }
 
+    /// A page of the device's jobs (open, and finished within retention) in the order they
+    /// were submitted: at most `limit` (1 to 1000) after `after`.
+    pub async fn device_jobs_page(
+        &self,
+        device: &DeviceId,
+        after: Option<&JobId>,
+        limit: usize,
+    ) -> Result<Vec<JobView>, ClientError> {
+        let query = JobsQuery {
+            after: after.cloned(),
+            limit: Some(limit),
+        };
+        self.call::<op::ListDeviceJobs>(device, &query, &()).await
+    }
+
+    /// Every job of the device (open, and finished within retention), page by page.
     pub async fn device_jobs(&self, device: &DeviceId) -> Result<Vec<JobView>, ClientError> {
-        self.get::<op::ListDeviceJobs>(device).await
+        let mut all: Vec<JobView> = Vec::new();
+        loop {
+            let after = all.last().map(|j| j.job_id.clone());
+            let page = self.device_jobs_page(device, after.as_ref(), 1000).await?;
+            let full = page.len() == 1000;
+            all.extend(page);
+            if !full {
+                return Ok(all);
+            }
+        }
     }
 
     pub async fn cancel_job(

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub data_connections: AtomicU64,
     pub data_connections_open: AtomicU64,
     pub presence_hints: AtomicU64,
+    /// Finished jobs deleted at the end of their retention.
+    pub jobs_swept: AtomicU64,
+    /// Sweeps that failed (the store or the archive); the jobs stay for the next one.
+    pub sweep_failures: AtomicU64,
     /// Idle admin connections closed to make room for new ones (at `admin.max_connections`).
     pub admin_evicted: Arc<AtomicU64>,
 }

@@ -103,6 +103,17 @@ shards = 0
 # sync_file_range, which survives a killed bridge but not a power cut (the disk's write cache).
 fsync = true
 
+[retention]
+# A finished job (its record, payload and history) leaves memory at once and stays on disk
+# this long, for the admin API and its idempotency key; then it is deleted. 0: kept forever.
+finished_jobs_secs = 604800
+# Before deleting them, append the jobs to this file, one JSON line each (as
+# `cloud-bridge export` writes them). A job may be written twice if the bridge stops between
+# the two steps. Empty: no archive.
+archive = ""
+# How often to look for jobs whose retention has ended.
+sweep_interval_ms = 60000
+
 [data_channel]
 hello_timeout_ms = 5000
 ping_interval_secs = 15
@@ -123,6 +134,7 @@ pub struct Config {
     pub jobs: Jobs,
     pub devices: Devices,
     pub store: StoreConfig,
+    pub retention: RetentionConfig,
     pub data_channel: DataChannel,
     pub tls: TlsConfig,
     pub admin: AdminConfig,
@@ -138,6 +150,7 @@ impl Default for Config {
             jobs: Jobs::default(),
             devices: Devices::default(),
             store: StoreConfig::default(),
+            retention: RetentionConfig::default(),
             data_channel: DataChannel::default(),
             tls: TlsConfig::default(),
             admin: AdminConfig::default(),
@@ -326,6 +339,35 @@ impl StoreConfig {
         match self.shards {
             0 => crate::core::default_shards(),
             n => n,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    pub finished_jobs_secs: u64,
+    pub archive: PathBuf,
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            finished_jobs_secs: 7 * 24 * 3600,
+            archive: PathBuf::new(),
+            sweep_interval_ms: 60_000,
+        }
+    }
+}
+
+impl RetentionConfig {
+    pub fn retention(&self) -> crate::sweeper::Retention {
+        crate::sweeper::Retention {
+            finished_jobs: (self.finished_jobs_secs > 0)
+                .then(|| Duration::from_secs(self.finished_jobs_secs)),
+            archive: (!self.archive.as_os_str().is_empty()).then(|| self.archive.clone()),
+            interval: Duration::from_millis(self.sweep_interval_ms.max(10)),
         }
     }
 }

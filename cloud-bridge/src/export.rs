@@ -62,6 +62,17 @@ enum Line {
     OpsLogin(OpsLoginRecord),
 }
 
+/// A job and its payload as one line of the export (the format of the retention archive too).
+pub(crate) fn job_line(job: JobRecord, payload: &[u8]) -> Result<Vec<u8>, ExportError> {
+    let line = Line::Job {
+        payload_base64: base64::engine::general_purpose::STANDARD.encode(payload),
+        job,
+    };
+    let mut out = Vec::new();
+    write_line(&mut out, &line)?;
+    Ok(out)
+}
+
 fn write_line(out: &mut impl Write, line: &Line) -> Result<(), ExportError> {
     serde_json::to_writer(&mut *out, line).map_err(std::io::Error::other)?;
     out.write_all(b"\n")?;
@@ -77,7 +88,7 @@ pub fn export(store: &dyn Store, out: &mut impl Write) -> Result<u64, ExportErro
     };
     let mut lines = 0u64;
     for kind in Kind::ALL {
-        if kind == Kind::Payload {
+        if kind == Kind::Payload || kind.is_index() {
             continue;
         }
         for (k, v) in store.scan_prefix(kind.prefix().as_bytes())? {
@@ -114,7 +125,12 @@ pub fn export(store: &dyn Store, out: &mut impl Write) -> Result<u64, ExportErro
                         held,
                     }
                 }
-                Kind::Payload => continue,
+                Kind::Payload
+                | Kind::OpenJob
+                | Kind::DeviceJob
+                | Kind::IdempotencyKey
+                | Kind::Finished
+                | Kind::Meta => continue,
             };
             write_line(out, &line)?;
             lines += 1;

@@ -5,6 +5,7 @@
 //! | [`store`] | the narrow `Store` trait, sled behind it, group commit |
 //! | [`core`] | registry, per-device feeds, job lifecycle, leases and TTLs (synchronous rules) |
 //! | [`bridge`] | the service around `core`: durability before acknowledgement, long-poll, effects |
+//! | [`sweeper`] | retention: deletes (and archives) finished jobs once their time is up |
 //! | [`notifier`] | hints and ops events out to MQTT, presence in; embedded or external broker |
 //! | `device_requests` | what each data-channel request does |
 //! | [`data_channel`] | the devices' WebSocket connections |
@@ -38,6 +39,7 @@ pub mod notifier;
 pub mod server;
 pub mod sessions;
 pub mod store;
+pub mod sweeper;
 
 pub use config::Config;
 pub use server::{Listeners, Running, StartError, start, start_with_clock};

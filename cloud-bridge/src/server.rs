@@ -245,6 +245,11 @@ pub async fn start_with_clock(
 
     tracker.spawn(bridge.clone().run_reaper(shutdown.clone()));
     tracker.spawn(bridge.clone().run_ops_publisher(shutdown.clone()));
+    tracker.spawn(crate::sweeper::run(
+        bridge.clone(),
+        config.retention.retention(),
+        shutdown.clone(),
+    ));
 
     let acceptor = server_tls.map(tls::TlsAcceptor::from);
     let listener = |socket: tokio::net::TcpListener, name: &'static str, cap| {

@@ -59,6 +59,8 @@ pub trait Store: Send + Sync + 'static {
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Pairs, StoreError>;
     /// Up to `limit` pairs with `start <= key < end`, in key order.
     fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError>;
+    /// The greatest key that starts with `prefix`, if any.
+    fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Applies all writes of `batch` or none of them. Not yet durable.
     fn apply(&self, batch: Batch) -> Result<(), StoreError>;
     /// Makes everything applied so far durable. Blocking.
@@ -112,6 +114,13 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.db.scan_prefix(prefix).next_back() {
+            Some(r) => Ok(Some(r.map_err(engine)?.0.to_vec())),
+            None => Ok(None),
+        }
+    }
+
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         let mut sled_batch = sled::Batch::default();
         for (k, v) in batch.ops {
@@ -163,6 +172,14 @@ impl Store for MemStore {
             .collect())
     }
 
+    fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let map = self.lock();
+        let last = map
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix));
+        Ok(last.last().map(|(k, _)| k.clone()))
+    }
+
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         let mut map = self.lock();
         for (k, v) in batch.ops {
@@ -197,6 +214,10 @@ macro_rules! reads_from_live {
 
         fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
             self.live.range(start, end, limit)
+        }
+
+        fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.live.last_key(prefix)
         }
     };
 }

@@ -14,9 +14,9 @@ use crate::api::{
     ApplicationView, ApplyForService, CancelJob, CandidatesQuery, CompanionCreated, CompanionView,
     CreateCompanion, CreateEnrollmentToken, CreateInstruction, CreateOpsLogin, CreateOwner,
     CreateService, CreateUser, CustomerView, DeviceView, EnrollmentTokenCreated, Health,
-    InstructionView, JobView, MoveJob, OpsLoginCreated, OpsLoginView, OwnerCreated, PollNow,
-    PollNowPlan, PutContract, PutSettings, RequestsQuery, SettingsView, SubmitHeldJob, SubmitJob,
-    UpdateService, UserCreated,
+    InstructionView, JobView, JobsQuery, MoveJob, OpsLoginCreated, OpsLoginView, OwnerCreated,
+    PollNow, PollNowPlan, PutContract, PutSettings, RequestsQuery, SettingsView, SubmitHeldJob,
+    SubmitJob, UpdateService, UserCreated,
 };
 use crate::print::{Capabilities, HeldJobRecord};
 use crate::records::DeviceRequestRecord;
@@ -217,7 +217,8 @@ operation! {
     /// Asks the device to report its consent setting (through its outbox).
     QueryConsent: Post "/v1/devices/{id}/consent-query", Admin, None, 202,
         DeviceId, (), () => ();
-    ListDeviceJobs: Get "/v1/devices/{id}/jobs", Admin, None, 200, DeviceId, (), () => Vec<JobView>;
+    ListDeviceJobs: Get "/v1/devices/{id}/jobs", Admin, None, 200, DeviceId, JobsQuery, ()
+        => Vec<JobView>;
     CancelJobOp: Post "/v1/jobs/{id}/cancel", Admin, Optional, 200,
         JobId, (), Option<CancelJob> => JobView;
     CreateInstructionOp: Post "/v1/devices/{id}/instructions", Admin, Required, 201,

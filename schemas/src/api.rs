@@ -17,8 +17,8 @@ use crate::services::{
 };
 use crate::settings::{Endpoints, ReportedSettings, SettingsRecord};
 use crate::{
-    ApplicationId, CompanionId, DeviceId, FeedSeq, InstructionId, OwnerId, Secret, UnixMillis,
-    UserId,
+    ApplicationId, CompanionId, DeviceId, FeedSeq, InstructionId, JobId, OwnerId, Secret,
+    UnixMillis, UserId,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -502,6 +502,19 @@ pub struct RequestsQuery {
     /// Only requests numbered above this (default 0: from the first).
     #[serde(default)]
     pub after: Option<u64>,
+    /// At most this many (default 100, at most 1000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// Query of `GET /v1/devices/{id}/jobs`: a page of the device's jobs, open and finished (until
+/// their retention ends), in the order they were submitted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsQuery {
+    /// Only jobs submitted after this one (default: from the first).
+    #[serde(default)]
+    pub after: Option<JobId>,
     /// At most this many (default 100, at most 1000).
     #[serde(default)]
     pub limit: Option<usize>,

@@ -190,6 +190,10 @@ impl UnixMillis {
     pub fn saturating_add_ms(self, ms: u64) -> UnixMillis {
         UnixMillis(self.0.saturating_add(ms))
     }
+
+    pub fn saturating_sub_ms(self, ms: u64) -> UnixMillis {
+        UnixMillis(self.0.saturating_sub(ms))
+    }
 }
 
 /// A secret (device secret, enrollment token, admin token). `Debug` never shows it.

@@ -152,6 +152,39 @@ impl Endpoints {
     }
 }
 
+/// An executor that counts how many times each job is run (and succeeds them all).
+#[derive(Debug, Clone, Default)]
+pub struct Counting {
+    pub runs: Arc<std::sync::Mutex<std::collections::HashMap<JobId, u32>>>,
+}
+
+impl JobExecutor for Counting {
+    fn run(&self, job: schemas::data::JobOffer) -> device_sim::executor::ExecFuture {
+        *self.runs.lock().unwrap().entry(job.job_id).or_default() += 1;
+        Box::pin(async { device_sim::executor::JobOutcome::Succeeded { detail: None } })
+    }
+}
+
+/// Waits until every job of `jobs` has succeeded.
+pub async fn all_succeed(client: &AdminClient, jobs: &[JobId], within: Duration) {
+    eventually(within, "every job succeeded", || {
+        let (client, jobs) = (client.clone(), jobs.to_vec());
+        async move {
+            for id in &jobs {
+                let done = client
+                    .job(id)
+                    .await
+                    .is_ok_and(|j| j.state == schemas::job::JobState::Succeeded);
+                if !done {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+}
+
 /// A running simulated device, as [`Endpoints::online_device`] made it.
 #[derive(Debug)]
 pub struct Device {

@@ -2,30 +2,15 @@
 //! submission that got a 2xx exists, and the device runs each exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use device_sim::executor::{ExecFuture, JobExecutor, JobOutcome};
-use e2e_tests::{BridgeProcess, Device, SOON, eventually, init_tracing};
+use e2e_tests::{BridgeProcess, Counting, Device, SOON, eventually, init_tracing};
 use schemas::JobId;
 use schemas::api::SubmitJob;
-use schemas::data::JobOffer;
 use schemas::job::JobState;
-
-/// Counts how many times each job is run.
-#[derive(Debug, Clone, Default)]
-struct Counting {
-    runs: Arc<Mutex<HashMap<JobId, u32>>>,
-}
-
-impl JobExecutor for Counting {
-    fn run(&self, job: JobOffer) -> ExecFuture {
-        *self.runs.lock().unwrap().entry(job.job_id).or_default() += 1;
-        Box::pin(async { JobOutcome::Succeeded { detail: None } })
-    }
-}
 
 const JOBS: usize = 1000;
 const KILL_AFTER: usize = 400;

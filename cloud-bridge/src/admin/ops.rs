@@ -230,15 +230,16 @@ async fn submit_job(s: &AppState, c: Call<op::SubmitJobOp>) -> Result<Reply<JobV
 
 async fn job(s: &AppState, c: Call<op::GetJob>) -> Result<JobView> {
     Ok(bridge(s)
-        .read(|core| {
-            core.authorize_job_read(&c.principal, &c.params)?;
-            core.job(&c.params)
-        })
+        .read(|core| core.readable_job(&c.principal, &c.params))
         .await?)
 }
 
 async fn device_jobs(s: &AppState, c: Call<op::ListDeviceJobs>) -> Result<Vec<JobView>> {
-    Ok(bridge(s).read(|core| core.device_jobs(&c.params)).await?)
+    let limit = c.query.limit.unwrap_or(100).clamp(1, 1000);
+    let after = c.query.after;
+    Ok(bridge(s)
+        .read(|core| core.device_jobs(&c.params, after.as_ref(), limit))
+        .await?)
 }
 
 async fn cancel_job(s: &AppState, c: Call<op::CancelJobOp>) -> Result<JobView> {

@@ -80,6 +80,9 @@ struct MetricsView {
     presence_received: u64,
     presence_dropped: u64,
     store_flushes: u64,
+    /// Finished jobs deleted at the end of their retention, and sweeps that failed.
+    jobs_swept: u64,
+    sweep_failures: u64,
     /// Idle admin connections closed to make room for new ones.
     admin_connections_evicted: u64,
     /// The embedded broker's health and what it refused (absent with an external broker).
@@ -119,6 +122,8 @@ fn metrics_view(state: &AppState) -> MetricsView {
         presence_received: get(&n.presence_received),
         presence_dropped: get(&n.presence_dropped),
         store_flushes: state.bridge.committer().flush_count(),
+        jobs_swept: get(&m.jobs_swept),
+        sweep_failures: get(&m.sweep_failures),
         admin_connections_evicted: get(&m.admin_evicted),
         embedded_broker: state.bridge.embedded_broker().map(|b| {
             let r = b.stats();

@@ -209,8 +209,14 @@ fn check_invariants(w: &World, seed: u64) {
                 matches!(r.held[*job].state, HeldState::Released { .. }),
                 "seed {seed}"
             );
+            // Open (in memory), or finished (on disk only).
+            let finished = || {
+                core.stored_job(job)
+                    .unwrap()
+                    .is_some_and(|j| j.state.is_terminal())
+            };
             assert!(
-                seen.contains_key(*job),
+                seen.contains_key(*job) || finished(),
                 "seed {seed}: released {job} is no job"
             );
         }
@@ -225,6 +231,8 @@ fn check_invariants(w: &World, seed: u64) {
             "seed {seed}: a release was not reported"
         );
     });
+    core.check_job_indexes()
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     // And memory is what the store holds.
     let reloaded = Core::load(core.committer.clone(), policy(), 4).unwrap();
     assert_eq!(core.snapshot(), reloaded.snapshot(), "seed {seed}");

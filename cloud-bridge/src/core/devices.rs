@@ -339,8 +339,8 @@ impl Core {
         Ok((entries, newest))
     }
 
-    /// Records that the device has handled everything up to `upto`. Idempotent; never moves
-    /// the cursor backwards.
+    /// Records that the device has handled everything up to `upto`, and deletes those feed
+    /// entries: they are never sent again. Idempotent; never moves the cursor backwards.
     pub fn ack(&self, device_id: &DeviceId, upto: FeedSeq) -> CoreResult<(FeedSeq, Ticket)> {
         let mut tx = self.device_tx(device_id);
         let device = tx.active_device(device_id)?;
@@ -354,6 +354,9 @@ impl Core {
             return Ok((device.acked, self.read_ticket()));
         }
         let mut device = device.clone();
+        for seq in device.acked.0 + 1..=upto.0 {
+            tx.delete_raw(feed_key(device_id, FeedSeq(seq)));
+        }
         device.acked = upto;
         tx.put_device(device)?;
         tx.commit_answer(upto)

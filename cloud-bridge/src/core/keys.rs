@@ -5,7 +5,7 @@
 //! so that key order is number order and a range read returns entries in sequence.
 
 use schemas::outbox::RequestNo;
-use schemas::{DeviceId, FeedSeq};
+use schemas::{DeviceId, FeedSeq, JobId, UnixMillis};
 
 /// Every kind of record the bridge stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,11 +40,23 @@ pub enum Kind {
     HeldJob,
     /// `p/{job_id}` → the payload bytes of a job or a held job
     Payload,
+    /// `n/{job_id}` → nothing: the job is open (not finished). What a start loads.
+    OpenJob,
+    /// `l/{device_id}/{job_id}` → nothing: the device's jobs, open and finished, in id order
+    /// (ids grow with submission time).
+    DeviceJob,
+    /// `y/{device_id}/{idempotency key}` → the job id the key was used for.
+    IdempotencyKey,
+    /// `z/{finished_at as 16 hex digits}/{job_id}` → nothing: finished jobs, oldest finish
+    /// first, for retention.
+    Finished,
+    /// `m/{name}` → facts about the store itself (the layout version).
+    Meta,
 }
 
 impl Kind {
     /// Every kind, in the order an export lists them.
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 20] = [
         Kind::Device,
         Kind::Enrollment,
         Kind::OpsLogin,
@@ -60,7 +72,21 @@ impl Kind {
         Kind::User,
         Kind::HeldJob,
         Kind::Payload,
+        Kind::OpenJob,
+        Kind::DeviceJob,
+        Kind::IdempotencyKey,
+        Kind::Finished,
+        Kind::Meta,
     ];
+
+    /// Whether the kind is an index over records of other kinds (derived from them, never
+    /// exported, rebuilt by [`super::Core::load`] when the layout is older).
+    pub const fn is_index(self) -> bool {
+        matches!(
+            self,
+            Kind::OpenJob | Kind::DeviceJob | Kind::IdempotencyKey | Kind::Finished | Kind::Meta
+        )
+    }
 
     pub const fn prefix(self) -> &'static str {
         match self {
@@ -79,6 +105,11 @@ impl Kind {
             Kind::User => "u/",
             Kind::HeldJob => "h/",
             Kind::Payload => "p/",
+            Kind::OpenJob => "n/",
+            Kind::DeviceJob => "l/",
+            Kind::IdempotencyKey => "y/",
+            Kind::Finished => "z/",
+            Kind::Meta => "m/",
         }
     }
 
@@ -98,6 +129,24 @@ pub(crate) fn request_key(device: &DeviceId, no: RequestNo) -> Vec<u8> {
 
 pub(crate) fn contract_key(device: &DeviceId, service: &str) -> Vec<u8> {
     format!("k/{device}/{service}").into_bytes()
+}
+
+pub(crate) fn device_job_key(device: &DeviceId, job: &JobId) -> Vec<u8> {
+    format!("l/{device}/{job}").into_bytes()
+}
+
+pub(crate) fn idempotency_key(device: &DeviceId, key: &str) -> Vec<u8> {
+    format!("y/{device}/{key}").into_bytes()
+}
+
+pub(crate) fn finished_key(at: UnixMillis, job: &JobId) -> Vec<u8> {
+    format!("z/{:016x}/{job}", at.0).into_bytes()
+}
+
+/// The job id at the end of a `j/`, `n/`, `l/` or `z/` key.
+pub(crate) fn job_of_key(key: &[u8]) -> Option<JobId> {
+    let key = std::str::from_utf8(key).ok()?;
+    JobId::parse(key.rsplit('/').next()?).ok()
 }
 
 /// The end (exclusive) of the keys `{kind}{device}/…`, for range reads of one device's entries.

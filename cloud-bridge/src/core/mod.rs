@@ -48,6 +48,7 @@ mod owner;
 mod principals;
 mod queues;
 mod requests;
+mod retention;
 mod services;
 mod settings;
 mod state;
@@ -57,6 +58,7 @@ pub use events::OpsQueue;
 pub use ops_logins::OpsLoginFailure;
 pub use owner::OwnerVerdict;
 pub use principals::Principal;
+pub use retention::FinishedJob;
 pub use services::ServiceRegistration;
 pub use state::default_shards;
 use state::{JobDirectory, JobHome, Registry, Shard};
@@ -263,6 +265,9 @@ pub struct Core {
     /// changes the shard, so that the reaper finds the next one without taking every lock.
     deadlines: Box<[std::sync::atomic::AtomicU64]>,
     jobs: JobDirectory,
+    /// How many jobs of each shard have finished (and left memory) since the start: a look-up
+    /// in the store made without the shard's lock is repeated when this moved meanwhile.
+    finished: Box<[std::sync::atomic::AtomicU64]>,
     /// Ops events waiting for their changes to be durable, in the order of the changes.
     events: OpsQueue,
 }
@@ -280,10 +285,18 @@ impl Core {
         let mut parts: Vec<Shard> = (0..count).map(|_| Shard::default()).collect();
         let mut reg = Registry::default();
         let dir = JobDirectory::default();
+        retention::index_jobs(&committer)?;
         let mut jobs: Vec<JobRecord> = Vec::new();
         for kind in Kind::ALL {
-            if matches!(kind, Kind::Feed | Kind::DeviceRequest | Kind::Payload) {
-                continue; // Read where they are needed, never held in memory.
+            if kind.is_index() && kind != Kind::OpenJob {
+                continue;
+            }
+            if matches!(
+                kind,
+                Kind::Job | Kind::Feed | Kind::DeviceRequest | Kind::Payload
+            ) {
+                // Read where they are needed, never held in memory (open jobs: below).
+                continue;
             }
             for (k, v) in store.scan_prefix(kind.prefix().as_bytes())? {
                 match kind {
@@ -291,7 +304,18 @@ impl Core {
                         let d: DeviceRecord = decode(&k, &v)?;
                         parts[state::shard_of(&d.device_id, count)].install_device(d);
                     }
-                    Kind::Job => jobs.push(decode(&k, &v)?),
+                    Kind::OpenJob => {
+                        let corrupt = |detail: &str| StoreError::Corrupt {
+                            key: String::from_utf8_lossy(&k).into_owned(),
+                            detail: detail.into(),
+                        };
+                        let id = keys::job_of_key(&k).ok_or_else(|| corrupt("not a job id"))?;
+                        let key = Kind::Job.key(id.as_str());
+                        let v = store
+                            .get(&key)?
+                            .ok_or_else(|| corrupt("an open job without its record"))?;
+                        jobs.push(decode(&key, &v)?);
+                    }
                     Kind::Contract => {
                         let c: schemas::services::ContractRecord = decode(&k, &v)?;
                         parts[state::shard_of(&c.device_id, count)].install_contract(c);
@@ -306,16 +330,27 @@ impl Core {
                     Kind::User => reg.install_user(decode(&k, &v)?),
                     Kind::HeldJob => {
                         let h: schemas::print::HeldJobRecord = decode(&k, &v)?;
-                        dir.set(h.job_id.clone(), JobHome::Held);
+                        dir.note_id(&h.job_id);
+                        // A released one is a device's job now (open: loaded below).
+                        if !matches!(h.state, schemas::print::HeldState::Released { .. }) {
+                            dir.set(h.job_id.clone(), JobHome::Held);
+                        }
                         reg.install_held(h);
                     }
-                    Kind::Feed | Kind::DeviceRequest | Kind::Payload => {}
+                    _ => {}
                 }
             }
+        }
+        // New ids follow every id on disk, finished jobs' included.
+        if let Some(k) = store.last_key(Kind::Job.prefix().as_bytes())?
+            && let Some(id) = keys::job_of_key(&k)
+        {
+            dir.note_id(&id);
         }
         // Oldest first, so that each device's list of jobs is in submission order.
         jobs.sort_by_key(|j| j.created_at);
         for j in jobs {
+            dir.note_id(&j.job_id);
             dir.set(j.job_id.clone(), JobHome::Device(j.device_id.clone()));
             parts[state::shard_of(&j.device_id, count)].install_job(j);
         }
@@ -330,6 +365,7 @@ impl Core {
                     std::sync::atomic::AtomicU64::new(next)
                 })
                 .collect(),
+            finished: parts.iter().map(|_| Default::default()).collect(),
             shards: parts.into_iter().map(Mutex::new).collect(),
             jobs: dir,
             events: OpsQueue::new(events::OPS_QUEUE_CAPACITY),
@@ -357,6 +393,11 @@ impl Core {
 
     fn shard_index(&self, device: &DeviceId) -> usize {
         state::shard_of(device, self.shards.len())
+    }
+
+    /// How many jobs of shard `shard` have finished since the start.
+    fn finished_count(&self, shard: usize) -> u64 {
+        self.finished[shard].load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Runs `f` on the committed state of `device`'s shard, under its lock.
@@ -397,6 +438,35 @@ impl Core {
             ErrorCode::Internal,
             format!("job {id} kept moving while it was looked up"),
         ))
+    }
+
+    /// [`Self::job_tx`] for a change that only an open job accepts: a finished job (on disk
+    /// only) is refused as `InvalidState`, when `principal` may see it, and as not found
+    /// otherwise.
+    fn open_job_tx(
+        &self,
+        id: &JobId,
+        registry: Access,
+        also: Option<&DeviceId>,
+        principal: &Principal,
+    ) -> CoreResult<Tx<'_>> {
+        match self.job_tx(id, registry, also) {
+            Err(e) if e.code() == ErrorCode::NotFound => match self.stored_job(id)? {
+                Some(job)
+                    if job.state.is_terminal()
+                        && principals::may_read(principal, &job, || {
+                            self.device(&job.device_id).ok().and_then(|d| d.owner)
+                        }) =>
+                {
+                    Err(CoreError::new(
+                        ErrorCode::InvalidState,
+                        format!("job {id} is already {}", job.state.as_str()),
+                    ))
+                }
+                _ => Err(e),
+            },
+            tx => tx,
+        }
     }
 
     /// Commits a new registry record through `insert` (a `Tx::insert_*`, which refuses an id

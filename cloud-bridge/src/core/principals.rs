@@ -188,15 +188,24 @@ impl Core {
         Ok(())
     }
 
-    /// Whether `principal` may read `job_id` (the administrator, the device's owner, or the
-    /// companion that submitted it).
-    pub fn authorize_job_read(
+    /// The job, if `principal` may read it (the administrator, the device's owner, or the
+    /// companion or user that submitted it); open or finished.
+    pub fn readable_job(
         &self,
         principal: &Principal,
         job_id: &schemas::JobId,
-    ) -> CoreResult<()> {
-        self.job_tx(job_id, Access::None, None)?
-            .authorize_job_read(principal, job_id)
+    ) -> CoreResult<schemas::records::JobRecord> {
+        let job = self.job(job_id)?;
+        let owner = || {
+            self.with_shard(&job.device_id, |s| {
+                s.devices.get(&job.device_id).and_then(|d| d.owner.clone())
+            })
+        };
+        if may_read(principal, &job, owner) {
+            Ok(job)
+        } else {
+            Err(hidden_job(job_id))
+        }
     }
 
     /// The device has stored its credentials. Idempotent.
@@ -225,24 +234,36 @@ impl Tx<'_> {
         job_id: &schemas::JobId,
     ) -> CoreResult<()> {
         let job = self.job(job_id)?;
-        let allowed = match principal {
-            Principal::Admin => true,
-            Principal::Owner(owner) => self
-                .device(&job.device_id)
-                .is_ok_and(|d| d.owner.as_ref().is_some_and(|o| o.owner_id == *owner)),
-            Principal::Companion(_) | Principal::User(_) => {
-                job.submitted_by.as_deref() == Some(&principal.label())
-            }
+        let owner = || {
+            self.device(&job.device_id)
+                .ok()
+                .and_then(|d| d.owner.clone())
         };
-        if !allowed {
-            // The same answer as for a job that does not exist: ids are not probed.
-            return Err(CoreError::new(
-                ErrorCode::NotFound,
-                format!("no job {job_id}"),
-            ));
+        if may_read(principal, job, owner) {
+            Ok(())
+        } else {
+            Err(hidden_job(job_id))
         }
-        Ok(())
     }
+}
+
+pub(super) fn may_read(
+    principal: &Principal,
+    job: &schemas::records::JobRecord,
+    owner: impl FnOnce() -> Option<schemas::records::OwnerBinding>,
+) -> bool {
+    match principal {
+        Principal::Admin => true,
+        Principal::Owner(id) => owner().is_some_and(|o| o.owner_id == *id),
+        Principal::Companion(_) | Principal::User(_) => {
+            job.submitted_by.as_deref() == Some(&principal.label())
+        }
+    }
+}
+
+/// The same answer as for a job that does not exist: ids are not probed.
+fn hidden_job(job_id: &schemas::JobId) -> CoreError {
+    CoreError::new(ErrorCode::NotFound, format!("no job {job_id}"))
 }
 
 /// The companion, if `principal` may see it (the administrator, its owner, itself).

@@ -24,7 +24,7 @@ impl Core {
         to: &DeviceId,
         now: UnixMillis,
     ) -> CoreResult<(JobRecord, Ticket, Effects)> {
-        let mut tx = self.job_tx(job_id, Access::None, Some(to))?;
+        let mut tx = self.open_job_tx(job_id, Access::None, Some(to), principal)?;
         tx.authorize_job_read(principal, job_id)?;
         let mut job = tx.job(job_id)?.clone();
         match principal {

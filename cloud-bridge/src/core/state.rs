@@ -272,6 +272,8 @@ pub(crate) struct JobDirectory {
     parts: Box<[Mutex<HashMap<JobId, JobHome>>]>,
     /// How many entries are jobs of a device (for `/v1/health`, without a scan).
     device_jobs: std::sync::atomic::AtomicUsize,
+    /// The greatest job id given or known, as a number.
+    last_id: std::sync::atomic::AtomicU64,
 }
 
 const DIRECTORY_PARTS: usize = 16;
@@ -283,6 +285,7 @@ impl Default for JobDirectory {
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
             device_jobs: std::sync::atomic::AtomicUsize::new(0),
+            last_id: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -366,32 +369,61 @@ impl JobDirectory {
         format!("{all:?}")
     }
 
-    /// Claims a new job id: the time in milliseconds (48 bits) then 16 random bits, so that
-    /// ids, and the store's `j/` and `p/` keys, grow with time. New jobs then land in the
-    /// store's newest pages instead of anywhere in the key space, so the pages a busy bridge
-    /// writes stay few as the store grows. An id already taken is drawn again; after a few
-    /// misses (a millisecond crowded with jobs, or a clock set back) the next millisecond is
-    /// used, so this always ends.
+    /// Claims a new job id: the time in milliseconds (48 bits) then 16 random bits, and
+    /// greater than every id given before (in this run, and, through [`Self::note_id`] at
+    /// load, in the store). Ids, and the store's `j/` and `p/` keys, grow with time, so new
+    /// jobs land in the store's newest pages instead of anywhere in the key space; and since a
+    /// finished job leaves the directory, growing ids are what keeps a new id from being one a
+    /// finished job still has on disk. A millisecond crowded with jobs, or a clock set back,
+    /// takes the next number up.
     pub(crate) fn claim_fresh(&self, now: UnixMillis) -> JobId {
-        let mut millis = now.0;
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
         loop {
-            for _ in 0..16 {
-                let id = job_id_at(millis, rand::random());
-                if self.claim(&id) {
-                    return id;
-                }
+            let drawn = (now.0 << 16) | u64::from(rand::random::<u16>());
+            let previous = self
+                .last_id
+                .fetch_update(AcqRel, Acquire, |last| {
+                    Some(drawn.max(last.saturating_add(1)))
+                })
+                .unwrap_or_else(|last| last);
+            let id = job_id_of(drawn.max(previous.saturating_add(1)));
+            if self.claim(&id) {
+                return id;
             }
-            millis = millis.wrapping_add(1);
+        }
+    }
+
+    /// Makes every id [`Self::claim_fresh`] gives from now on greater than `id`.
+    pub(crate) fn note_id(&self, id: &JobId) {
+        if let Some(value) = job_id_value(id) {
+            self.last_id
+                .fetch_max(value, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    /// Forgets a job that finished (it is on disk only from now on).
+    pub(crate) fn remove(&self, id: &JobId) {
+        if matches!(self.part(id).remove(id), Some(JobHome::Device(_))) {
+            self.device_jobs
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
 
+/// The number a job id spells (its 16 hex digits).
+pub(crate) fn job_id_value(id: &JobId) -> Option<u64> {
+    let digits = id.as_str().strip_prefix(JobId::PREFIX)?;
+    u64::from_str_radix(digits, 16).ok()
+}
+
+fn job_id_of(value: u64) -> JobId {
+    JobId::from_random(value.to_be_bytes())
+}
+
 /// The job id of a millisecond and 16 low bits.
+#[cfg(test)]
 pub(crate) fn job_id_at(millis: u64, low: u16) -> JobId {
-    let mut bytes = [0u8; 8];
-    bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
-    bytes[6..].copy_from_slice(&low.to_be_bytes());
-    JobId::from_random(bytes)
+    job_id_of((millis << 16) | u64::from(low))
 }
 
 #[cfg(test)]
@@ -412,18 +444,24 @@ mod tests {
     }
 
     #[test]
-    fn a_millisecond_with_every_id_taken_moves_on_to_the_next() {
+    fn ids_never_repeat_one_known_or_given_before_even_with_the_clock_set_back() {
         let dir = JobDirectory::default();
         let t = UnixMillis(1_790_000_000_000);
-        for low in 0..=u16::MAX {
-            assert!(dir.claim(&job_id_at(t.0, low)));
+        // A finished job on disk, newer than the clock now says.
+        let on_disk = job_id_at(t.0 + 5_000, 7);
+        dir.note_id(&on_disk);
+        let first = dir.claim_fresh(t);
+        assert!(first > on_disk, "{first} after {on_disk}");
+        let mut last = first;
+        for _ in 0..1000 {
+            let id = dir.claim_fresh(t);
+            assert!(id > last, "{id} after {last}");
+            last = id;
         }
-        let id = dir.claim_fresh(t);
-        assert!(
-            id > job_id_at(t.0, u16::MAX) && id <= job_id_at(t.0 + 1, u16::MAX),
-            "{id}"
-        );
-        assert!(!dir.claim(&id), "the fresh id is claimed");
+        assert!(!dir.claim(&last), "the fresh id is claimed");
+        // Once the clock is past them, ids are the time again.
+        let later = dir.claim_fresh(UnixMillis(t.0 + 60_000));
+        assert!(later >= job_id_at(t.0 + 60_000, 0), "{later}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use schemas::{
     UnixMillis, UserId,
 };
 
-use super::keys::{Kind, contract_key, feed_key};
+use super::keys::{Kind, contract_key, device_job_key, feed_key, finished_key, idempotency_key};
 use super::state::{JobHome, PrintSession, Registry, Shard};
 use super::{Core, CoreError, CoreResult, Effects, JobPolicy, encode};
 use crate::store::{Batch, Ticket};
@@ -377,6 +377,11 @@ impl<'a> Tx<'a> {
         self.raw.put(key, value);
     }
 
+    /// Deletes a record with nothing in memory (a feed entry).
+    pub(crate) fn delete_raw(&mut self, key: Vec<u8>) {
+        self.raw.delete(key);
+    }
+
     /// Whether the transaction has staged anything.
     pub(crate) fn is_empty(&self) -> bool {
         self.raw.is_empty()
@@ -401,6 +406,8 @@ impl<'a> Tx<'a> {
             batch.put(Kind::Device.key(d.device_id.as_str()), encode(d)?);
         }
         for j in self.jobs.values() {
+            let old = self.shards.iter().find_map(|(_, s)| s.jobs.get(&j.job_id));
+            index_job(&mut batch, old, j);
             batch.put(Kind::Job.key(j.job_id.as_str()), encode(j)?);
         }
         for c in self.contracts.values() {
@@ -437,6 +444,16 @@ impl<'a> Tx<'a> {
                 .shards
                 .iter()
                 .position(|(_, s)| s.jobs.contains_key(&id));
+            if job.state.is_terminal() {
+                // Finished: on disk only from now on.
+                if let Some(from) = from {
+                    self.shards[from].1.remove_job(&id);
+                    let shard = self.shards[from].0;
+                    self.core.finished[shard].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
+                self.core.jobs.remove(&id);
+                continue;
+            }
             if let Some(from) = from
                 && from != to
             {
@@ -469,6 +486,40 @@ impl<'a> Tx<'a> {
         self.position(self.core.shard_index(device))
             .expect("put_* accepts records of locked shards only")
     }
+}
+
+/// Stages the index entries that follow from a job's change from `old` (its version in
+/// memory: none for a new job) to `new`: the open-job mark, the device's list, the
+/// idempotency key, and the finish time (see [`Kind`]).
+pub(super) fn index_job(batch: &mut Batch, old: Option<&JobRecord>, new: &JobRecord) {
+    let id = &new.job_id;
+    let device_changed = old.is_none_or(|o| o.device_id != new.device_id);
+    if device_changed {
+        if let Some(o) = old {
+            batch.delete(device_job_key(&o.device_id, id));
+            if let Some(key) = &o.idempotency_key {
+                batch.delete(idempotency_key(&o.device_id, key));
+            }
+        }
+        batch.put(device_job_key(&new.device_id, id), Vec::new());
+        if let Some(key) = &new.idempotency_key {
+            batch.put(idempotency_key(&new.device_id, key), id.as_str().into());
+        }
+    }
+    let was_open = old.is_some_and(|o| !o.state.is_terminal());
+    if new.state.is_terminal() {
+        if was_open {
+            batch.delete(Kind::OpenJob.key(id.as_str()));
+        }
+        batch.put(finished_key(finished_at(new), id), Vec::new());
+    } else if !was_open {
+        batch.put(Kind::OpenJob.key(id.as_str()), Vec::new());
+    }
+}
+
+/// When a finished job finished: its last transition.
+pub(crate) fn finished_at(job: &JobRecord) -> UnixMillis {
+    job.history.last().map_or(job.created_at, |t| t.at)
 }
 
 impl Drop for Tx<'_> {

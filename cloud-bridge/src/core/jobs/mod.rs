@@ -11,10 +11,11 @@ use schemas::job::{JobState, JobUpdate, Transition};
 use schemas::records::JobRecord;
 use schemas::{DeviceId, JobId, UnixMillis};
 
-use super::keys::Kind;
+use super::keys::{Kind, device_job_key, device_range_end, job_of_key};
 use super::tx::{Access, Tx};
 use super::{
-    Core, CoreError, CoreResult, Effects, NewJob, check_print, transition_event, truncate,
+    Core, CoreError, CoreResult, Effects, NewJob, Principal, check_print, transition_event,
+    truncate,
 };
 use crate::store::Ticket;
 
@@ -91,18 +92,37 @@ impl Core {
             Some(_) => Some(new.fingerprint()?),
             None => None,
         };
-        let mut tx = self.device_tx(device_id);
-        let device = tx.active_device(device_id)?;
-        if let Some(key) = &new.idempotency_key {
-            if key.is_empty() || key.len() > 128 {
-                return Err(CoreError::new(
-                    ErrorCode::BadRequest,
-                    "idempotency_key must be 1 to 128 characters",
-                ));
-            }
+        if let Some(key) = &new.idempotency_key
+            && (key.is_empty() || key.len() > 128)
+        {
+            return Err(CoreError::new(
+                ErrorCode::BadRequest,
+                "idempotency_key must be 1 to 128 characters",
+            ));
+        }
+        let shard = self.shard_index(device_id);
+        let (mut tx, device) = loop {
+            // The key's job may have finished (then it is on disk only): looked up there
+            // before locking, and looked up again if a job of the shard finished meanwhile.
+            let finished_so_far = self.finished_count(shard);
+            let stored = match &new.idempotency_key {
+                Some(key) => match self.stored_idempotency(device_id, key)? {
+                    Some(id) => self.stored_job(&id)?,
+                    None => None,
+                },
+                None => None,
+            };
+            let tx = self.device_tx(device_id);
+            let device = tx.active_device(device_id)?.clone();
+            let Some(key) = &new.idempotency_key else {
+                break (tx, device);
+            };
             let slot = (device_id.clone(), key.clone());
-            if let Some(existing) = tx.shard(device_id)?.idempotency.get(&slot) {
-                let job = tx.job(existing)?.clone();
+            let existing = match tx.shard(device_id)?.idempotency.get(&slot) {
+                Some(open) => Some(tx.job(open)?.clone()),
+                None => stored,
+            };
+            if let Some(job) = existing {
                 // Jobs stored before fingerprints were kept have none: answered as before.
                 if job.request_sha256.is_some() && job.request_sha256 != fingerprint {
                     return Err(CoreError::new(
@@ -115,7 +135,11 @@ impl Core {
                 }
                 return Ok((job, false, self.read_ticket(), Effects::default()));
             }
-        }
+            if self.finished_count(shard) == finished_so_far {
+                break (tx, device);
+            }
+        };
+        let device = &device;
         if new.payload.len() > schemas::MAX_PAYLOAD_BYTES {
             return Err(CoreError::new(
                 ErrorCode::BadRequest,
@@ -175,25 +199,51 @@ impl Core {
         Ok((job, true, ticket, effects))
     }
 
+    /// A job, open (in memory) or finished (on disk, until its retention ends).
     pub fn job(&self, id: &JobId) -> CoreResult<JobRecord> {
-        Ok(self.job_tx(id, Access::None, None)?.job(id)?.clone())
+        match self.job_tx(id, Access::None, None) {
+            Ok(tx) => Ok(tx.job(id)?.clone()),
+            Err(e) if e.code() == ErrorCode::NotFound => match self.stored_job(id)? {
+                // Finished after the directory was asked, or long before.
+                Some(job) if job.state.is_terminal() => Ok(job),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
     }
 
-    /// A device's jobs, oldest first.
-    pub fn device_jobs(&self, device_id: &DeviceId) -> CoreResult<Vec<JobRecord>> {
-        let tx = self.device_tx(device_id);
-        tx.device(device_id)?;
-        let shard = tx.shard(device_id)?;
-        Ok(shard
-            .device_jobs
-            .get(device_id)
-            .map(|ids| {
-                ids.iter()
-                    .filter_map(|id| shard.jobs.get(id))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default())
+    /// A device's jobs, open and finished, in id order (the order of submission), from the
+    /// first after `after`, at most `limit`.
+    pub fn device_jobs(
+        &self,
+        device_id: &DeviceId,
+        after: Option<&JobId>,
+        limit: usize,
+    ) -> CoreResult<Vec<JobRecord>> {
+        self.device(device_id)?;
+        let start = match after {
+            // The key right after `after`'s own.
+            Some(id) => {
+                let mut k = device_job_key(device_id, id);
+                k.push(0);
+                k
+            }
+            None => device_job_key(device_id, &JobId::from_random([0; 8])),
+        };
+        let end = device_range_end(Kind::DeviceJob, device_id);
+        let mut jobs = Vec::new();
+        for (k, _) in self.committer.store().range(&start, &end, limit)? {
+            let Some(id) = job_of_key(&k) else { continue };
+            let open = self.with_shard(device_id, |s| s.jobs.get(&id).cloned());
+            // Not open: finished (after the index was read, or before).
+            let job = match open {
+                Some(job) => Some(job),
+                None => self.stored_job(&id)?,
+            };
+            // A job moved to another device since the index was read is that device's.
+            jobs.extend(job.filter(|j| j.device_id == *device_id));
+        }
+        Ok(jobs)
     }
 
     /// A device takes a job: the first take of an attempt moves it to `delivered` under a
@@ -213,13 +263,25 @@ impl Core {
         now: UnixMillis,
     ) -> CoreResult<(JobOffer, Ticket, Effects)> {
         if !self.jobs.belongs_to(job_id, device_id) {
-            take(
+            let refused = take(
                 &mut self.device_tx(device_id),
                 device_id,
                 job_id,
                 start,
                 now,
-            )?;
+            );
+            match refused {
+                Err(e) if e.code() == ErrorCode::NotFound => {
+                    let job = self.finished_job_of(device_id, job_id)?;
+                    return Err(CoreError::new(
+                        ErrorCode::InvalidState,
+                        format!("job {job_id} is {}", job.state.as_str()),
+                    ));
+                }
+                refused => {
+                    refused?;
+                }
+            }
         }
         let payload = self
             .committer
@@ -251,30 +313,33 @@ impl Core {
         update: JobUpdate,
         now: UnixMillis,
     ) -> CoreResult<(JobState, u32, Ticket, Effects)> {
-        let mut tx = self.device_tx(device_id);
-        tx.active_device(device_id)?;
-        let mut job = tx.own_job(device_id, job_id)?.clone();
         let final_state = match &update {
             JobUpdate::Succeeded { .. } => Some(JobState::Succeeded),
             JobUpdate::Failed { .. } => Some(JobState::Failed),
             JobUpdate::Rejected { .. } => Some(JobState::Rejected),
             JobUpdate::Started | JobUpdate::Progress { .. } => None,
         };
-        if job.state.is_terminal() {
-            // A resent final report of the attempt that finished the job is answered as before.
-            if final_state == Some(job.state) && attempt == job.attempt {
-                return Ok((
-                    job.state,
-                    job.attempt,
-                    self.read_ticket(),
-                    Effects::default(),
+        let mut tx = self.device_tx(device_id);
+        tx.active_device(device_id)?;
+        let mut job = match tx.own_job(device_id, job_id) {
+            Ok(job) => job.clone(),
+            Err(e) if e.code() == ErrorCode::NotFound => {
+                drop(tx);
+                // Finished, so in the store only.
+                let job = self.finished_job_of(device_id, job_id)?;
+                // A resent final report of the attempt that finished the job is answered as
+                // before.
+                if final_state == Some(job.state) && attempt == job.attempt {
+                    let ticket = self.read_ticket();
+                    return Ok((job.state, job.attempt, ticket, Effects::default()));
+                }
+                return Err(CoreError::new(
+                    ErrorCode::InvalidState,
+                    format!("job {job_id} is already {}", job.state.as_str()),
                 ));
             }
-            return Err(CoreError::new(
-                ErrorCode::InvalidState,
-                format!("job {job_id} is already {}", job.state.as_str()),
-            ));
-        }
+            Err(e) => return Err(e),
+        };
         if job.state == JobState::Queued || attempt != job.attempt {
             return Err(CoreError::new(
                 ErrorCode::LeaseLost,
@@ -318,7 +383,7 @@ impl Core {
         reason: Option<String>,
         now: UnixMillis,
     ) -> CoreResult<(JobRecord, Ticket, Effects)> {
-        let mut tx = self.job_tx(job_id, Access::None, None)?;
+        let mut tx = self.open_job_tx(job_id, Access::None, None, &Principal::Admin)?;
         let mut job = tx.job(job_id)?.clone();
         if job.state.is_terminal() {
             return Err(CoreError::new(

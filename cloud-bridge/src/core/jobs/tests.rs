@@ -201,7 +201,7 @@ fn idempotency_key_returns_the_first_job() {
         assert_eq!(refused.code(), ErrorCode::Conflict);
         assert!(refused.to_string().contains("\"order-7\""), "{refused}");
     }
-    assert_eq!(core.device_jobs(&dev).unwrap().len(), 1);
+    assert_eq!(core.device_jobs(&dev, None, 100).unwrap().len(), 1);
 
     // The fingerprint is durable: after a reload the key still tells the two apart.
     let reloaded = Core::load(
