@@ -2,6 +2,7 @@
 # The benchmark scenarios, one command each and one for all:
 #
 #   bench/run.sh scale | throughput | poll | brokers | memory | faults | all   (summary: rewrite latest.md)
+#   bench/run.sh soak   (not part of `all`: 11 minutes, or SOAK_MINUTES=60 for the long one)
 #
 # Each scenario starts its own release-built cloud bridge (and Mosquitto where needed) on free
 # loopback ports, drives it with `device-sim fleet` in a separate process, and writes one report
@@ -231,6 +232,69 @@ scenario_faults() {
     stop_bridge
 }
 
+# The soak: a long steady run, sampling the bridge's RSS and the data directory's size every
+# 10 s. Growth is measured from the end of the warm-up minute; with a short retention the data
+# directory must level off. SOAK_MINUTES (default 10; 60 for the long version) after the
+# warm-up, SOAK_RETENTION_SECS (default 60) as `retention.finished_jobs_secs`.
+scenario_soak() {
+    local minutes=${SOAK_MINUTES:-$(q 10 1)} keep=${SOAK_RETENTION_SECS:-$(q 60 10)}
+    local rate devices
+    rate=$(q 300 100)
+    devices=$(q 1000 100)
+    echo "== soak: $devices devices at $rate jobs/s for 1 + $minutes min, retention $keep s" >&2
+    # Archived, so that the fleet can check the jobs swept before it reads them.
+    BRIDGE_CONFIG="${BRIDGE_CONFIG:-}[retention]\nfinished_jobs_secs = $keep\nsweep_interval_ms = 5000\narchive = '$WORK/archive.jsonl'\n" \
+        start_bridge soak
+    mkdir -p "$OUT/soak"
+    local samples=$OUT/soak/samples.csv
+    echo "secs,rss_kb,data_bytes" > "$samples"
+    (
+        local t0=$SECONDS
+        while kill -0 "$BRIDGE_PID" 2>/dev/null; do
+            echo "$((SECONDS - t0)),$(ps -o rss= -p "$BRIDGE_PID" | tr -d ' '),$(du -sb "$DIR/data" | cut -f1)" >> "$samples"
+            sleep 10
+        done
+    ) &
+    local sampler=$!
+    fleet soak "soak-${minutes}min" --devices "$devices" --rate "$rate" --duration "$((minutes + 1))m" \
+        --archive "$WORK/archive.jsonl"
+    curl -s -H "Authorization: Bearer $(cat "$DIR/data/admin-token")" \
+        "http://127.0.0.1:$ADMIN_PORT/v1/metrics" > "$OUT/soak/metrics.json"
+    stop_bridge
+    kill "$sampler" 2>/dev/null || true
+    python3 - "$samples" "$OUT/soak/soak-${minutes}min.json" "$OUT/soak/metrics.json" "$keep" \
+        > "$OUT/soak/soak.md" <<'PY'
+import csv, json, sys
+samples, report, metrics, keep = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+rows = [(int(r["secs"]), int(r["rss_kb"]), int(r["data_bytes"])) for r in csv.DictReader(open(samples))]
+r = json.load(open(report))
+m = json.load(open(metrics))
+warm = next(row for row in rows if row[0] >= 60)
+rate = r["jobs_submitted"] / max(1, r["duration_secs"])
+# The 10-minute mark after the warm-up, and the end (when the run is longer).
+marks = [row for row in rows if row[0] >= warm[0] + 600][:1]
+if not marks or rows[-1][0] > marks[0][0] + 60:
+    marks.append(rows[-1])
+print(f"### soak: {r['devices_connected']:,} devices, {rate:.0f} jobs/s, retention {keep} s\n")
+print("| from the end of the 1-minute warm-up to | jobs | bridge RSS | growth per 1,000 jobs "
+      "| data directory | its largest since the warm-up |")
+print("|---|---|---|---|---|---|")
+for end in marks:
+    jobs = rate * (end[0] - warm[0])
+    per_1000 = (end[1] - warm[1]) / max(1, jobs / 1000)
+    since = [x[2] for x in rows if warm[0] <= x[0] <= end[0]]
+    print(f"| {(end[0] - warm[0]) / 60:.0f} min later | {jobs:,.0f} | {warm[1] / 1000:.1f} → "
+          f"{end[1] / 1000:.1f} MB | {per_1000:.1f} KB | {warm[2] / 1e6:.1f} → {end[2] / 1e6:.1f} MB "
+          f"| {max(since) / 1e6:.1f} MB |")
+print()
+print(f"{r['jobs_completed']:,} of {r['jobs_submitted']:,} jobs completed "
+      f"({r['jobs_lost']} lost, {r['jobs_duplicated']} run twice); "
+      f"{m['jobs_swept']:,} finished jobs swept, {m['sweep_failures']} sweeps failed; "
+      f"{len(rows)} samples, every 10 s ({samples.split('/')[-1]}).")
+PY
+    cat "$OUT/soak/soak.md" >&2
+}
+
 summary() {
     local file=$OUT/latest.md
     {
@@ -260,6 +324,7 @@ case "${1:-all}" in
     brokers) scenario_brokers ;;
     memory) scenario_memory ;;
     faults) scenario_faults ;;
+    soak) scenario_soak ;;
     summary) summary ;;
     all)
         rm -rf "${OUT:?}"/{scale,throughput,poll,brokers,memory,faults}
@@ -272,7 +337,7 @@ case "${1:-all}" in
         summary
         ;;
     *)
-        echo "usage: bench/run.sh scale|throughput|poll|brokers|memory|faults|all|summary" >&2
+        echo "usage: bench/run.sh scale|throughput|poll|brokers|memory|faults|soak|all|summary" >&2
         exit 2
         ;;
 esac

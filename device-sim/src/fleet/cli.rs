@@ -83,6 +83,11 @@ pub struct FleetArgs {
     /// the agent's first data channel).
     #[arg(long)]
     pub warmup: bool,
+    /// The bridge's retention archive (`retention.archive`): jobs its sweeper deleted are
+    /// verified against their archived records (with a short retention the admin API no
+    /// longer has them when the run ends).
+    #[arg(long)]
+    pub archive: Option<PathBuf>,
     /// Internal: this process is one part of a multi-process run.
     #[arg(long, hide = true)]
     pub part: bool,
@@ -130,6 +135,9 @@ fn part_args(args: &FleetArgs, token: &str, i: usize, k: usize) -> Vec<String> {
     }
     if args.warmup {
         v.push("--warmup".into());
+    }
+    if let Some(a) = &args.archive {
+        v.extend(["--archive".into(), a.display().to_string()]);
     }
     if let Some(c) = args.cut_mqtt {
         v.extend(["--cut-mqtt".into(), c.to_string()]);
@@ -251,6 +259,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     cfg.progress = !args.part;
     cfg.keep_samples = args.part;
     cfg.warmup = args.warmup;
+    cfg.archive = args.archive.clone();
     let report = super::run(cfg).await?;
     write_report(&args, &report)
 }

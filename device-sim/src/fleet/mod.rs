@@ -82,6 +82,8 @@ pub struct FleetConfig {
     /// figures are the steady state: with the embedded broker, the first publish to a topic
     /// costs rumqttd a comparison with every filter (one per device), once per device.
     pub warmup: bool,
+    /// The bridge's retention archive, for jobs swept before the verification reads them.
+    pub archive: Option<std::path::PathBuf>,
 }
 
 impl FleetConfig {
@@ -114,6 +116,7 @@ impl FleetConfig {
             progress: false,
             keep_samples: false,
             warmup: false,
+            archive: None,
         }
     }
 }
@@ -134,6 +137,11 @@ pub enum FleetError {
     Config(String),
     #[error("warm-up: {0}")]
     Warmup(String),
+    #[error("reading the archive {path}: {source}")]
+    Archive {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// One simulated device: its agent while it runs, and what survives a kill.
@@ -448,7 +456,13 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
     let generated = generator::run(&cfg, &client, &shared, &mut fleet).await;
     // Before the verification's reads, which are not part of what the run measures.
     measure.finish(&cfg, &client).await?;
-    let cloud = verify::cloud_records(&client, &fleet.ready).await?;
+    let mut cloud = verify::cloud_records(&client, &fleet.ready).await?;
+    if let Some(archive) = &cfg.archive {
+        verify::archived_records(archive, &mut cloud).map_err(|source| FleetError::Archive {
+            path: archive.display().to_string(),
+            source,
+        })?;
+    }
     let connected = verify::Connected {
         connected: fleet.ready.len(),
         connect_secs: fleet.connect_secs,
