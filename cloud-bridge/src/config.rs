@@ -111,7 +111,13 @@ finished_jobs_secs = 604800
 # `cloud-bridge export` writes them). A job may be written twice if the bridge stops between
 # the two steps. Empty: no archive.
 archive = ""
-# How often to look for jobs whose retention has ended.
+# Accepted outbox requests (GET /v1/devices/{id}/requests) are kept this long. 0: for ever.
+device_requests_secs = 604800
+# Applications after their registration codes expired (with the instructions they sent),
+# other instructions after they were taken or expired, and held jobs after they were released
+# or expired are kept this long. 0: for ever.
+settled_secs = 604800
+# How often to look for what has reached the end of its retention.
 sweep_interval_ms = 60000
 
 [data_channel]
@@ -348,6 +354,8 @@ impl StoreConfig {
 pub struct RetentionConfig {
     pub finished_jobs_secs: u64,
     pub archive: PathBuf,
+    pub device_requests_secs: u64,
+    pub settled_secs: u64,
     pub sweep_interval_ms: u64,
 }
 
@@ -356,6 +364,8 @@ impl Default for RetentionConfig {
         RetentionConfig {
             finished_jobs_secs: 7 * 24 * 3600,
             archive: PathBuf::new(),
+            device_requests_secs: 7 * 24 * 3600,
+            settled_secs: 7 * 24 * 3600,
             sweep_interval_ms: 60_000,
         }
     }
@@ -363,9 +373,11 @@ impl Default for RetentionConfig {
 
 impl RetentionConfig {
     pub fn retention(&self) -> crate::sweeper::Retention {
+        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         crate::sweeper::Retention {
-            finished_jobs: (self.finished_jobs_secs > 0)
-                .then(|| Duration::from_secs(self.finished_jobs_secs)),
+            finished_jobs: secs(self.finished_jobs_secs),
+            device_requests: secs(self.device_requests_secs),
+            settled: secs(self.settled_secs),
             archive: (!self.archive.as_os_str().is_empty()).then(|| self.archive.clone()),
             interval: Duration::from_millis(self.sweep_interval_ms.max(10)),
         }

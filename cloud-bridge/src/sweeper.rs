@@ -20,11 +20,16 @@ use crate::store::Ticket;
 /// Jobs deleted per batch.
 pub const SWEEP_BATCH: usize = 256;
 
-/// What is kept, and for how long.
+/// What is kept, and for how long (`None`: for ever).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Retention {
-    /// How long a finished job stays on disk; `None`: for ever.
+    /// A finished job, after it finished.
     pub finished_jobs: Option<Duration>,
+    /// An accepted outbox request, after it was received.
+    pub device_requests: Option<Duration>,
+    /// Applications after their codes expired, instructions taken or expired, held jobs
+    /// released or expired (see `Core::forget_settled`).
+    pub settled: Option<Duration>,
     /// Where jobs are appended before they are deleted.
     pub archive: Option<PathBuf>,
     /// How often to sweep.
@@ -44,37 +49,43 @@ pub enum SweepError {
 
 /// Sweeps every `retention.interval` until `shutdown`.
 pub async fn run(bridge: Bridge, retention: Retention, shutdown: CancellationToken) {
-    let Some(keep) = retention.finished_jobs else {
+    let kept = [
+        retention.finished_jobs,
+        retention.device_requests,
+        retention.settled,
+    ];
+    if kept.iter().all(Option::is_none) {
         return;
-    };
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(retention.interval) => {}
         }
-        let cutoff = bridge.now().saturating_sub_ms(keep.as_millis() as u64);
-        let b = bridge.clone();
-        let archive = retention.archive.clone();
-        let swept =
-            tokio::task::spawn_blocking(move || sweep(b.core(), cutoff, archive.as_deref())).await;
+        let (b, r) = (bridge.clone(), retention.clone());
+        let swept = tokio::task::spawn_blocking(move || sweep(b.core(), b.now(), &r)).await;
         let metrics = bridge.metrics();
         match swept {
-            Ok(Ok((0, _))) => {}
-            Ok(Ok((count, ticket))) => {
-                if let Some(ticket) = ticket
+            Ok(Ok(Swept { ticket: None, .. })) => {}
+            Ok(Ok(swept)) => {
+                if let Some(ticket) = swept.ticket
                     && let Err(e) = bridge.committer().wait_durable(ticket).await
                 {
                     tracing::error!(error = %e, "the sweep's deletions are not durable");
                     continue;
                 }
-                metrics
-                    .jobs_swept
-                    .fetch_add(count as u64, Ordering::Relaxed);
-                tracing::info!(jobs = count, "finished jobs past retention deleted");
+                let jobs = swept.jobs as u64;
+                metrics.jobs_swept.fetch_add(jobs, Ordering::Relaxed);
+                tracing::info!(
+                    jobs,
+                    requests = swept.requests,
+                    settled = swept.settled,
+                    "records past retention deleted"
+                );
             }
             Ok(Err(e)) => {
                 metrics.sweep_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "sweep failed; the jobs stay until the next one");
+                tracing::error!(error = %e, "sweep failed; what was due stays until the next");
             }
             Err(e) => {
                 metrics.sweep_failures.fetch_add(1, Ordering::Relaxed);
@@ -84,30 +95,68 @@ pub async fn run(bridge: Bridge, retention: Retention, shutdown: CancellationTok
     }
 }
 
-/// Deletes every job that finished before `cutoff` (archived first to `archive`): how many,
-/// and the ticket of the last deletion.
+/// What one sweep deleted, and the ticket of its last deletion (none: nothing was due).
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub jobs: usize,
+    pub requests: usize,
+    pub settled: usize,
+    pub ticket: Option<Ticket>,
+}
+
+/// Deletes everything whose retention has ended by `now`: finished jobs (archived first when
+/// `retention.archive` is set), accepted outbox requests, and settled records.
 pub fn sweep(
     core: &Core,
-    cutoff: schemas::UnixMillis,
-    archive: Option<&Path>,
-) -> Result<(usize, Option<Ticket>), SweepError> {
-    let mut count = 0;
-    let mut ticket = None;
-    loop {
-        let due = core.finished_before(cutoff, SWEEP_BATCH)?;
-        if due.is_empty() {
-            break;
-        }
-        if let Some(path) = archive {
-            append(core, path, &due)?;
-        }
-        ticket = Some(core.forget_finished(&due)?);
-        count += due.len();
-        if due.len() < SWEEP_BATCH {
-            break;
+    now: schemas::UnixMillis,
+    retention: &Retention,
+) -> Result<Swept, SweepError> {
+    let cutoff = |keep: Duration| now.saturating_sub_ms(keep.as_millis() as u64);
+    let mut swept = Swept::default();
+    if let Some(keep) = retention.finished_jobs {
+        loop {
+            let due = core.finished_before(cutoff(keep), SWEEP_BATCH)?;
+            if due.is_empty() {
+                break;
+            }
+            if let Some(path) = &retention.archive {
+                append(core, path, &due)?;
+            }
+            swept.ticket = Some(core.forget_finished(&due)?);
+            swept.jobs += due.len();
+            if due.len() < SWEEP_BATCH {
+                break;
+            }
         }
     }
-    Ok((count, ticket))
+    if let Some(keep) = retention.device_requests {
+        loop {
+            let due = core.requests_before(cutoff(keep), SWEEP_BATCH)?;
+            let n = due.len();
+            if n == 0 {
+                break;
+            }
+            swept.ticket = Some(core.forget_requests(due)?);
+            swept.requests += n;
+            if n < SWEEP_BATCH {
+                break;
+            }
+        }
+    }
+    if let Some(keep) = retention.settled {
+        loop {
+            let (n, ticket) = core.forget_settled(cutoff(keep), now, SWEEP_BATCH)?;
+            if n == 0 {
+                break;
+            }
+            swept.ticket = Some(ticket);
+            swept.settled += n;
+            if n < SWEEP_BATCH {
+                break;
+            }
+        }
+    }
+    Ok(swept)
 }
 
 /// Appends the jobs (with their payloads) to the archive and syncs it to disk.

@@ -14,11 +14,16 @@
 //! the same batch as the job record they follow ([`super::tx`]); a store written before they
 //! existed gets them at the first start ([`index_jobs`]).
 
-use schemas::data::ErrorCode;
-use schemas::records::JobRecord;
-use schemas::{DeviceId, JobId, UnixMillis};
+use std::collections::HashSet;
 
-use super::keys::{Kind, device_job_key, finished_key, idempotency_key, job_of_key};
+use schemas::data::ErrorCode;
+use schemas::outbox::RequestNo;
+use schemas::records::{DeviceRequestRecord, JobRecord};
+use schemas::{ApplicationId, DeviceId, InstructionId, JobId, UnixMillis};
+
+use super::keys::{
+    Kind, device_job_key, device_range_end, finished_key, idempotency_key, job_of_key, request_key,
+};
 use super::tx::index_job;
 use super::{Core, CoreError, CoreResult, decode};
 use crate::store::{Batch, Committer, StoreError, Ticket};
@@ -138,6 +143,126 @@ impl Core {
                 finished_key(super::tx::finished_at(job), id),
                 "the index entry names the job's finish"
             );
+        }
+        Ok(self.committer.apply(batch)?)
+    }
+
+    /// Forgets, in memory and on disk, what belongs to no device and was settled before
+    /// `cutoff`: applications whose registration codes expired (with their codes and the
+    /// use-start instructions they sent), other instructions taken or expired, and held jobs
+    /// released or expired (an expired one's payload with it; a released one's is its job's).
+    /// At most `limit` records; how many.
+    pub fn forget_settled(
+        &self,
+        cutoff: UnixMillis,
+        now: UnixMillis,
+        limit: usize,
+    ) -> CoreResult<(usize, Ticket)> {
+        use schemas::print::HeldState;
+        let mut reg = self.registry.write().unwrap_or_else(|p| p.into_inner());
+        let settled = |at: UnixMillis| at < cutoff && at <= now;
+        let apps: Vec<ApplicationId> = reg
+            .applications
+            .values()
+            .filter(|a| settled(a.expires_at))
+            .map(|a| a.application_id.clone())
+            .take(limit)
+            .collect();
+        // An instruction of an application goes with it, never before.
+        let of_apps: HashSet<&InstructionId> = reg
+            .applications
+            .values()
+            .flat_map(|a| a.devices.iter().map(|e| &e.instruction_id))
+            .collect();
+        let instructions: Vec<InstructionId> = reg
+            .instructions
+            .values()
+            .filter(|i| !of_apps.contains(&i.instruction_id))
+            .filter(|i| settled(i.taken_at.unwrap_or(i.expires_at)))
+            .map(|i| i.instruction_id.clone())
+            .take(limit.saturating_sub(apps.len()))
+            .collect();
+        let held: Vec<(JobId, bool)> = reg
+            .held
+            .values()
+            .filter_map(|h| match h.state {
+                HeldState::Released { at, .. } if settled(at) => Some((h.job_id.clone(), false)),
+                HeldState::Expired { at } if settled(at) => Some((h.job_id.clone(), true)),
+                // Expired without anyone having asked since.
+                HeldState::Held if settled(h.expires_at) => Some((h.job_id.clone(), true)),
+                _ => None,
+            })
+            .take(limit.saturating_sub(apps.len() + instructions.len()))
+            .collect();
+        let mut batch = Batch::default();
+        for id in &apps {
+            batch.delete(Kind::Application.key(id.as_str()));
+            for e in &reg.applications[id].devices {
+                batch.delete(Kind::Instruction.key(e.instruction_id.as_str()));
+            }
+        }
+        for id in &instructions {
+            batch.delete(Kind::Instruction.key(id.as_str()));
+        }
+        for (id, expired) in &held {
+            batch.delete(Kind::HeldJob.key(id.as_str()));
+            if *expired {
+                batch.delete(Kind::Payload.key(id.as_str()));
+            }
+        }
+        let ticket = self.committer.apply(batch)?;
+        // The store has accepted: memory follows, still under the registry's lock.
+        for id in &apps {
+            if let Some(app) = reg.applications.remove(id) {
+                for e in app.devices {
+                    reg.codes.remove(&e.code_sha256);
+                    reg.instructions.remove(&e.instruction_id);
+                }
+            }
+        }
+        for id in &instructions {
+            reg.instructions.remove(id);
+        }
+        for (id, _) in &held {
+            reg.held.remove(id);
+            if self.jobs.get(id) == Some(super::state::JobHome::Held) {
+                self.jobs.remove(id);
+            }
+        }
+        Ok((apps.len() + instructions.len() + held.len(), ticket))
+    }
+
+    /// The keys of accepted outbox requests received before `cutoff`, oldest first for each
+    /// device, at most `limit` in all.
+    pub fn requests_before(&self, cutoff: UnixMillis, limit: usize) -> CoreResult<Vec<Vec<u8>>> {
+        let mut devices = Vec::new();
+        self.each_shard(|s| devices.extend(s.devices.keys().cloned()));
+        let store = self.committer.store();
+        let mut keys = Vec::new();
+        for device in devices {
+            if keys.len() >= limit {
+                break;
+            }
+            let start = request_key(&device, RequestNo(0));
+            let end = device_range_end(Kind::DeviceRequest, &device);
+            for (k, v) in store.range(&start, &end, limit - keys.len())? {
+                let request: DeviceRequestRecord = decode(&k, &v)?;
+                if request.received_at >= cutoff {
+                    break;
+                }
+                keys.push(k);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Deletes accepted outbox requests (by their keys, from [`Self::requests_before`]). The
+    /// device's highest accepted number, which is what makes a resend a duplicate, is in its
+    /// record and stays.
+    pub fn forget_requests(&self, keys: Vec<Vec<u8>>) -> CoreResult<Ticket> {
+        let mut batch = Batch::default();
+        for k in keys {
+            batch.delete(k);
         }
         Ok(self.committer.apply(batch)?)
     }
@@ -365,6 +490,112 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn settled_records_and_old_outbox_requests_are_forgotten_and_nothing_newer() {
+        use schemas::api::SubmitHeldJob;
+        use schemas::outbox::{DeviceRequest, OutboxItem};
+        use schemas::services::InstructionBody;
+        let core = core();
+        let dev = registered(&core, 1);
+        let body = InstructionBody::Custom {
+            name: "reboot".into(),
+            params: Default::default(),
+        };
+        let taken = InstructionId::from_random([1; 8]);
+        let waiting = InstructionId::from_random([2; 8]);
+        core.create_instruction(&dev, taken.clone(), body.clone(), 1000, T0)
+            .unwrap();
+        core.create_instruction(&dev, waiting.clone(), body, 60_000, T0)
+            .unwrap();
+        core.take_instruction(&dev, &taken, T0).unwrap();
+        let user = schemas::UserId::from_random([3; 8]);
+        let pin = schemas::Secret::new("1234");
+        core.create_user(user.clone(), "Anna".into(), &pin, &pin, T0)
+            .unwrap();
+        let held = |ttl_secs| SubmitHeldJob {
+            ttl_secs: Some(ttl_secs),
+            ..Default::default()
+        };
+        let expiring = core
+            .submit_held(&user, held(1), b"a".to_vec(), T0)
+            .unwrap()
+            .0;
+        let lasting = core
+            .submit_held(&user, held(3600), b"b".to_vec(), T0)
+            .unwrap()
+            .0;
+        let panel = |no| OutboxItem {
+            no: RequestNo(no),
+            made_at: T0,
+            body: DeviceRequest::PanelJob {
+                action: "scan_to_cloud".into(),
+                params: Default::default(),
+            },
+        };
+        core.deliver(&dev, vec![panel(1)], T0).unwrap();
+        core.deliver(&dev, vec![panel(2)], T0.saturating_add_ms(10_000))
+            .unwrap();
+
+        // Settled before T0 + 5 s: the taken instruction and the expired held job; received
+        // before it: the first request.
+        let cutoff = T0.saturating_add_ms(5000);
+        let (n, _) = core.forget_settled(cutoff, cutoff, 100).unwrap();
+        assert_eq!(n, 2);
+        let requests = core.requests_before(cutoff, 100).unwrap();
+        assert_eq!(requests.len(), 1);
+        core.forget_requests(requests).unwrap();
+
+        let store = core.committer.store();
+        let listed: Vec<_> = core
+            .instructions(&dev, cutoff)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.instruction_id)
+            .collect();
+        assert_eq!(listed, [waiting]);
+        assert!(
+            store
+                .get(&Kind::Instruction.key(taken.as_str()))
+                .unwrap()
+                .is_none()
+        );
+        let held_left: Vec<JobId> = core.with_registry(|r| r.held.keys().cloned().collect());
+        assert_eq!(held_left, [lasting.job_id.clone()].as_slice());
+        assert!(
+            store
+                .get(&Kind::Payload.key(expiring.job_id.as_str()))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .get(&Kind::Payload.key(lasting.job_id.as_str()))
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(core.jobs.get(&expiring.job_id), None);
+        let numbers: Vec<u64> = core
+            .device_requests(&dev, RequestNo(0), 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.no.0)
+            .collect();
+        assert_eq!(numbers, [2]);
+        // A resend of the forgotten request is still a duplicate: nothing new is recorded.
+        core.deliver(&dev, vec![panel(1)], cutoff).unwrap();
+        assert_eq!(
+            core.requests_before(UnixMillis(u64::MAX), 100)
+                .unwrap()
+                .len(),
+            1
+        );
+        // Memory is what the store holds.
+        let reloaded = Core::load(core.committer.clone(), policy(), 4).unwrap();
+        assert_eq!(core.snapshot(), reloaded.snapshot());
+        // Nothing more is due at the same cutoff.
+        assert_eq!(core.forget_settled(cutoff, cutoff, 100).unwrap().0, 0);
     }
 
     #[test]

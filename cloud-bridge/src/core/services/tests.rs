@@ -319,3 +319,40 @@ fn an_instruction_is_taken_once_and_never_after_its_expiry() {
         ]
     );
 }
+
+#[test]
+fn a_settled_application_goes_with_its_codes_and_instructions_once_retention_ends() {
+    let core = core();
+    toner(&core);
+    let a = device(&core, 1, "acme", "A");
+    let app = apply(
+        &core,
+        ApplyForService {
+            service_id: "toner".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let code = code_of(&core, &a);
+    let instructions = || core.with_registry(|r| r.instructions.len());
+    assert_eq!(instructions(), 1);
+    // Open (its codes still valid): kept, instructions included, whatever the cutoff.
+    let (n, _) = core.forget_settled(UnixMillis(u64::MAX), T0, 100).unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(instructions(), 1);
+    // Its codes expired and the retention after that ended: all of it goes.
+    let after = app.expires_at.saturating_add_ms(1);
+    let (n, _) = core
+        .forget_settled(after.saturating_add_ms(1), after, 100)
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(instructions(), 0);
+    assert_eq!(
+        error_code(core.application(&app.application_id, after)),
+        ErrorCode::NotFound
+    );
+    let (outcome, _) = register(&core, &a, &code, after);
+    assert_eq!(refused_code(outcome), ErrorCode::RegistrationCodeInvalid);
+    let reloaded = Core::load(core.committer.clone(), crate::core::tests::policy(), 4).unwrap();
+    assert_eq!(core.snapshot(), reloaded.snapshot());
+}
