@@ -57,6 +57,8 @@ struct Inner {
     embedded: OnceLock<broker::EmbeddedBroker>,
     data_sessions: Arc<DataSessions>,
     clock: Arc<dyn Clock>,
+    /// MQTT departures waiting out their grace period (see `presence.rs`).
+    departures: crate::presence::Departures,
 }
 
 /// Cheap to clone; all clones share one state.
@@ -66,13 +68,15 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// A bridge over `core`, reading the time from `clock` ([`SystemClock`], or a test's).
+    /// A bridge over `core`, reading the time from `clock` ([`SystemClock`], or a test's). An
+    /// MQTT `offline` is published once the device has stayed away `presence_grace_ms`.
     pub fn new(
         core: Core,
         committer: Arc<Committer>,
         notifier: Notifier,
         broker_mode: &str,
         clock: Arc<dyn Clock>,
+        presence_grace_ms: u64,
     ) -> Bridge {
         Bridge {
             inner: Arc::new(Inner {
@@ -86,6 +90,7 @@ impl Bridge {
                 embedded: OnceLock::new(),
                 data_sessions: Arc::new(DataSessions::default()),
                 clock,
+                departures: crate::presence::Departures::new(presence_grace_ms),
             }),
         }
     }
@@ -329,11 +334,14 @@ impl Bridge {
         };
         match presence {
             Presence::Online => {
-                self.core().observe(OpsEvent::DeviceOnline {
-                    device_id: device.clone(),
-                    channel: Channel::Mqtt,
-                    at,
-                });
+                // Back within the grace period: it replaced its own connection.
+                if !self.inner.departures.back(device) {
+                    self.core().observe(OpsEvent::DeviceOnline {
+                        device_id: device.clone(),
+                        channel: Channel::Mqtt,
+                        at,
+                    });
+                }
                 if let Some(newest) = pending {
                     self.inner
                         .metrics
@@ -342,11 +350,32 @@ impl Bridge {
                     self.inner.notifier.hint(device, HintKind::Pending, newest);
                 }
             }
-            Presence::Offline => self.core().observe(OpsEvent::DeviceOffline {
-                device_id: device.clone(),
-                channel: Channel::Mqtt,
-                at,
-            }),
+            Presence::Offline => self.inner.departures.left(device, at),
+        }
+    }
+
+    /// Publishes the MQTT departures whose grace period has ended (see `presence.rs`), until
+    /// `shutdown`.
+    pub async fn run_departures(self, shutdown: CancellationToken) {
+        let departures = &self.inner.departures;
+        loop {
+            let (gone, next) = departures.due(self.now());
+            for (device_id, at) in gone {
+                self.core().observe(OpsEvent::DeviceOffline {
+                    device_id,
+                    channel: Channel::Mqtt,
+                    at,
+                });
+            }
+            let wait = next.map_or(Duration::from_secs(3600), |t| {
+                Duration::from_millis(t.0.saturating_sub(self.now().0))
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = departures.added.notified() => {}
+                _ = self.inner.clock.jumped() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
         }
     }
 

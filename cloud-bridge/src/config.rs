@@ -89,6 +89,10 @@ owner_check_window_secs = 600
 # The regular poll devices are asked to keep (each adds jitter): how late, at worst, a device
 # whose notifications were all lost reads its mailbox.
 poll_interval_secs = 86400
+# A device's MQTT offline (its last will) is published only once it has stayed away this long:
+# a device that replaces its own connection (a reconnect, a second connection taking over its
+# session) is no offline/online pair for operations. 0: at once.
+presence_grace_ms = 5000
 
 [store]
 # Flushes to disk start at most this often (microseconds). Nothing is acknowledged before it is
@@ -305,6 +309,7 @@ impl Default for Jobs {
 pub struct Devices {
     pub owner_check_window_secs: u64,
     pub poll_interval_secs: u32,
+    pub presence_grace_ms: u64,
 }
 
 impl Default for Devices {
@@ -312,6 +317,7 @@ impl Default for Devices {
         Devices {
             owner_check_window_secs: 600,
             poll_interval_secs: 86400,
+            presence_grace_ms: 5000,
         }
     }
 }

@@ -87,6 +87,7 @@ async fn after_a_failed_flush_nothing_more_is_acknowledged_and_what_was_is_on_di
         Notifier::new(1 << 16),
         "embedded",
         clock,
+        0,
     );
     let state = AppState::new(bridge.clone(), Secret::new("admin"));
     let token = Secret::new("enrol");

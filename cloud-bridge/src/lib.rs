@@ -7,6 +7,7 @@
 //! | [`bridge`] | the service around `core`: durability before acknowledgement, long-poll, effects |
 //! | [`sweeper`] | retention: deletes (and archives) finished jobs once their time is up |
 //! | [`notifier`] | hints and ops events out to MQTT, presence in; embedded or external broker |
+//! | [`presence`] | MQTT departures held for a grace period, so a reconnect is no offline/online pair |
 //! | `device_requests` | what each data-channel request does |
 //! | [`data_channel`] | the devices' WebSocket connections |
 //! | [`sessions`] | open data-channel connections by device, closed at once on revocation |
@@ -36,6 +37,7 @@ pub mod export;
 pub mod http;
 pub mod listener;
 pub mod notifier;
+pub mod presence;
 pub mod server;
 pub mod sessions;
 pub mod store;

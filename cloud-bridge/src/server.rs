@@ -179,7 +179,14 @@ pub async fn start_with_clock(
         BrokerMode::Embedded => "embedded",
         BrokerMode::External => "external",
     };
-    let bridge = Bridge::new(core, committer.clone(), notifier, mode, clock);
+    let bridge = Bridge::new(
+        core,
+        committer.clone(),
+        notifier,
+        mode,
+        clock,
+        config.devices.presence_grace_ms,
+    );
 
     let tracker = TaskTracker::new();
     let flusher_stop = CancellationToken::new();
@@ -245,6 +252,7 @@ pub async fn start_with_clock(
 
     tracker.spawn(bridge.clone().run_reaper(shutdown.clone()));
     tracker.spawn(bridge.clone().run_ops_publisher(shutdown.clone()));
+    tracker.spawn(bridge.clone().run_departures(shutdown.clone()));
     tracker.spawn(crate::sweeper::run(
         bridge.clone(),
         config.retention.retention(),

@@ -37,6 +37,12 @@ pub fn jitter(d: Duration) -> Duration {
     Duration::from_millis(rand::random_range(millis / 2..=millis))
 }
 
+/// A duration between zero and `d`, uniformly.
+pub fn spread(d: Duration) -> Duration {
+    let millis = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::random_range(0..=millis))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::{Backoff, jitter};
+use crate::backoff::{Backoff, jitter, spread};
 
 /// What the link tells the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,14 +53,19 @@ pub struct MqttSettings {
     pub keep_alive: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// After a working link drops, the first reconnect waits a random time up to this long.
+    pub reconnect_spread: Duration,
     /// While on any broker but the best, how often to try the better ones.
     pub probe_interval: Duration,
     /// How `mqtts://` brokers are verified; `None`: they cannot be used.
     pub tls: Option<std::sync::Arc<tls::rustls::ClientConfig>>,
 }
 
-/// How long a connection attempt (TCP, CONNECT, CONNACK) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection attempt (TCP, CONNECT, CONNACK) may take. Long: a broker busy with
+/// a storm of reconnects may answer late, and an attempt given up while its CONNECT still
+/// waits in the broker's queue makes the broker see the client twice (a takeover, and a last
+/// will announcing the device offline).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One connection to one broker.
 struct Link {
@@ -296,7 +301,12 @@ pub async fn run(
                     // the next, and wait only when a whole round has failed.
                     let next = if was_up { 0 } else { (link.index + 1) % settings.endpoints.len() };
                     if was_up || next == 0 {
-                        let delay = backoff.next_delay();
+                        let delay = if was_up {
+                            // The whole fleet may have lost the broker at this instant.
+                            spread(settings.reconnect_spread)
+                        } else {
+                            backoff.next_delay()
+                        };
                         tracing::debug!(error = %e, ?delay, "MQTT link down; retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}

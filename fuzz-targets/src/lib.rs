@@ -95,7 +95,7 @@ impl World {
             .expect("an empty store loads");
         let notifier = cloud_bridge::notifier::Notifier::new(1024);
         let clock = Arc::new(cloud_bridge::clock::SystemClock);
-        let bridge = Bridge::new(core, committer.clone(), notifier, "embedded", clock);
+        let bridge = Bridge::new(core, committer.clone(), notifier, "embedded", clock, 0);
         let admin_token = Secret::new("fuzz-admin-token");
         let admin = cloud_bridge::admin::router(bridge.clone(), admin_token.clone());
         let (device, device_secret) = runtime.block_on(async {

@@ -105,6 +105,7 @@ impl Endpoints {
         // Tests of device information opt out explicitly.
         config.consent_at_setup = true;
         config.backoff_min = Duration::from_millis(50);
+        config.mqtt_reconnect_spread = Duration::from_millis(200);
         config.slow_poll = Duration::from_secs(2);
         config.long_poll = Duration::from_secs(2);
         config

@@ -144,7 +144,8 @@ async fn events_until_disabled(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_sees_nothing_of_another_and_forges_nothing() {
-    let bridge = InProcessBridge::start().await;
+    // Departures published at once: a forged offline would show before the next fence.
+    let bridge = InProcessBridge::start_with(|c| c.devices.presence_grace_ms = 0).await;
     let ep = &bridge.endpoints;
     let mut ops = OpsWatcher::start(ep).await;
     let a = idle_device(ep, "SN-A").await;

@@ -35,6 +35,7 @@ impl Agent {
             keep_alive: self.config.mqtt_keep_alive,
             backoff_min: self.config.backoff_min,
             backoff_max: self.config.slow_poll,
+            reconnect_spread: self.config.mqtt_reconnect_spread,
             probe_interval: self.config.probe_interval,
             tls: self.tls_client(),
         };
