@@ -3,6 +3,7 @@
 #
 #   bench/run.sh scale | throughput | poll | brokers | memory | faults | all   (summary: rewrite latest.md)
 #   bench/run.sh soak   (not part of `all`: 11 minutes, or SOAK_MINUTES=60 for the long one)
+#   bench/run.sh storm  (8,000 devices, the bridge killed and restarted under them)
 #
 # Each scenario starts its own release-built cloud bridge (and Mosquitto where needed) on free
 # loopback ports, drives it with `device-sim fleet` in a separate process, and writes one report
@@ -295,6 +296,57 @@ PY
     cat "$OUT/soak/soak.md" >&2
 }
 
+# The reconnect storm: a fleet of 8,000 devices connected, the bridge killed (-9) and started
+# again; every device must be back within 20 s of the bridge being ready, few may be announced
+# offline (the bridge and its embedded broker die together, so every offline published is a
+# spurious one: a device seen twice), and every device must complete a job afterwards.
+scenario_storm() {
+    local devices=${STORM_DEVICES:-$(q 8000 300)}
+    echo "== storm: $devices devices, the bridge killed and restarted" >&2
+    MQTT_CAP=$((devices > 9500 ? devices + 500 : 10000)) start_bridge storm
+    mkdir -p "$OUT/storm"
+    fleet storm "storm-$devices" --devices "$devices" --rate "$(q 20 10)" --duration "$(q 90s 30s)" \
+        --final-round --processes $(((devices + 7999) / 8000)) &
+    local fpid=$!
+    # Connected at 1,000 a second, then a little steady state.
+    sleep "$(( devices / 1000 + 15 ))"
+    kill -9 "$BRIDGE_PID"
+    wait "$BRIDGE_PID" 2>/dev/null || true
+    local killed_ms
+    killed_ms=$(date +%s%3N)
+    launch_bridge
+    local ready_ms
+    ready_ms=$(date +%s%3N)
+    wait "$fpid" || FAILED+=("storm/storm-$devices")
+    curl -s -H "Authorization: Bearer $(cat "$DIR/data/admin-token")" \
+        "http://127.0.0.1:$ADMIN_PORT/v1/metrics" > "$OUT/storm/metrics.json"
+    stop_bridge
+    python3 - "$OUT/storm/storm-$devices.json" "$OUT/storm/metrics.json" "$killed_ms" "$ready_ms" \
+        > "$OUT/storm/storm.md" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1])); m = json.load(open(sys.argv[2]))
+killed, ready = int(sys.argv[3]), int(sys.argv[4])
+c = r["mqtt"]
+back = c["last_reconnect_unix_ms"]
+n = r["devices_connected"]
+print(f"### reconnect storm: {n:,} devices, the bridge killed (-9) and restarted\n")
+print("| bridge down (kill → ready) | last device back after ready | devices reconnected | "
+      "reconnected more than once | most reconnects of one device | offline published "
+      "(withdrawn within the grace) | final round: every device's job done in |")
+print("|---|---|---|---|---|---|---|")
+final = r.get("final_round_secs")
+print(f"| {(ready - killed) / 1000:.1f} s | "
+      f"{'—' if back is None else f'{(back - ready) / 1000:.1f} s'} | {c['reconnects']:,} | "
+      f"{c['devices_reconnected_twice']:,} | {c['most_reconnects_of_one_device']} | "
+      f"{m['mqtt_offline_published']:,} ({m['mqtt_offline_withdrawn']:,}) | "
+      f"{'—' if final is None else f'{final:.1f} s'} |")
+print()
+print(f"{r['jobs_completed']:,} of {r['jobs_submitted']:,} jobs completed ({r['jobs_lost']} lost, "
+      f"{r['jobs_duplicated']} run twice); the bridge's counters are since its restart.")
+PY
+    cat "$OUT/storm/storm.md" >&2
+}
+
 summary() {
     local file=$OUT/latest.md
     {
@@ -325,6 +377,7 @@ case "${1:-all}" in
     memory) scenario_memory ;;
     faults) scenario_faults ;;
     soak) scenario_soak ;;
+    storm) scenario_storm ;;
     summary) summary ;;
     all)
         rm -rf "${OUT:?}"/{scale,throughput,poll,brokers,memory,faults}
@@ -337,7 +390,7 @@ case "${1:-all}" in
         summary
         ;;
     *)
-        echo "usage: bench/run.sh scale|throughput|poll|brokers|memory|faults|soak|all|summary" >&2
+        echo "usage: bench/run.sh scale|throughput|poll|brokers|memory|faults|soak|storm|all|summary" >&2
         exit 2
         ;;
 esac

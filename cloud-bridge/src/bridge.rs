@@ -35,6 +35,10 @@ pub struct Metrics {
     pub data_connections: AtomicU64,
     pub data_connections_open: AtomicU64,
     pub presence_hints: AtomicU64,
+    /// MQTT departures published (the device stayed away past the grace period), and those
+    /// not published because the device came back within it.
+    pub mqtt_offline_published: AtomicU64,
+    pub mqtt_offline_withdrawn: AtomicU64,
     /// Finished jobs deleted at the end of their retention.
     pub jobs_swept: AtomicU64,
     /// Sweeps that failed (the store or the archive); the jobs stay for the next one.
@@ -335,7 +339,12 @@ impl Bridge {
         match presence {
             Presence::Online => {
                 // Back within the grace period: it replaced its own connection.
-                if !self.inner.departures.back(device) {
+                if self.inner.departures.back(device) {
+                    self.inner
+                        .metrics
+                        .mqtt_offline_withdrawn
+                        .fetch_add(1, Ordering::Relaxed);
+                } else {
                     self.core().observe(OpsEvent::DeviceOnline {
                         device_id: device.clone(),
                         channel: Channel::Mqtt,
@@ -361,6 +370,10 @@ impl Bridge {
         loop {
             let (gone, next) = departures.due(self.now());
             for (device_id, at) in gone {
+                self.inner
+                    .metrics
+                    .mqtt_offline_published
+                    .fetch_add(1, Ordering::Relaxed);
                 self.core().observe(OpsEvent::DeviceOffline {
                     device_id,
                     channel: Channel::Mqtt,

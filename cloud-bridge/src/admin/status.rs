@@ -80,6 +80,9 @@ struct MetricsView {
     presence_received: u64,
     presence_dropped: u64,
     store_flushes: u64,
+    /// MQTT offlines published, and withdrawn because the device came back within the grace.
+    mqtt_offline_published: u64,
+    mqtt_offline_withdrawn: u64,
     /// Finished jobs deleted at the end of their retention, and sweeps that failed.
     jobs_swept: u64,
     sweep_failures: u64,
@@ -122,6 +125,8 @@ fn metrics_view(state: &AppState) -> MetricsView {
         presence_received: get(&n.presence_received),
         presence_dropped: get(&n.presence_dropped),
         store_flushes: state.bridge.committer().flush_count(),
+        mqtt_offline_published: get(&m.mqtt_offline_published),
+        mqtt_offline_withdrawn: get(&m.mqtt_offline_withdrawn),
         jobs_swept: get(&m.jobs_swept),
         sweep_failures: get(&m.sweep_failures),
         admin_connections_evicted: get(&m.admin_evicted),

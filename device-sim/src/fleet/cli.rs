@@ -88,6 +88,9 @@ pub struct FleetArgs {
     /// longer has them when the run ends).
     #[arg(long)]
     pub archive: Option<PathBuf>,
+    /// After the run, send every device one more job and wait until all are done.
+    #[arg(long)]
+    pub final_round: bool,
     /// Internal: this process is one part of a multi-process run.
     #[arg(long, hide = true)]
     pub part: bool,
@@ -135,6 +138,9 @@ fn part_args(args: &FleetArgs, token: &str, i: usize, k: usize) -> Vec<String> {
     }
     if args.warmup {
         v.push("--warmup".into());
+    }
+    if args.final_round {
+        v.push("--final-round".into());
     }
     if let Some(a) = &args.archive {
         v.extend(["--archive".into(), a.display().to_string()]);
@@ -260,6 +266,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     cfg.keep_samples = args.part;
     cfg.warmup = args.warmup;
     cfg.archive = args.archive.clone();
+    cfg.final_round = args.final_round;
     let report = super::run(cfg).await?;
     write_report(&args, &report)
 }

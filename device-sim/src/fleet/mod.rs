@@ -84,6 +84,9 @@ pub struct FleetConfig {
     pub warmup: bool,
     /// The bridge's retention archive, for jobs swept before the verification reads them.
     pub archive: Option<std::path::PathBuf>,
+    /// After the run, send every device one more job and wait until all are done (every
+    /// device still works after the run's faults).
+    pub final_round: bool,
 }
 
 impl FleetConfig {
@@ -117,6 +120,7 @@ impl FleetConfig {
             keep_samples: false,
             warmup: false,
             archive: None,
+            final_round: false,
         }
     }
 }
@@ -197,6 +201,10 @@ struct State {
     unhinted: Vec<VecDeque<usize>>,
     connected: Vec<bool>,
     mqtt_up: Vec<bool>,
+    /// Per device: MQTT links that came up after one had been up.
+    reconnects: Vec<u64>,
+    mqtt_downs: u64,
+    last_reconnect: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug)]
@@ -215,6 +223,7 @@ impl Shared {
                 unhinted: vec![VecDeque::new(); devices],
                 connected: vec![false; devices],
                 mqtt_up: vec![false; devices],
+                reconnects: vec![0; devices],
                 ..State::default()
             }),
             connected: AtomicUsize::new(0),
@@ -300,10 +309,19 @@ fn follow(
             };
             let now = Instant::now();
             match event {
-                AgentEvent::MqttDown(_) => shared.state().mqtt_up[index] = false,
+                AgentEvent::MqttDown(_) => {
+                    let mut state = shared.state();
+                    state.mqtt_up[index] = false;
+                    state.mqtt_downs += 1;
+                }
                 AgentEvent::MqttUp { .. } | AgentEvent::DataUp { .. } => {
                     if matches!(event, AgentEvent::MqttUp { .. }) {
-                        shared.state().mqtt_up[index] = true;
+                        let mut state = shared.state();
+                        state.mqtt_up[index] = true;
+                        if state.connected[index] {
+                            state.reconnects[index] += 1;
+                            state.last_reconnect = Some(std::time::SystemTime::now());
+                        }
                     }
                     if matches!(event, AgentEvent::MqttUp { .. }) || poll_only {
                         let mut state = shared.state();
@@ -456,6 +474,16 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
     let generated = generator::run(&cfg, &client, &shared, &mut fleet).await;
     // Before the verification's reads, which are not part of what the run measures.
     measure.finish(&cfg, &client).await?;
+    let final_round_secs = if cfg.final_round {
+        let began = Instant::now();
+        warm_up(&cfg, &client, &shared, &fleet.ready)
+            .await
+            .map_err(|e| FleetError::Warmup(format!("final round: {e}")))?;
+        tracing::info!(took = ?began.elapsed(), "final round done");
+        Some(began.elapsed().as_secs_f64())
+    } else {
+        None
+    };
     let mut cloud = verify::cloud_records(&client, &fleet.ready).await?;
     if let Some(archive) = &cfg.archive {
         verify::archived_records(archive, &mut cloud).map_err(|source| FleetError::Archive {
@@ -467,6 +495,7 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
         connected: fleet.ready.len(),
         connect_secs: fleet.connect_secs,
         warmup_secs,
+        final_round_secs,
     };
     fleet.stop().await;
     Ok(verify::report(

@@ -164,12 +164,48 @@ pub struct FleetReport {
     /// Hints merged into one already waiting for the same device (the bridge was busy).
     pub hints_coalesced: u64,
     pub events_lagged: u64,
+    /// The devices' MQTT links: how many went down during the run, how many connections
+    /// came up after one had been up (reconnects), the most any one device made, and when
+    /// the last reconnect came up (unix ms; for a scenario that restarts the broker).
+    #[serde(default)]
+    pub mqtt: MqttChurn,
+    /// With a final round (one job to every device after the run): how long until all were
+    /// done.
+    #[serde(default)]
+    pub final_round_secs: Option<f64>,
     pub faults: Vec<String>,
     pub processes: Vec<ProcessReport>,
     pub per_second: Vec<Second>,
     /// Per-job timings, kept only when asked (a part of a multi-process run), for merging.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<Sample>,
+}
+
+/// How the devices' MQTT links came and went (see [`FleetReport::mqtt`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MqttChurn {
+    pub downs: u64,
+    pub reconnects: u64,
+    pub most_reconnects_of_one_device: u64,
+    /// Devices that reconnected more than once.
+    pub devices_reconnected_twice: u64,
+    pub last_reconnect_unix_ms: Option<u64>,
+}
+
+impl MqttChurn {
+    fn merge(parts: &[&MqttChurn]) -> MqttChurn {
+        MqttChurn {
+            downs: parts.iter().map(|p| p.downs).sum(),
+            reconnects: parts.iter().map(|p| p.reconnects).sum(),
+            most_reconnects_of_one_device: parts
+                .iter()
+                .map(|p| p.most_reconnects_of_one_device)
+                .max()
+                .unwrap_or(0),
+            devices_reconnected_twice: parts.iter().map(|p| p.devices_reconnected_twice).sum(),
+            last_reconnect_unix_ms: parts.iter().filter_map(|p| p.last_reconnect_unix_ms).max(),
+        }
+    }
 }
 
 /// One job's timings, in microseconds from its submission.
@@ -259,6 +295,11 @@ impl FleetReport {
             }),
             hints_coalesced: (sum(|p| p.hints_coalesced) as f64 / k) as u64,
             events_lagged: sum(|p| p.events_lagged),
+            mqtt: MqttChurn::merge(&parts.iter().map(|p| &p.mqtt).collect::<Vec<_>>()),
+            final_round_secs: parts
+                .iter()
+                .filter_map(|p| p.final_round_secs)
+                .reduce(f64::max),
             faults,
             processes: parts.iter().flat_map(|p| p.processes.clone()).collect(),
             per_second: seconds

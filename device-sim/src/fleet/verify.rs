@@ -129,6 +129,7 @@ pub(super) struct Connected {
     pub(super) connected: usize,
     pub(super) connect_secs: f64,
     pub(super) warmup_secs: Option<f64>,
+    pub(super) final_round_secs: Option<f64>,
 }
 
 /// The report: each acknowledged job checked against `cloud`, the timings tallied.
@@ -296,6 +297,17 @@ pub(super) fn report(
             .then(|| connections as f64 / device_hours),
         hints_coalesced,
         events_lagged: shared.lagged.load(Ordering::Relaxed),
+        mqtt: report::MqttChurn {
+            downs: state.mqtt_downs,
+            reconnects: state.reconnects.iter().sum(),
+            most_reconnects_of_one_device: state.reconnects.iter().copied().max().unwrap_or(0),
+            devices_reconnected_twice: state.reconnects.iter().filter(|n| **n > 1).count() as u64,
+            last_reconnect_unix_ms: state.last_reconnect.and_then(|t| {
+                let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+                u64::try_from(since.as_millis()).ok()
+            }),
+        },
+        final_round_secs: fleet.final_round_secs,
         faults: generated.faults.clone(),
         processes,
         per_second: per_second
