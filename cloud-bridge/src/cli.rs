@@ -151,7 +151,7 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Export { data_dir } => {
-            let store = crate::store::SledStore::open(&data_dir.join("store"), false)
+            let store = crate::store::SledStore::open(&data_dir.join("store"), false, 16 << 20)
                 .context("opening the store (is the bridge still running?)")?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());

@@ -106,6 +106,8 @@ shards = 0
 # Each flush ends with fdatasync: an acknowledged write survives a power cut. false:
 # sync_file_range, which survives a killed bridge but not a power cut (the disk's write cache).
 fsync = true
+# sled's page cache, in MiB of pages as they are on disk; sled's memory is a few times this.
+cache_mb = 64
 
 [retention]
 # A finished job (its record, payload and history) leaves memory at once and stays on disk
@@ -330,6 +332,7 @@ pub struct StoreConfig {
     pub shards: usize,
     /// fdatasync at every flush (see [`crate::store::SledStore::open`]).
     pub fsync: bool,
+    pub cache_mb: u64,
 }
 
 impl Default for StoreConfig {
@@ -338,6 +341,7 @@ impl Default for StoreConfig {
             min_flush_interval_us: 1000,
             shards: 0,
             fsync: true,
+            cache_mb: 64,
         }
     }
 }

@@ -159,9 +159,11 @@ pub async fn start_with_clock(
     let admin_token = admin_token(&config, &config.data_dir)?;
     let store_dir = config.data_dir.join("store");
     let fsync = config.store.fsync;
-    let store = tokio::task::spawn_blocking(move || SledStore::open(&store_dir, fsync))
-        .await
-        .map_err(|e| StoreError::Open(e.to_string()))??;
+    let cache_bytes = config.store.cache_mb.saturating_mul(1 << 20);
+    let store =
+        tokio::task::spawn_blocking(move || SledStore::open(&store_dir, fsync, cache_bytes))
+            .await
+            .map_err(|e| StoreError::Open(e.to_string()))??;
     let committer = Committer::new(Arc::new(store), config.store.min_flush_interval());
     let core = Core::load(
         committer.clone(),

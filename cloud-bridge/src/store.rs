@@ -76,13 +76,15 @@ pub struct SledStore {
 impl SledStore {
     /// `fsync`: each flush ends with `fdatasync`, so what it covers survives a power cut;
     /// without, with `sync_file_range`, which survives a killed process but not a power cut
-    /// (the disk's write cache and the file's size are not made durable).
-    pub fn open(dir: &Path, fsync: bool) -> Result<SledStore, StoreError> {
+    /// (the disk's write cache and the file's size are not made durable). `cache_bytes` is
+    /// sled's page cache, counted as the pages' size on disk: sled's memory is several times
+    /// that.
+    pub fn open(dir: &Path, fsync: bool, cache_bytes: u64) -> Result<SledStore, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             // We flush explicitly before acknowledging; the background flush is only a backstop.
             .flush_every_ms(Some(1000))
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .sync_data(fsync)
             .open()
             .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
@@ -618,7 +620,7 @@ mod tests {
     #[test]
     fn sled_range_and_prefix_respect_bounds() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), true).unwrap();
+        let store = SledStore::open(dir.path(), true, 1 << 20).unwrap();
         let mut batch = Batch::default();
         for k in ["a/1", "a/2", "a/3", "b/1"] {
             batch.put(k, k.as_bytes().to_vec());
