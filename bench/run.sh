@@ -263,11 +263,14 @@ scenario_soak() {
         "http://127.0.0.1:$ADMIN_PORT/v1/metrics" > "$OUT/soak/metrics.json"
     stop_bridge
     kill "$sampler" 2>/dev/null || true
-    python3 - "$samples" "$OUT/soak/soak-${minutes}min.json" "$OUT/soak/metrics.json" "$keep" \
+    python3 - "$samples" "$OUT/soak/soak-${minutes}min.json" "$OUT/soak/metrics.json" "$keep" "$minutes" \
         > "$OUT/soak/soak.md" <<'PY'
 import csv, json, sys
 samples, report, metrics, keep = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 rows = [(int(r["secs"]), int(r["rss_kb"]), int(r["data_bytes"])) for r in csv.DictReader(open(samples))]
+# While the fleet ran (after it, its devices disconnect and the bridge's memory drops).
+run_secs = 60 * (1 + int(sys.argv[5]))
+rows = [row for row in rows if row[0] <= run_secs]
 r = json.load(open(report))
 m = json.load(open(metrics))
 warm = next(row for row in rows if row[0] >= 60)
@@ -305,11 +308,18 @@ scenario_storm() {
     echo "== storm: $devices devices, the bridge killed and restarted" >&2
     MQTT_CAP=$((devices > 9500 ? devices + 500 : 10000)) start_bridge storm
     mkdir -p "$OUT/storm"
-    fleet storm "storm-$devices" --devices "$devices" --rate "$(q 20 10)" --duration "$(q 90s 30s)" \
-        --final-round --processes $(((devices + 7999) / 8000)) &
+    local log=$OUT/storm/fleet.log
+    : > "$log"
+    fleet storm "storm-$devices" --devices "$devices" --rate "$(q 20 10)" --duration "$(q 150s 40s)" \
+        --final-round --processes $(((devices + 7999) / 8000)) 2> >(tee "$log" >&2) &
     local fpid=$!
-    # Connected at 1,000 a second, then a little steady state.
-    sleep "$(( devices / 1000 + 15 ))"
+    # Once the whole fleet is connected (registering 8,000 devices takes about a minute), a
+    # little steady state.
+    until grep -q "fleet connected" "$log"; do
+        kill -0 "$fpid" 2>/dev/null || break
+        sleep 1
+    done
+    sleep "$(q 15 5)"
     kill -9 "$BRIDGE_PID"
     wait "$BRIDGE_PID" 2>/dev/null || true
     local killed_ms
