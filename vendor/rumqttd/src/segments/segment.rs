@@ -27,19 +27,18 @@ impl<T> Segment<T>
 where
     T: Storage + Clone,
 {
+    // PATCH(9): segments grow as they fill instead of reserving 1,024 entries each (about
+    // 100 KB) up front: a filter with small segments (each device's notify filter: 1 KB) would
+    // otherwise hold a hundred times its limit, and reserve a fresh 100 KB at every rotation.
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
-        Self {
-            data: Vec::with_capacity(1024),
-            absolute_offset: 0,
-            total_size: 0,
-        }
+        Self::with_offset(0)
     }
 
     #[inline]
