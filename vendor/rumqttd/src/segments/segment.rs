@@ -28,8 +28,8 @@ where
     T: Storage + Clone,
 {
     // PATCH(9): segments grow as they fill instead of reserving 1,024 entries each (about
-    // 100 KB) up front: a filter with small segments (each device's notify filter: 1 KB) would
-    // otherwise hold a hundred times its limit, and reserve a fresh 100 KB at every rotation.
+    // 100 KB) up front: a filter with small segments (each device's notify filter: 1 KB)
+    // reserved a hundred times its limit, and a fresh 100 KB at every rotation.
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
             data: Vec::new(),
