@@ -35,10 +35,6 @@ impl Departures {
         }
     }
 
-    pub fn grace_ms(&self) -> u64 {
-        self.grace_ms
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

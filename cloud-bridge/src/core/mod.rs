@@ -451,18 +451,12 @@ impl Core {
         principal: &Principal,
     ) -> CoreResult<Tx<'_>> {
         match self.job_tx(id, registry, also) {
-            Err(e) if e.code() == ErrorCode::NotFound => match self.stored_job(id)? {
-                Some(job)
-                    if job.state.is_terminal()
-                        && principals::may_read(principal, &job, || {
-                            self.device(&job.device_id).ok().and_then(|d| d.owner)
-                        }) =>
-                {
-                    Err(CoreError::new(
-                        ErrorCode::InvalidState,
-                        format!("job {id} is already {}", job.state.as_str()),
-                    ))
-                }
+            Err(e) if e.code() == ErrorCode::NotFound => match self.readable_job(principal, id) {
+                // Not open, but there: finished, so on disk only.
+                Ok(job) if job.state.is_terminal() => Err(CoreError::new(
+                    ErrorCode::InvalidState,
+                    format!("job {id} is already {}", job.state.as_str()),
+                )),
                 _ => Err(e),
             },
             tx => tx,

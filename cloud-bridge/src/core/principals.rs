@@ -247,7 +247,7 @@ impl Tx<'_> {
     }
 }
 
-pub(super) fn may_read(
+fn may_read(
     principal: &Principal,
     job: &schemas::records::JobRecord,
     owner: impl FnOnce() -> Option<schemas::records::OwnerBinding>,

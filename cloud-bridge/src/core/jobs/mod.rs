@@ -283,13 +283,9 @@ impl Core {
                 }
             }
         }
-        let payload = self
-            .committer
-            .store()
-            .get(&Kind::Payload.key(job_id.as_str()))?
-            .ok_or_else(|| {
-                CoreError::new(ErrorCode::Internal, format!("payload of {job_id} missing"))
-            })?;
+        let payload = self.stored_payload(job_id)?.ok_or_else(|| {
+            CoreError::new(ErrorCode::Internal, format!("payload of {job_id} missing"))
+        })?;
         let mut tx = self.device_tx(device_id);
         let job = take(&mut tx, device_id, job_id, start, now)?;
         let (ticket, effects) = tx.commit()?;
