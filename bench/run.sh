@@ -352,7 +352,8 @@ print(f"| {(ready - killed) / 1000:.1f} s | "
       f"{'—' if final is None else f'{final:.1f} s'} |")
 print()
 print(f"{r['jobs_completed']:,} of {r['jobs_submitted']:,} jobs completed ({r['jobs_lost']} lost, "
-      f"{r['jobs_duplicated']} run twice); the bridge's counters are since its restart.")
+      f"{r['jobs_duplicated']} run twice, {r['jobs_refused']} refused while the bridge was down); "
+      f"the bridge's counters are since its restart.")
 PY
     cat "$OUT/storm/storm.md" >&2
 }

@@ -37,6 +37,25 @@ impl std::fmt::Debug for Listener {
     }
 }
 
+/// Binds `addr` with a backlog as deep as the kernel allows (Linux caps it at
+/// `net.core.somaxconn`). tokio's `TcpListener::bind` asks for 1,024: when a whole fleet comes
+/// back at once (a restart under 8,000 devices) more connections arrive before the accept loop
+/// takes them, the kernel drops the overflow, and each of those clients waits out TCP's SYN
+/// retransmission (1, 3, 7, 15, 31 s) before it is seen at all.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// What [`bind`] asks the kernel for.
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
 /// A connection accepted, and whether another was closed to make room for it.
 #[derive(Debug)]
 pub struct Admitted {
@@ -155,5 +174,32 @@ impl Accepted {
             }
         };
         Ok((stream, self.slot))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// More connections than tokio's default backlog (1,024) arrive while nothing accepts: each
+    /// completes its handshake in the kernel's queue at once. Past a full queue the kernel drops
+    /// the SYN and the client retries only after a second, which the deadline catches.
+    #[tokio::test]
+    async fn a_burst_beyond_tokios_backlog_waits_in_the_kernel_queue() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        for n in 0..1_500 {
+            let stream = tokio::time::timeout(Duration::from_millis(900), TcpStream::connect(addr))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("connection {n} waited for a SYN retry: the backlog is full")
+                })
+                .unwrap();
+            held.push(stream);
+        }
+        drop(listener);
     }
 }

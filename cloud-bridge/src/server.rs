@@ -55,18 +55,14 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
-        let admin = TcpListener::bind(config.listen.admin)
-            .await
-            .map_err(io(format!(
-                "binding the admin API on {}",
-                config.listen.admin
-            )))?;
-        let data = TcpListener::bind(config.listen.data)
-            .await
-            .map_err(io(format!(
-                "binding the data channel on {}",
-                config.listen.data
-            )))?;
+        let admin = crate::listener::bind(config.listen.admin).map_err(io(format!(
+            "binding the admin API on {}",
+            config.listen.admin
+        )))?;
+        let data = crate::listener::bind(config.listen.data).map_err(io(format!(
+            "binding the data channel on {}",
+            config.listen.data
+        )))?;
         Ok(Listeners { admin, data })
     }
 }

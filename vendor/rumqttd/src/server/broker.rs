@@ -434,7 +434,9 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
-        let listener = TcpListener::bind(&self.config.listen).await?;
+        // Patch 10: a backlog as deep as the kernel allows, and no pause between accepts
+        // when the delay is zero (see `deep_listener`).
+        let listener = deep_listener(self.config.listen)?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
@@ -511,7 +513,9 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     )),
                 );
                 count += 1;
-                time::sleep(delay).await;
+                if !delay.is_zero() {
+                    time::sleep(delay).await;
+                }
                 continue;
             }
 
@@ -577,9 +581,28 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 ),
             };
 
-            time::sleep(delay).await;
+            if !delay.is_zero() {
+                time::sleep(delay).await;
+            }
         }
     }
+}
+
+/// Patch 10: tokio's `TcpListener::bind` listens with a backlog of 1,024. When a whole fleet
+/// reconnects at once (the broker restarted under 8,000 devices) more connections arrive
+/// than that before the accept loop takes them, the kernel drops the overflow, and each
+/// dropped client waits out TCP's SYN retransmission (1, 3, 7, 15, 31 s): the storm's tail.
+/// Linux caps the backlog at `net.core.somaxconn`, so asking for more is harmless.
+fn deep_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(65_535)
 }
 
 /// Configures the Websocket connection to indicate the correct protocol
