@@ -544,3 +544,48 @@ async fn a_burst_of_connections_is_taken_without_syn_retries() {
     }
     assert_eq!(held.len(), 2_000);
 }
+
+/// rumqttd patch 11: the router swaps a connection's incoming buffer for a spare one and hands
+/// the drained buffer to the next connection that sends. A buffer grown by one backlog (the
+/// bridge's own link, thousands of publishes between two turns of the router) must not be
+/// what it hands on, or every connection ends up holding one.
+#[test]
+fn a_backlog_on_one_link_does_not_grow_the_buffer_handed_to_others() {
+    use rumqttd::protocol::{Packet as RawPacket, Publish};
+    let config = rumqttd::Config {
+        router: rumqttd::RouterConfig {
+            max_connections: 10,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 10,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let raw = rumqttd::Broker::new(config);
+    let health = raw.router_health();
+    let (mut tx, _rx) = raw.link("publisher").unwrap();
+    // 5,000 publishes waiting before the router looks once.
+    {
+        let mut buffer = tx.buffer();
+        for n in 0..5_000 {
+            let publish = Publish::new("burst".to_owned(), format!("{n}"), false);
+            buffer.push_back(RawPacket::Publish(publish, None));
+        }
+        assert!(buffer.capacity() >= 5_000);
+    }
+    tx.publish("burst", "last").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while health.spare_buffer_capacity() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the router never handled the burst"
+        );
+        std::thread::yield_now();
+    }
+    let spare = health.spare_buffer_capacity();
+    assert!(
+        (1..=200).contains(&spare),
+        "the router hands on a buffer of {spare} packets"
+    );
+}

@@ -936,6 +936,14 @@ impl Router {
             }
         }
 
+        // Patch 11: this deque goes to the next connection that sends (`exchange` above). One
+        // grown by a backlog (the bridge's own link, thousands of publishes between two
+        // turns of the router) would travel from connection to connection and stay grown in
+        // each: the soak's memory growth. Drained, it is replaced by one of the usual size.
+        if packets.capacity() > MAX_CHANNEL_CAPACITY {
+            packets = VecDeque::with_capacity(MAX_CHANNEL_CAPACITY);
+        }
+        self.health.set_spare_capacity(packets.capacity());
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a

@@ -76,6 +76,8 @@ pub struct RouterHealth {
     stopped: Arc<Mutex<Option<String>>>,
     topics: Arc<std::sync::atomic::AtomicUsize>,
     filters: Arc<std::sync::atomic::AtomicUsize>,
+    /// Patch 11: the capacity of the spare incoming buffer the router hands on.
+    spare_capacity: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RouterHealth {
@@ -97,6 +99,17 @@ impl RouterHealth {
         use std::sync::atomic::Ordering::Relaxed;
         self.topics.store(topics, Relaxed);
         self.filters.store(filters, Relaxed);
+    }
+
+    /// The capacity (in packets) of the buffer the router swaps into the next connection
+    /// that sends, as of the last packets it handled (patch 11).
+    pub fn spare_buffer_capacity(&self) -> usize {
+        self.spare_capacity.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_spare_capacity(&self, capacity: usize) {
+        self.spare_capacity
+            .store(capacity, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(crate) fn set_stopped(&self, reason: String) {
