@@ -49,6 +49,9 @@ use rules::{DeviceRules, NothingAllowed, OpsRules, OpsSessions};
 pub use stats::{BrokerStats, LogLimiter};
 
 pub use rumqttd::Notification;
+/// Binds a TCP listener with a backlog as deep as the kernel allows (rumqttd patch 10), as the
+/// broker's own listener does: for the other listeners of a program that serves a fleet.
+pub use rumqttd::deep_listener;
 pub use rumqttd::local::{LinkError, LinkRx, LinkTx};
 
 /// Settings of the embedded broker. Defaults suit a fleet of up to ~10,000 devices.

@@ -41,20 +41,9 @@ impl std::fmt::Debug for Listener {
 /// `net.core.somaxconn`). tokio's `TcpListener::bind` asks for 1,024: when a whole fleet comes
 /// back at once (a restart under 8,000 devices) more connections arrive before the accept loop
 /// takes them, the kernel drops the overflow, and each of those clients waits out TCP's SYN
-/// retransmission (1, 3, 7, 15, 31 s) before it is seen at all.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
-/// What [`bind`] asks the kernel for.
-pub const LISTEN_BACKLOG: u32 = 65_535;
+/// retransmission (1, 3, 7, 15, 31 s) before it is seen at all. The embedded broker binds the
+/// same way.
+pub use broker::deep_listener as bind;
 
 /// A connection accepted, and whether another was closed to make room for it.
 #[derive(Debug)]

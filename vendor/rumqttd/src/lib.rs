@@ -26,7 +26,7 @@ pub use link::local::SessionControl;
 pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
-pub use server::{Broker, LinkType, RouterHealth, Server};
+pub use server::{deep_listener, Broker, LinkType, RouterHealth, Server};
 
 pub use self::router::shared_subs::Strategy;
 

@@ -605,8 +605,9 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
 /// reconnects at once (the broker restarted under 8,000 devices) more connections arrive
 /// than that before the accept loop takes them, the kernel drops the overflow, and each
 /// dropped client waits out TCP's SYN retransmission (1, 3, 7, 15, 31 s): the storm's tail.
-/// Linux caps the backlog at `net.core.somaxconn`, so asking for more is harmless.
-fn deep_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Linux caps the backlog at `net.core.somaxconn`, so asking for more is harmless. Public so
+/// that an embedding program's own listeners bind the same way.
+pub fn deep_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
