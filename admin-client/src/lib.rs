@@ -64,6 +64,31 @@ impl ClientError {
     }
 }
 
+/// Named shorthands, one line each: `name(path parameter; body) -> answer: Operation`, either
+/// part left out where the operation has none. The types are checked against the operation's
+/// declaration in [`schemas::admin`]; a path parameter may be borrowed in a form of its own
+/// (`&str` for a `String`).
+macro_rules! shorthands {
+    ($($(#[$doc:meta])* $name:ident($($param:ident: $pty:ty)? $(; $body:ident: $bty:ty)?)
+        -> $answer:ty: $op:ident;)*) => {$(
+        $(#[$doc])*
+        pub async fn $name(&self $(, $param: $pty)? $(, $body: $bty)?)
+            -> Result<$answer, ClientError> {
+            self.call::<op::$op>(or_unit!($(&ToOwned::to_owned($param))?), &(), or_unit!($($body)?))
+                .await
+        }
+    )*};
+}
+
+macro_rules! or_unit {
+    () => {
+        &()
+    };
+    ($e:expr) => {
+        $e
+    };
+}
+
 #[derive(Debug, Clone)]
 pub struct AdminClient {
     base: String,
@@ -247,31 +272,34 @@ impl AdminClient {
         self.call::<O>(params, &(), body).await
     }
 
-    pub async fn health(&self) -> Result<Health, ClientError> {
-        self.get::<op::GetHealth>(&()).await
-    }
-
-    pub async fn metrics(&self) -> Result<serde_json::Value, ClientError> {
-        self.get::<op::GetMetrics>(&()).await
-    }
-
-    pub async fn create_enrollment(
-        &self,
-        req: &CreateEnrollmentToken,
-    ) -> Result<EnrollmentTokenCreated, ClientError> {
-        self.send::<op::CreateEnrollment>(&(), req).await
-    }
-
-    pub async fn devices(&self) -> Result<Vec<DeviceView>, ClientError> {
-        self.get::<op::ListDevices>(&()).await
-    }
-
-    pub async fn device(&self, id: &DeviceId) -> Result<DeviceView, ClientError> {
-        self.get::<op::GetDevice>(id).await
-    }
-
-    pub async fn disable_device(&self, id: &DeviceId) -> Result<DeviceView, ClientError> {
-        self.get::<op::DisableDevice>(id).await
+    shorthands! {
+        health() -> Health: GetHealth;
+        metrics() -> serde_json::Value: GetMetrics;
+        create_enrollment(; req: &CreateEnrollmentToken) -> EnrollmentTokenCreated:
+            CreateEnrollment;
+        devices() -> Vec<DeviceView>: ListDevices;
+        device(id: &DeviceId) -> DeviceView: GetDevice;
+        disable_device(id: &DeviceId) -> DeviceView: DisableDevice;
+        ops_logins() -> Vec<OpsLoginView>: ListOpsLogins;
+        companion(id: &CompanionId) -> CompanionView: GetCompanion;
+        create_service(; req: &CreateService) -> ServiceRecord: CreateServiceOp;
+        customers() -> Vec<CustomerView>: ListCustomers;
+        application(id: &ApplicationId) -> ApplicationView: GetApplication;
+        apply_for_service(customer: &str; req: &ApplyForService) -> ApplicationView:
+            ApplyForServiceOp;
+        poll_now(customer: &str; req: &PollNow) -> PollNowPlan: PollNowOp;
+        create_instruction(device: &DeviceId; req: &CreateInstruction) -> InstructionView:
+            CreateInstructionOp;
+        instructions(device: &DeviceId) -> Vec<InstructionView>: ListInstructions;
+        create_user(; req: &CreateUser) -> UserCreated: CreateUserOp;
+        submit_held(user: &UserId; req: &SubmitHeldJob) -> HeldJobRecord: SubmitHeld;
+        held_jobs(user: &UserId) -> Vec<HeldJobRecord>: ListHeld;
+        capabilities(device: &DeviceId) -> Capabilities: GetCapabilities;
+        contracts(device: &DeviceId) -> Vec<ContractRecord>: ListContracts;
+        settings(device: &DeviceId) -> SettingsView: GetSettings;
+        /// Asks the device to report its consent setting through its outbox.
+        query_consent(device: &DeviceId) -> (): QueryConsent;
+        job(id: &JobId) -> JobView: GetJob;
     }
 
     pub async fn create_owner(&self, name: &str) -> Result<OwnerCreated, ClientError> {
@@ -285,10 +313,6 @@ impl AdminClient {
         self.send::<op::CreateOpsLoginOp>(&(), &req).await
     }
 
-    pub async fn ops_logins(&self) -> Result<Vec<OpsLoginView>, ClientError> {
-        self.get::<op::ListOpsLogins>(&()).await
-    }
-
     /// Revokes an ops login; its open sessions are closed.
     pub async fn revoke_ops_login(&self, id: &OpsId) -> Result<OpsLoginView, ClientError> {
         self.get::<op::RevokeOpsLogin>(&id.as_str().to_owned())
@@ -299,10 +323,6 @@ impl AdminClient {
     pub async fn create_companion(&self, name: &str) -> Result<CompanionCreated, ClientError> {
         let req = CreateCompanion { name: name.into() };
         self.send::<op::CreateCompanionOp>(&(), &req).await
-    }
-
-    pub async fn companion(&self, id: &CompanionId) -> Result<CompanionView, ClientError> {
-        self.get::<op::GetCompanion>(id).await
     }
 
     /// Links (or with `linked` false, unlinks) a companion and a device.
@@ -320,14 +340,6 @@ impl AdminClient {
         }
     }
 
-    pub async fn create_service(&self, req: &CreateService) -> Result<ServiceRecord, ClientError> {
-        self.send::<op::CreateServiceOp>(&(), req).await
-    }
-
-    pub async fn customers(&self) -> Result<Vec<CustomerView>, ClientError> {
-        self.get::<op::ListCustomers>(&()).await
-    }
-
     /// The customer's devices a service can be applied for.
     pub async fn candidates(
         &self,
@@ -341,65 +353,9 @@ impl AdminClient {
             .await
     }
 
-    pub async fn apply_for_service(
-        &self,
-        customer: &str,
-        req: &ApplyForService,
-    ) -> Result<ApplicationView, ClientError> {
-        self.send::<op::ApplyForServiceOp>(&customer.to_owned(), req)
-            .await
-    }
-
-    pub async fn poll_now(
-        &self,
-        customer: &str,
-        req: &PollNow,
-    ) -> Result<PollNowPlan, ClientError> {
-        self.send::<op::PollNowOp>(&customer.to_owned(), req).await
-    }
-
-    pub async fn application(&self, id: &ApplicationId) -> Result<ApplicationView, ClientError> {
-        self.get::<op::GetApplication>(id).await
-    }
-
-    pub async fn create_instruction(
-        &self,
-        device: &DeviceId,
-        req: &CreateInstruction,
-    ) -> Result<InstructionView, ClientError> {
-        self.send::<op::CreateInstructionOp>(device, req).await
-    }
-
-    pub async fn instructions(
-        &self,
-        device: &DeviceId,
-    ) -> Result<Vec<InstructionView>, ClientError> {
-        self.get::<op::ListInstructions>(device).await
-    }
-
-    pub async fn create_user(&self, req: &CreateUser) -> Result<UserCreated, ClientError> {
-        self.send::<op::CreateUserOp>(&(), req).await
-    }
-
-    pub async fn submit_held(
-        &self,
-        user: &UserId,
-        req: &SubmitHeldJob,
-    ) -> Result<HeldJobRecord, ClientError> {
-        self.send::<op::SubmitHeld>(user, req).await
-    }
-
-    pub async fn held_jobs(&self, user: &UserId) -> Result<Vec<HeldJobRecord>, ClientError> {
-        self.get::<op::ListHeld>(user).await
-    }
-
     pub async fn move_job(&self, job: &JobId, to: &DeviceId) -> Result<JobView, ClientError> {
         let req = MoveJob { to: to.clone() };
         self.send::<op::MoveJobOp>(job, &req).await
-    }
-
-    pub async fn capabilities(&self, device: &DeviceId) -> Result<Capabilities, ClientError> {
-        self.get::<op::GetCapabilities>(device).await
     }
 
     pub async fn put_contract(
@@ -421,10 +377,6 @@ impl AdminClient {
         self.get::<op::CancelContract>(&params).await
     }
 
-    pub async fn contracts(&self, device: &DeviceId) -> Result<Vec<ContractRecord>, ClientError> {
-        self.get::<op::ListContracts>(device).await
-    }
-
     /// Sets the endpoints a device uses (a new settings revision, through its feed).
     pub async fn set_settings(
         &self,
@@ -435,10 +387,6 @@ impl AdminClient {
             endpoints: endpoints.clone(),
         };
         self.send::<op::PutSettingsOp>(device, &req).await
-    }
-
-    pub async fn settings(&self, device: &DeviceId) -> Result<SettingsView, ClientError> {
-        self.get::<op::GetSettings>(device).await
     }
 
     /// Requests accepted from the device's outbox after number `after`, oldest first.
@@ -470,11 +418,6 @@ impl AdminClient {
             }
             all.extend(page);
         }
-    }
-
-    /// Asks the device to report its consent setting through its outbox.
-    pub async fn query_consent(&self, device: &DeviceId) -> Result<(), ClientError> {
-        self.get::<op::QueryConsent>(device).await
     }
 
     /// Submits a job; the flag is false when an earlier job with the same idempotency key was
@@ -525,10 +468,6 @@ impl AdminClient {
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    pub async fn job(&self, id: &JobId) -> Result<JobView, ClientError> {
-        self.get::<op::GetJob>(id).await
     }
 
     /// A page of the device's jobs (open, and finished within retention) in the order they

@@ -477,6 +477,13 @@ impl<T> Change for (T, Ticket) {
     }
 }
 
+impl Change for (Ticket, Effects) {
+    type Answer = ();
+    fn split(self) -> ((), Ticket, Effects) {
+        ((), self.0, self.1)
+    }
+}
+
 impl<T> Change for (T, Ticket, Effects) {
     type Answer = T;
     fn split(self) -> (T, Ticket, Effects) {

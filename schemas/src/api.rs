@@ -495,30 +495,39 @@ impl From<&CompanionRecord> for CompanionView {
     }
 }
 
-/// Query of `GET /v1/devices/{id}/requests`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// A page of a list in the order it was made: the items after `after` (default: from the
+/// first), at most `limit` of them (default 100, at most 1000).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RequestsQuery {
-    /// Only requests numbered above this (default 0: from the first).
-    #[serde(default)]
-    pub after: Option<u64>,
-    /// At most this many (default 100, at most 1000).
+pub struct PageQuery<After> {
+    #[serde(default = "Option::default")]
+    pub after: Option<After>,
     #[serde(default)]
     pub limit: Option<usize>,
 }
 
-/// Query of `GET /v1/devices/{id}/jobs`: a page of the device's jobs, open and finished (until
-/// their retention ends), in the order they were submitted.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JobsQuery {
-    /// Only jobs submitted after this one (default: from the first).
-    #[serde(default)]
-    pub after: Option<JobId>,
-    /// At most this many (default 100, at most 1000).
-    #[serde(default)]
-    pub limit: Option<usize>,
+impl<After> PageQuery<After> {
+    /// How many to answer: `limit` within 1 to 1000, 100 when not given.
+    pub fn page_size(&self) -> usize {
+        self.limit.unwrap_or(100).clamp(1, 1000)
+    }
 }
+
+impl<After> Default for PageQuery<After> {
+    fn default() -> Self {
+        PageQuery {
+            after: None,
+            limit: None,
+        }
+    }
+}
+
+/// Query of `GET /v1/devices/{id}/requests`: requests numbered above `after` (default 0).
+pub type RequestsQuery = PageQuery<u64>;
+
+/// Query of `GET /v1/devices/{id}/jobs`: a page of the device's jobs, open and finished (until
+/// their retention ends), in the order they were submitted; `after` is a job id.
+pub type JobsQuery = PageQuery<JobId>;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

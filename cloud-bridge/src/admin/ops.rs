@@ -1,33 +1,38 @@
-//! What each operation of [`schemas::admin`] does: one function per operation, and the table
-//! that serves it. Each function asks the core (which decides), waits until the change or what
-//! was read is durable ([`Bridge::finish`], [`Bridge::read`]), and answers.
+//! What each operation of [`schemas::admin`] does, in one table that serves it: each asks the
+//! core (which decides), waits until the change or what was read is durable
+//! ([`Bridge::change`], [`Bridge::read`]), and answers. A read or a change of the core is
+//! written in the table itself; what does more (makes secrets, decodes a payload, wakes
+//! long-polls, publishes hints) is a function below it, or in `people.rs`.
 //!
-//! Adding an operation: declare it in `schemas/src/admin.rs`, write its function here and add
-//! it to the table below.
+//! Adding an operation: declare it in `schemas/src/admin.rs`, and add its line to the table
+//! below.
 
 use schemas::admin::{self as op, Operation};
-use schemas::api::{DeviceView, EnrollmentTokenCreated, JobView, SettingsView};
+use schemas::api::{
+    CompanionView, DeviceView, EnrollmentTokenCreated, JobView, OpsLoginView, SettingsView,
+};
 use schemas::data::ErrorCode;
 use schemas::hint::HintKind;
+use schemas::records::DeviceRecord;
 use schemas::services::InstructionBody;
-use schemas::{ApplicationId, InstructionId, Secret, UnixMillis};
+use schemas::{ApplicationId, DeviceId, InstructionId, Secret, UnixMillis};
 
 use super::serve::{Call, Reply, Serve, route};
 use super::{ApiFailure, ApiResult, AppState, people, status};
 use crate::bridge::Bridge;
-use crate::core::{CoreError, NewJob};
+use crate::core::{Core, CoreError, CoreResult, NewJob, Principal};
 
-/// `Op => function;` for every operation: serves each with its function and lists its route.
+/// One entry per operation, in one of three forms:
+/// - `Op => read(|state, call, core| ...)`: a read of the core, answered once what it saw is
+///   durable ([`Bridge::read`]);
+/// - `Op => change(|state, call, core| ...)`: a change, answered once durable, its effects
+///   carried out ([`Bridge::change`]);
+/// - `Op => call(function)`: anything else, written as a function below.
+///
+/// Serves each operation and lists its route.
 macro_rules! operations {
-    ($($op:ty => $f:path;)*) => {
-        $(impl Serve for $op {
-            async fn serve(
-                state: &AppState,
-                call: Call<Self>,
-            ) -> ApiResult<Reply<<Self as Operation>::Answer>> {
-                Ok($f(state, call).await?.into())
-            }
-        })*
+    ($($op:ty => $how:ident $what:tt;)*) => {
+        $(serve!($how $op, $what);)*
 
         /// Every operation's route.
         pub(crate) fn routes(
@@ -39,49 +44,104 @@ macro_rules! operations {
     };
 }
 
+macro_rules! serve {
+    (call $op:ty, ($f:path)) => {
+        impl Serve for $op {
+            async fn serve(
+                state: &AppState,
+                call: Call<Self>,
+            ) -> ApiResult<Reply<<Self as Operation>::Answer>> {
+                Ok($f(state, call).await?.into())
+            }
+        }
+    };
+    ($how:ident $op:ty, (|$s:tt, $c:tt, $core:ident| $body:expr)) => {
+        impl Serve for $op {
+            async fn serve(
+                state: &AppState,
+                call: Call<Self>,
+            ) -> ApiResult<Reply<<Self as Operation>::Answer>> {
+                let ($s, $c) = (state, call);
+                let answer: <Self as Operation>::Answer = bridge(state).$how(|$core| $body).await?;
+                Ok(answer.into())
+            }
+        }
+    };
+}
+
 operations! {
-    op::GetHealth => status::health;
-    op::GetMetrics => status::metrics;
-    op::CreateEnrollment => create_enrollment;
-    op::ListDevices => list_devices;
-    op::GetDevice => get_device;
-    op::DisableDevice => disable_device;
-    op::ListDeviceRequests => device_requests;
-    op::QueryConsent => query_consent;
-    op::ListDeviceJobs => device_jobs;
-    op::CancelJobOp => cancel_job;
-    op::CreateInstructionOp => create_instruction;
-    op::ListInstructions => instructions;
-    op::CreateServiceOp => create_service;
-    op::ListServices => services;
-    op::GetService => service;
-    op::UpdateServiceOp => update_service;
-    op::ListCustomers => customers;
-    op::CustomerDevices => customer_devices;
-    op::Candidates => candidates;
-    op::ApplyForServiceOp => apply_for_service;
-    op::GetApplication => application;
-    op::PollNowOp => poll_now;
-    op::ListContracts => contracts;
-    op::PutContractOp => put_contract;
-    op::CancelContract => cancel_contract;
-    op::CreateUserOp => people::create_user;
-    op::CreateOwnerOp => people::create_owner;
-    op::CreateOpsLoginOp => people::create_ops_login;
-    op::ListOpsLogins => people::ops_logins;
-    op::RevokeOpsLogin => people::revoke_ops_login;
-    op::SubmitJobOp => submit_job;
-    op::GetJob => job;
-    op::GetCapabilities => capabilities;
-    op::SubmitHeld => people::submit_held;
-    op::ListHeld => people::held_jobs;
-    op::MoveJobOp => move_job;
-    op::GetSettings => settings;
-    op::PutSettingsOp => set_settings;
-    op::CreateCompanionOp => people::create_companion;
-    op::GetCompanion => people::companion;
-    op::LinkCompanion => people::link_companion;
-    op::UnlinkCompanion => people::unlink_companion;
+    op::GetHealth => call(status::health);
+    op::GetMetrics => call(status::metrics);
+    op::CreateEnrollment => call(create_enrollment);
+    op::ListDevices => read(|_, _, core| Ok(sorted_views(core.devices())));
+    op::GetDevice => read(|_, c, core| Ok(DeviceView::from(&core.device(&c.params)?)));
+    op::DisableDevice => call(disable_device);
+    op::ListDeviceRequests => read(|_, c, core| {
+        let after = schemas::outbox::RequestNo(c.query.after.unwrap_or(0));
+        core.device_requests(&c.params, after, c.query.page_size())
+    });
+    op::QueryConsent => change(|s, c, core| core.query_consent(&c.params, now(s)));
+    op::ListDeviceJobs => read(|_, c, core| {
+        core.device_jobs(&c.params, c.query.after.as_ref(), c.query.page_size())
+    });
+    op::CancelJobOp => change(|s, c, core| {
+        core.cancel_job(&c.params, c.body.and_then(|b| b.reason), now(s))
+    });
+    op::CreateInstructionOp => call(create_instruction);
+    op::ListInstructions => read(|s, c, core| core.instructions(&c.params, now(s)));
+    op::CreateServiceOp => change(|s, c, core| core.create_service(c.body, now(s)));
+    op::ListServices => read(|_, _, core| Ok(core.services()));
+    op::GetService => read(|_, c, core| core.service(&c.params));
+    op::UpdateServiceOp => change(|_, c, core| core.update_service(&c.params, c.body));
+    op::ListCustomers => read(|_, _, core| Ok(core.customers()));
+    op::CustomerDevices => read(|_, c, core| Ok(sorted_views(core.customer_devices(&c.params))));
+    op::Candidates => read(|_, c, core| {
+        let list = core.candidates(&c.params, &c.query.service)?;
+        Ok(list.iter().map(DeviceView::from).collect())
+    });
+    op::ApplyForServiceOp => call(apply_for_service);
+    op::GetApplication => read(|s, c, core| core.application(&c.params, now(s)));
+    op::PollNowOp => call(poll_now);
+    op::ListContracts => read(|_, c, core| core.device_contracts(&c.params));
+    // Sets (or with an empty application id, clears) a contract; another provider's
+    // contract of the same kind is canceled.
+    op::PutContractOp => change(|s, c, core| {
+        let (device, service) = &c.params;
+        core.put_contract(device, service, c.body, now(s))
+    });
+    op::CancelContract => change(|s, c, core| {
+        let (device, service) = &c.params;
+        core.cancel_contract(device, service, now(s))
+    });
+    op::CreateUserOp => call(people::create_user);
+    op::CreateOwnerOp => call(people::create_owner);
+    op::CreateOpsLoginOp => call(people::create_ops_login);
+    op::ListOpsLogins => read(|_, _, core| {
+        Ok(core.ops_logins().iter().map(OpsLoginView::from).collect())
+    });
+    op::RevokeOpsLogin => call(people::revoke_ops_login);
+    op::SubmitJobOp => call(submit_job);
+    op::GetJob => read(|_, c, core| core.readable_job(&c.principal, &c.params));
+    op::GetCapabilities => read(|_, c, core| capabilities(core, &c.principal, &c.params));
+    op::SubmitHeld => call(people::submit_held);
+    op::ListHeld => read(|s, c, core| {
+        core.authorize_user(&c.principal, &c.params)?;
+        core.held_jobs(&c.params, now(s))
+    });
+    op::MoveJobOp => change(|s, c, core| {
+        core.move_job(&c.principal, &c.params, &c.body.to, now(s))
+    });
+    op::GetSettings => read(|_, c, core| {
+        core.authorize_settings(&c.principal, &c.params)?;
+        Ok(SettingsView::from(&core.device(&c.params)?))
+    });
+    op::PutSettingsOp => call(set_settings);
+    op::CreateCompanionOp => call(people::create_companion);
+    op::GetCompanion => read(|_, c, core| {
+        Ok(CompanionView::from(&core.companion(&c.principal, &c.params)?))
+    });
+    op::LinkCompanion => call(people::link_companion);
+    op::UnlinkCompanion => call(people::unlink_companion);
 }
 
 type Result<T> = std::result::Result<T, ApiFailure>;
@@ -132,20 +192,6 @@ async fn create_enrollment(
     })
 }
 
-async fn list_devices(s: &AppState, _: Call<op::ListDevices>) -> Result<Vec<DeviceView>> {
-    let mut list: Vec<DeviceView> = bridge(s)
-        .read(|core| Ok(core.devices().iter().map(DeviceView::from).collect()))
-        .await?;
-    list.sort_by_key(|d| d.registered_at);
-    Ok(list)
-}
-
-async fn get_device(s: &AppState, c: Call<op::GetDevice>) -> Result<DeviceView> {
-    Ok(bridge(s)
-        .read(|core| Ok(DeviceView::from(&core.device(&c.params)?)))
-        .await?)
-}
-
 async fn disable_device(s: &AppState, c: Call<op::DisableDevice>) -> Result<DeviceView> {
     let b = bridge(s);
     let device = b
@@ -154,32 +200,6 @@ async fn disable_device(s: &AppState, c: Call<op::DisableDevice>) -> Result<Devi
     // Wake its long-polls so they notice.
     b.wake_long_polls(&c.params);
     Ok(DeviceView::from(&device))
-}
-
-async fn device_requests(
-    s: &AppState,
-    c: Call<op::ListDeviceRequests>,
-) -> Result<Vec<schemas::records::DeviceRequestRecord>> {
-    let limit = c.query.limit.unwrap_or(100).clamp(1, 1000);
-    let after = schemas::outbox::RequestNo(c.query.after.unwrap_or(0));
-    Ok(bridge(s)
-        .read(|core| core.device_requests(&c.params, after, limit))
-        .await?)
-}
-
-async fn query_consent(s: &AppState, c: Call<op::QueryConsent>) -> Result<()> {
-    let b = bridge(s);
-    let (ticket, effects) = b.core().query_consent(&c.params, now(s))?;
-    Ok(b.finish(ticket, effects).await?)
-}
-
-async fn settings(s: &AppState, c: Call<op::GetSettings>) -> Result<SettingsView> {
-    Ok(bridge(s)
-        .read(|core| {
-            core.authorize_settings(&c.principal, &c.params)?;
-            Ok(SettingsView::from(&core.device(&c.params)?))
-        })
-        .await?)
 }
 
 async fn set_settings(s: &AppState, c: Call<op::PutSettingsOp>) -> Result<SettingsView> {
@@ -228,51 +248,29 @@ async fn submit_job(s: &AppState, c: Call<op::SubmitJobOp>) -> Result<Reply<JobV
     })
 }
 
-async fn job(s: &AppState, c: Call<op::GetJob>) -> Result<JobView> {
-    Ok(bridge(s)
-        .read(|core| core.readable_job(&c.principal, &c.params))
-        .await?)
-}
-
-async fn device_jobs(s: &AppState, c: Call<op::ListDeviceJobs>) -> Result<Vec<JobView>> {
-    let limit = c.query.limit.unwrap_or(100).clamp(1, 1000);
-    let after = c.query.after;
-    Ok(bridge(s)
-        .read(|core| core.device_jobs(&c.params, after.as_ref(), limit))
-        .await?)
-}
-
-async fn cancel_job(s: &AppState, c: Call<op::CancelJobOp>) -> Result<JobView> {
-    let reason = c.body.and_then(|b| b.reason);
-    Ok(bridge(s)
-        .change(|core| core.cancel_job(&c.params, reason, now(s)))
-        .await?)
-}
-
-async fn move_job(s: &AppState, c: Call<op::MoveJobOp>) -> Result<JobView> {
-    Ok(bridge(s)
-        .change(|core| core.move_job(&c.principal, &c.params, &c.body.to, now(s)))
-        .await?)
-}
-
-async fn capabilities(
-    s: &AppState,
-    c: Call<op::GetCapabilities>,
-) -> Result<schemas::print::Capabilities> {
-    Ok(bridge(s)
-        .read(|core| {
-            core.authorize_submit(&c.principal, &c.params)?;
-            core.device(&c.params)?
-                .printer
-                .map(|p| p.capabilities)
-                .ok_or_else(|| {
-                    CoreError::new(
-                        ErrorCode::NotFound,
-                        format!("device {} has registered no printer queue", c.params),
-                    )
-                })
+/// What the device's printer can do, for a caller who may submit to it.
+fn capabilities(
+    core: &Core,
+    principal: &Principal,
+    device: &DeviceId,
+) -> CoreResult<schemas::print::Capabilities> {
+    core.authorize_submit(principal, device)?;
+    core.device(device)?
+        .printer
+        .map(|p| p.capabilities)
+        .ok_or_else(|| {
+            CoreError::new(
+                ErrorCode::NotFound,
+                format!("device {device} has registered no printer queue"),
+            )
         })
-        .await?)
+}
+
+/// Devices as the API shows them, oldest registration first.
+fn sorted_views(devices: Vec<DeviceRecord>) -> Vec<DeviceView> {
+    let mut list: Vec<DeviceView> = devices.iter().map(DeviceView::from).collect();
+    list.sort_by_key(|d| d.registered_at);
+    list
 }
 
 // ------------------------------------------------------------------- mailbox and services
@@ -301,74 +299,6 @@ async fn create_instruction(
         .await?)
 }
 
-async fn instructions(
-    s: &AppState,
-    c: Call<op::ListInstructions>,
-) -> Result<Vec<schemas::api::InstructionView>> {
-    Ok(bridge(s)
-        .read(|core| core.instructions(&c.params, now(s)))
-        .await?)
-}
-
-async fn create_service(
-    s: &AppState,
-    c: Call<op::CreateServiceOp>,
-) -> Result<schemas::services::ServiceRecord> {
-    Ok(bridge(s)
-        .change(|core| core.create_service(c.body, now(s)))
-        .await?)
-}
-
-async fn update_service(
-    s: &AppState,
-    c: Call<op::UpdateServiceOp>,
-) -> Result<schemas::services::ServiceRecord> {
-    Ok(bridge(s)
-        .change(|core| core.update_service(&c.params, c.body))
-        .await?)
-}
-
-async fn services(
-    s: &AppState,
-    _: Call<op::ListServices>,
-) -> Result<Vec<schemas::services::ServiceRecord>> {
-    Ok(bridge(s).read(|core| Ok(core.services())).await?)
-}
-
-async fn service(
-    s: &AppState,
-    c: Call<op::GetService>,
-) -> Result<schemas::services::ServiceRecord> {
-    Ok(bridge(s).read(|core| core.service(&c.params)).await?)
-}
-
-async fn customers(
-    s: &AppState,
-    _: Call<op::ListCustomers>,
-) -> Result<Vec<schemas::api::CustomerView>> {
-    Ok(bridge(s).read(|core| Ok(core.customers())).await?)
-}
-
-async fn customer_devices(s: &AppState, c: Call<op::CustomerDevices>) -> Result<Vec<DeviceView>> {
-    let mut list: Vec<DeviceView> = bridge(s)
-        .read(|core| {
-            let devices = core.customer_devices(&c.params);
-            Ok(devices.iter().map(DeviceView::from).collect())
-        })
-        .await?;
-    list.sort_by_key(|d| d.registered_at);
-    Ok(list)
-}
-
-async fn candidates(s: &AppState, c: Call<op::Candidates>) -> Result<Vec<DeviceView>> {
-    Ok(bridge(s)
-        .read(|core| {
-            let list = core.candidates(&c.params, &c.query.service)?;
-            Ok(list.iter().map(DeviceView::from).collect())
-        })
-        .await?)
-}
-
 /// Each chosen device gets a use-start instruction with a fresh one-time code, and a hint.
 async fn apply_for_service(
     s: &AppState,
@@ -383,15 +313,6 @@ async fn apply_for_service(
     };
     Ok(bridge(s)
         .change(|core| core.apply_for_service(&c.params, c.body, id, &mut fresh, now(s)))
-        .await?)
-}
-
-async fn application(
-    s: &AppState,
-    c: Call<op::GetApplication>,
-) -> Result<schemas::api::ApplicationView> {
-    Ok(bridge(s)
-        .read(|core| core.application(&c.params, now(s)))
         .await?)
 }
 
@@ -412,35 +333,4 @@ async fn poll_now(s: &AppState, c: Call<op::PollNowOp>) -> Result<schemas::api::
         }
     }
     Ok(plan)
-}
-
-async fn contracts(
-    s: &AppState,
-    c: Call<op::ListContracts>,
-) -> Result<Vec<schemas::services::ContractRecord>> {
-    Ok(bridge(s)
-        .read(|core| core.device_contracts(&c.params))
-        .await?)
-}
-
-/// Sets (or with an empty application id, clears) a contract; another provider's contract
-/// of the same kind is canceled.
-async fn put_contract(
-    s: &AppState,
-    c: Call<op::PutContractOp>,
-) -> Result<Vec<schemas::services::ContractRecord>> {
-    let (device, service) = &c.params;
-    Ok(bridge(s)
-        .change(|core| core.put_contract(device, service, c.body, now(s)))
-        .await?)
-}
-
-async fn cancel_contract(
-    s: &AppState,
-    c: Call<op::CancelContract>,
-) -> Result<Vec<schemas::services::ContractRecord>> {
-    let (device, service) = &c.params;
-    Ok(bridge(s)
-        .change(|core| core.cancel_contract(device, service, now(s)))
-        .await?)
 }

@@ -44,19 +44,6 @@ pub(super) async fn submit_held(
     )
 }
 
-/// A user's held jobs in every state: held, released (where, when), expired.
-pub(super) async fn held_jobs(
-    s: &AppState,
-    c: Call<op::ListHeld>,
-) -> Result<Vec<schemas::print::HeldJobRecord>> {
-    Ok(bridge(s)
-        .read(|core| {
-            core.authorize_user(&c.principal, &c.params)?;
-            core.held_jobs(&c.params, now(s))
-        })
-        .await?)
-}
-
 pub(super) async fn create_owner(s: &AppState, c: Call<op::CreateOwnerOp>) -> Result<OwnerCreated> {
     let token = Secret::from_random(rand::random());
     let id = OwnerId::from_random(rand::random());
@@ -86,14 +73,6 @@ pub(super) async fn create_ops_login(
         password,
         created_at: record.created_at,
     })
-}
-
-pub(super) async fn ops_logins(
-    s: &AppState,
-    _: Call<op::ListOpsLogins>,
-) -> Result<Vec<OpsLoginView>> {
-    let list = bridge(s).read(|core| Ok(core.ops_logins())).await?;
-    Ok(list.iter().map(OpsLoginView::from).collect())
 }
 
 /// Revokes an ops login and closes its open MQTT sessions. An id that cannot be one is a
@@ -136,16 +115,6 @@ pub(super) async fn create_companion(
         name: record.name,
         token,
     })
-}
-
-pub(super) async fn companion(s: &AppState, c: Call<op::GetCompanion>) -> Result<CompanionView> {
-    Ok(bridge(s)
-        .read(|core| {
-            Ok(CompanionView::from(
-                &core.companion(&c.principal, &c.params)?,
-            ))
-        })
-        .await?)
 }
 
 pub(super) async fn link(
