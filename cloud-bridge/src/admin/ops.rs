@@ -46,24 +46,22 @@ macro_rules! operations {
 
 macro_rules! serve {
     (call $op:ty, ($f:path)) => {
-        impl Serve for $op {
-            async fn serve(
-                state: &AppState,
-                call: Call<Self>,
-            ) -> ApiResult<Reply<<Self as Operation>::Answer>> {
-                Ok($f(state, call).await?.into())
-            }
-        }
+        serve!(@impl $op, state, call, Ok($f(state, call).await?.into()));
     };
     ($how:ident $op:ty, (|$s:tt, $c:tt, $core:ident| $body:expr)) => {
+        serve!(@impl $op, state, call, {
+            let ($s, $c) = (state, call);
+            let answer: <$op as Operation>::Answer = bridge(state).$how(|$core| $body).await?;
+            Ok(answer.into())
+        });
+    };
+    (@impl $op:ty, $state:ident, $call:ident, $body:expr) => {
         impl Serve for $op {
             async fn serve(
-                state: &AppState,
-                call: Call<Self>,
+                $state: &AppState,
+                $call: Call<Self>,
             ) -> ApiResult<Reply<<Self as Operation>::Answer>> {
-                let ($s, $c) = (state, call);
-                let answer: <Self as Operation>::Answer = bridge(state).$how(|$core| $body).await?;
-                Ok(answer.into())
+                $body
             }
         }
     };
