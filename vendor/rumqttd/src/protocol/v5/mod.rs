@@ -363,7 +363,12 @@ impl Protocol for V5 {
         let fixed_header = check(stream.iter(), max_size)?;
 
         // Test with a stream with exactly the size to check border panics
-        let packet = stream.split_to(fixed_header.frame_length());
+        // Patch 12: the packet is copied into an allocation of its own, and the read buffer
+        // moves past it. A split (`split_to` and `freeze`) would share the connection's whole
+        // read buffer, and a publish kept by the router (in a commit log, as a will or as a
+        // retained message) would keep that buffer alive long after the connection ended.
+        let packet = Bytes::copy_from_slice(&stream[..fixed_header.frame_length()]);
+        stream.advance(fixed_header.frame_length());
         let packet_type = fixed_header.packet_type()?;
 
         if fixed_header.remaining_len == 0 {
@@ -381,7 +386,6 @@ impl Protocol for V5 {
             };
         }
 
-        let packet = packet.freeze();
         let packet = match packet_type {
             PacketType::Connect => {
                 let (connect, properties, will, willproperties, login) =
