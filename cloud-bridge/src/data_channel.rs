@@ -17,6 +17,7 @@ use schemas::data::{
     CLOSE_UNSUPPORTED_VERSION, ClientFrame, ErrorBody, ErrorCode, Hello, HelloAuth, ServerEvent,
     ServerFrame, Welcome,
 };
+use schemas::tolerant::FromDevice;
 use schemas::{DeviceId, PROTOCOL_VERSION};
 use tokio_tungstenite::tungstenite;
 use tokio_util::sync::CancellationToken;
@@ -310,11 +311,18 @@ impl Connection {
                         return End::Io(e);
                     }
                 }
-                msg = ws.recv::<ClientFrame>() => {
+                msg = ws.recv_with(FromDevice::decode) => {
                     last_heard = tokio::time::Instant::now();
                     let (id, body) = match msg {
-                        Incoming::Frame(ClientFrame::Request { id, body }) => (id, body),
-                        Incoming::Frame(ClientFrame::Hello(_)) => {
+                        Incoming::Frame(FromDevice::Frame(ClientFrame::Request { id, body })) => (id, body),
+                        Incoming::Frame(FromDevice::Rejected { id, error }) => {
+                            tracing::debug!(code = error.code.as_str(), message = %error.message, "request not understood");
+                            if let Err(e) = ws.send(&ServerFrame::Error { id: Some(id), error }).await {
+                                return End::Io(e);
+                            }
+                            continue;
+                        }
+                        Incoming::Frame(FromDevice::Frame(ClientFrame::Hello(_))) => {
                             return End::Refused(ErrorBody::new(ErrorCode::BadFrame, "hello sent twice"));
                         }
                         Incoming::Closed(_) => return End::Closed,

@@ -73,6 +73,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameSocket<S> {
 
     /// The next frame, or what came instead. Pings, pongs and raw frames are skipped.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Incoming<T> {
+        self.recv_with(|bytes| {
+            schemas::decode::<T>(bytes)
+                .map_err(|e| ErrorBody::new(ErrorCode::BadFrame, e.to_string()))
+        })
+        .await
+    }
+
+    /// As [`FrameSocket::recv`], decoding with `decode` (an `Err` is [`Incoming::Bad`]): for
+    /// the tolerant readers of `schemas::tolerant`.
+    pub async fn recv_with<T>(
+        &mut self,
+        decode: impl FnOnce(&[u8]) -> Result<T, ErrorBody>,
+    ) -> Incoming<T> {
         loop {
             let bytes = match self.ws.next().await {
                 None => return Incoming::Closed(None),
@@ -89,9 +102,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameSocket<S> {
                 }
                 Some(Err(e)) => return Incoming::Failed(e.to_string()),
             };
-            return match schemas::decode::<T>(&bytes) {
+            return match decode(&bytes) {
                 Ok(frame) => Incoming::Frame(frame),
-                Err(e) => Incoming::Bad(ErrorBody::new(ErrorCode::BadFrame, e.to_string())),
+                Err(error) => Incoming::Bad(error),
             };
         }
     }

@@ -14,7 +14,8 @@ use bytes::BytesMut;
 use cloud_bridge::bridge::Bridge;
 use cloud_bridge::store::{Committer, MemStore};
 use rumqttd::protocol::Protocol;
-use schemas::data::{ClientFrame, Request, ServerFrame};
+use schemas::data::{ClientFrame, ErrorCode, Request, ServerFrame};
+use schemas::tolerant::{FromDevice, FromServer};
 use schemas::{DeviceId, OpsId, OwnerId, Secret, UnixMillis, UserId};
 
 /// The names of the targets, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/`.
@@ -139,8 +140,23 @@ impl World {
 /// A data-channel frame as the server reads it; a request is run through the real handler for
 /// a registered device (long-polls do not wait). A decoded frame must encode and decode again.
 pub fn data_frame(data: &[u8]) {
-    let Ok(frame) = schemas::decode::<ClientFrame>(data) else {
-        return;
+    // As the bridge reads it: a request it cannot read fails alone, under the request's id.
+    let frame = match FromDevice::decode(data) {
+        Ok(FromDevice::Frame(frame)) => frame,
+        Ok(FromDevice::Rejected { error, .. }) => {
+            assert!(
+                matches!(
+                    error.code,
+                    ErrorCode::UnknownRequest | ErrorCode::BadRequest
+                ),
+                "{error}"
+            );
+            return;
+        }
+        Err(error) => {
+            assert_eq!(error.code, ErrorCode::BadFrame, "{error}");
+            return;
+        }
     };
     let again = schemas::encode(&frame).expect("a decoded frame encodes");
     schemas::decode::<ClientFrame>(&again).expect("an encoded frame decodes");
@@ -165,7 +181,9 @@ pub fn data_frame(data: &[u8]) {
 
 /// A frame as the device agent reads it from the server.
 pub fn server_frame(data: &[u8]) {
-    let _ = schemas::decode::<ServerFrame>(data);
+    if let Ok(FromServer::Frame(frame)) = FromServer::decode(data) {
+        assert_eq!(schemas::decode::<ServerFrame>(data).ok(), Some(frame));
+    }
 }
 
 /// A hint as the agent's MQTT link reads it.

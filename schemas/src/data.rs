@@ -38,6 +38,10 @@ pub const MAX_SYNC_WAIT_MS: u32 = 30_000;
 /// Most entries returned by one sync.
 pub const MAX_SYNC_ENTRIES: u16 = 256;
 
+fn max_sync_entries() -> u16 {
+    MAX_SYNC_ENTRIES
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientFrame {
@@ -97,7 +101,11 @@ pub enum Request {
     /// Entries after `after`, waiting up to `wait_ms` for one to appear (long-poll).
     Sync {
         after: FeedSeq,
+        /// Default 0: answer at once.
+        #[serde(default)]
         wait_ms: u32,
+        /// Default (and at most) [`MAX_SYNC_ENTRIES`].
+        #[serde(default = "max_sync_entries")]
         limit: u16,
         /// Acknowledges everything up to here first, as [`Request::Ack`] would: a device that
         /// has handled what its last sync returned says so in the sync that asks for more.
@@ -423,6 +431,9 @@ pub enum ErrorCode {
     UnsupportedSetting,
     /// The request took longer than the server allows (the admin API's request timeout).
     Timeout,
+    /// A request kind this server does not know (a newer device's): that request fails, the
+    /// session goes on.
+    UnknownRequest,
     #[serde(other)]
     Unknown,
 }
@@ -454,6 +465,7 @@ impl ErrorCode {
             ErrorCode::RegistrationCodeInvalid => "registration_code_invalid",
             ErrorCode::UnsupportedSetting => "unsupported_setting",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::UnknownRequest => "unknown_request",
             ErrorCode::Unknown => "unknown",
         }
     }

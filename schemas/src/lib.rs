@@ -35,6 +35,7 @@ pub mod records;
 pub mod services;
 pub mod settings;
 pub mod status;
+pub mod tolerant;
 pub mod topics;
 
 pub use codec::{DecodeError, EncodeError, decode, encode};

@@ -393,3 +393,231 @@ async fn an_idempotency_key_reused_for_another_job_is_a_conflict_naming_the_key(
     assert_eq!(jobs.len(), 1);
     agent.stop().await.unwrap();
 }
+
+/// A request as a newer device might send it: any kind, any fields.
+fn raw_request(id: u32, body: impl serde::Serialize) -> Message {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Frame<B> {
+        Request { id: schemas::RequestId, body: B },
+    }
+    let frame = Frame::Request {
+        id: schemas::RequestId(id),
+        body,
+    };
+    Message::Binary(schemas::encode(&frame).unwrap().into())
+}
+
+/// One kind and its fields, as a map of one entry.
+fn kind<V: serde::Serialize>(
+    name: &'static str,
+    fields: V,
+) -> std::collections::BTreeMap<&'static str, V> {
+    std::collections::BTreeMap::from([(name, fields)])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_newer_device_sends_fails_request_by_request_and_the_session_goes_on() {
+    use schemas::data::Response;
+    use std::collections::{BTreeMap, HashMap};
+
+    let bridge = InProcessBridge::start().await;
+    let ep = &bridge.endpoints;
+    let (agent, creds) = device(ep, "SN-NEWER").await;
+    agent.stop().await.unwrap();
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(ep.data_url.as_str())
+        .await
+        .unwrap();
+    ws.send(hello(PROTOCOL_VERSION, device_auth(&creds)))
+        .await
+        .unwrap();
+    let mut answers: HashMap<u32, ServerFrame> = HashMap::new();
+    let next = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| loop {
+        match tokio::time::timeout(SOON, ws.next())
+            .await
+            .expect("no frame in time")
+        {
+            Some(Ok(Message::Binary(b))) => return schemas::decode::<ServerFrame>(&b).unwrap(),
+            Some(Ok(Message::Close(f))) => panic!("the server closed the session: {f:?}"),
+            Some(Ok(_)) => {}
+            other => panic!("the connection failed: {other:?}"),
+        }
+    };
+    let newest = match next(&mut ws).await {
+        ServerFrame::Welcome(w) => w.newest,
+        other => panic!("expected the welcome, got {other:?}"),
+    };
+
+    // A long-poll in flight while the rest arrives.
+    #[derive(serde::Serialize)]
+    struct Sync {
+        after: schemas::FeedSeq,
+        wait_ms: u32,
+    }
+    ws.send(raw_request(
+        1,
+        kind(
+            "sync",
+            Sync {
+                after: newest,
+                wait_ms: 20_000,
+            },
+        ),
+    ))
+    .await
+    .unwrap();
+    // A request kind this bridge does not know, bare and with fields.
+    ws.send(raw_request(2, "teleport")).await.unwrap();
+    ws.send(raw_request(3, kind("fly_to", BTreeMap::from([("x", 1)]))))
+        .await
+        .unwrap();
+    // A known kind with an enum value this bridge does not know.
+    #[derive(serde::Serialize)]
+    struct Update {
+        job_id: schemas::JobId,
+        attempt: u32,
+        update: &'static str,
+    }
+    let someone = schemas::JobId::from_random([5; 8]);
+    ws.send(raw_request(
+        4,
+        kind(
+            "job_update",
+            Update {
+                job_id: someone,
+                attempt: 1,
+                update: "paused",
+            },
+        ),
+    ))
+    .await
+    .unwrap();
+    // A known request with a field this bridge does not know: the field is ignored.
+    #[derive(serde::Serialize)]
+    struct Ack {
+        upto: schemas::FeedSeq,
+        urgency: &'static str,
+    }
+    ws.send(raw_request(
+        5,
+        kind(
+            "ack",
+            Ack {
+                upto: newest,
+                urgency: "high",
+            },
+        ),
+    ))
+    .await
+    .unwrap();
+    for _ in 0..4 {
+        match next(&mut ws).await {
+            ServerFrame::Response { id, body } => {
+                answers.insert(id.0, ServerFrame::Response { id, body })
+            }
+            ServerFrame::Error {
+                id: Some(id),
+                error,
+            } => answers.insert(
+                id.0,
+                ServerFrame::Error {
+                    id: Some(id),
+                    error,
+                },
+            ),
+            other => panic!("unexpected {other:?}"),
+        };
+    }
+    let code = |id: u32| match &answers[&id] {
+        ServerFrame::Error { error, .. } => Some(error.code),
+        _ => None,
+    };
+    assert_eq!(
+        code(2),
+        Some(ErrorCode::UnknownRequest),
+        "{:?}",
+        answers[&2]
+    );
+    assert_eq!(
+        code(3),
+        Some(ErrorCode::UnknownRequest),
+        "{:?}",
+        answers[&3]
+    );
+    assert_eq!(code(4), Some(ErrorCode::BadRequest), "{:?}", answers[&4]);
+    assert!(
+        matches!(&answers[&5], ServerFrame::Response { body: Response::Acked { acked }, .. } if *acked == newest),
+        "{:?}",
+        answers[&5]
+    );
+    assert!(
+        !answers.contains_key(&1),
+        "the long-poll answered before there was anything"
+    );
+
+    // The long-poll in flight all along answers when a job arrives, and the job runs.
+    let (job, _) = ep
+        .client()
+        .submit_job(
+            &creds.device_id,
+            &SubmitJob {
+                payload: Some("after all that".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    match next(&mut ws).await {
+        ServerFrame::Response {
+            id,
+            body: Response::Feed { entries, .. },
+        } if id.0 == 1 => {
+            assert_eq!(entries.len(), 1, "{entries:?}");
+        }
+        other => panic!("expected the long-poll's answer, got {other:?}"),
+    }
+    ws.send(Message::Binary(
+        schemas::encode(&ClientFrame::Request {
+            id: schemas::RequestId(6),
+            body: Request::FetchJob {
+                job_id: job.job_id.clone(),
+                start: true,
+            },
+        })
+        .unwrap()
+        .into(),
+    ))
+    .await
+    .unwrap();
+    let attempt = match next(&mut ws).await {
+        ServerFrame::Response {
+            body: Response::Job(offer),
+            ..
+        } => offer.attempt,
+        other => panic!("expected the job, got {other:?}"),
+    };
+    ws.send(Message::Binary(
+        schemas::encode(&ClientFrame::Request {
+            id: schemas::RequestId(7),
+            body: Request::JobUpdate {
+                job_id: job.job_id.clone(),
+                attempt,
+                update: schemas::job::JobUpdate::Succeeded { detail: None },
+            },
+        })
+        .unwrap()
+        .into(),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut ws).await,
+        ServerFrame::Response {
+            body: Response::JobState { .. },
+            ..
+        }
+    ));
+    let view = ep.client().job(&job.job_id).await.unwrap();
+    assert_eq!(view.state, schemas::job::JobState::Succeeded);
+}

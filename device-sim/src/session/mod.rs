@@ -12,6 +12,7 @@ use schemas::data::{
     ClientFrame, ErrorBody, ErrorCode, Hello, HelloAuth, Request, Response, ServerEvent,
     ServerFrame, Welcome,
 };
+use schemas::tolerant::FromServer;
 use schemas::{PROTOCOL_VERSION, RequestId};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -284,27 +285,34 @@ async fn run(
                 }
                 pending.insert(id, reply);
             }
-            msg = ws.recv::<ServerFrame>() => {
+            msg = ws.recv_with(FromServer::decode) => {
                 last_heard = tokio::time::Instant::now();
                 match msg {
-                    Incoming::Frame(ServerFrame::Response { id, body }) => {
-                        if let Some(reply) = pending.remove(&id) {
-                            let _ = reply.send(Ok(body));
-                        }
-                    }
-                    Incoming::Frame(ServerFrame::Error { id: Some(id), error }) => {
+                    Incoming::Frame(FromServer::Unreadable { id, error }) => {
+                        tracing::debug!(message = %error.message, "an answer from a newer server");
                         if let Some(reply) = pending.remove(&id) {
                             let _ = reply.send(Err(SessionError::Request(error)));
                         }
                     }
-                    Incoming::Frame(ServerFrame::Error { id: None, error }) => {
+                    Incoming::Frame(FromServer::UnknownEvent) => continue,
+                    Incoming::Frame(FromServer::Frame(ServerFrame::Response { id, body })) => {
+                        if let Some(reply) = pending.remove(&id) {
+                            let _ = reply.send(Ok(body));
+                        }
+                    }
+                    Incoming::Frame(FromServer::Frame(ServerFrame::Error { id: Some(id), error })) => {
+                        if let Some(reply) = pending.remove(&id) {
+                            let _ = reply.send(Err(SessionError::Request(error)));
+                        }
+                    }
+                    Incoming::Frame(FromServer::Frame(ServerFrame::Error { id: None, error })) => {
                         for (_, reply) in pending.drain() {
                             let _ = reply.send(Err(SessionError::Refused(error.clone())));
                         }
                         break format!("server error: {error}");
                     }
-                    Incoming::Frame(ServerFrame::Event(ServerEvent::Closing { reason })) => break format!("server closing: {reason}"),
-                    Incoming::Frame(ServerFrame::Welcome(_)) | Incoming::Text => continue,
+                    Incoming::Frame(FromServer::Frame(ServerFrame::Event(ServerEvent::Closing { reason }))) => break format!("server closing: {reason}"),
+                    Incoming::Frame(FromServer::Frame(ServerFrame::Welcome(_))) | Incoming::Text => continue,
                     Incoming::Closed(frame) => break format!("closed by the server: {frame:?}"),
                     Incoming::Bad(e) => break format!("undecodable frame from the server: {}", e.message),
                     Incoming::Failed(e) => break e,
