@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs Mosquitto first when it is missing (the interop test runs
-# the pipeline against it), so this works on a fresh Debian machine.
+# the pipeline against it) and the Python conformance device's packages, so this works on a
+# fresh Debian machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,12 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+fi
+
+# The Python conformance device (tests/conformance/) needs its three packages.
+if ! python3 -c 'import msgpack, websockets.sync.client, paho.mqtt.enums' 2>/dev/null; then
+    echo "installing the Python conformance device's packages" >&2
+    python3 -m pip install --quiet --disable-pip-version-check -r tests/conformance/requirements.txt
 fi
 
 # Run every test binary even when one fails (--no-fail-fast), keep cargo's output, and close
