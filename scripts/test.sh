@@ -14,9 +14,9 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
 fi
 
-# The Python conformance device (tests/conformance/) needs its three packages.
-if ! python3 -c 'import msgpack, websockets.sync.client, paho.mqtt.enums' 2>/dev/null; then
-    echo "installing the Python conformance device's packages" >&2
+# The Python conformance device and the metrics parser (tests/conformance/) need four packages.
+if ! python3 -c 'import msgpack, websockets.sync.client, paho.mqtt.enums, prometheus_client.openmetrics.parser' 2>/dev/null; then
+    echo "installing the Python packages of tests/conformance" >&2
     python3 -m pip install --quiet --disable-pip-version-check -r tests/conformance/requirements.txt
 fi
 

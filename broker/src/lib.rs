@@ -258,6 +258,11 @@ impl EmbeddedBroker {
         self.shared.router.sizes()
     }
 
+    /// MQTT connections open (devices, ops logins, the bridge's own link, the watchdog's).
+    pub fn connections(&self) -> usize {
+        self.shared.router.connections()
+    }
+
     /// What the broker refused so far.
     pub fn stats(&self) -> &BrokerStats {
         &self.shared.stats

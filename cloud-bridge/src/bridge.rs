@@ -56,6 +56,7 @@ struct Inner {
     feeds: Mutex<HashMap<DeviceId, watch::Sender<FeedSeq>>>,
     reaper: ReaperWake,
     metrics: Metrics,
+    telemetry: crate::telemetry::Telemetry,
     broker_mode: String,
     /// The embedded broker, once started (none with an external broker).
     embedded: OnceLock<broker::EmbeddedBroker>,
@@ -90,6 +91,7 @@ impl Bridge {
                 feeds: Mutex::new(HashMap::new()),
                 reaper: ReaperWake::default(),
                 metrics: Metrics::default(),
+                telemetry: crate::telemetry::Telemetry::default(),
                 broker_mode: broker_mode.to_owned(),
                 embedded: OnceLock::new(),
                 data_sessions: Arc::new(DataSessions::default()),
@@ -110,6 +112,11 @@ impl Bridge {
 
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// What the metrics scrape counts as commits are applied.
+    pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
+        &self.inner.telemetry
     }
 
     pub fn notifier(&self) -> &Notifier {
@@ -457,6 +464,7 @@ impl Bridge {
                 return;
             }
             for event in queue.release(covering) {
+                self.inner.telemetry.applied(&event);
                 self.inner.notifier.ops(&event);
             }
         }

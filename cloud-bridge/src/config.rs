@@ -49,6 +49,9 @@ max_connections = 512
 header_timeout_secs = 10
 # A request (its body included) must be answered within this time (408 otherwise).
 request_timeout_secs = 30
+# GET /metrics (Prometheus) needs no admin token; set this to ask scrapers for one of their
+# own (Authorization: Bearer <metrics_token>).
+metrics_token = ""
 
 [broker]
 # "embedded": run rumqttd in this process. "external": use any MQTT 3.1.1 broker.
@@ -204,6 +207,7 @@ pub struct AdminConfig {
     pub max_connections: usize,
     pub header_timeout_secs: u64,
     pub request_timeout_secs: u64,
+    pub metrics_token: RedactedString,
 }
 
 impl Default for AdminConfig {
@@ -212,6 +216,7 @@ impl Default for AdminConfig {
             max_connections: 512,
             header_timeout_secs: 10,
             request_timeout_secs: 30,
+            metrics_token: RedactedString::default(),
         }
     }
 }

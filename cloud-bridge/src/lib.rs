@@ -42,6 +42,7 @@ pub mod server;
 pub mod sessions;
 pub mod store;
 pub mod sweeper;
+pub mod telemetry;
 
 pub use config::Config;
 pub use server::{Listeners, Running, StartError, start, start_with_clock};

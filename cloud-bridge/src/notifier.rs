@@ -252,6 +252,12 @@ impl Notifier {
         &self.outbox.stats
     }
 
+    /// Waiting to be published: (devices with a hint, ops events).
+    pub fn depth(&self) -> (usize, usize) {
+        let queue = self.outbox.queue.lock().unwrap_or_else(|p| p.into_inner());
+        (queue.hints.len(), queue.events.len())
+    }
+
     pub fn hint(&self, device: &DeviceId, kind: HintKind, seq: FeedSeq) {
         self.outbox.push_hint(device, Hint::new(kind, seq));
     }

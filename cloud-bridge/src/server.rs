@@ -282,7 +282,13 @@ pub async fn start_with_clock(
 
     let (admin_addr, admin_listener) = listener(listeners.admin, "admin API", caps.admin)?;
     let app = crate::admin::with_request_timeout(
-        crate::admin::router(bridge.clone(), admin_token.clone()),
+        crate::admin::router(bridge.clone(), admin_token.clone()).merge(
+            crate::admin::metrics_router(
+                bridge.clone(),
+                (!config.admin.metrics_token.0.is_empty())
+                    .then(|| Secret::new(config.admin.metrics_token.0.clone())),
+            ),
+        ),
         Duration::from_secs(config.admin.request_timeout_secs),
     );
     tracker.spawn(crate::http::serve(

@@ -303,6 +303,8 @@ pub struct Committer {
     writing: Mutex<()>,
     min_flush_interval: Duration,
     flushes: AtomicU64,
+    /// How long each flush took, for the metrics scrape.
+    flush_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -335,6 +337,10 @@ impl Committer {
             writing: Mutex::new(()),
             min_flush_interval,
             flushes: AtomicU64::new(0),
+            // 50 µs to about 1.6 s.
+            flush_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 16),
+            ),
         })
     }
 
@@ -399,6 +405,11 @@ impl Committer {
             Durable::Failed(e) => Some(e.clone()),
             Durable::Upto(_) => None,
         }
+    }
+
+    /// How long flushes took (shared: the metrics scrape registers it).
+    pub fn flush_seconds(&self) -> &prometheus_client::metrics::histogram::Histogram {
+        &self.flush_seconds
     }
 
     /// Number of flushes done, for metrics and tests of group commit.
@@ -476,7 +487,9 @@ impl Committer {
         if matches!(&*self.durable.borrow(), Durable::Upto(n) if *n >= target) {
             return;
         }
+        let started = std::time::Instant::now();
         let result = self.store.flush();
+        self.flush_seconds.observe(started.elapsed().as_secs_f64());
         self.flushes.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(()) => {

@@ -131,6 +131,10 @@ pub enum OpsEvent {
         attempt: u32,
         reason: Option<String>,
         at: UnixMillis,
+        /// When the job was submitted (`at` − `submitted_at` of a terminal transition is its
+        /// submission→completion time). Absent from bridges before it: 0.
+        #[serde(default)]
+        submitted_at: UnixMillis,
     },
 }
 
@@ -182,6 +186,7 @@ mod tests {
             attempt: 1,
             reason: None,
             at: UnixMillis(0),
+            submitted_at: UnixMillis(0),
         }
     }
 

@@ -257,11 +257,13 @@ pub fn tls_ca(data_dir: &Path) -> PathBuf {
     data_dir.join("tls").join("ca.pem")
 }
 
-/// The socket address of a `ws://host:port` URL with a numeric host.
+/// The socket address of a `ws://host:port` or `http://host:port` URL with a numeric host.
 pub fn socket_addr(url: &str) -> std::net::SocketAddr {
     url.trim_start_matches("ws://")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
         .parse()
-        .expect("ws://ip:port")
+        .expect("ws://ip:port or http://ip:port")
 }
 
 fn split_host_port(s: &str) -> (String, u16) {

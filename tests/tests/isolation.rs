@@ -246,6 +246,7 @@ async fn a_device_sees_nothing_of_another_and_forges_nothing() {
         attempt: 1,
         reason: None,
         at: forged_at,
+        submitted_at: forged_at,
     };
     let mut forgeries: Vec<(String, Vec<u8>, bool)> = vec![
         (

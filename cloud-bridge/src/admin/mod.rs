@@ -55,6 +55,38 @@ pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
         .with_state(state)
 }
 
+/// `GET /metrics`: Prometheus text, open unless `token` is set (then `Bearer <token>`).
+pub fn metrics_router(bridge: Bridge, token: Option<Secret>) -> Router {
+    let token = Arc::new(token);
+    Router::new().route(
+        "/metrics",
+        axum::routing::get(move |headers: HeaderMap| {
+            let (bridge, token) = (bridge.clone(), token.clone());
+            async move {
+                if let Some(token) = token.as_ref()
+                    && !bearer(&headers).is_some_and(|presented| {
+                        broker::constant_time_eq(presented.as_bytes(), token.expose().as_bytes())
+                    })
+                {
+                    return ApiFailure::new(
+                        ErrorCode::Unauthorized,
+                        "missing or wrong `Authorization: Bearer <metrics_token>`",
+                    )
+                    .into_response();
+                }
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        crate::telemetry::CONTENT_TYPE,
+                    )],
+                    crate::telemetry::render(&bridge),
+                )
+                    .into_response()
+            }
+        }),
+    )
+}
+
 /// Answers 408 `timeout` for a request (body included) not answered within `limit`: a client
 /// that trickles its body cannot hold a connection and a task for ever.
 pub fn with_request_timeout(router: Router, limit: std::time::Duration) -> Router {
@@ -130,13 +162,17 @@ impl IntoResponse for ApiFailure {
 
 pub(crate) type ApiResult<T> = Result<T, ApiFailure>;
 
-/// Who the bearer token belongs to.
-fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Principal> {
-    let presented = headers
+/// The bearer token presented, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Who the bearer token belongs to.
+fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Principal> {
+    match bearer(headers) {
         Some(token)
             if broker::constant_time_eq(token.as_bytes(), state.token.expose().as_bytes()) =>
         {

@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{Committer, StoreError, Ticket};
 
+mod census;
 #[cfg(test)]
 mod concurrency_tests;
 mod contracts;
@@ -54,6 +55,7 @@ mod settings;
 mod state;
 mod tx;
 
+pub use census::Census;
 pub use events::OpsQueue;
 pub use ops_logins::OpsLoginFailure;
 pub use owner::OwnerVerdict;
@@ -570,6 +572,7 @@ pub(crate) fn transition_event(job: &JobRecord) -> OpsEvent {
         attempt: job.attempt,
         reason: last.and_then(|t| t.reason.clone()),
         at: last.map(|t| t.at).unwrap_or_default(),
+        submitted_at: job.created_at,
     }
 }
 

@@ -431,6 +431,8 @@ impl Router {
             .reschedule(connection_id, ScheduleReason::Init);
 
         self.router_meters.total_connections += 1;
+        // Patch 13.
+        self.health.set_connections(self.connections.len());
     }
 
     fn handle_new_meter(&mut self, tx: Sender<Vec<Meter>>) {
@@ -564,6 +566,8 @@ impl Router {
             self.graveyard.save_metrics(id, connection.events);
         }
         self.router_meters.total_connections -= 1;
+        // Patch 13.
+        self.health.set_connections(self.connections.len());
     }
 
     /// Handles new incoming data on a topic

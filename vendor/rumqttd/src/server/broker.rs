@@ -78,6 +78,8 @@ pub struct RouterHealth {
     filters: Arc<std::sync::atomic::AtomicUsize>,
     /// Patch 11: the capacity of the spare incoming buffer the router hands on.
     spare_capacity: Arc<std::sync::atomic::AtomicUsize>,
+    /// Patch 13: the connections the router holds.
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RouterHealth {
@@ -110,6 +112,16 @@ impl RouterHealth {
     pub(crate) fn set_spare_capacity(&self, capacity: usize) {
         self.spare_capacity
             .store(capacity, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many connections the router holds (patch 13), as of the last one it added or
+    /// removed.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_connections(&self, n: usize) {
+        self.connections.store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(crate) fn set_stopped(&self, reason: String) {
