@@ -57,21 +57,22 @@ struct ServeArgs {
     /// TOML configuration file (see `cloud-bridge config`).
     #[arg(long, env = "CLOUD_BRIDGE_CONFIG")]
     config: Option<PathBuf>,
+    /// Where the store, the generated admin token and TLS files live [default: data].
     #[arg(long, env = "CLOUD_BRIDGE_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Admin API address.
-    #[arg(long, env = "CLOUD_BRIDGE_ADMIN_LISTEN")]
+    /// Admin API address, ip:port or host:port [default: 127.0.0.1:8080].
+    #[arg(long, env = "CLOUD_BRIDGE_ADMIN_LISTEN", value_parser = crate::config::parse_listen)]
     admin_listen: Option<SocketAddr>,
-    /// Data channel (WebSocket) address.
-    #[arg(long, env = "CLOUD_BRIDGE_DATA_LISTEN")]
+    /// Data channel (WebSocket) address [default: 127.0.0.1:8081].
+    #[arg(long, env = "CLOUD_BRIDGE_DATA_LISTEN", value_parser = crate::config::parse_listen)]
     data_listen: Option<SocketAddr>,
-    /// Embedded broker's MQTT address.
-    #[arg(long, env = "CLOUD_BRIDGE_MQTT_LISTEN")]
+    /// Embedded broker's MQTT address [default: 127.0.0.1:1883].
+    #[arg(long, env = "CLOUD_BRIDGE_MQTT_LISTEN", value_parser = crate::config::parse_listen)]
     mqtt_listen: Option<SocketAddr>,
-    /// Use the embedded broker or an external one.
+    /// Use the embedded broker or an external one [default: embedded].
     #[arg(long, env = "CLOUD_BRIDGE_BROKER", value_enum)]
     broker: Option<BrokerMode>,
-    /// External broker, as mqtt://host:port.
+    /// External broker, as mqtt://host:port or mqtts://host:port [default: mqtt://127.0.0.1:1883].
     #[arg(long, env = "CLOUD_BRIDGE_MQTT_URL")]
     mqtt_url: Option<String>,
     /// Username at the external broker.
@@ -83,7 +84,7 @@ struct ServeArgs {
     /// Admin API bearer token (default: generated into <data_dir>/admin-token).
     #[arg(long, env = "CLOUD_BRIDGE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
-    /// Job lease in seconds.
+    /// Job lease in seconds: a job not renewed for this long goes back to the queue [default: 60].
     #[arg(long, env = "CLOUD_BRIDGE_LEASE_SECS")]
     lease_secs: Option<u64>,
     /// Certificate chain (PEM) for TLS on every listener (`cloud-bridge tls init` makes one).

@@ -236,10 +236,34 @@ impl std::fmt::Debug for RedactedString {
     }
 }
 
+/// A listen address: `ip:port`, or `host:port` with a name resolved now (its first IPv4
+/// address, else its first), so that `localhost:8080` works.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(s)
+        .map_err(|e| format!("{s}: {e} (a listen address is ip:port or host:port)"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s}: the name resolves to no address"))
+}
+
+fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_listen(&s).map_err(serde::de::Error::custom)
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Listen {
+    #[serde(deserialize_with = "listen_addr")]
     pub admin: SocketAddr,
+    #[serde(deserialize_with = "listen_addr")]
     pub data: SocketAddr,
     pub allow_plaintext: bool,
 }
@@ -265,6 +289,7 @@ pub enum BrokerMode {
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
     pub mode: BrokerMode,
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
     pub max_connections: usize,
     pub url: String,

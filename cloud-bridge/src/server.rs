@@ -142,7 +142,24 @@ pub async fn start(
 }
 
 /// Like [`start`], reading the time from `clock` (a test's [`crate::clock::SteppedClock`]).
+/// A start that fails leaves no data directory behind if there was none before (a port in use
+/// must not leave a new store and admin token to be found by the next start).
 pub async fn start_with_clock(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    clock: Arc<dyn Clock>,
+) -> Result<Running, StartError> {
+    let data_dir = config.data_dir.clone();
+    let new_dir = !data_dir.exists();
+    let started = start_in(config, listeners, shutdown, clock).await;
+    if started.is_err() && new_dir {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    started
+}
+
+async fn start_in(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,

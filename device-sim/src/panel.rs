@@ -4,7 +4,6 @@
 use schemas::data::{DeviceState, DeviceStatus, OwnerCheckReason, OwnerClaim};
 use schemas::print::HeldJobSummary;
 use schemas::{JobId, OwnerId, Secret, UserId};
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::consumables::Consumables;
@@ -14,15 +13,15 @@ use crate::{AgentEvent, AgentHandle, PrintSession};
 /// event of the agent is logged. Standard input ending closes the panel, not the device.
 pub async fn run(agent: &AgentHandle, consumables: &Consumables) {
     let mut events = agent.subscribe();
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut lines = stdin_lines();
     let mut open = true;
     let mut login: Option<PrintSession> = None;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
-            line = lines.next_line(), if open => match line {
-                Ok(Some(line)) => command(agent, consumables, &mut login, &line).await,
-                Ok(None) | Err(_) => open = false,
+            line = lines.recv(), if open => match line {
+                Some(line) => command(agent, consumables, &mut login, &line).await,
+                None => open = false,
             },
             event = events.recv() => match event {
                 Ok(event) => log_event(&event),
@@ -31,6 +30,49 @@ pub async fn run(agent: &AgentHandle, consumables: &Consumables) {
             },
         }
     }
+}
+
+/// The lines of standard input, read on a thread of its own: a read waiting on the terminal
+/// must not keep the process alive after Ctrl-C (a runtime waits for its blocking tasks before
+/// it ends), and a device started in the background of a terminal (`device-sim device … &`)
+/// must not be stopped by the terminal for reading it (SIGTTIN, "Stopped (tty input)"): while
+/// the terminal belongs to another process group, the panel waits without reading, and starts
+/// when the device is brought to the foreground (`fg`).
+fn stdin_lines() -> tokio::sync::mpsc::Receiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        let terminal = std::io::IsTerminal::is_terminal(&stdin);
+        let mut told = false;
+        loop {
+            if terminal && !in_foreground(&stdin) {
+                if !told {
+                    tracing::info!(
+                        "running in the background: the panel reads commands once in the foreground (fg)"
+                    );
+                    told = true;
+                }
+                // Polls the terminal's owner: there is no event for becoming the foreground.
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                continue;
+            }
+            let mut line = String::new();
+            match stdin.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    if tx.blocking_send(line).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Whether this process's group owns the terminal on `stdin`.
+fn in_foreground(stdin: &std::io::Stdin) -> bool {
+    rustix::termios::tcgetpgrp(stdin).is_ok_and(|owner| owner == rustix::process::getpgrp())
 }
 
 /// The held jobs as the panel lists them, numbered from 1.

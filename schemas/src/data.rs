@@ -434,6 +434,8 @@ pub enum ErrorCode {
     /// A request kind this server does not know (a newer device's): that request fails, the
     /// session goes on.
     UnknownRequest,
+    /// A body or payload over its limit (the admin API, HTTP 413; the message names the limit).
+    PayloadTooLarge,
     #[serde(other)]
     Unknown,
 }
@@ -466,6 +468,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedSetting => "unsupported_setting",
             ErrorCode::Timeout => "timeout",
             ErrorCode::UnknownRequest => "unknown_request",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -345,6 +345,32 @@ async fn admin_api_refuses_missing_or_wrong_tokens_and_bad_bodies() {
         let error: schemas::api::ApiError = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(error.code, code, "{path}");
     }
+    // Too large: 413 naming the limit, for a body over the limit and for a payload over its own.
+    let device = bridge
+        .endpoints
+        .online_device("SN-BIG", e2e_tests::Device::simulated(), |_| {})
+        .await;
+    let path = format!("/v1/devices/{}/jobs", device.id);
+    for size in [5 << 20, schemas::MAX_PAYLOAD_BYTES + 1] {
+        let body = format!("{{\"payload\":\"{}\"}}", "x".repeat(size));
+        let (got, bytes) = client
+            .raw(Method::POST, &path, Some(body.into_bytes()), Some(&token))
+            .await
+            .unwrap();
+        let error: schemas::api::ApiError = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            (got.as_u16(), error.code),
+            (413, ErrorCode::PayloadTooLarge),
+            "{size}"
+        );
+        assert!(
+            error
+                .message
+                .contains(&schemas::MAX_PAYLOAD_BYTES.to_string()),
+            "{}",
+            error.message
+        );
+    }
     // Health needs no token.
     let (status, _) = client
         .raw(Method::GET, "/v1/health", None, None)

@@ -183,6 +183,40 @@ fn listening_beyond_loopback_without_tls_is_refused_unless_asked_for() {
 }
 
 #[test]
+fn listen_addresses_may_be_host_names_and_a_failed_start_leaves_no_new_data_dir() {
+    let parent = tempfile::tempdir().unwrap();
+    let data = parent.path().join("data");
+    // The embedded broker's port is taken: the start fails after the admin and data listeners
+    // (given as host names) were bound.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mqtt = taken.local_addr().unwrap().to_string();
+    let out = run(&[
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--admin-listen",
+        "localhost:0",
+        "--data-listen",
+        "localhost:0",
+        "--mqtt-listen",
+        &mqtt,
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&mqtt), "{stderr}");
+    assert!(
+        !data.exists(),
+        "a failed start left {} behind",
+        data.display()
+    );
+    // A name that does not resolve is refused by name.
+    let out = run(&["serve", "--admin-listen", "no-such-host.invalid:80"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no-such-host.invalid"), "{stderr}");
+}
+
+#[test]
 fn tls_init_writes_a_ca_and_a_certificate_and_keeps_existing_ones() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();

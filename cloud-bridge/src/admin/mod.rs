@@ -44,14 +44,16 @@ impl AppState {
     }
 }
 
+/// The largest request body: room for a job's payload of [`schemas::MAX_PAYLOAD_BYTES`] in
+/// base64 and the JSON around it.
+pub(crate) const BODY_LIMIT: usize = 2 * schemas::MAX_FRAME_BYTES;
+
 /// The admin API router: every operation of [`schemas::admin`].
 pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
     let state = AppState::new(bridge, admin_token);
     ops::routes(Router::new())
         .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(
-            2 * schemas::MAX_FRAME_BYTES,
-        ))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
@@ -125,6 +127,7 @@ fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::BadRequest | ErrorCode::BadFrame | ErrorCode::FrameTooLarge => {
             StatusCode::BAD_REQUEST
         }
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden | ErrorCode::DeviceDisabled | ErrorCode::EnrollmentInvalid => {
             StatusCode::FORBIDDEN

@@ -125,6 +125,17 @@ async fn run<O: Serve>(state: &AppState, request: Request) -> ApiResult<Response
         BodyUse::None => absent()?,
         BodyUse::Required => match Json::<O::Body>::from_request(request, state).await {
             Ok(Json(b)) => b,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiFailure::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!(
+                        "the body is larger than the limit of {} bytes (a job's payload: at \
+                         most {} bytes once decoded)",
+                        super::BODY_LIMIT,
+                        schemas::MAX_PAYLOAD_BYTES
+                    ),
+                ));
+            }
             Err(rejection) => {
                 return Err(ApiFailure::new(
                     ErrorCode::BadRequest,

@@ -95,8 +95,12 @@ impl Core {
         }
         if payload.len() > schemas::MAX_PAYLOAD_BYTES {
             return Err(CoreError::new(
-                ErrorCode::BadRequest,
-                format!("payload exceeds {} bytes", schemas::MAX_PAYLOAD_BYTES),
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "payload of {} bytes exceeds the limit of {} bytes",
+                    payload.len(),
+                    schemas::MAX_PAYLOAD_BYTES
+                ),
             ));
         }
         // Devices where the user is logged in now learn that the list changed.

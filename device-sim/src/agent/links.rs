@@ -108,7 +108,7 @@ impl Agent {
                     self.save()?;
                     self.on_welcome(&welcome);
                     self.session = Some(session);
-                    tracing::info!(device = %welcome.device_id, "registered");
+                    tracing::debug!(device = %welcome.device_id, "registered");
                     // Known before any event says the device exists.
                     *self.device_id.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(welcome.device_id.clone());

@@ -224,7 +224,10 @@ async fn main() -> anyhow::Result<()> {
                 detail: "ready".into(),
                 observed_at: schemas::UnixMillis::now(),
             };
-            agent.report_status(status).await?;
+            if let Err(e) = agent.report_status(status).await {
+                // The agent has ended (a refused registration, say): its own error says why.
+                return Err(agent.stop().await.err().unwrap_or(e).into());
+            }
             device_sim::panel::run(&agent, &consumables).await;
             agent.stop().await?;
         }

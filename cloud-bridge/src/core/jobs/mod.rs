@@ -142,7 +142,7 @@ impl Core {
         let device = &device;
         if new.payload.len() > schemas::MAX_PAYLOAD_BYTES {
             return Err(CoreError::new(
-                ErrorCode::BadRequest,
+                ErrorCode::PayloadTooLarge,
                 format!(
                     "payload of {} bytes exceeds the limit of {} bytes",
                     new.payload.len(),
