@@ -45,6 +45,8 @@ pub struct Metrics {
     pub sweep_failures: AtomicU64,
     /// Idle admin connections closed to make room for new ones (at `admin.max_connections`).
     pub admin_evicted: Arc<AtomicU64>,
+    /// Admin API connections open now.
+    pub admin_open: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]

@@ -30,6 +30,8 @@ pub struct HttpSettings {
     pub header_timeout: Duration,
     /// Counts connections closed to make room (shown in the metrics).
     pub evicted: Arc<AtomicU64>,
+    /// Connections open now (shown in the metrics).
+    pub open: Arc<AtomicU64>,
 }
 
 /// Open connections, oldest first, with how many requests each has in progress.
@@ -133,8 +135,11 @@ pub async fn serve(
         tracker.spawn(async move {
             let peer = accepted.peer;
             let (id, active, close) = open.add();
+            let gauge = settings.open.clone();
+            gauge.fetch_add(1, Ordering::Relaxed);
             let result =
                 serve_connection(accepted, app, settings, &active, &shutdown, &close).await;
+            gauge.fetch_sub(1, Ordering::Relaxed);
             open.remove(id);
             if let Err(e) = result
                 && let Some(suppressed) = failures.allow()

@@ -314,6 +314,7 @@ async fn start_in(
         crate::http::HttpSettings {
             header_timeout: Duration::from_secs(config.admin.header_timeout_secs),
             evicted: bridge.metrics().admin_evicted.clone(),
+            open: bridge.metrics().admin_open.clone(),
         },
         shutdown.clone(),
         tracker.clone(),

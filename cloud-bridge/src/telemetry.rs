@@ -221,6 +221,11 @@ impl Snapshot {
             "Retention sweeps that failed",
             get(&m.sweep_failures),
         );
+        s.gauge(
+            "admin_connections_open",
+            "Admin API connections open now (a scrape is one)",
+            get(&m.admin_open),
+        );
         s.counter(
             "admin_connections_evicted",
             "Idle admin connections closed to make room",

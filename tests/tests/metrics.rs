@@ -81,6 +81,10 @@ async fn the_scrape_parses_and_moves_as_jobs_go_through() {
     assert_eq!(value(&before, "bridge_broker_up{}"), 1.0);
     assert_eq!(value(&before, "bridge_devices{}"), 1.0);
     assert!(
+        value(&before, "bridge_admin_connections_open{}") >= 1.0,
+        "the scrape's own"
+    );
+    assert!(
         value(&before, "bridge_broker_connections{}") >= 2.0,
         "the device and the bridge's link"
     );
