@@ -211,6 +211,27 @@ impl Bridge {
         self.inner.embedded.get()
     }
 
+    /// Why the MQTT broker does not serve, if it does not: the embedded broker's router or
+    /// watchdog failed, or the external broker has been unreachable for 10 s.
+    pub fn broker_problem(&self) -> Option<String> {
+        if let Some(broker::BrokerHealth::Down(reason)) = self.embedded_broker().map(|b| b.health())
+        {
+            return Some(format!("embedded MQTT broker: {reason}"));
+        }
+        if self.broker_mode() == "external"
+            && let Some((down, error)) = self
+                .notifier()
+                .stats()
+                .external_outage(std::time::Duration::from_secs(10))
+        {
+            return Some(format!(
+                "external MQTT broker unreachable for {} s: {error}",
+                down.as_secs()
+            ));
+        }
+        None
+    }
+
     /// Registers an open data-channel connection of `device`, closed by [`Self::revoke`].
     pub fn data_session(&self, device: &DeviceId) -> DataSession {
         self.inner.data_sessions.open(device)

@@ -281,18 +281,10 @@ impl Snapshot {
     }
 
     fn broker(&mut self, bridge: &Bridge) {
-        let up = match bridge.embedded_broker() {
-            Some(b) => b.health() == broker::BrokerHealth::Serving,
-            None => bridge
-                .notifier()
-                .stats()
-                .external_outage(std::time::Duration::from_secs(10))
-                .is_none(),
-        };
         self.gauge(
             "broker_up",
             "1 while the MQTT broker serves (embedded: its router and watchdog; external: the link)",
-            u64::from(up),
+            u64::from(bridge.broker_problem().is_none()),
         );
         let Some(b) = bridge.embedded_broker() else {
             return;

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use e2e_tests::{Device, InProcessBridge, all_succeed, socket_addr};
+use e2e_tests::{Device, InProcessBridge, SOON, all_succeed, eventually, socket_addr};
 use schemas::api::SubmitJob;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -106,14 +106,12 @@ async fn the_scrape_parses_and_moves_as_jobs_go_through() {
     }
     all_succeed(&ep.client(), &jobs, Duration::from_secs(20)).await;
     // The transitions are counted as their ops events are released, just after the commit.
-    let mut after = scrape(&bridge).await;
-    for _ in 0..100 {
-        if value(&after, "bridge_job_transitions_total{state=succeeded}") >= 3.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        after = scrape(&bridge).await;
-    }
+    eventually(SOON, "three succeeded transitions counted", || async {
+        let now = scrape(&bridge).await;
+        value(&now, "bridge_job_transitions_total{state=succeeded}") >= 3.0
+    })
+    .await;
+    let after = scrape(&bridge).await;
     let moved = |key: &str| value(&after, key) - before.get(key).copied().unwrap_or(0.0);
     assert_eq!(moved("bridge_jobs_submitted_total{}"), 3.0);
     assert_eq!(moved("bridge_job_transitions_total{state=succeeded}"), 3.0);

@@ -17,23 +17,7 @@ pub(super) async fn health(state: &AppState, _: Call<GetHealth>) -> ApiResult<Re
     {
         let bridge = &state.bridge;
         let (devices, jobs) = bridge.core().counts();
-        let mut problems = Vec::new();
-        if let Some(broker::BrokerHealth::Down(reason)) =
-            bridge.embedded_broker().map(|b| b.health())
-        {
-            problems.push(format!("embedded MQTT broker: {reason}"));
-        }
-        if bridge.broker_mode() == "external"
-            && let Some((down, error)) = bridge
-                .notifier()
-                .stats()
-                .external_outage(std::time::Duration::from_secs(10))
-        {
-            problems.push(format!(
-                "external MQTT broker unreachable for {} s: {error}",
-                down.as_secs()
-            ));
-        }
+        let mut problems: Vec<String> = bridge.broker_problem().into_iter().collect();
         if let Some(failure) = bridge.committer().failure() {
             problems.push(format!(
                 "store: a flush failed, nothing is acknowledged until a restart: {failure}"
