@@ -125,6 +125,7 @@ impl<'a> LinkBuilder<'a> {
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
+        let incarnation = outgoing.incarnation;
 
         let event = Event::Connect {
             connection,
@@ -145,7 +146,8 @@ impl<'a> LinkBuilder<'a> {
         };
 
         let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let mut rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        rx.incarnation = incarnation;
         Ok((tx, rx, notification))
     }
 }
@@ -370,6 +372,8 @@ pub struct LinkRx {
     router_rx: Receiver<()>,
     send_buffer: Arc<Mutex<VecDeque<Notification>>>,
     cache: VecDeque<Notification>,
+    /// Which connection of the slot `connection_id` this link is (patch 14).
+    incarnation: u64,
 }
 
 impl LinkRx {
@@ -385,11 +389,17 @@ impl LinkRx {
             router_rx,
             send_buffer: outgoing_data_buffer,
             cache: VecDeque::with_capacity(100),
+            incarnation: 0,
         }
     }
 
     pub fn id(&self) -> ConnectionId {
         self.connection_id
+    }
+
+    /// Tells this link's connection from others that had or will have its id (patch 14).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     pub fn recv(&mut self) -> Result<Option<Notification>, LinkError> {

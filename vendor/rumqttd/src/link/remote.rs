@@ -61,6 +61,11 @@ pub struct RemoteLink<P> {
 }
 
 impl<P: Protocol> RemoteLink<P> {
+    /// See [`LinkRx::incarnation`] (patch 14).
+    pub(crate) fn incarnation(&self) -> u64 {
+        self.link_rx.incarnation()
+    }
+
     pub async fn new(
         router_tx: Sender<(ConnectionId, Event)>,
         tenant_id: Option<String>,

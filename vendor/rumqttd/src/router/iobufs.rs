@@ -66,7 +66,12 @@ pub struct Outgoing {
     last_pkid: u16,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
+    /// Which connection this is, among all that ever had its slot (patch 14).
+    pub(crate) incarnation: u64,
 }
+
+/// Numbers the connections, so that a link's end closes only its own (patch 14).
+static INCARNATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Outgoing {
     #[inline]
@@ -88,6 +93,7 @@ impl Outgoing {
             handle,
             last_pkid: 0,
             meter: Default::default(),
+            incarnation: INCARNATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
 
         (outgoing, rx)

@@ -54,8 +54,9 @@ pub enum Event {
     Ready,
     /// Data for native commitlog
     DeviceData,
-    /// Disconnection request
-    Disconnect,
+    /// The link of a connection ended. Only the connection it belonged to is closed: the
+    /// router may have let that one go already and given its id to another (patch 14).
+    Disconnect { incarnation: u64 },
     /// Shadow
     Shadow(ShadowRequest),
     /// Collect and send alerts to all alerts links

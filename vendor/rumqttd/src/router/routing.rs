@@ -266,7 +266,13 @@ impl Router {
             Event::NewMeter(tx) => self.handle_new_meter(tx),
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
-            Event::Disconnect => self.handle_disconnection(id, None),
+            Event::Disconnect { incarnation } => {
+                if self.obufs.get(id).is_some_and(|o| o.incarnation == incarnation) {
+                    self.handle_disconnection(id, None)
+                } else {
+                    debug!(id, incarnation, "end of a connection already let go");
+                }
+            }
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)

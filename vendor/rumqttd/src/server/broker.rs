@@ -746,6 +746,7 @@ async fn remote<P: Protocol>(
     };
 
     let connection_id = link.connection_id;
+    let incarnation = link.incarnation();
     let will_delay_interval = link.will_delay_interval;
     let mut send_disconnect = true;
 
@@ -771,7 +772,7 @@ async fn remote<P: Protocol>(
     };
 
     if send_disconnect {
-        let disconnect = Event::Disconnect;
+        let disconnect = Event::Disconnect { incarnation };
         let message = (connection_id, disconnect);
         router_tx.send(message).ok();
     }
