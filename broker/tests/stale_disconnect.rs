@@ -76,15 +76,14 @@ async fn survives(addr: std::net::SocketAddr, old_id: &str, next_id: &str) -> bo
     let mut old = connected(addr, old_id).await;
     let mut next = TcpStream::connect(addr).await.unwrap();
     let hello = connect(next_id);
-    let (a, b) = tokio::join!(
+    let ((), sent) = tokio::join!(
         async {
             old.write_all(&[0xE0, 0x00]).await.unwrap();
             old.shutdown().await.unwrap();
         },
         next.write_all(&hello)
     );
-    b.unwrap();
-    let () = a;
+    sent.unwrap();
     let ack = read_packet(&mut next).await.expect("no CONNACK");
     assert_eq!(ack[0], 0x20);
     // The old link has ended (and said so to the router) once its socket is closed.
