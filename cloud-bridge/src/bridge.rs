@@ -46,7 +46,7 @@ pub struct Metrics {
     /// Idle admin connections closed to make room for new ones (at `admin.max_connections`).
     pub admin_evicted: Arc<AtomicU64>,
     /// Admin API connections open now.
-    pub admin_open: Arc<AtomicU64>,
+    pub admin_open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Debug)]

@@ -31,7 +31,7 @@ pub struct HttpSettings {
     /// Counts connections closed to make room (shown in the metrics).
     pub evicted: Arc<AtomicU64>,
     /// Connections open now (shown in the metrics).
-    pub open: Arc<AtomicU64>,
+    pub open: Arc<AtomicUsize>,
 }
 
 /// Open connections, oldest first, with how many requests each has in progress.
@@ -79,17 +79,18 @@ impl Open {
     }
 }
 
-/// Counts a request in progress on its connection while it lives.
-struct InProgress(Arc<AtomicUsize>);
+/// Counts one in `counter` while it lives: a request in progress on its connection, or an
+/// open connection.
+struct Counted(Arc<AtomicUsize>);
 
-impl InProgress {
-    fn new(active: &Arc<AtomicUsize>) -> InProgress {
-        active.fetch_add(1, Ordering::AcqRel);
-        InProgress(active.clone())
+impl Counted {
+    fn new(counter: &Arc<AtomicUsize>) -> Counted {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Counted(counter.clone())
     }
 }
 
-impl Drop for InProgress {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -135,11 +136,10 @@ pub async fn serve(
         tracker.spawn(async move {
             let peer = accepted.peer;
             let (id, active, close) = open.add();
-            let gauge = settings.open.clone();
-            gauge.fetch_add(1, Ordering::Relaxed);
+            let counted = Counted::new(&settings.open);
             let result =
                 serve_connection(accepted, app, settings, &active, &shutdown, &close).await;
-            gauge.fetch_sub(1, Ordering::Relaxed);
+            drop(counted);
             open.remove(id);
             if let Err(e) = result
                 && let Some(suppressed) = failures.allow()
@@ -159,13 +159,13 @@ async fn serve_connection(
     close: &CancellationToken,
 ) -> Result<(), String> {
     // The TLS handshake counts as a request in progress: it has its own deadline.
-    let handshake = InProgress::new(active);
+    let handshake = Counted::new(active);
     let (connection, _slot) = accepted.handshake().await.map_err(|e| e.to_string())?;
     drop(handshake);
     let counter = active.clone();
     let service =
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            let in_progress = InProgress::new(&counter);
+            let in_progress = Counted::new(&counter);
             let mut app = app.clone();
             async move {
                 let response = tower_service::Service::call(&mut app, request).await;

@@ -224,7 +224,7 @@ impl Snapshot {
         s.gauge(
             "admin_connections_open",
             "Admin API connections open now (a scrape is one)",
-            get(&m.admin_open),
+            m.admin_open.load(Ordering::Relaxed) as u64,
         );
         s.counter(
             "admin_connections_evicted",
