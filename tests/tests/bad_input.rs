@@ -647,3 +647,82 @@ async fn what_a_newer_device_sends_fails_request_by_request_and_the_session_goes
     let view = ep.client().job(&job.job_id).await.unwrap();
     assert_eq!(view.state, schemas::job::JobState::Succeeded);
 }
+
+/// Reads one HTTP/1.1 response (head and a `content-length` body) from `stream`.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> std::io::Result<(u16, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < length {
+        let mut chunk = vec![0u8; length - body.len()];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Ok((status, body))
+}
+
+/// A client that sends the whole of a too-large body before it reads gets the 413, not a reset
+/// (the bridge reads the rest before it answers), and the connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_too_large_body_sent_in_full_gets_its_413_on_a_connection_that_stays_open() {
+    use tokio::io::AsyncWriteExt;
+    let bridge = InProcessBridge::start().await;
+    let token = bridge.endpoints.admin_token.expose().to_owned();
+    let mut stream =
+        tokio::net::TcpStream::connect(e2e_tests::socket_addr(&bridge.endpoints.admin))
+            .await
+            .unwrap();
+    // Larger than the loopback socket buffers, so that a server that stops reading at the
+    // limit leaves bytes unread and resets the connection.
+    let body = format!("{{\"payload\":\"{}\"}}", "x".repeat(10 << 20));
+    for attempt in 0..2 {
+        let head = format!(
+            "POST /v1/devices/dev-0000000000000000/jobs HTTP/1.1\r\nhost: bridge\r\n\
+             authorization: Bearer {token}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body.as_bytes()).await.unwrap();
+        let (status, bytes) = read_response(&mut stream)
+            .await
+            .unwrap_or_else(|e| panic!("attempt {attempt}: no response: {e}"));
+        let error: schemas::api::ApiError = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            (status, error.code),
+            (413, ErrorCode::PayloadTooLarge),
+            "attempt {attempt}"
+        );
+    }
+    // A body declared past the drain bound is refused from its head alone.
+    let head = format!(
+        "POST /v1/devices/dev-0000000000000000/jobs HTTP/1.1\r\nhost: bridge\r\n\
+         authorization: Bearer {token}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        1u64 << 40
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (status, _) = read_response(&mut stream).await.unwrap();
+    assert_eq!(status, 413);
+}

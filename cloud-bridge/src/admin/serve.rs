@@ -5,11 +5,16 @@
 use std::any::TypeId;
 use std::future::Future;
 
+use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_LENGTH;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post, put};
 use axum::{Json, Router};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use schemas::admin::{Access, BodyUse, Method, Operation, PathParams};
 use schemas::data::ErrorCode;
 use serde::de::DeserializeOwned;
@@ -89,6 +94,73 @@ fn absent<T: DeserializeOwned>() -> ApiResult<T> {
     })
 }
 
+/// How much of a body over [`super::BODY_LIMIT`] is read and dropped before the 413 is sent.
+/// Answering before the client has finished sending makes hyper close the connection under
+/// it, and the client then sees a reset instead of the 413; past this bound, or when the
+/// declared length is past it, the bridge answers at once and closes.
+const DRAIN_LIMIT: usize = 8 * super::BODY_LIMIT;
+
+fn too_large() -> ApiFailure {
+    ApiFailure::new(
+        ErrorCode::PayloadTooLarge,
+        format!(
+            "the body is larger than the limit of {} bytes (a job's payload: at most {} bytes \
+             once decoded)",
+            super::BODY_LIMIT,
+            schemas::MAX_PAYLOAD_BYTES
+        ),
+    )
+}
+
+/// The request body, at most [`super::BODY_LIMIT`] bytes: a longer one is read to its end
+/// (up to [`DRAIN_LIMIT`]) and dropped, then refused with 413.
+async fn read_body(parts: &Parts, mut body: Body) -> ApiResult<Bytes> {
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > DRAIN_LIMIT as u64) {
+        return Err(too_large());
+    }
+    let mut kept = BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiFailure::new(
+                ErrorCode::BadRequest,
+                format!("the body could not be read: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        seen = seen.saturating_add(data.len());
+        if seen > DRAIN_LIMIT {
+            return Err(too_large());
+        }
+        if seen <= super::BODY_LIMIT {
+            kept.extend_from_slice(&data);
+        }
+    }
+    if seen > super::BODY_LIMIT {
+        return Err(too_large());
+    }
+    Ok(kept.freeze())
+}
+
+/// A JSON body read by axum's extractor, for its content-type check and its error messages.
+async fn json<T: DeserializeOwned>(state: &AppState, parts: Parts, bytes: Bytes) -> ApiResult<T> {
+    let request = Request::from_parts(parts, Body::from(bytes));
+    match Json::<T>::from_request(request, state).await {
+        Ok(Json(b)) => Ok(b),
+        Err(rejection) => Err(ApiFailure::new(
+            ErrorCode::BadRequest,
+            rejection.body_text(),
+        )),
+    }
+}
+
 async fn run<O: Serve>(state: &AppState, request: Request) -> ApiResult<Response> {
     let (mut parts, body) = request.into_parts();
     let principal = match O::ACCESS {
@@ -120,33 +192,20 @@ async fn run<O: Serve>(state: &AppState, request: Request) -> ApiResult<Response
     } else {
         Vec::new()
     };
-    let request = Request::from_parts(parts, body);
     let body: O::Body = match O::BODY {
         BodyUse::None => absent()?,
-        BodyUse::Required => match Json::<O::Body>::from_request(request, state).await {
-            Ok(Json(b)) => b,
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiFailure::new(
-                    ErrorCode::PayloadTooLarge,
-                    format!(
-                        "the body is larger than the limit of {} bytes (a job's payload: at \
-                         most {} bytes once decoded)",
-                        super::BODY_LIMIT,
-                        schemas::MAX_PAYLOAD_BYTES
-                    ),
-                ));
+        BodyUse::Required => {
+            let bytes = read_body(&parts, body).await?;
+            json(state, parts, bytes).await?
+        }
+        BodyUse::Optional => {
+            let bytes = read_body(&parts, body).await?;
+            if bytes.is_empty() {
+                absent()?
+            } else {
+                json(state, parts, bytes).await?
             }
-            Err(rejection) => {
-                return Err(ApiFailure::new(
-                    ErrorCode::BadRequest,
-                    rejection.body_text(),
-                ));
-            }
-        },
-        BodyUse::Optional => match Json::<O::Body>::from_request(request, state).await {
-            Ok(Json(b)) => b,
-            Err(_) => absent()?,
-        },
+        }
     };
     let params =
         O::Params::parse(&raw_params).map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e))?;
