@@ -163,7 +163,7 @@ impl Snapshot {
         );
         s.counter(
             "hints_queued",
-            "Hints handed to the notifier",
+            "Hints queued for a device with none waiting (the others are coalesced)",
             get(&n.hints_queued),
         );
         s.counter(
