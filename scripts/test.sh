@@ -20,6 +20,12 @@ if ! python3 -c 'import msgpack, websockets.sync.client, paho.mqtt.enums, promet
     python3 -m pip install --quiet --disable-pip-version-check -r tests/conformance/requirements.txt
 fi
 
+# schemathesis runs every check of the OpenAPI document against a live bridge (tests/api/).
+if ! python3 -c 'import schemathesis.cli' 2>/dev/null; then
+    echo "installing schemathesis for tests/api" >&2
+    python3 -m pip install --quiet --disable-pip-version-check -r tests/api/requirements.txt
+fi
+
 # Run every test binary even when one fails (--no-fail-fast), keep cargo's output, and close
 # with one total over all of them (cargo's own last line is the last binary's, often a crate's
 # empty doc tests), naming each binary that failed or ended without a result line (a crash).

@@ -7,6 +7,7 @@
 //! `Serve` for it and list it in the bridge's router (`cloud-bridge/src/admin/ops.rs`). See
 //! ARCHITECTURE.md.
 
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -75,14 +76,14 @@ pub trait Operation: 'static {
     const STATUS: u16;
     type Params: PathParams;
     /// The query string (`()` for none).
-    type Query: Serialize + DeserializeOwned + Send + 'static;
-    type Body: Serialize + DeserializeOwned + Send + 'static;
+    type Query: Serialize + DeserializeOwned + JsonSchema + Send + 'static;
+    type Body: Serialize + DeserializeOwned + JsonSchema + Send + 'static;
     /// The answer (`()` for an empty one).
-    type Answer: Serialize + DeserializeOwned + Send + 'static;
+    type Answer: Serialize + DeserializeOwned + JsonSchema + Send + 'static;
 }
 
 /// One parameter in a route.
-pub trait PathSegment: Sized + Send + 'static {
+pub trait PathSegment: Sized + Send + JsonSchema + 'static {
     fn parse_segment(raw: &str) -> Result<Self, String>;
     fn to_segment(&self) -> String;
 }
@@ -123,6 +124,8 @@ impl PathSegment for String {
 pub trait PathParams: Sized + Send + 'static {
     fn parse(raw: &[String]) -> Result<Self, String>;
     fn segments(&self) -> Vec<String>;
+    /// The JSON Schema of each parameter, in order.
+    fn schemas(generator: &mut SchemaGenerator) -> Vec<Schema>;
 }
 
 impl PathParams for () {
@@ -130,6 +133,9 @@ impl PathParams for () {
         Ok(())
     }
     fn segments(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn schemas(_: &mut SchemaGenerator) -> Vec<Schema> {
         Vec::new()
     }
 }
@@ -144,6 +150,9 @@ impl<A: PathSegment> PathParams for A {
     fn segments(&self) -> Vec<String> {
         vec![self.to_segment()]
     }
+    fn schemas(generator: &mut SchemaGenerator) -> Vec<Schema> {
+        vec![generator.subschema_for::<A>()]
+    }
 }
 
 impl<A: PathSegment, B: PathSegment> PathParams for (A, B) {
@@ -155,6 +164,12 @@ impl<A: PathSegment, B: PathSegment> PathParams for (A, B) {
     }
     fn segments(&self) -> Vec<String> {
         vec![self.0.to_segment(), self.1.to_segment()]
+    }
+    fn schemas(generator: &mut SchemaGenerator) -> Vec<Schema> {
+        vec![
+            generator.subschema_for::<A>(),
+            generator.subschema_for::<B>(),
+        ]
     }
 }
 
@@ -174,12 +189,23 @@ pub fn path_of<O: Operation>(params: &O::Params) -> String {
         .join("/")
 }
 
+/// Something done for every operation, knowing its type: [`for_each_operation`].
+pub trait Visit {
+    /// `name` is the operation's type name, `doc` its documentation lines.
+    fn visit<O: Operation>(&mut self, name: &'static str, doc: &[&'static str]);
+}
+
 /// Declares operations: `Name: METHOD "path", access, body use, status, Params, Query, Body
-/// => Answer;`.
+/// => Answer;`, and [`for_each_operation`] over them in the order declared.
 macro_rules! operation {
-    ($($(#[$doc:meta])* $name:ident: $method:ident $path:literal, $access:ident, $body:ident,
-        $status:literal, $params:ty, $query:ty, $req:ty => $answer:ty;)*) => {$(
-        $(#[$doc])*
+    ($($(#[doc = $doc:literal])* $name:ident: $method:ident $path:literal, $access:ident,
+        $body:ident, $status:literal, $params:ty, $query:ty, $req:ty => $answer:ty;)*) => {
+        /// Calls `visitor` with every operation, in the order declared.
+        pub fn for_each_operation(visitor: &mut impl Visit) {
+            $(visitor.visit::<$name>(stringify!($name), &[$($doc),*]);)*
+        }
+        $(
+        $(#[doc = $doc])*
         #[derive(Debug)]
         pub struct $name;
 
@@ -200,6 +226,8 @@ macro_rules! operation {
 operation! {
     /// Liveness and counts; 503 naming what cannot serve.
     GetHealth: Get "/v1/health", Public, None, 200, (), (), () => Health;
+    /// This API's OpenAPI 3.1 document.
+    GetOpenApi: Get "/v1/openapi.json", Public, None, 200, (), (), () => serde_json::Value;
     /// Counters (JSON; their names are listed in README.md).
     GetMetrics: Get "/v1/metrics", Admin, None, 200, (), (), () => serde_json::Value;
 

@@ -21,25 +21,27 @@ use crate::{
     UnixMillis, UserId,
 };
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnrollmentToken {
+    #[schemars(length(min = 1, max = 128))]
     pub customer: String,
     /// How many devices may register with this token (default 1).
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_uses: Option<u32>,
     /// Lifetime in seconds (default one day).
     #[serde(default)]
     pub ttl_secs: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EnrollmentTokenCreated {
     /// Shown once; only its hash is stored.
     pub token: Secret,
@@ -48,7 +50,7 @@ pub struct EnrollmentTokenCreated {
     pub max_uses: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeviceView {
     pub device_id: DeviceId,
     pub serial: String,
@@ -106,18 +108,34 @@ impl From<&DeviceRecord> for DeviceView {
 }
 
 /// `POST /v1/services`
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend(
+    "if" = {
+        "required": ["data_types"],
+        "properties": { "data_types": { "type": "array", "minItems": 1 } },
+    },
+    "then" = {
+        "required": ["kind"],
+        "properties": { "kind": { "type": "string", "minLength": 1 } },
+    },
+))]
 pub struct CreateService {
     /// 1 to 64 of `a-z`, `0-9`, `-`.
+    #[schemars(regex(pattern = r"^[a-z0-9-]{1,64}$"))]
     pub service_id: String,
+    #[schemars(length(min = 1, max = 128))]
     pub name: String,
     /// The device models the service applies to.
+    #[schemars(length(min = 1, max = 256), inner(length(min = 1, max = 128)))]
     pub models: Vec<String>,
-    /// Support services: their kind, the data types they need, how often they want them.
+    /// Support services: their kind (needed when `data_types` are given), the data types they
+    /// need, how often they want them.
     #[serde(default)]
+    #[schemars(length(max = 64))]
     pub kind: Option<String>,
     #[serde(default)]
+    #[schemars(length(max = 32), inner(regex(pattern = r"^[a-z0-9_]{1,64}$")))]
     pub data_types: Option<Vec<String>>,
     #[serde(default)]
     pub report_every_secs: Option<u32>,
@@ -125,30 +143,35 @@ pub struct CreateService {
 
 /// `PUT /v1/devices/{id}/contracts/{service}`: the device's contract for a support service.
 /// Replaces a contract of another service of the same kind (switching provider).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutContract {
+    #[schemars(length(max = 128))]
     pub application_id: String,
     #[serde(default)]
+    #[schemars(length(max = 1024))]
     pub outline: String,
 }
 
 /// `PUT /v1/services/{id}`: what is given replaces what was.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateService {
     #[serde(default)]
+    #[schemars(length(min = 1, max = 128))]
     pub name: Option<String>,
     #[serde(default)]
+    #[schemars(length(min = 1, max = 256), inner(length(min = 1, max = 128)))]
     pub models: Option<Vec<String>>,
     #[serde(default)]
+    #[schemars(length(max = 32), inner(regex(pattern = r"^[a-z0-9_]{1,64}$")))]
     pub data_types: Option<Vec<String>>,
     #[serde(default)]
     pub report_every_secs: Option<u32>,
 }
 
 /// A customer as the registry knows it: its devices by model.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CustomerView {
     pub customer: String,
     pub devices: u64,
@@ -156,7 +179,7 @@ pub struct CustomerView {
 }
 
 /// `GET /v1/customers/{customer}/candidates?service=...`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CandidatesQuery {
     pub service: String,
@@ -165,8 +188,12 @@ pub struct CandidatesQuery {
 /// `POST /v1/customers/{customer}/applications`: neither `models` nor `devices`: every device of
 /// the customer whose model the service supports; `models`: those models only; `devices`: those
 /// devices only (each must be the customer's and of a supported model).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("not" = {
+    "required": ["models", "devices"],
+    "properties": { "models": { "type": "array" }, "devices": { "type": "array" } },
+}))]
 pub struct ApplyForService {
     pub service_id: String,
     #[serde(default)]
@@ -179,7 +206,7 @@ pub struct ApplyForService {
 }
 
 /// An application's progress, device by device.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApplicationView {
     pub application_id: ApplicationId,
     pub customer: String,
@@ -194,7 +221,7 @@ pub struct ApplicationView {
     pub devices: Vec<EnrollmentView>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EnrollmentView {
     pub device_id: DeviceId,
     pub model: String,
@@ -207,9 +234,10 @@ pub struct EnrollmentView {
 }
 
 /// `POST /v1/devices/{id}/instructions`: an instruction for the device maker's own handling.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateInstruction {
+    #[schemars(length(min = 1, max = 128))]
     pub name: String,
     #[serde(default)]
     pub params: BTreeMap<String, String>,
@@ -219,7 +247,7 @@ pub struct CreateInstruction {
 }
 
 /// An instruction in a device's mailbox (registration codes blanked).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct InstructionView {
     pub instruction_id: InstructionId,
     pub device_id: DeviceId,
@@ -245,14 +273,16 @@ impl InstructionView {
 }
 
 /// `POST /v1/users`: a person who prints with held jobs (logs in at devices with the PIN).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
+    #[schemars(length(min = 1, max = 128))]
     pub name: String,
+    #[schemars(with = "String", length(min = 4, max = 32))]
     pub pin: Secret,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UserCreated {
     pub user_id: UserId,
     pub name: String,
@@ -260,15 +290,36 @@ pub struct UserCreated {
     pub token: Secret,
 }
 
+/// Canonical padded standard base64, as the bridge decodes it: the last symbol before `=` may
+/// carry no bits beyond the data.
+const BASE64: &str =
+    r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
+
+/// A job body carries its payload as `payload` or as `payload_base64`, exactly one of them.
+fn one_payload(schema: &mut schemars::Schema) {
+    schema.insert(
+        "oneOf".into(),
+        serde_json::json!([
+            { "required": ["payload"], "properties": { "payload": { "type": "string" } } },
+            {
+                "required": ["payload_base64"],
+                "properties": { "payload_base64": { "type": "string" } },
+            },
+        ]),
+    );
+}
+
 /// `POST /v1/users/{id}/held-jobs`: a job for the user's virtual printer.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = one_payload)]
 pub struct SubmitHeldJob {
     #[serde(default)]
     pub title: Option<String>,
     #[serde(default)]
     pub payload: Option<String>,
     #[serde(default)]
+    #[schemars(regex(pattern = BASE64))]
     pub payload_base64: Option<String>,
     #[serde(default)]
     pub content_type: Option<String>,
@@ -280,18 +331,19 @@ pub struct SubmitHeldJob {
 }
 
 /// `POST /v1/jobs/{id}/move`: to another device's printer queue.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MoveJob {
     pub to: DeviceId,
 }
 
 /// `POST /v1/customers/{customer}/poll-now`: make devices poll now.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PollNow {
     /// Default: every device of the customer in use.
     #[serde(default)]
+    #[schemars(length(min = 1, max = 10000))]
     pub devices: Option<Vec<DeviceId>>,
     /// `hint` (default): a poll-now hint to each device. `lan`: one device (`root`, default the
     /// first with a LAN endpoint) gets the plan in its mailbox and passes it on over the LAN.
@@ -311,7 +363,9 @@ pub struct PollNow {
     pub ttl_secs: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum PollNowVia {
     #[default]
@@ -320,7 +374,7 @@ pub enum PollNowVia {
 }
 
 /// What a poll-now did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PollNowPlan {
     pub nudge_id: String,
     pub created_at: UnixMillis,
@@ -333,7 +387,7 @@ pub struct PollNowPlan {
     pub hinted: Vec<DeviceId>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PlannedPoll {
     pub device_id: DeviceId,
     pub delay_ms: u32,
@@ -342,14 +396,14 @@ pub struct PlannedPoll {
 }
 
 /// `PUT /v1/devices/{id}/settings`: replaces the device's server settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutSettings {
     pub endpoints: Endpoints,
 }
 
 /// A device's server settings: as set from outside, and as the device reports using them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SettingsView {
     pub device_id: DeviceId,
     /// `None`: never set from outside; the device runs on its factory settings.
@@ -375,26 +429,33 @@ impl From<&DeviceRecord> for SettingsView {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = one_payload)]
 pub struct SubmitJob {
     /// The payload as UTF-8 text. Exactly one of `payload` and `payload_base64` is required.
     #[serde(default)]
     pub payload: Option<String>,
-    /// The payload as standard base64, for binary documents.
+    /// The payload as standard base64 (padded, canonical), for binary documents.
     #[serde(default)]
+    #[schemars(regex(pattern = BASE64))]
     pub payload_base64: Option<String>,
     /// Default `application/octet-stream`.
     #[serde(default)]
+    #[schemars(length(min = 1, max = 128))]
     pub content_type: Option<String>,
     /// How long the job may wait to be started, in seconds (default one day).
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub ttl_secs: Option<u64>,
-    /// Attempts before a job whose lease keeps running out fails (default 3).
+    /// Attempts before a job whose lease keeps running out fails (default 3; at most the
+    /// bridge's `jobs.max_attempts_limit`, 100 unless configured, else `invalid_value`).
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_attempts: Option<u32>,
     /// A second submission with the same key for the same device returns the first job.
     #[serde(default)]
+    #[schemars(length(min = 1, max = 128))]
     pub idempotency_key: Option<String>,
     /// Print settings, checked against the device's printer (`unsupported_setting` names the
     /// first it cannot honour).
@@ -407,20 +468,22 @@ pub struct SubmitJob {
 /// something the API must not show, this becomes a type of its own again.
 pub type JobView = JobRecord;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOwner {
+    #[schemars(length(min = 1, max = 128))]
     pub name: String,
 }
 
 /// `POST /v1/ops-logins`: an MQTT login for operations tools (dashboards, mosquitto_sub).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOpsLogin {
+    #[schemars(length(min = 1, max = 128))]
     pub name: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OpsLoginCreated {
     /// The MQTT username.
     pub ops_id: crate::OpsId,
@@ -431,7 +494,7 @@ pub struct OpsLoginCreated {
 }
 
 /// An ops login as listed (no secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OpsLoginView {
     pub ops_id: crate::OpsId,
     pub name: String,
@@ -450,7 +513,7 @@ impl From<&crate::records::OpsLoginRecord> for OpsLoginView {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OwnerCreated {
     pub owner_id: OwnerId,
     pub name: String,
@@ -458,14 +521,15 @@ pub struct OwnerCreated {
     pub token: Secret,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCompanion {
     /// "Anna's phone".
+    #[schemars(length(min = 1, max = 128))]
     pub name: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CompanionCreated {
     pub companion_id: CompanionId,
     pub owner_id: OwnerId,
@@ -474,7 +538,7 @@ pub struct CompanionCreated {
     pub token: Secret,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CompanionView {
     pub companion_id: CompanionId,
     pub owner_id: OwnerId,
@@ -497,13 +561,18 @@ impl From<&CompanionRecord> for CompanionView {
 
 /// A page of a list in the order it was made: the items after `after` (default: from the
 /// first), at most `limit` of them (default 100, at most 1000).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery<After> {
-    #[serde(default = "Option::default")]
+    #[serde(default = "none::<After>")]
     pub after: Option<After>,
     #[serde(default)]
     pub limit: Option<usize>,
+}
+
+/// `None`, as a default that puts no `Default` bound on `After`.
+fn none<T>() -> Option<T> {
+    None
 }
 
 impl<After> PageQuery<After> {
@@ -529,14 +598,14 @@ pub type RequestsQuery = PageQuery<u64>;
 /// their retention ends), in the order they were submitted; `after` is a job id.
 pub type JobsQuery = PageQuery<JobId>;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelJob {
     #[serde(default)]
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Health {
     /// `ok`, or `unavailable` (answered with 503) when a part cannot serve.
     pub status: String,

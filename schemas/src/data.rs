@@ -396,7 +396,7 @@ impl std::fmt::Display for ErrorBody {
 impl std::error::Error for ErrorBody {}
 
 /// Stable error codes, shared by the data channel and the admin API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadFrame,
@@ -436,11 +436,45 @@ pub enum ErrorCode {
     UnknownRequest,
     /// A body or payload over its limit (the admin API, HTTP 413; the message names the limit).
     PayloadTooLarge,
+    /// A request that matches its schema but holds a value that cannot be used: an endpoint URL
+    /// that does not parse, base64 that does not decode, a number over this bridge's configured
+    /// limit (the admin API, HTTP 422; the message names the value).
+    InvalidValue,
     #[serde(other)]
     Unknown,
 }
 
 impl ErrorCode {
+    /// The HTTP status the admin API answers with this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::BadFrame | ErrorCode::FrameTooLarge => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden
+            | ErrorCode::DeviceDisabled
+            | ErrorCode::EnrollmentInvalid
+            | ErrorCode::ConsentWithheld
+            | ErrorCode::RegistrationCodeInvalid => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::Timeout => 408,
+            ErrorCode::InvalidState
+            | ErrorCode::Conflict
+            | ErrorCode::LeaseLost
+            | ErrorCode::RegistrationIncomplete => 409,
+            ErrorCode::Expired => 410,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UnsupportedSetting | ErrorCode::InvalidValue => 422,
+            ErrorCode::Overloaded | ErrorCode::ShuttingDown => 503,
+            ErrorCode::UnsupportedVersion
+            | ErrorCode::HelloTimeout
+            | ErrorCode::Internal
+            | ErrorCode::DeviceInvalidated
+            | ErrorCode::OwnerCheckPending
+            | ErrorCode::UnknownRequest
+            | ErrorCode::Unknown => 500,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadFrame => "bad_frame",
@@ -468,6 +502,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedSetting => "unsupported_setting",
             ErrorCode::Timeout => "timeout",
             ErrorCode::UnknownRequest => "unknown_request",
+            ErrorCode::InvalidValue => "invalid_value",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::Unknown => "unknown",
         }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::UnixMillis;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -69,7 +69,7 @@ impl JobState {
 }
 
 /// What a device reports about the attempt it holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobUpdate {
     Started,
@@ -90,7 +90,7 @@ pub enum JobUpdate {
 }
 
 /// One step of a job's history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Transition {
     pub from: Option<JobState>,
     pub to: JobState,

@@ -16,7 +16,8 @@
 //! - [`settings`]: server settings (endpoints) given to a device from outside, and its report.
 //! - [`ops`]: fleet events for operations (JSON, so any MQTT client can read them).
 //! - [`api`]: the admin HTTP API's JSON bodies; [`admin`]: its operations, each declared once
-//!   (route, access, types), served by the bridge and called by the client from there.
+//!   (route, access, types), served by the bridge and called by the client from there;
+//!   [`openapi`]: the OpenAPI document built from them.
 
 pub mod admin;
 pub mod agent;
@@ -28,6 +29,7 @@ pub mod hint;
 pub mod ids;
 pub mod job;
 pub mod nudge;
+pub mod openapi;
 pub mod ops;
 pub mod outbox;
 pub mod print;
@@ -53,3 +55,7 @@ pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 
 /// Largest job payload accepted by the admin API (leaves room for the frame around it).
 pub const MAX_PAYLOAD_BYTES: usize = MAX_FRAME_BYTES - 4 * 1024;
+
+/// Largest admin API request body: room for a job's payload of [`MAX_PAYLOAD_BYTES`] in base64
+/// and the JSON around it.
+pub const MAX_BODY_BYTES: usize = 2 * MAX_FRAME_BYTES;

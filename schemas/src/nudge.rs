@@ -18,7 +18,7 @@ use crate::{DeviceId, UnixMillis};
 pub const MAX_NUDGE_BYTES: usize = 256 * 1024;
 
 /// A nudge as one device receives it: its own node, with the subtree below it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Nudge {
     /// 32 hex digits, new for every poll-now.
     pub nudge_id: String,
@@ -27,7 +27,7 @@ pub struct Nudge {
     pub node: NudgeNode,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NudgeNode {
     pub device_id: DeviceId,
     /// The device's LAN endpoint, `host:port`.

@@ -21,7 +21,7 @@ crate::ids::counter!(
 pub const MAX_DELIVER_ITEMS: usize = 64;
 
 /// One request waiting in (or delivered from) a device's outbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OutboxItem {
     pub no: RequestNo,
     /// The device's clock when the request was made.
@@ -29,7 +29,7 @@ pub struct OutboxItem {
     pub body: DeviceRequest,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DeviceRequest {
     /// The device's status (device information: needs the user's consent).
@@ -84,7 +84,7 @@ impl DeviceRequest {
 }
 
 /// The permission to send device information, as the device holds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Consent {
     pub granted: bool,
     /// When the user last changed it, on the device's clock.
@@ -131,7 +131,7 @@ mod tests {
         let bytes = encode(&items).unwrap();
         assert_eq!(decode::<Vec<OutboxItem>>(&bytes).unwrap(), items);
 
-        #[derive(Serialize)]
+        #[derive(Serialize, schemars::JsonSchema)]
         struct Future {
             kind: &'static str,
             level: u8,

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What a device's printer can do, as it registers its printer queue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Capabilities {
     /// Media sizes it can print on (`A4`, `Letter`, ...).
     pub media_sizes: Vec<String>,
@@ -20,7 +20,7 @@ pub struct Capabilities {
 }
 
 /// The settings a print job asks for; what is not given is the device's default.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PrintSettings {
     #[serde(default)]
@@ -39,7 +39,7 @@ pub struct PrintSettings {
 
 /// A printer's page counters. A consistent reading has `total == color + mono` and `total`
 /// equal to the sum over media sizes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PageCounters {
     pub total: u64,
     pub color: u64,
@@ -172,7 +172,7 @@ impl PrintSettings {
 }
 
 /// `u/{user_id}`: a person who prints with held jobs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UserRecord {
     pub user_id: crate::UserId,
     pub name: String,
@@ -185,7 +185,7 @@ pub struct UserRecord {
 }
 
 /// Where a held job stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum HeldState {
     /// Waiting in the user's virtual printer.
@@ -201,7 +201,7 @@ pub enum HeldState {
 
 /// `h/{job_id}`: a job in a user's virtual printer. Released, it becomes the job of the same id
 /// in the device's queue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HeldJobRecord {
     pub job_id: crate::JobId,
     pub user_id: crate::UserId,
@@ -217,7 +217,7 @@ pub struct HeldJobRecord {
 }
 
 /// A held job as a device lists it for the logged-in user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HeldJobSummary {
     pub job_id: crate::JobId,
     pub title: String,

@@ -11,7 +11,7 @@ use crate::services::ServiceUse;
 use crate::settings::{ReportedSettings, SettingsRecord};
 use crate::{CompanionId, DeviceId, FeedSeq, JobId, OpsId, OwnerId, UnixMillis};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeviceRecord {
     pub device_id: DeviceId,
     pub serial: String,
@@ -73,7 +73,7 @@ pub struct DeviceRecord {
     pub registration_sha256: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CountersRecord {
     pub counters: PageCounters,
     /// When the device read them (its clock).
@@ -81,26 +81,26 @@ pub struct CountersRecord {
     pub received_at: UnixMillis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PrinterQueue {
     pub capabilities: Capabilities,
     pub registered_at: UnixMillis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OwnerCheckState {
     pub reason: String,
     pub started_at: UnixMillis,
     pub deadline: UnixMillis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Invalidation {
     pub reason: String,
     pub at: UnixMillis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OwnerBinding {
     pub owner_id: OwnerId,
     /// SHA-256 of `{device_id}:{pin}`, hex.
@@ -108,7 +108,7 @@ pub struct OwnerBinding {
 }
 
 /// `o/{owner_id}`
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OwnerRecord {
     pub owner_id: OwnerId,
     pub name: String,
@@ -119,7 +119,7 @@ pub struct OwnerRecord {
 
 /// `q/{ops_id}`: an operations login to the embedded broker. It may subscribe under
 /// `fleet/events/` and nothing else; revoked, it is refused and its sessions are closed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OpsLoginRecord {
     pub ops_id: OpsId,
     pub name: String,
@@ -131,7 +131,7 @@ pub struct OpsLoginRecord {
 }
 
 /// `c/{companion_id}`
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CompanionRecord {
     pub companion_id: CompanionId,
     pub owner_id: OwnerId,
@@ -146,7 +146,7 @@ pub struct CompanionRecord {
 /// How many consent changes a device record keeps.
 pub const CONSENT_HISTORY: usize = 32;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ConsentRecord {
     pub granted: bool,
     /// When the user changed it, on the device's clock.
@@ -157,7 +157,7 @@ pub struct ConsentRecord {
 
 /// A request from a device's outbox that the cloud accepted, kept at
 /// `r/{device_id}/{no as 16 hex digits}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeviceRequestRecord {
     pub device_id: DeviceId,
     pub no: RequestNo,
@@ -166,7 +166,7 @@ pub struct DeviceRequestRecord {
     pub body: DeviceRequest,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EnrollmentRecord {
     /// SHA-256 of the token, hex: the key it is found by. The token is shown once.
     pub token_sha256: String,
@@ -176,7 +176,7 @@ pub struct EnrollmentRecord {
     pub uses_left: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobRecord {
     pub job_id: JobId,
     pub device_id: DeviceId,

@@ -53,7 +53,7 @@ pub fn service_of_url(url: &str) -> Option<&str> {
 }
 
 /// `s/{service_id}`
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ServiceRecord {
     pub service_id: String,
     pub name: String,
@@ -75,7 +75,7 @@ pub struct ServiceRecord {
 
 /// `k/{device_id}/{service_id}`: the contract (application) information of one device for one
 /// support service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ContractRecord {
     pub device_id: DeviceId,
     pub service_id: String,
@@ -89,7 +89,7 @@ pub struct ContractRecord {
 }
 
 /// A contract as the device is told it (with what it needs to decide whether to activate).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ContractInfo {
     pub service_id: String,
     pub kind: String,
@@ -101,7 +101,7 @@ pub struct ContractInfo {
 }
 
 /// What an activated support service needs from the device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeviceControl {
     pub service_id: String,
     pub data_types: Vec<String>,
@@ -109,7 +109,7 @@ pub struct DeviceControl {
 }
 
 /// What an instruction tells the device to do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum InstructionBody {
     /// Start using a service: call `registration_url` over the data channel with the code.
@@ -155,7 +155,7 @@ impl InstructionBody {
 }
 
 /// `i/{instruction_id}`: one instruction in a device's mailbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct InstructionRecord {
     pub instruction_id: InstructionId,
     pub device_id: DeviceId,
@@ -167,7 +167,7 @@ pub struct InstructionRecord {
     pub taken_at: Option<UnixMillis>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InstructionState {
     Waiting,
@@ -186,7 +186,7 @@ impl InstructionRecord {
 }
 
 /// An instruction as the device receives it when it takes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct InstructionOffer {
     pub instruction_id: InstructionId,
     pub body: InstructionBody,
@@ -196,7 +196,7 @@ pub struct InstructionOffer {
 }
 
 /// `a/{application_id}`: a customer's application for a service and how each device fares.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApplicationRecord {
     pub application_id: ApplicationId,
     pub customer: String,
@@ -208,7 +208,7 @@ pub struct ApplicationRecord {
 }
 
 /// One device of an application.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Enrollment {
     pub device_id: DeviceId,
     pub model: String,
@@ -220,14 +220,14 @@ pub struct Enrollment {
     pub refusals: Vec<RefusedRegistration>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RefusedRegistration {
     pub at: UnixMillis,
     pub reason: String,
 }
 
 /// Where one device of an application stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum EnrollmentState {
     /// The device has not registered yet.
@@ -261,7 +261,7 @@ impl Enrollment {
 }
 
 /// A service a device is permitted to use.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ServiceUse {
     pub service_id: String,
     pub application_id: ApplicationId,

@@ -13,14 +13,18 @@ pub const MAX_ENDPOINT_LEN: usize = 256;
 /// Where a device reaches the cloud, best first. The two lists are used independently: the
 /// notification channel may run on its second broker while the data channel uses its first
 /// URL.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Endpoints {
     /// Data channel URLs, `ws://host:port[/path]` or `wss://host:port[/path]` (TLS); at least
     /// one.
+    #[schemars(length(min = 1, max = 8), inner(length(max = 256)))]
+    #[schemars(extend("uniqueItems" = true))]
     pub data: Vec<String>,
     /// MQTT brokers, `host:port` or `mqtt://host:port`, or `mqtts://host:port` (TLS). Empty:
     /// no notification channel (the device long-polls).
     #[serde(default)]
+    #[schemars(length(max = 8), inner(length(max = 256)))]
+    #[schemars(extend("uniqueItems" = true))]
     pub mqtt: Vec<String>,
 }
 
@@ -187,13 +191,13 @@ pub fn parse_data_url(url: &str) -> Result<bool, String> {
 }
 
 /// Settings given to a device. New kinds of settings are added as optional fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeviceSettings {
     pub endpoints: Endpoints,
 }
 
 /// What a device says it uses, sent over the data channel whenever it changed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SettingsReport {
     /// The newest settings revision the device applied; 0: its factory settings.
     pub revision: u64,
@@ -209,7 +213,7 @@ pub struct SettingsReport {
 }
 
 /// Settings as the cloud holds them for a device (`PUT /v1/devices/{id}/settings`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SettingsRecord {
     /// Counts up from 1 for each change; the device applies a revision once.
     pub revision: u64,
@@ -220,7 +224,7 @@ pub struct SettingsRecord {
 }
 
 /// The device's last report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ReportedSettings {
     pub report: SettingsReport,
     pub at: UnixMillis,

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::UnixMillis;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeviceStatus {
     pub state: DeviceState,
     /// Free text, e.g. an error code shown on the panel.
@@ -14,7 +14,7 @@ pub struct DeviceStatus {
     pub observed_at: UnixMillis,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceState {
     Idle,

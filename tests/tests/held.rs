@@ -259,7 +259,13 @@ async fn users_fill_and_read_only_their_own_virtual_printer() {
     forbidden(as_bo.held_jobs(&ana.user_id).await.map(|_| ()));
     forbidden(
         as_bo
-            .submit_held(&ana.user_id, &SubmitHeldJob::default())
+            .submit_held(
+                &ana.user_id,
+                &SubmitHeldJob {
+                    payload: Some("not yours".into()),
+                    ..SubmitHeldJob::default()
+                },
+            )
             .await
             .map(|_| ()),
     );

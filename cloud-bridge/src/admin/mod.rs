@@ -44,9 +44,8 @@ impl AppState {
     }
 }
 
-/// The largest request body: room for a job's payload of [`schemas::MAX_PAYLOAD_BYTES`] in
-/// base64 and the JSON around it.
-pub(crate) const BODY_LIMIT: usize = 2 * schemas::MAX_FRAME_BYTES;
+/// The largest request body.
+pub(crate) const BODY_LIMIT: usize = schemas::MAX_BODY_BYTES;
 
 /// The admin API router: every operation of [`schemas::admin`].
 pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
@@ -123,28 +122,7 @@ impl ApiFailure {
 }
 
 fn status_for(code: ErrorCode) -> StatusCode {
-    match code {
-        ErrorCode::BadRequest | ErrorCode::BadFrame | ErrorCode::FrameTooLarge => {
-            StatusCode::BAD_REQUEST
-        }
-        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-        ErrorCode::Forbidden | ErrorCode::DeviceDisabled | ErrorCode::EnrollmentInvalid => {
-            StatusCode::FORBIDDEN
-        }
-        ErrorCode::NotFound => StatusCode::NOT_FOUND,
-        ErrorCode::InvalidState
-        | ErrorCode::Conflict
-        | ErrorCode::LeaseLost
-        | ErrorCode::RegistrationIncomplete => StatusCode::CONFLICT,
-        ErrorCode::ConsentWithheld => StatusCode::FORBIDDEN,
-        ErrorCode::Expired => StatusCode::GONE,
-        ErrorCode::RegistrationCodeInvalid => StatusCode::FORBIDDEN,
-        ErrorCode::UnsupportedSetting => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorCode::Overloaded | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::Timeout => StatusCode::REQUEST_TIMEOUT,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
+    StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 impl From<CoreError> for ApiFailure {

@@ -69,6 +69,7 @@ macro_rules! serve {
 
 operations! {
     op::GetHealth => call(status::health);
+    op::GetOpenApi => call(status::openapi);
     op::GetMetrics => call(status::metrics);
     op::CreateEnrollment => call(create_enrollment);
     op::ListDevices => read(|_, _, core| Ok(sorted_views(core.devices())));
@@ -282,8 +283,8 @@ async fn create_instruction(
     let size: usize = req.params.iter().map(|(k, v)| k.len() + v.len()).sum();
     if size > 16 * 1024 {
         return Err(ApiFailure::new(
-            ErrorCode::BadRequest,
-            "params may hold at most 16 KiB",
+            ErrorCode::InvalidValue,
+            "params may hold at most 16 KiB (names and values, in bytes)",
         ));
     }
     let ttl_ms = crate::core::ttl_ms(req.ttl_secs, 7 * 24 * 3600, 365 * 24 * 3600);

@@ -4,6 +4,7 @@
 
 use std::any::TypeId;
 use std::future::Future;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -66,7 +67,16 @@ pub(crate) fn route<O: Serve>(router: Router<AppState>) -> Router<AppState> {
         })
         .collect::<Vec<_>>()
         .join("/");
-    let handler = handle::<O>;
+    let body = Arc::new(BodySchema::of::<O>());
+    let handler = move |State(state): State<AppState>, request: Request| {
+        let body = body.clone();
+        async move {
+            match run::<O>(&state, &body, request).await {
+                Ok(response) => response,
+                Err(failure) => failure.into_response(),
+            }
+        }
+    };
     let method: MethodRouter<AppState> = match O::METHOD {
         Method::Get => get(handler),
         Method::Post => post(handler),
@@ -76,10 +86,44 @@ pub(crate) fn route<O: Serve>(router: Router<AppState>) -> Router<AppState> {
     router.route(&path, method)
 }
 
-async fn handle<O: Serve>(State(state): State<AppState>, request: Request) -> Response {
-    match run::<O>(&state, request).await {
-        Ok(response) => response,
-        Err(failure) => failure.into_response(),
+/// The JSON Schema a body must meet, as the OpenAPI document publishes it (`None` for an
+/// operation without a body).
+struct BodySchema(Option<jsonschema::Validator>);
+
+impl BodySchema {
+    fn of<O: Operation>() -> BodySchema {
+        if O::BODY == BodyUse::None {
+            return BodySchema(None);
+        }
+        let schema = schemas::openapi::root_schema::<O::Body>();
+        // The schemas are ours and fixed at build time; a test builds every one of them.
+        BodySchema(jsonschema::draft202012::new(&schema).ok())
+    }
+
+    fn check(&self, value: &serde_json::Value) -> ApiResult<()> {
+        let Some(validator) = &self.0 else {
+            return Ok(());
+        };
+        match validator.iter_errors(value).next() {
+            None => Ok(()),
+            Some(e) => {
+                let at = e.instance_path().to_string();
+                let at = if at.is_empty() { "/".to_owned() } else { at };
+                let mut message = format!("{at}: {}", e.masked());
+                if message.len() > 300 {
+                    let mut end = 300;
+                    while !message.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    message.truncate(end);
+                    message.push_str("...");
+                }
+                Err(ApiFailure::new(
+                    ErrorCode::BadRequest,
+                    format!("the body does not match its schema at {message}"),
+                ))
+            }
+        }
     }
 }
 
@@ -149,19 +193,59 @@ async fn read_body(parts: &Parts, mut body: Body) -> ApiResult<Bytes> {
     Ok(kept.freeze())
 }
 
-/// A JSON body read by axum's extractor, for its content-type check and its error messages.
-async fn json<T: DeserializeOwned>(state: &AppState, parts: Parts, bytes: Bytes) -> ApiResult<T> {
+/// A JSON body: axum's extractor checks the content type and the syntax, the value is checked
+/// against the body's schema, then read as `T`, with integers also written as whole floats
+/// (`2.0`), as JSON Schema counts them.
+async fn json<T: DeserializeOwned>(
+    state: &AppState,
+    schema: &BodySchema,
+    parts: Parts,
+    bytes: Bytes,
+) -> ApiResult<T> {
     let request = Request::from_parts(parts, Body::from(bytes));
-    match Json::<T>::from_request(request, state).await {
-        Ok(Json(b)) => Ok(b),
-        Err(rejection) => Err(ApiFailure::new(
+    let mut value = match Json::<serde_json::Value>::from_request(request, state).await {
+        Ok(Json(value)) => value,
+        Err(rejection) => {
+            return Err(ApiFailure::new(
+                ErrorCode::BadRequest,
+                rejection.body_text(),
+            ));
+        }
+    };
+    schema.check(&value)?;
+    whole_floats_as_integers(&mut value);
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        ApiFailure::new(
             ErrorCode::BadRequest,
-            rejection.body_text(),
-        )),
+            format!("Failed to deserialize the JSON body into the target type: {e}"),
+        )
+    })
+}
+
+/// Replaces every float with no fractional part that fits an `i64` or a `u64` by that integer.
+fn whole_floats_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if !(n.is_u64() || n.is_i64()) => {
+            let Some(f) = n.as_f64() else { return };
+            // 2^64 and -2^63 are exact as f64; the casts below are exact in these ranges.
+            if f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+                *n = serde_json::Number::from(f as u64);
+            } else if f.fract() == 0.0 && (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
+                *n = serde_json::Number::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_floats_as_integers),
+        Value::Object(map) => map.values_mut().for_each(whole_floats_as_integers),
+        _ => {}
     }
 }
 
-async fn run<O: Serve>(state: &AppState, request: Request) -> ApiResult<Response> {
+async fn run<O: Serve>(
+    state: &AppState,
+    schema: &BodySchema,
+    request: Request,
+) -> ApiResult<Response> {
     let (mut parts, body) = request.into_parts();
     let principal = match O::ACCESS {
         Access::Public => Principal::Admin,
@@ -196,14 +280,14 @@ async fn run<O: Serve>(state: &AppState, request: Request) -> ApiResult<Response
         BodyUse::None => absent()?,
         BodyUse::Required => {
             let bytes = read_body(&parts, body).await?;
-            json(state, parts, bytes).await?
+            json(state, schema, parts, bytes).await?
         }
         BodyUse::Optional => {
             let bytes = read_body(&parts, body).await?;
             if bytes.is_empty() {
                 absent()?
             } else {
-                json(state, parts, bytes).await?
+                json(state, schema, parts, bytes).await?
             }
         }
     };
@@ -223,4 +307,53 @@ async fn run<O: Serve>(state: &AppState, request: Request) -> ApiResult<Response
         return Ok(status.into_response());
     }
     Ok((status, Json(reply.answer)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use schemas::admin::{Visit, for_each_operation};
+
+    use super::*;
+
+    #[test]
+    fn every_body_schema_compiles() {
+        struct Compile(Vec<&'static str>);
+        impl Visit for Compile {
+            fn visit<O: Operation>(&mut self, name: &'static str, _: &[&'static str]) {
+                if O::BODY != BodyUse::None && BodySchema::of::<O>().0.is_none() {
+                    self.0.push(name);
+                }
+            }
+        }
+        let mut failed = Compile(Vec::new());
+        for_each_operation(&mut failed);
+        assert!(failed.0.is_empty(), "{:?}", failed.0);
+    }
+
+    /// The schema's base64 pattern accepts exactly what the bridge decodes.
+    #[test]
+    fn the_base64_pattern_is_the_decoder() {
+        use base64::Engine as _;
+        let schema = BodySchema::of::<schemas::admin::SubmitJobOp>();
+        let alphabet: Vec<char> = "ABQRgwx/+=0489".chars().collect();
+        let mut strings = vec![String::new()];
+        for _ in 0..5 {
+            let longer: Vec<String> = strings
+                .iter()
+                .filter(|s| s.len() == strings.last().map_or(0, String::len))
+                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            strings.extend(longer);
+        }
+        for prefix in ["", "QUJD"] {
+            for s in &strings {
+                let text = format!("{prefix}{s}");
+                let body = serde_json::json!({ "payload_base64": text });
+                let decodes = base64::engine::general_purpose::STANDARD
+                    .decode(&text)
+                    .is_ok();
+                assert_eq!(schema.check(&body).is_ok(), decodes, "{text:?}");
+            }
+        }
+    }
 }

@@ -1,9 +1,9 @@
-//! `GET /v1/health` and `GET /v1/metrics`.
+//! `GET /v1/health`, `GET /v1/openapi.json` and `GET /v1/metrics`.
 
 use std::sync::atomic::Ordering;
 
 use axum::http::StatusCode;
-use schemas::admin::{GetHealth, GetMetrics};
+use schemas::admin::{GetHealth, GetMetrics, GetOpenApi};
 use schemas::api::Health;
 use schemas::data::ErrorCode;
 use serde::Serialize;
@@ -40,6 +40,13 @@ pub(super) async fn health(state: &AppState, _: Call<GetHealth>) -> ApiResult<Re
             status: Some(status),
         })
     }
+}
+
+/// The OpenAPI document, built once from the declarations.
+pub(super) async fn openapi(_: &AppState, _: Call<GetOpenApi>) -> ApiResult<serde_json::Value> {
+    static DOCUMENT: std::sync::LazyLock<serde_json::Value> =
+        std::sync::LazyLock::new(schemas::openapi::document);
+    Ok(DOCUMENT.clone())
 }
 
 pub(super) async fn metrics(state: &AppState, _: Call<GetMetrics>) -> ApiResult<serde_json::Value> {

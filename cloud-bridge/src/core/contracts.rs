@@ -39,14 +39,14 @@ impl Core {
         let service = tx.service(service_id)?.clone();
         if service.kind.is_empty() {
             return Err(CoreError::new(
-                ErrorCode::BadRequest,
+                ErrorCode::InvalidState,
                 format!("service {service_id} is not a support service (it has no kind)"),
             ));
         }
-        if req.application_id.len() > 128 || req.outline.len() > 1024 {
+        if req.application_id.chars().count() > 128 || req.outline.chars().count() > 1024 {
             return Err(CoreError::new(
                 ErrorCode::BadRequest,
-                "application_id is at most 128 bytes, outline at most 1,024",
+                "application_id is at most 128 characters, outline at most 1,024",
             ));
         }
         tx.active_device(device_id)?;
@@ -359,7 +359,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             error_code(core.put_contract(&dev, "plain", contract("X"), T0)),
-            ErrorCode::BadRequest
+            ErrorCode::InvalidState
         );
     }
 

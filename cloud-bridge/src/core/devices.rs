@@ -29,7 +29,7 @@ impl Core {
         ttl_ms: u64,
         now: UnixMillis,
     ) -> CoreResult<(EnrollmentRecord, Ticket)> {
-        if customer.trim().is_empty() || customer.len() > 128 {
+        if !(1..=128).contains(&customer.chars().count()) {
             return Err(CoreError::new(
                 ErrorCode::BadRequest,
                 "customer must be 1 to 128 characters",

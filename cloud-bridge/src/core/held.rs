@@ -65,8 +65,7 @@ impl Core {
         now: UnixMillis,
     ) -> CoreResult<(UserRecord, Ticket)> {
         check_name(&name)?;
-        let digits = pin.expose();
-        if digits.len() < 4 || digits.len() > 32 {
+        if !(4..=32).contains(&pin.expose().chars().count()) {
             return Err(CoreError::new(
                 ErrorCode::BadRequest,
                 "the PIN must be 4 to 32 characters",

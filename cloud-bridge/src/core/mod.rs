@@ -176,7 +176,7 @@ pub enum AuthFailure {
 
 /// Names given by people (owners, companions, services, users): 1 to 128 characters.
 pub(crate) fn check_name(name: &str) -> CoreResult<()> {
-    if name.trim().is_empty() || name.len() > 128 {
+    if !(1..=128).contains(&name.chars().count()) {
         return Err(CoreError::new(
             ErrorCode::BadRequest,
             "name must be 1 to 128 characters",

@@ -37,7 +37,7 @@ impl Core {
                         Some(d) => out.push(d.clone()),
                         None => {
                             return Err(CoreError::new(
-                                ErrorCode::BadRequest,
+                                ErrorCode::NotFound,
                                 format!("device {id} is not a device of {customer:?} in use"),
                             ));
                         }
@@ -50,8 +50,8 @@ impl Core {
         devices.dedup_by(|a, b| a.device_id == b.device_id);
         if devices.is_empty() || devices.len() > MAX_POLL_NOW {
             return Err(CoreError::new(
-                ErrorCode::BadRequest,
-                format!("a poll-now covers 1 to {MAX_POLL_NOW} devices"),
+                ErrorCode::InvalidState,
+                format!("a poll-now covers 1 to {MAX_POLL_NOW} devices in use"),
             ));
         }
         let not_after = now.saturating_add_ms(ttl_ms(req.ttl_secs, 300, 24 * 3600));
@@ -82,7 +82,7 @@ impl Core {
                 .position(|d| d.device_id == *root)
                 .ok_or_else(|| {
                     CoreError::new(
-                        ErrorCode::BadRequest,
+                        ErrorCode::InvalidState,
                         format!("root {root} is not among the devices with a known LAN endpoint"),
                     )
                 })?;
@@ -91,7 +91,7 @@ impl Core {
         }
         if tree.is_empty() {
             return Err(CoreError::new(
-                ErrorCode::BadRequest,
+                ErrorCode::InvalidState,
                 "no device has reported a LAN endpoint; use via: hint",
             ));
         }

@@ -37,7 +37,7 @@ impl Core {
         settings
             .endpoints
             .validate()
-            .map_err(|e| CoreError::new(ErrorCode::BadRequest, e.to_string()))?;
+            .map_err(|e| CoreError::new(ErrorCode::InvalidValue, e.to_string()))?;
         let mut device = tx.active_device(device_id)?.clone();
         let record = SettingsRecord {
             revision: device.settings.as_ref().map_or(0, |s| s.revision) + 1,
@@ -231,7 +231,7 @@ mod tests {
         ] {
             assert_eq!(
                 error_code(core.set_settings(&Principal::Admin, &dev, bad, T0)),
-                ErrorCode::BadRequest
+                ErrorCode::InvalidValue
             );
         }
         let device = core.device(&dev).unwrap();

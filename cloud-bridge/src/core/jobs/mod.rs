@@ -93,7 +93,7 @@ impl Core {
             None => None,
         };
         if let Some(key) = &new.idempotency_key
-            && (key.is_empty() || key.len() > 128)
+            && !(1..=128).contains(&key.chars().count())
         {
             return Err(CoreError::new(
                 ErrorCode::BadRequest,
@@ -150,7 +150,7 @@ impl Core {
                 ),
             ));
         }
-        if new.content_type.is_empty() || new.content_type.len() > 128 {
+        if !(1..=128).contains(&new.content_type.chars().count()) {
             return Err(CoreError::new(
                 ErrorCode::BadRequest,
                 "content_type must be 1 to 128 characters",
@@ -158,10 +158,16 @@ impl Core {
         }
         let max_attempts = new.max_attempts.unwrap_or(self.policy.default_max_attempts);
         if max_attempts == 0 || max_attempts > self.policy.max_attempts_limit {
+            // 0 is outside the schema; a number over the configured limit is not.
+            let code = if max_attempts == 0 {
+                ErrorCode::BadRequest
+            } else {
+                ErrorCode::InvalidValue
+            };
             return Err(CoreError::new(
-                ErrorCode::BadRequest,
+                code,
                 format!(
-                    "max_attempts must be 1 to {}",
+                    "max_attempts must be 1 to {} (this bridge's jobs.max_attempts_limit)",
                     self.policy.max_attempts_limit
                 ),
             ));

@@ -40,10 +40,13 @@ impl Core {
             (None, None) => candidates,
             (Some(models), None) => {
                 if let Some(m) = models.iter().find(|m| !service.models.contains(m)) {
-                    return Err(bad(format!(
-                        "service {} does not support model {m:?}",
-                        service.service_id
-                    )));
+                    return Err(CoreError::new(
+                        ErrorCode::InvalidState,
+                        format!(
+                            "service {} does not support model {m:?}",
+                            service.service_id
+                        ),
+                    ));
                 }
                 candidates
                     .into_iter()
@@ -56,12 +59,15 @@ impl Core {
                     match candidates.iter().find(|d| d.device_id == *id) {
                         Some(d) => out.push(d.clone()),
                         None => {
-                            return Err(bad(format!(
-                                "device {id} is not a candidate: not customer {customer}'s, not \
-                                 in use, of a model service {} does not support, or already \
-                                 permitted to use it",
-                                service.service_id
-                            )));
+                            return Err(CoreError::new(
+                                ErrorCode::InvalidState,
+                                format!(
+                                    "device {id} is not a candidate: not customer {customer}'s, \
+                                     not in use, of a model service {} does not support, or \
+                                     already permitted to use it",
+                                    service.service_id
+                                ),
+                            ));
                         }
                     }
                 }
@@ -69,10 +75,13 @@ impl Core {
             }
         };
         if chosen.is_empty() {
-            return Err(bad(format!(
-                "no device of customer {customer:?} can be enrolled in service {}",
-                service.service_id
-            )));
+            return Err(CoreError::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "no device of customer {customer:?} can be enrolled in service {}",
+                    service.service_id
+                ),
+            ));
         }
         let expires_at =
             now.saturating_add_ms(ttl_ms(req.ttl_secs, 7 * 24 * 3600, 365 * 24 * 3600));

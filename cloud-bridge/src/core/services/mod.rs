@@ -42,7 +42,10 @@ fn check_models(models: &[String]) -> CoreResult<()> {
             format!("a service lists 1 to {MAX_SERVICE_MODELS} models"),
         ));
     }
-    if models.iter().any(|m| m.trim().is_empty() || m.len() > 128) {
+    if models
+        .iter()
+        .any(|m| !(1..=128).contains(&m.chars().count()))
+    {
         return Err(CoreError::new(
             ErrorCode::BadRequest,
             "model names are 1 to 128 characters",
@@ -85,9 +88,12 @@ impl Core {
         let data_types = req.data_types.unwrap_or_default();
         check_data_types(&data_types)?;
         let kind = req.kind.unwrap_or_default();
-        if kind.len() > 64 || (kind.is_empty() && !data_types.is_empty()) {
+        if kind.chars().count() > 64 {
+            return Err(bad("kind is at most 64 characters"));
+        }
+        if kind.is_empty() && !data_types.is_empty() {
             return Err(bad(
-                "a service that asks for data types is a support service: give its kind (1 to 64 characters)",
+                "a service that asks for data types is a support service: give its kind",
             ));
         }
         let record = ServiceRecord {

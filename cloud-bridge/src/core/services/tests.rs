@@ -135,7 +135,11 @@ fn applications_choose_the_customers_devices_of_supported_models() {
             ..Default::default()
         },
     ] {
-        assert_eq!(apply(&core, bad).unwrap_err().code(), ErrorCode::BadRequest);
+        // Well-formed, but not what this customer's devices and the service allow now.
+        assert_eq!(
+            apply(&core, bad).unwrap_err().code(),
+            ErrorCode::InvalidState
+        );
     }
     let missing = ApplyForService {
         service_id: "nope".into(),
