@@ -40,14 +40,33 @@ pub struct NotifierStats {
     pub hints_coalesced: AtomicU64,
     pub events_queued: AtomicU64,
     pub events_dropped: AtomicU64,
+    /// Publishes the broker took and did not take: hints and ops events together, then hints
+    /// alone.
     pub published: AtomicU64,
     pub publish_failed: AtomicU64,
+    pub hints_published: AtomicU64,
+    pub hints_failed: AtomicU64,
     pub presence_received: AtomicU64,
     pub presence_dropped: AtomicU64,
     /// External broker: since when (ms since the epoch) the link has been down, 0 while it is
     /// up; and the last error.
     external_down_since: AtomicU64,
     external_error: std::sync::Mutex<Option<String>>,
+}
+
+impl NotifierStats {
+    /// Counts one publish: a hint (QoS 1) or an ops event, taken by the broker or not.
+    fn count_publish(&self, hint: bool, ok: bool) {
+        let (all, hints) = if ok {
+            (&self.published, &self.hints_published)
+        } else {
+            (&self.publish_failed, &self.hints_failed)
+        };
+        all.fetch_add(1, Ordering::Relaxed);
+        if hint {
+            hints.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl NotifierStats {
@@ -352,11 +371,9 @@ pub async fn run_embedded(
         .spawn(move || {
             while let Some(batch) = writer_outbox.next_blocking() {
                 for out in batch {
-                    let counter = match link_tx.publish(out.topic, out.payload) {
-                        Ok(_) => &writer_outbox.stats.published,
-                        Err(_) => &writer_outbox.stats.publish_failed,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
+                    let hint = out.qos1;
+                    let ok = link_tx.publish(out.topic, out.payload).is_ok();
+                    writer_outbox.stats.count_publish(hint, ok);
                 }
             }
         });
@@ -469,11 +486,7 @@ pub async fn run_external(
                 r = client.publish(out.topic, qos, false, out.payload) => r,
                 _ = shutdown.cancelled() => break 'publishing,
             };
-            let counter = match published {
-                Ok(()) => &outbox.stats.published,
-                Err(_) => &outbox.stats.publish_failed,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+            outbox.stats.count_publish(out.qos1, published.is_ok());
         }
     }
     let _ = client.try_disconnect();

@@ -177,6 +177,16 @@ impl Snapshot {
             get(&m.presence_hints),
         );
         s.counter(
+            "hints_published",
+            "Hints the broker took",
+            get(&n.hints_published),
+        );
+        s.counter(
+            "hints_failed",
+            "Hints the broker did not take (the device still finds the work by its cursor)",
+            get(&n.hints_failed),
+        );
+        s.counter(
             "mqtt_published",
             "Publishes to the broker (hints and ops events)",
             get(&n.published),

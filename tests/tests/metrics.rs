@@ -128,6 +128,8 @@ async fn the_scrape_parses_and_moves_as_jobs_go_through() {
     );
     // A hint for a device that already has one waiting is merged into it (coalesced).
     assert!(moved("bridge_hints_queued_total{}") >= 1.0);
+    assert!(moved("bridge_hints_published_total{}") >= 1.0);
+    assert_eq!(moved("bridge_hints_failed_total{}"), 0.0);
     assert!(
         moved("bridge_hints_queued_total{}") + moved("bridge_hints_coalesced_total{}") >= 3.0,
         "a hint per job, queued or merged"
