@@ -72,22 +72,17 @@ pub fn root_schema<T: JsonSchema>() -> Value {
 fn tidy(value: &mut Value) {
     match value {
         Value::Object(map) => {
-            let bounds: Option<(i128, i128)> = match map.get("format").and_then(Value::as_str) {
-                Some("uint16") => Some((0, u16::MAX.into())),
-                Some("uint32") => Some((0, u32::MAX.into())),
-                Some("uint64" | "uint") => Some((0, u64::MAX.into())),
-                Some("int32") => Some((i32::MIN.into(), i32::MAX.into())),
-                Some("int64" | "int") => Some((i64::MIN.into(), i64::MAX.into())),
+            let bounds: Option<(Value, Value)> = match map.get("format").and_then(Value::as_str) {
+                Some("uint16") => Some((json!(0), json!(u16::MAX))),
+                Some("uint32") => Some((json!(0), json!(u32::MAX))),
+                Some("uint64" | "uint") => Some((json!(0), json!(u64::MAX))),
+                Some("int32") => Some((json!(i32::MIN), json!(i32::MAX))),
+                Some("int64" | "int") => Some((json!(i64::MIN), json!(i64::MAX))),
                 _ => None,
             };
             if let Some((min, max)) = bounds {
-                let number = |n: i128| {
-                    u64::try_from(n)
-                        .map(Value::from)
-                        .unwrap_or_else(|_| Value::from(i64::try_from(n).unwrap_or(i64::MIN)))
-                };
-                map.entry("minimum").or_insert_with(|| number(min));
-                map.entry("maximum").or_insert_with(|| number(max));
+                map.entry("minimum").or_insert(min);
+                map.entry("maximum").or_insert(max);
             }
             if let Some(Value::String(text)) = map.get_mut("description") {
                 *text = text

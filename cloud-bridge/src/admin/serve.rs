@@ -111,11 +111,7 @@ impl BodySchema {
                 let at = if at.is_empty() { "/".to_owned() } else { at };
                 let mut message = format!("{at}: {}", e.masked());
                 if message.len() > 300 {
-                    let mut end = 300;
-                    while !message.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    message.truncate(end);
+                    message.truncate(message.floor_char_boundary(300));
                     message.push_str("...");
                 }
                 Err(ApiFailure::new(
