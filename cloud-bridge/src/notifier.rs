@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use pacing::Backoff;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use schemas::hint::{Hint, HintKind, MAX_HINT_BYTES, Presence};
 use schemas::ops::OpsEvent;
@@ -491,36 +492,6 @@ pub async fn run_external(
     }
     let _ = client.try_disconnect();
     driver.abort();
-}
-
-/// Exponential backoff with full jitter.
-#[derive(Debug)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Backoff {
-        Backoff {
-            base,
-            max,
-            attempt: 0,
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << self.attempt.min(16));
-        self.attempt = self.attempt.saturating_add(1);
-        let cap = exp.min(self.max);
-        let millis = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX).max(1);
-        Duration::from_millis(rand::random_range(millis / 2..=millis))
-    }
 }
 
 #[cfg(test)]

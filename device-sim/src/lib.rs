@@ -8,7 +8,6 @@
 //! - [`outbox`]: store-and-forward of the device's own requests, and the consent rules.
 //! - [`state`]: where the agent keeps its state (a file, or memory for large fleets).
 //! - [`executor`]: how a job is run; [`executor::SimulatedExecutor`] for the simulator.
-//! - [`backoff`]: exponential backoff with jitter.
 //! - [`counters`]: page counters, read whole even while pages are being counted.
 //! - [`consumables`]: what a device can measure for support services; simulated cartridges.
 //! - [`panel`]: the simulated panel of `device-sim device` (commands on standard input).
@@ -19,7 +18,6 @@
 //! The `device-sim` binary runs one device (`device-sim device`) or many (`device-sim run`).
 
 pub mod agent;
-pub mod backoff;
 pub mod consumables;
 pub mod counters;
 pub mod duration;

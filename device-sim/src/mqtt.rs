@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::{Backoff, jitter, spread};
+use pacing::{Backoff, jitter, spread};
 
 /// What the link tells the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,10 +17,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::executor::JobExecutor;
 use crate::outbox::{self, Submitted};
 use crate::state::StateStore;
+use pacing::Backoff;
 
 use super::run::{Flow, Loop};
 use super::{Agent, AgentConfig, AgentError, AgentEvent, Exit};

@@ -13,9 +13,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::jitter;
 use crate::mqtt::{self, MqttSettings};
 use crate::session::{DataSession, SessionError};
+use pacing::jitter;
 
 use super::{AbortOnDrop, Agent, AgentError, AgentEvent, DataProbe, MqttLink};
 

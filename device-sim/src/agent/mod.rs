@@ -48,12 +48,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::executor::JobExecutor;
 use crate::lan::NudgeCheck;
 use crate::mqtt::LinkEvent;
 use crate::session::{DataSession, SessionError};
 use crate::state::{StateError, StateStore};
+use pacing::Backoff;
 
 /// Why the main loop ended.
 enum Exit {

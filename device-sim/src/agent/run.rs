@@ -14,11 +14,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backoff::{Backoff, jitter};
 use crate::lan::{self, NudgeCheck};
 use crate::mqtt::LinkEvent;
 use crate::outbox::{self, Submitted};
 use crate::session::{DataSession, SessionError};
+use pacing::{Backoff, jitter};
 
 use super::{
     Agent, AgentError, AgentEvent, Command, DataProbe, Exit, LongPoll, MqttLink, WorkError,

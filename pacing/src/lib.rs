@@ -1,5 +1,6 @@
 //! Exponential backoff with jitter, so a fleet that lost its server does not come back in
-//! lockstep.
+//! lockstep (the device's reconnects and polls), and a bridge whose broker went away does not
+//! hammer it (the notifier's reconnects).
 
 use std::time::Duration;
 
