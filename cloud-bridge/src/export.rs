@@ -7,6 +7,7 @@
 use std::io::Write;
 
 use base64::Engine as _;
+use schemas::JobId;
 use schemas::feed::FeedEntry;
 use schemas::print::{HeldJobRecord, UserRecord};
 use schemas::records::{
@@ -15,6 +16,7 @@ use schemas::records::{
 };
 use schemas::services::{ApplicationRecord, ContractRecord, InstructionRecord, ServiceRecord};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::core::decode;
 use crate::core::keys::Kind;
@@ -36,11 +38,7 @@ pub enum ExportError {
 enum Line {
     Device(DeviceRecord),
     Enrollment(EnrollmentRecord),
-    Job {
-        #[serde(flatten)]
-        job: JobRecord,
-        payload_base64: String,
-    },
+    Job(WithPayload<JobRecord>),
     Feed {
         device_id: String,
         #[serde(flatten)]
@@ -54,20 +52,31 @@ enum Line {
     Instruction(InstructionRecord),
     Contract(ContractRecord),
     User(UserRecord),
-    HeldJob {
-        #[serde(flatten)]
-        held: HeldJobRecord,
-        payload_base64: String,
-    },
+    HeldJob(WithPayload<HeldJobRecord>),
     OpsLogin(OpsLoginRecord),
+}
+
+/// A job or held job with its payload, on one line.
+#[derive(Serialize)]
+struct WithPayload<T> {
+    #[serde(flatten)]
+    record: T,
+    payload_base64: String,
+}
+
+impl<T> WithPayload<T> {
+    fn new(record: T, payload: &[u8]) -> Self {
+        let payload_base64 = base64::engine::general_purpose::STANDARD.encode(payload);
+        WithPayload {
+            record,
+            payload_base64,
+        }
+    }
 }
 
 /// A job and its payload as one line of the export (the format of the retention archive too).
 pub(crate) fn job_line(job: JobRecord, payload: &[u8]) -> Result<Vec<u8>, ExportError> {
-    let line = Line::Job {
-        payload_base64: base64::engine::general_purpose::STANDARD.encode(payload),
-        job,
-    };
+    let line = Line::Job(WithPayload::new(job, payload));
     let mut out = Vec::new();
     write_line(&mut out, &line)?;
     Ok(out)
@@ -79,13 +88,37 @@ fn write_line(out: &mut impl Write, line: &Line) -> Result<(), ExportError> {
     Ok(())
 }
 
+/// A record whose payload is stored under its job id.
+trait HasPayload: DeserializeOwned {
+    fn job_id(&self) -> &JobId;
+}
+
+impl HasPayload for JobRecord {
+    fn job_id(&self) -> &JobId {
+        &self.job_id
+    }
+}
+
+impl HasPayload for HeldJobRecord {
+    fn job_id(&self) -> &JobId {
+        &self.job_id
+    }
+}
+
+/// A job or held job read with its payload.
+fn with_payload<T: HasPayload>(
+    store: &dyn Store,
+    k: &[u8],
+    v: &[u8],
+) -> Result<WithPayload<T>, StoreError> {
+    let record: T = decode(k, v)?;
+    let payload = store.get(&Kind::Payload.key(record.job_id().as_str()))?;
+    Ok(WithPayload::new(record, &payload.unwrap_or_default()))
+}
+
 /// Writes all records of `store`, kind by kind in the order of [`Kind::ALL`] (payloads with
 /// their job or held job, not on lines of their own); returns how many lines were written.
 pub fn export(store: &dyn Store, out: &mut impl Write) -> Result<u64, ExportError> {
-    let payload_base64 = |id: &str| -> Result<String, StoreError> {
-        let payload = store.get(&Kind::Payload.key(id))?.unwrap_or_default();
-        Ok(base64::engine::general_purpose::STANDARD.encode(payload))
-    };
     let mut lines = 0u64;
     for kind in Kind::ALL {
         if kind == Kind::Payload || kind.is_index() {
@@ -96,13 +129,7 @@ pub fn export(store: &dyn Store, out: &mut impl Write) -> Result<u64, ExportErro
                 Kind::Device => Line::Device(decode(&k, &v)?),
                 Kind::Enrollment => Line::Enrollment(decode(&k, &v)?),
                 Kind::OpsLogin => Line::OpsLogin(decode(&k, &v)?),
-                Kind::Job => {
-                    let job: JobRecord = decode(&k, &v)?;
-                    Line::Job {
-                        payload_base64: payload_base64(job.job_id.as_str())?,
-                        job,
-                    }
-                }
+                Kind::Job => Line::Job(with_payload(store, &k, &v)?),
                 Kind::Feed => {
                     let key = String::from_utf8_lossy(&k);
                     Line::Feed {
@@ -118,13 +145,7 @@ pub fn export(store: &dyn Store, out: &mut impl Write) -> Result<u64, ExportErro
                 Kind::Instruction => Line::Instruction(decode(&k, &v)?),
                 Kind::Contract => Line::Contract(decode(&k, &v)?),
                 Kind::User => Line::User(decode(&k, &v)?),
-                Kind::HeldJob => {
-                    let held: HeldJobRecord = decode(&k, &v)?;
-                    Line::HeldJob {
-                        payload_base64: payload_base64(held.job_id.as_str())?,
-                        held,
-                    }
-                }
+                Kind::HeldJob => Line::HeldJob(with_payload(store, &k, &v)?),
                 Kind::Payload
                 | Kind::OpenJob
                 | Kind::DeviceJob

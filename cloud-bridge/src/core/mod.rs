@@ -238,6 +238,21 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(k: &[u8], v: &[u8]) -> Resu
     })
 }
 
+/// The devices of `pool` named by `ids`, in that order; an id not in the pool is refused with
+/// `missing(id)`.
+pub(crate) fn pick_devices(
+    pool: &[DeviceRecord],
+    ids: &[DeviceId],
+    missing: impl Fn(&DeviceId) -> CoreError,
+) -> CoreResult<Vec<DeviceRecord>> {
+    ids.iter()
+        .map(|id| {
+            let found = pool.iter().find(|d| d.device_id == *id);
+            found.cloned().ok_or_else(|| missing(id))
+        })
+        .collect()
+}
+
 /// Refuses a device that may no longer use its connections, saying why.
 pub(crate) fn check_active(device: &DeviceRecord) -> CoreResult<()> {
     let id = &device.device_id;

@@ -10,7 +10,7 @@ use schemas::services::InstructionBody;
 use schemas::{DeviceId, InstructionId, UnixMillis};
 
 use super::tx::{Access, Tx};
-use super::{Core, CoreError, CoreResult, Effects, ttl_ms};
+use super::{Core, CoreError, CoreResult, Effects, pick_devices, ttl_ms};
 use crate::store::Ticket;
 
 /// Most devices in one poll-now.
@@ -30,21 +30,10 @@ impl Core {
         let in_use = self.customer_devices(customer);
         let mut devices: Vec<DeviceRecord> = match &req.devices {
             None => in_use,
-            Some(ids) => {
-                let mut out = Vec::new();
-                for id in ids {
-                    match in_use.iter().find(|d| d.device_id == *id) {
-                        Some(d) => out.push(d.clone()),
-                        None => {
-                            return Err(CoreError::new(
-                                ErrorCode::NotFound,
-                                format!("device {id} is not a device of {customer:?} in use"),
-                            ));
-                        }
-                    }
-                }
-                out
-            }
+            Some(ids) => pick_devices(&in_use, ids, |id| {
+                let why = format!("device {id} is not a device of {customer:?} in use");
+                CoreError::new(ErrorCode::NotFound, why)
+            })?,
         };
         devices.sort_by_key(|d| (d.registered_at, d.device_id.clone()));
         devices.dedup_by(|a, b| a.device_id == b.device_id);

@@ -13,7 +13,7 @@ use schemas::{ApplicationId, DeviceId, InstructionId, Secret, UnixMillis};
 
 use crate::core::state::Registry;
 use crate::core::tx::{Access, Tx};
-use crate::core::{Core, CoreError, CoreResult, Effects, sha256_hex, ttl_ms};
+use crate::core::{Core, CoreError, CoreResult, Effects, pick_devices, sha256_hex, ttl_ms};
 use crate::store::Ticket;
 
 use super::{ServiceRegistration, bad, is_candidate};
@@ -53,26 +53,14 @@ impl Core {
                     .filter(|d| models.contains(&d.model))
                     .collect()
             }
-            (None, Some(ids)) => {
-                let mut out = Vec::new();
-                for id in ids {
-                    match candidates.iter().find(|d| d.device_id == *id) {
-                        Some(d) => out.push(d.clone()),
-                        None => {
-                            return Err(CoreError::new(
-                                ErrorCode::InvalidState,
-                                format!(
-                                    "device {id} is not a candidate: not customer {customer}'s, \
-                                     not in use, of a model service {} does not support, or \
-                                     already permitted to use it",
-                                    service.service_id
-                                ),
-                            ));
-                        }
-                    }
-                }
-                out
-            }
+            (None, Some(ids)) => pick_devices(&candidates, ids, |id| {
+                let why = format!(
+                    "device {id} is not a candidate: not customer {customer}'s, not in use, of a \
+                     model service {} does not support, or already permitted to use it",
+                    service.service_id
+                );
+                CoreError::new(ErrorCode::InvalidState, why)
+            })?,
         };
         if chosen.is_empty() {
             return Err(CoreError::new(
