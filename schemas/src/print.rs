@@ -273,49 +273,20 @@ mod tests {
             ..PrintSettings::default()
         };
         assert_eq!(ok.check(&caps), Ok(()));
-        let named = |s: PrintSettings| s.check(&caps).unwrap_err().setting;
-        assert_eq!(
-            named(PrintSettings {
-                duplex: Some(true),
-                ..Default::default()
-            }),
-            "duplex"
-        );
-        assert_eq!(
-            named(PrintSettings {
-                color: Some(true),
-                ..Default::default()
-            }),
-            "color"
-        );
-        assert_eq!(
-            named(PrintSettings {
-                media_size: Some("A3".into()),
-                ..Default::default()
-            }),
-            "media_size"
-        );
-        assert_eq!(
-            named(PrintSettings {
-                resolution_dpi: Some(1200),
-                ..Default::default()
-            }),
-            "resolution_dpi"
-        );
-        assert_eq!(
-            named(PrintSettings {
-                finishing: vec!["staple".into()],
-                ..Default::default()
-            }),
-            "finishing"
-        );
-        assert_eq!(
-            named(PrintSettings {
-                copies: Some(0),
-                ..Default::default()
-            }),
-            "copies"
-        );
+        type Change = fn(&mut PrintSettings);
+        let refused: [(&str, Change); 6] = [
+            ("duplex", |s| s.duplex = Some(true)),
+            ("color", |s| s.color = Some(true)),
+            ("media_size", |s| s.media_size = Some("A3".into())),
+            ("resolution_dpi", |s| s.resolution_dpi = Some(1200)),
+            ("finishing", |s| s.finishing = vec!["staple".into()]),
+            ("copies", |s| s.copies = Some(0)),
+        ];
+        for (setting, change) in refused {
+            let mut settings = PrintSettings::default();
+            change(&mut settings);
+            assert_eq!(settings.check(&caps).unwrap_err().setting, setting);
+        }
         let err = PrintSettings {
             duplex: Some(true),
             ..Default::default()

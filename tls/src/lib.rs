@@ -240,6 +240,21 @@ pub fn self_probe_config() -> Arc<ClientConfig> {
     Arc::new(config)
 }
 
+/// The handshake-signature checks of [`AnyServer`], the same for both TLS versions but for the
+/// check they call.
+macro_rules! verify_signature {
+    ($($name:ident => $check:path),*) => {$(
+        fn $name(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            $check(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+    )*};
+}
+
 /// Accepts any certificate, still checking that the handshake is signed by it.
 #[derive(Debug)]
 struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
@@ -256,33 +271,10 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
+    verify_signature!(
+        verify_tls12_signature => rustls::crypto::verify_tls12_signature,
+        verify_tls13_signature => rustls::crypto::verify_tls13_signature
+    );
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -347,24 +339,19 @@ mod tests {
             assert_eq!(got, b"hello", "{name}");
         }
         // A name the certificate does not carry, and a CA the server was not signed by.
-        let connector = TlsConnector::from(client_config(Some(&files.ca_cert)).unwrap());
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let handshake = async |ca: &Path, name: &str| {
+            let connector = TlsConnector::from(client_config(Some(ca)).unwrap());
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            connector.connect(server_name(name).unwrap(), tcp).await
+        };
         assert!(
-            connector
-                .connect(server_name("elsewhere.example").unwrap(), tcp)
+            handshake(&files.ca_cert, "elsewhere.example")
                 .await
                 .is_err()
         );
         let other = tempfile::tempdir().unwrap();
         let other = create_private_ca(other.path(), &[], false).unwrap();
-        let connector = TlsConnector::from(client_config(Some(&other.ca_cert)).unwrap());
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        assert!(
-            connector
-                .connect(server_name("localhost").unwrap(), tcp)
-                .await
-                .is_err()
-        );
+        assert!(handshake(&other.ca_cert, "localhost").await.is_err());
     }
 
     #[test]

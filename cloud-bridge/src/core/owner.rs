@@ -179,7 +179,7 @@ impl Tx<'_> {
 #[cfg(test)]
 mod tests {
     use schemas::data::Registration;
-    use schemas::{OwnerId, Secret};
+    use schemas::{JobId, OwnerId, Secret};
 
     use super::*;
     use crate::core::AuthFailure;
@@ -209,6 +209,15 @@ mod tests {
         core.register(&reg, id.clone(), &Secret::new("secret"), T0)
             .unwrap();
         (id, owner)
+    }
+
+    /// An owned device after a factory reset (its owner must confirm), with a job queued.
+    fn reset_with_a_job(core: &Core) -> (DeviceId, OwnerId, JobId) {
+        let (dev, owner) = owned(core);
+        core.start_owner_check(&dev, &OwnerCheckReason::FactoryReset, T0)
+            .unwrap();
+        let queued = job(core, &dev);
+        (dev, owner, queued)
     }
 
     fn claim(owner: &OwnerId, pin: &str) -> OwnerClaim {
@@ -246,10 +255,7 @@ mod tests {
     #[test]
     fn a_wrong_owner_invalidates_the_id_and_rejects_its_jobs() {
         let core = core();
-        let (dev, owner) = owned(&core);
-        core.start_owner_check(&dev, &OwnerCheckReason::FactoryReset, T0)
-            .unwrap();
-        let queued = job(&core, &dev);
+        let (dev, owner, queued) = reset_with_a_job(&core);
         let (verdict, _, effects) = core
             .confirm_owner(&dev, &claim(&owner, "1111"), T0)
             .unwrap();
@@ -299,10 +305,7 @@ mod tests {
     #[test]
     fn no_confirmation_by_the_deadline_invalidates() {
         let core = core();
-        let (dev, _) = owned(&core);
-        core.start_owner_check(&dev, &OwnerCheckReason::FactoryReset, T0)
-            .unwrap();
-        let j = job(&core, &dev);
+        let (dev, _, j) = reset_with_a_job(&core);
         assert_eq!(core.next_deadline(), Some(T0.saturating_add_ms(5000)));
         let (ticket, _) = core.expire_due(T0.saturating_add_ms(4999)).unwrap();
         assert!(ticket.is_none(), "not yet due");

@@ -365,6 +365,16 @@ mod tests {
             .collect()
     }
 
+    /// A registered device, a new job with the idempotency key `order-1`, and the job
+    /// submitted with it.
+    fn keyed_job(core: &Core) -> (DeviceId, crate::core::NewJob, JobId) {
+        let dev = registered(core, 1);
+        let mut keyed = new_job();
+        keyed.idempotency_key = Some("order-1".into());
+        let id = core.submit_job(&dev, keyed.clone(), T0).unwrap().0.job_id;
+        (dev, keyed, id)
+    }
+
     fn finish(core: &Core, dev: &DeviceId, id: &JobId, at: UnixMillis) {
         core.fetch_job(dev, id, true, at).unwrap();
         let done = JobUpdate::Succeeded { detail: None };
@@ -374,10 +384,7 @@ mod tests {
     #[test]
     fn a_finished_job_leaves_memory_and_is_still_answered_for_from_disk() {
         let core = core();
-        let dev = registered(&core, 1);
-        let mut keyed = new_job();
-        keyed.idempotency_key = Some("order-1".into());
-        let id = core.submit_job(&dev, keyed.clone(), T0).unwrap().0.job_id;
+        let (dev, keyed, id) = keyed_job(&core);
         let open = job(&core, &dev);
         finish(&core, &dev, &id, T0);
         assert!(
@@ -435,10 +442,7 @@ mod tests {
     #[test]
     fn the_sweep_forgets_finished_jobs_past_retention_and_nothing_else() {
         let core = core();
-        let dev = registered(&core, 1);
-        let mut keyed = new_job();
-        keyed.idempotency_key = Some("order-1".into());
-        let old = core.submit_job(&dev, keyed.clone(), T0).unwrap().0.job_id;
+        let (dev, keyed, old) = keyed_job(&core);
         let recent = job(&core, &dev);
         let open = job(&core, &dev);
         finish(&core, &dev, &old, T0.saturating_add_ms(1000));

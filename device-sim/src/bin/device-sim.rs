@@ -29,21 +29,13 @@ struct Cli {
 struct Common {
     /// Data channel of the cloud bridge; several, comma-separated, are tried in order (the
     /// first that answers is used, the better ones tried again in the background).
-    #[arg(
-        long,
-        env = "DEVICE_SIM_DATA_URL",
-        default_value = "ws://127.0.0.1:8081",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "DEVICE_SIM_DATA_URL", value_delimiter = ',')]
+    #[arg(default_value = "ws://127.0.0.1:8081")]
     data_url: Vec<String>,
     /// MQTT broker, host:port (mqtts://host:port for TLS); several, comma-separated, are
     /// tried in order.
-    #[arg(
-        long,
-        env = "DEVICE_SIM_MQTT",
-        default_value = "127.0.0.1:1883",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "DEVICE_SIM_MQTT", value_delimiter = ',')]
+    #[arg(default_value = "127.0.0.1:1883")]
     mqtt: Vec<String>,
     /// While a channel works through any endpoint but its first, how often to try the
     /// better ones again.
