@@ -7,9 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use hyper::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 #[derive(Debug, Clone)]
 pub(super) struct Connector {
@@ -29,48 +27,10 @@ impl Connector {
     }
 }
 
-/// A connection the client pool can hold.
-#[derive(Debug)]
-pub(super) struct Stream(tls::MaybeTls);
-
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-}
-
-type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<Stream>>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<tls::MaybeTls>>> + Send>>;
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<Stream>;
+    type Response = TokioIo<tls::MaybeTls>;
     type Error = io::Error;
     type Future = Connecting;
 
@@ -97,7 +57,7 @@ impl tower_service::Service<Uri> for Connector {
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
             let _ = tcp.set_nodelay(true);
             if !secure {
-                return Ok(TokioIo::new(Stream(tls::MaybeTls::Plain(tcp))));
+                return Ok(TokioIo::new(tls::MaybeTls::Plain(tcp)));
             }
             let config = tls
                 .get_or_init(|| tls::client_config(None).map_err(|e| e.to_string()))
@@ -105,7 +65,7 @@ impl tower_service::Service<Uri> for Connector {
                 .map_err(io::Error::other)?;
             let name = tls::server_name(&host).map_err(io::Error::other)?;
             let stream = tls::TlsConnector::from(config).connect(name, tcp).await?;
-            Ok(TokioIo::new(Stream(stream.into())))
+            Ok(TokioIo::new(stream.into()))
         })
     }
 }

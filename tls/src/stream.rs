@@ -26,6 +26,14 @@ impl From<tokio_rustls::client::TlsStream<TcpStream>> for MaybeTls {
     }
 }
 
+/// A hyper client pool holds connections of this type (the admin client).
+#[cfg(feature = "hyper")]
+impl hyper_util::client::legacy::connect::Connection for MaybeTls {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
 impl AsyncRead for MaybeTls {
     fn poll_read(
         self: Pin<&mut Self>,
