@@ -22,6 +22,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use pacing::{Backoff, jitter, spread};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use schemas::agent::Credentials;
 use schemas::hint::{Hint, MAX_HINT_BYTES, Presence};
@@ -30,8 +31,6 @@ use schemas::topics;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use pacing::{Backoff, jitter, spread};
 
 /// What the link tells the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]

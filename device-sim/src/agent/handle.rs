@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pacing::Backoff;
 use schemas::agent::{AgentState, PendingOwnerCheck};
 use schemas::data::{DeviceStatus, ErrorBody, OwnerCheckReason, OwnerClaim};
 use schemas::outbox::{Consent, DeviceRequest};
@@ -20,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use crate::executor::JobExecutor;
 use crate::outbox::{self, Submitted};
 use crate::state::StateStore;
-use pacing::Backoff;
 
 use super::run::{Flow, Loop};
 use super::{Agent, AgentConfig, AgentError, AgentEvent, Exit};

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use pacing::jitter;
 use schemas::UnixMillis;
 use schemas::agent::Credentials;
 use schemas::data::{ErrorBody, ErrorCode, HelloAuth, Registration, Welcome};
@@ -15,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::mqtt::{self, MqttSettings};
 use crate::session::{DataSession, SessionError};
-use pacing::jitter;
 
 use super::{AbortOnDrop, Agent, AgentError, AgentEvent, DataProbe, MqttLink};
 

@@ -39,6 +39,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 
+use pacing::Backoff;
 use schemas::DeviceId;
 use schemas::agent::AgentState;
 use schemas::data::Welcome;
@@ -53,7 +54,6 @@ use crate::lan::NudgeCheck;
 use crate::mqtt::LinkEvent;
 use crate::session::{DataSession, SessionError};
 use crate::state::{StateError, StateStore};
-use pacing::Backoff;
 
 /// Why the main loop ended.
 enum Exit {

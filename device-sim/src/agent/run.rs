@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use pacing::{Backoff, jitter};
 use schemas::FeedSeq;
 use schemas::UnixMillis;
 use schemas::agent::{Credentials, SupportService};
@@ -18,7 +19,6 @@ use crate::lan::{self, NudgeCheck};
 use crate::mqtt::LinkEvent;
 use crate::outbox::{self, Submitted};
 use crate::session::{DataSession, SessionError};
-use pacing::{Backoff, jitter};
 
 use super::{
     Agent, AgentError, AgentEvent, Command, DataProbe, Exit, LongPoll, MqttLink, WorkError,
