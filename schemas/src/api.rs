@@ -155,18 +155,14 @@ pub struct PutContract {
 
 /// `PUT /v1/services/{id}`: what is given replaces what was.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct UpdateService {
-    #[serde(default)]
     #[schemars(length(min = 1, max = 128))]
     pub name: Option<String>,
-    #[serde(default)]
     #[schemars(length(min = 1, max = 256), inner(length(min = 1, max = 128)))]
     pub models: Option<Vec<String>>,
-    #[serde(default)]
     #[schemars(length(max = 32), inner(regex(pattern = r"^[a-z0-9_]{1,64}$")))]
     pub data_types: Option<Vec<String>>,
-    #[serde(default)]
     pub report_every_secs: Option<u32>,
 }
 
@@ -311,22 +307,16 @@ fn one_payload(schema: &mut schemars::Schema) {
 
 /// `POST /v1/users/{id}/held-jobs`: a job for the user's virtual printer.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 #[schemars(transform = one_payload)]
 pub struct SubmitHeldJob {
-    #[serde(default)]
     pub title: Option<String>,
-    #[serde(default)]
     pub payload: Option<String>,
-    #[serde(default)]
     #[schemars(regex(pattern = BASE64))]
     pub payload_base64: Option<String>,
-    #[serde(default)]
     pub content_type: Option<String>,
-    #[serde(default)]
     pub print: Option<PrintSettings>,
     /// How long it waits to be released (default 3 days).
-    #[serde(default)]
     pub ttl_secs: Option<u64>,
 }
 
@@ -339,27 +329,21 @@ pub struct MoveJob {
 
 /// `POST /v1/customers/{customer}/poll-now`: make devices poll now.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct PollNow {
     /// Default: every device of the customer in use.
-    #[serde(default)]
     #[schemars(length(min = 1, max = 10000))]
     pub devices: Option<Vec<DeviceId>>,
     /// `hint` (default): a poll-now hint to each device. `lan`: one device (`root`, default the
     /// first with a LAN endpoint) gets the plan in its mailbox and passes it on over the LAN.
-    #[serde(default)]
     pub via: PollNowVia,
-    #[serde(default)]
     pub root: Option<DeviceId>,
     /// Devices each device passes the nudge on to (default 3).
-    #[serde(default)]
     pub fanout: Option<u8>,
     /// The k-th device of the tree polls k × `stagger_ms` after receiving the nudge (default
     /// 1000).
-    #[serde(default)]
     pub stagger_ms: Option<u32>,
     /// How long the nudge is valid (default 300 s).
-    #[serde(default)]
     pub ttl_secs: Option<u64>,
 }
 
@@ -430,36 +414,29 @@ impl From<&DeviceRecord> for SettingsView {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 #[schemars(transform = one_payload)]
 pub struct SubmitJob {
     /// The payload as UTF-8 text. Exactly one of `payload` and `payload_base64` is required.
-    #[serde(default)]
     pub payload: Option<String>,
     /// The payload as standard base64 (padded, canonical), for binary documents.
-    #[serde(default)]
     #[schemars(regex(pattern = BASE64))]
     pub payload_base64: Option<String>,
     /// Default `application/octet-stream`.
-    #[serde(default)]
     #[schemars(length(min = 1, max = 128))]
     pub content_type: Option<String>,
     /// How long the job may wait to be started, in seconds (default one day).
-    #[serde(default)]
     #[schemars(range(min = 1))]
     pub ttl_secs: Option<u64>,
     /// Attempts before a job whose lease keeps running out fails (default 3; at most the
     /// bridge's `jobs.max_attempts_limit`, 100 unless configured, else `invalid_value`).
-    #[serde(default)]
     #[schemars(range(min = 1))]
     pub max_attempts: Option<u32>,
     /// A second submission with the same key for the same device returns the first job.
-    #[serde(default)]
     #[schemars(length(min = 1, max = 128))]
     pub idempotency_key: Option<String>,
     /// Print settings, checked against the device's printer (`unsupported_setting` names the
     /// first it cannot honour).
-    #[serde(default)]
     pub print: Option<PrintSettings>,
 }
 

@@ -21,19 +21,13 @@ pub struct Capabilities {
 
 /// The settings a print job asks for; what is not given is the device's default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct PrintSettings {
-    #[serde(default)]
     pub media_size: Option<String>,
-    #[serde(default)]
     pub color: Option<bool>,
-    #[serde(default)]
     pub duplex: Option<bool>,
-    #[serde(default)]
     pub resolution_dpi: Option<u32>,
-    #[serde(default)]
     pub finishing: Vec<String>,
-    #[serde(default)]
     pub copies: Option<u16>,
 }
 

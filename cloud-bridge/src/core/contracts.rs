@@ -272,7 +272,7 @@ mod tests {
     use schemas::outbox::{DeviceRequest, OutboxItem, RequestNo};
 
     use super::*;
-    use crate::core::tests::{T0, core, error_code, registered};
+    use crate::core::tests::{T0, core_with_device, error_code};
 
     fn support(core: &Core, id: &str, kind: &str, types: &[&str]) {
         core.create_service(
@@ -318,8 +318,7 @@ mod tests {
 
     #[test]
     fn another_provider_of_the_same_kind_replaces_the_contract() {
-        let core = core();
-        let dev = registered(&core, 1);
+        let (core, dev) = core_with_device();
         support(&core, "toner-a", "consumables", &["level"]);
         support(&core, "toner-b", "consumables", &["level", "page_count"]);
         support(&core, "paper", "paper", &["paper_level"]);
@@ -365,8 +364,7 @@ mod tests {
 
     #[test]
     fn activation_needs_the_standing_contract_and_then_only_asked_types_are_accepted() {
-        let core = core();
-        let dev = registered(&core, 1);
+        let (core, dev) = core_with_device();
         support(
             &core,
             "toner-a",

@@ -413,7 +413,7 @@ fn registration_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::tests::{T0, core, job, registered};
+    use crate::core::tests::{T0, core, core_with_device, job, registered};
 
     #[test]
     fn enrollment_token_is_single_use() {
@@ -516,8 +516,7 @@ mod tests {
 
     #[test]
     fn ack_past_newest_is_refused_and_ack_never_goes_back() {
-        let core = core();
-        let dev = registered(&core, 1);
+        let (core, dev) = core_with_device();
         job(&core, &dev);
         job(&core, &dev);
         assert_eq!(

@@ -596,7 +596,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::store::MemStore;
     use schemas::data::Registration;
-    use schemas::{Secret, UnixMillis};
+    use schemas::{InstructionId, Secret, UnixMillis};
 
     pub(crate) const T0: UnixMillis = UnixMillis(1_000_000);
 
@@ -622,6 +622,13 @@ pub(crate) mod tests {
         result.unwrap_err().code()
     }
 
+    /// A core with one registered device, `registered(&core, 1)`.
+    pub(crate) fn core_with_device() -> (Core, DeviceId) {
+        let core = core();
+        let dev = registered(&core, 1);
+        (core, dev)
+    }
+
     pub(crate) fn registered(core: &Core, n: u8) -> DeviceId {
         registered_as(core, n, "acme", "MFP-1")
     }
@@ -642,6 +649,18 @@ pub(crate) mod tests {
         };
         let id = DeviceId::from_random([n; 8]);
         core.register(&reg, id.clone(), &Secret::new("secret"), T0)
+            .unwrap();
+        id
+    }
+
+    /// Instruction `n` (id of the byte `n`) for `device`: a custom "reboot", valid `ttl_ms`.
+    pub(crate) fn instruct(core: &Core, device: &DeviceId, n: u8, ttl_ms: u64) -> InstructionId {
+        let id = InstructionId::from_random([n; 8]);
+        let body = schemas::services::InstructionBody::Custom {
+            name: "reboot".into(),
+            params: Default::default(),
+        };
+        core.create_instruction(device, id.clone(), body, ttl_ms, T0)
             .unwrap();
         id
     }

@@ -286,7 +286,7 @@ mod tests {
     use schemas::data::{DeviceState, DeviceStatus};
 
     use super::*;
-    use crate::core::tests::{core, error_code, registered};
+    use crate::core::tests::{core_with_device, error_code};
 
     fn item(no: u64, body: DeviceRequest) -> OutboxItem {
         OutboxItem {
@@ -322,8 +322,7 @@ mod tests {
 
     #[test]
     fn resends_are_acknowledged_without_acting_twice() {
-        let core = core();
-        let dev = registered(&core, 1);
+        let (core, dev) = core_with_device();
         let first: Vec<_> = (1..=3).map(|n| item(n, panel(n as u32))).collect();
         let (upto, refused, _, effects) = core.deliver(&dev, first.clone(), UnixMillis(5)).unwrap();
         assert_eq!(
@@ -342,8 +341,7 @@ mod tests {
 
     #[test]
     fn status_is_refused_and_not_kept_while_consent_is_withheld() {
-        let core = core();
-        let dev = registered(&core, 1);
+        let (core, dev) = core_with_device();
         let items = vec![
             item(1, consent(false, 1)),
             item(2, status("before")),
@@ -387,8 +385,7 @@ mod tests {
 
     #[test]
     fn bad_requests_are_refused_one_by_one_and_do_not_block_the_rest() {
-        let core = core();
-        let dev = registered(&core, 1);
+        let (core, dev) = core_with_device();
         let items = vec![
             item(1, DeviceRequest::Unknown),
             item(

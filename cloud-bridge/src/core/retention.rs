@@ -351,7 +351,9 @@ mod tests {
     use schemas::job::{JobState, JobUpdate};
 
     use super::*;
-    use crate::core::tests::{T0, core, error_code, job, new_job, policy, registered};
+    use crate::core::tests::{
+        T0, core, core_with_device, error_code, instruct, job, new_job, policy, registered,
+    };
     use crate::store::{MemStore, Store};
 
     /// Every stored key that names `id`, as text.
@@ -474,8 +476,7 @@ mod tests {
 
     #[test]
     fn acknowledged_feed_entries_are_deleted() {
-        let core = core();
-        let dev = registered(&core, 1);
+        let (core, dev) = core_with_device();
         for _ in 0..3 {
             job(&core, &dev);
         }
@@ -500,19 +501,9 @@ mod tests {
     fn settled_records_and_old_outbox_requests_are_forgotten_and_nothing_newer() {
         use schemas::api::SubmitHeldJob;
         use schemas::outbox::{DeviceRequest, OutboxItem};
-        use schemas::services::InstructionBody;
-        let core = core();
-        let dev = registered(&core, 1);
-        let body = InstructionBody::Custom {
-            name: "reboot".into(),
-            params: Default::default(),
-        };
-        let taken = InstructionId::from_random([1; 8]);
-        let waiting = InstructionId::from_random([2; 8]);
-        core.create_instruction(&dev, taken.clone(), body.clone(), 1000, T0)
-            .unwrap();
-        core.create_instruction(&dev, waiting.clone(), body, 60_000, T0)
-            .unwrap();
+        let (core, dev) = core_with_device();
+        let taken = instruct(&core, &dev, 1, 1000);
+        let waiting = instruct(&core, &dev, 2, 60_000);
         core.take_instruction(&dev, &taken, T0).unwrap();
         let user = schemas::UserId::from_random([3; 8]);
         let pin = schemas::Secret::new("1234");
@@ -604,8 +595,7 @@ mod tests {
 
     #[test]
     fn a_store_written_before_the_indexes_gets_them_at_start() {
-        let core = core();
-        let dev = registered(&core, 1);
+        let (core, dev) = core_with_device();
         let done = job(&core, &dev);
         let open = job(&core, &dev);
         finish(&core, &dev, &done, T0);

@@ -142,7 +142,7 @@ mod tests {
     use schemas::{OwnerId, Secret};
 
     use super::*;
-    use crate::core::tests::{T0, core, error_code, registered};
+    use crate::core::tests::{T0, core_with_device, error_code};
 
     fn settings(data: &[&str], mqtt: &[&str]) -> DeviceSettings {
         DeviceSettings {
@@ -165,8 +165,7 @@ mod tests {
 
     #[test]
     fn each_change_is_a_new_revision_in_the_feed() {
-        let core = core();
-        let dev = registered(&core, 1);
+        let (core, dev) = core_with_device();
         let first = settings(&["ws://a:1"], &["a:1883"]);
         let (rec, _, effects) = core
             .set_settings(&Principal::Admin, &dev, first.clone(), T0)
@@ -214,8 +213,7 @@ mod tests {
 
     #[test]
     fn bad_settings_and_strangers_are_refused_and_nothing_is_written() {
-        let core = core();
-        let dev = registered(&core, 1);
+        let (core, dev) = core_with_device();
         let stranger = OwnerId::from_random([9; 8]);
         core.create_owner(stranger.clone(), "Bo".into(), &Secret::new("t"), T0)
             .unwrap();

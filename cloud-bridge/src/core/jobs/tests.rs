@@ -6,14 +6,13 @@ use schemas::FeedSeq;
 use schemas::feed::FeedBody;
 
 use super::*;
-use crate::core::tests::{T0, core, error_code, job, registered};
+use crate::core::tests::{T0, core, core_with_device, error_code, job, registered};
 use crate::core::{JobPolicy, decode};
 use crate::store::{Committer, MemStore};
 
 #[test]
 fn fetch_with_start_records_delivered_and_in_progress_in_one_write() {
-    let core = core();
-    let dev = registered(&core, 1);
+    let (core, dev) = core_with_device();
     let id = job(&core, &dev);
     let (offer, _, effects) = core.fetch_job(&dev, &id, true, T0).unwrap();
     assert_eq!(offer.attempt, 1);
@@ -54,8 +53,7 @@ fn fetch_with_start_records_delivered_and_in_progress_in_one_write() {
 
 #[test]
 fn full_lifecycle_records_every_transition() {
-    let core = core();
-    let dev = registered(&core, 1);
+    let (core, dev) = core_with_device();
     let id = job(&core, &dev);
     let (entries, newest) = core.feed_after(&dev, FeedSeq::ZERO, 10).unwrap();
     assert_eq!(newest, FeedSeq(1));
@@ -110,8 +108,7 @@ fn another_devices_job_is_forbidden() {
 
 #[test]
 fn lost_lease_requeues_then_fails_at_the_attempt_limit() {
-    let core = core();
-    let dev = registered(&core, 1);
+    let (core, dev) = core_with_device();
     let id = job(&core, &dev);
     core.fetch_job(&dev, &id, false, T0).unwrap();
     assert_eq!(core.next_deadline(), Some(T0.saturating_add_ms(1000)));
@@ -134,8 +131,7 @@ fn lost_lease_requeues_then_fails_at_the_attempt_limit() {
 
 #[test]
 fn progress_renews_the_lease() {
-    let core = core();
-    let dev = registered(&core, 1);
+    let (core, dev) = core_with_device();
     let id = job(&core, &dev);
     core.fetch_job(&dev, &id, false, T0).unwrap();
     let t = T0.saturating_add_ms(900);
@@ -147,8 +143,7 @@ fn progress_renews_the_lease() {
 
 #[test]
 fn ttl_expires_untaken_jobs_only() {
-    let core = core();
-    let dev = registered(&core, 1);
+    let (core, dev) = core_with_device();
     let waiting = job(&core, &dev);
     let running = job(&core, &dev);
     core.fetch_job(&dev, &running, false, T0).unwrap();
@@ -165,8 +160,7 @@ fn ttl_expires_untaken_jobs_only() {
 
 #[test]
 fn idempotency_key_returns_the_first_job() {
-    let core = core();
-    let dev = registered(&core, 1);
+    let (core, dev) = core_with_device();
     let new = NewJob {
         payload: vec![1],
         content_type: "x/y".into(),
@@ -228,8 +222,7 @@ fn idempotency_key_returns_the_first_job() {
 
 #[test]
 fn cancel_of_a_taken_job_tells_the_device() {
-    let core = core();
-    let dev = registered(&core, 1);
+    let (core, dev) = core_with_device();
     let id = job(&core, &dev);
     core.fetch_job(&dev, &id, false, T0).unwrap();
     let (_, _, effects) = core.cancel_job(&id, None, T0).unwrap();

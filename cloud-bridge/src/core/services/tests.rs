@@ -1,7 +1,5 @@
 //! Services, applications and the mailbox, end to end in the core.
 
-use std::collections::BTreeMap;
-
 use schemas::api::{ApplicationView, ApplyForService, CreateService};
 use schemas::data::ErrorCode;
 use schemas::feed::FeedBody;
@@ -10,14 +8,16 @@ use schemas::services::{EnrollmentState, InstructionBody, registration_url};
 use schemas::{ApplicationId, DeviceId, InstructionId, Secret, UnixMillis};
 
 use super::ServiceRegistration;
-use crate::core::tests::{T0, core, error_code, registered_as};
+use crate::core::tests::{T0, core, error_code, instruct, registered_as};
 use crate::core::{Core, CoreResult, Effects};
 
 fn device(core: &Core, n: u8, customer: &str, model: &str) -> DeviceId {
     registered_as(core, n, customer, model)
 }
 
-fn toner(core: &Core) {
+/// A core that knows the service "toner", for models A and B.
+fn with_toner() -> Core {
+    let core = core();
     core.create_service(
         CreateService {
             service_id: "toner".into(),
@@ -28,6 +28,7 @@ fn toner(core: &Core) {
         T0,
     )
     .unwrap();
+    core
 }
 
 /// Applies with codes "code-1", "code-2", ... in the order of the chosen devices.
@@ -79,8 +80,7 @@ fn refused_code(outcome: ServiceRegistration) -> ErrorCode {
 
 #[test]
 fn applications_choose_the_customers_devices_of_supported_models() {
-    let core = core();
-    toner(&core);
+    let core = with_toner();
     let a = device(&core, 1, "acme", "A");
     let b = device(&core, 2, "acme", "B");
     let c = device(&core, 3, "acme", "C");
@@ -158,8 +158,7 @@ fn applications_choose_the_customers_devices_of_supported_models() {
 
 #[test]
 fn only_the_devices_own_unused_unexpired_code_registers() {
-    let core = core();
-    toner(&core);
+    let core = with_toner();
     let a = device(&core, 1, "acme", "A");
     let b = device(&core, 2, "acme", "B");
     let req = ApplyForService {
@@ -246,8 +245,7 @@ fn only_the_devices_own_unused_unexpired_code_registers() {
 
 #[test]
 fn the_last_registration_settles_the_application() {
-    let core = core();
-    toner(&core);
+    let core = with_toner();
     let a = device(&core, 1, "acme", "A");
     let b = device(&core, 2, "acme", "B");
     apply(
@@ -282,16 +280,8 @@ fn an_instruction_is_taken_once_and_never_after_its_expiry() {
     let core = core();
     let a = device(&core, 1, "acme", "A");
     let b = device(&core, 2, "acme", "A");
-    let body = InstructionBody::Custom {
-        name: "reboot".into(),
-        params: BTreeMap::new(),
-    };
-    let soon = InstructionId::from_random([1; 8]);
-    let later = InstructionId::from_random([2; 8]);
-    core.create_instruction(&a, soon.clone(), body.clone(), 1000, T0)
-        .unwrap();
-    core.create_instruction(&a, later.clone(), body, 1000, T0)
-        .unwrap();
+    let soon = instruct(&core, &a, 1, 1000);
+    let later = instruct(&core, &a, 2, 1000);
     // Another device cannot take it.
     assert_eq!(
         core.take_instruction(&b, &soon, T0).unwrap_err().code(),
@@ -326,8 +316,7 @@ fn an_instruction_is_taken_once_and_never_after_its_expiry() {
 
 #[test]
 fn a_settled_application_goes_with_its_codes_and_instructions_once_retention_ends() {
-    let core = core();
-    toner(&core);
+    let core = with_toner();
     let a = device(&core, 1, "acme", "A");
     let app = apply(
         &core,
