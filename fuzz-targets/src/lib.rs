@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
 use cloud_bridge::bridge::Bridge;
+use cloud_bridge::core::NewPrincipal;
 use cloud_bridge::store::{Committer, MemStore};
 use rumqttd::protocol::Protocol;
 use schemas::data::{ClientFrame, ErrorCode, Request, ServerFrame};
@@ -441,10 +442,14 @@ fn seeds_in(w: &World) -> Vec<(&'static str, Vec<u8>)> {
     let core = w.bridge.core();
     let now = UnixMillis::now();
     let token = Secret::new("fuzz-token");
-    let _ = core.create_owner(OwnerId::from_random([1; 8]), "fuzz".into(), &token, now);
-    let user = UserId::from_random([2; 8]);
-    let _ = core.create_user(user, "fuzz".into(), &Secret::new("2468"), &token, now);
-    let _ = core.create_ops_login(OpsId::from_random([3; 8]), "fuzz".into(), &token, now);
+    let owner = NewPrincipal::new(OwnerId::from_random([1; 8]), "fuzz", token.clone());
+    let _ = core.create_owner(&owner, now);
+    let user = NewPrincipal::new(UserId::from_random([2; 8]), "fuzz", token.clone());
+    let _ = core.create_user(&user, &Secret::new("2468"), now);
+    let _ = core.create_ops_login(
+        &NewPrincipal::new(OpsId::from_random([3; 8]), "fuzz", token),
+        now,
+    );
     let job = cloud_bridge::core::NewJob {
         payload: b"seed".to_vec(),
         content_type: "text/plain".into(),

@@ -12,20 +12,28 @@ use super::ApiFailure;
 use super::AppState;
 use super::ops::{bridge, decode_payload, now};
 use super::serve::Call;
-use crate::core::Principal;
+use crate::core::{NewPrincipal, Principal};
 
 type Result<T> = std::result::Result<T, ApiFailure>;
 
+/// A principal named `name` with a fresh random id and secret.
+fn fresh<I: Clone>(id: fn([u8; 8]) -> I, name: String) -> NewPrincipal<I> {
+    NewPrincipal::new(
+        id(rand::random()),
+        name,
+        Secret::from_random(rand::random()),
+    )
+}
+
 pub(super) async fn create_user(s: &AppState, c: Call<op::CreateUserOp>) -> Result<UserCreated> {
-    let id = UserId::from_random(rand::random());
-    let token = Secret::from_random(rand::random());
+    let new = fresh(UserId::from_random, c.body.name);
     let record = bridge(s)
-        .change(|core| core.create_user(id, c.body.name, &c.body.pin, &token, now(s)))
+        .change(|core| core.create_user(&new, &c.body.pin, now(s)))
         .await?;
     Ok(UserCreated {
         user_id: record.user_id,
         name: record.name,
-        token,
+        token: new.secret,
     })
 }
 
@@ -45,15 +53,14 @@ pub(super) async fn submit_held(
 }
 
 pub(super) async fn create_owner(s: &AppState, c: Call<op::CreateOwnerOp>) -> Result<OwnerCreated> {
-    let token = Secret::from_random(rand::random());
-    let id = OwnerId::from_random(rand::random());
+    let new = fresh(OwnerId::from_random, c.body.name);
     let record = bridge(s)
-        .change(|core| core.create_owner(id, c.body.name, &token, now(s)))
+        .change(|core| core.create_owner(&new, now(s)))
         .await?;
     Ok(OwnerCreated {
         owner_id: record.owner_id,
         name: record.name,
-        token,
+        token: new.secret,
     })
 }
 
@@ -62,15 +69,14 @@ pub(super) async fn create_ops_login(
     s: &AppState,
     c: Call<op::CreateOpsLoginOp>,
 ) -> Result<OpsLoginCreated> {
-    let password = Secret::from_random(rand::random());
-    let id = OpsId::from_random(rand::random());
+    let new = fresh(OpsId::from_random, c.body.name);
     let record = bridge(s)
-        .change(|core| core.create_ops_login(id, c.body.name, &password, now(s)))
+        .change(|core| core.create_ops_login(&new, now(s)))
         .await?;
     Ok(OpsLoginCreated {
         ops_id: record.ops_id,
         name: record.name,
-        password,
+        password: new.secret,
         created_at: record.created_at,
     })
 }
@@ -104,16 +110,15 @@ pub(super) async fn create_companion(
     c: Call<op::CreateCompanionOp>,
 ) -> Result<CompanionCreated> {
     let owner = owner_of(&c.principal)?;
-    let token = Secret::from_random(rand::random());
-    let id = CompanionId::from_random(rand::random());
+    let new = fresh(CompanionId::from_random, c.body.name);
     let record = bridge(s)
-        .change(|core| core.create_companion(owner, id, c.body.name, &token, now(s)))
+        .change(|core| core.create_companion(owner, &new, now(s)))
         .await?;
     Ok(CompanionCreated {
         companion_id: record.companion_id,
         owner_id: record.owner_id,
         name: record.name,
-        token,
+        token: new.secret,
     })
 }
 

@@ -18,7 +18,7 @@ use schemas::{DeviceId, JobId, Secret, UnixMillis, UserId};
 
 use super::state::{JobHome, shard_of};
 use super::tests::{T0, new_job, policy, registered};
-use super::{Core, Principal};
+use super::{Core, NewPrincipal, Principal};
 use crate::store::{Committer, MemStore};
 
 /// What the threads share: the core, and the ids they pick from.
@@ -139,8 +139,8 @@ fn world() -> World {
             let id = UserId::from_random([n + 100; 8]);
             let pin = Secret::new(format!("pin-{n}"));
             let token = Secret::new(format!("user-token-{n}"));
-            core.create_user(id.clone(), format!("user {n}"), &pin, &token, T0)
-                .unwrap();
+            let new = NewPrincipal::new(id.clone(), format!("user {n}"), token);
+            core.create_user(&new, &pin, T0).unwrap();
             id
         })
         .collect();

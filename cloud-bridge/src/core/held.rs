@@ -19,11 +19,11 @@ use schemas::{DeviceId, JobId, Secret, UnixMillis, UserId};
 
 use super::jobs::queued_job;
 use super::keys::Kind;
+use super::principals::NewPrincipal;
 use super::state::{PrintSession, Registry};
 use super::tx::{Access, Tx};
 use super::{
-    Core, CoreError, CoreResult, Effects, check_name, check_print, sha256_hex, transition_event,
-    ttl_ms,
+    Core, CoreError, CoreResult, Effects, check_print, sha256_hex, transition_event, ttl_ms,
 };
 use crate::store::Ticket;
 
@@ -56,15 +56,15 @@ impl Core {
         }
     }
 
+    /// A user whose secret is the bearer token of their API calls; `pin` logs them in at a
+    /// device.
     pub fn create_user(
         &self,
-        user_id: UserId,
-        name: String,
+        new: &NewPrincipal<UserId>,
         pin: &Secret,
-        token: &Secret,
         now: UnixMillis,
     ) -> CoreResult<(UserRecord, Ticket)> {
-        check_name(&name)?;
+        let (user_id, name, token_sha256) = new.checked()?;
         if !(4..=32).contains(&pin.expose().chars().count()) {
             return Err(CoreError::new(
                 ErrorCode::BadRequest,
@@ -73,8 +73,8 @@ impl Core {
         }
         let record = UserRecord {
             pin_sha256: pin_hash(&user_id, pin),
-            token_sha256: sha256_hex(token.expose().as_bytes()),
-            user_id: user_id.clone(),
+            token_sha256,
+            user_id,
             name,
             created_at: now,
         };

@@ -59,7 +59,7 @@ pub use census::Census;
 pub use events::OpsQueue;
 pub use ops_logins::OpsLoginFailure;
 pub use owner::OwnerVerdict;
-pub use principals::Principal;
+pub use principals::{NewPrincipal, Principal};
 pub use retention::FinishedJob;
 pub use services::ServiceRegistration;
 pub use state::default_shards;

@@ -5,10 +5,11 @@
 
 use schemas::data::ErrorCode;
 use schemas::records::OpsLoginRecord;
-use schemas::{OpsId, Secret, UnixMillis};
+use schemas::{OpsId, UnixMillis};
 
+use super::principals::NewPrincipal;
 use super::tx::{Access, Tx};
-use super::{Core, CoreError, CoreResult, check_name, sha256_hex};
+use super::{Core, CoreError, CoreResult, sha256_hex};
 use crate::store::Ticket;
 
 /// Why an ops login was refused.
@@ -20,18 +21,17 @@ pub enum OpsLoginFailure {
 }
 
 impl Core {
+    /// A login whose secret is its password.
     pub fn create_ops_login(
         &self,
-        ops_id: OpsId,
-        name: String,
-        password: &Secret,
+        new: &NewPrincipal<OpsId>,
         now: UnixMillis,
     ) -> CoreResult<(OpsLoginRecord, Ticket)> {
-        check_name(&name)?;
+        let (ops_id, name, password_sha256) = new.checked()?;
         let record = OpsLoginRecord {
-            ops_id: ops_id.clone(),
+            ops_id,
             name,
-            password_sha256: sha256_hex(password.expose().as_bytes()),
+            password_sha256,
             created_at: now,
             revoked_at: None,
         };
@@ -93,14 +93,15 @@ impl Core {
 mod tests {
     use super::*;
     use crate::core::tests::core;
+    use schemas::Secret;
 
     #[test]
     fn an_ops_login_works_until_revoked() {
         let core = core();
         let id = OpsId::parse("ops-00000000000000a1").unwrap();
         let password = Secret::new("pw");
-        core.create_ops_login(id.clone(), "grafana".into(), &password, UnixMillis(1))
-            .unwrap();
+        let new = NewPrincipal::new(id.clone(), "grafana", password);
+        core.create_ops_login(&new, UnixMillis(1)).unwrap();
         assert_eq!(core.authenticate_ops(id.as_str(), "pw"), Ok(id.clone()));
         assert_eq!(
             core.authenticate_ops(id.as_str(), "wrong"),

@@ -183,13 +183,14 @@ mod tests {
 
     use super::*;
     use crate::core::AuthFailure;
+    use crate::core::NewPrincipal;
     use crate::core::tests::{T0, core, error_code, job};
 
     /// A device bound to a new owner with PIN "2468".
     fn owned(core: &Core) -> (DeviceId, OwnerId) {
         let owner = OwnerId::from_random([3; 8]);
-        core.create_owner(owner.clone(), "Anna".into(), &Secret::new("t"), T0)
-            .unwrap();
+        let new = NewPrincipal::new(owner.clone(), "Anna", Secret::new("t"));
+        core.create_owner(&new, T0).unwrap();
         let token = Secret::new("enrol");
         core.create_enrollment(token.clone(), "acme".into(), 1, 60_000, T0)
             .unwrap();

@@ -38,6 +38,33 @@ impl Principal {
     }
 }
 
+/// A principal about to be created: its id, its name, and the bearer secret it will prove
+/// itself with (shown to the caller once; only its SHA-256 is stored).
+#[derive(Debug, Clone)]
+pub struct NewPrincipal<I> {
+    pub id: I,
+    pub name: String,
+    pub secret: Secret,
+}
+
+impl<I: Clone> NewPrincipal<I> {
+    pub fn new(id: I, name: impl Into<String>, secret: Secret) -> NewPrincipal<I> {
+        NewPrincipal {
+            id,
+            name: name.into(),
+            secret,
+        }
+    }
+
+    /// What every record of a principal keeps: the id, the name (checked) and the secret's
+    /// hash.
+    pub(super) fn checked(&self) -> CoreResult<(I, String, String)> {
+        check_name(&self.name)?;
+        let hash = sha256_hex(self.secret.expose().as_bytes());
+        Ok((self.id.clone(), self.name.clone(), hash))
+    }
+}
+
 impl Core {
     /// The principal a bearer token (not the admin token) belongs to.
     pub fn principal(&self, token: &str) -> Option<Principal> {
@@ -47,16 +74,14 @@ impl Core {
 
     pub fn create_owner(
         &self,
-        owner_id: OwnerId,
-        name: String,
-        token: &Secret,
+        new: &NewPrincipal<OwnerId>,
         now: UnixMillis,
     ) -> CoreResult<(OwnerRecord, Ticket)> {
-        check_name(&name)?;
+        let (owner_id, name, token_sha256) = new.checked()?;
         let record = OwnerRecord {
-            owner_id: owner_id.clone(),
+            owner_id,
             name,
-            token_sha256: sha256_hex(token.expose().as_bytes()),
+            token_sha256,
             created_at: now,
         };
         self.create(record, Tx::insert_owner)
@@ -66,20 +91,19 @@ impl Core {
         self.with_registry(|r| r.owners.contains_key(owner_id))
     }
 
+    /// A companion of `owner_id`, linked to none of its devices yet.
     pub fn create_companion(
         &self,
         owner_id: &OwnerId,
-        companion_id: CompanionId,
-        name: String,
-        token: &Secret,
+        new: &NewPrincipal<CompanionId>,
         now: UnixMillis,
     ) -> CoreResult<(CompanionRecord, Ticket)> {
-        check_name(&name)?;
+        let (companion_id, name, token_sha256) = new.checked()?;
         let record = CompanionRecord {
-            companion_id: companion_id.clone(),
+            companion_id,
             owner_id: owner_id.clone(),
             name,
-            token_sha256: sha256_hex(token.expose().as_bytes()),
+            token_sha256,
             created_at: now,
             devices: Vec::new(),
         };

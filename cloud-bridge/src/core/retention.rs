@@ -351,6 +351,7 @@ mod tests {
     use schemas::job::{JobState, JobUpdate};
 
     use super::*;
+    use crate::core::NewPrincipal;
     use crate::core::tests::{
         T0, core, core_with_device, error_code, instruct, job, new_job, policy, registered,
     };
@@ -507,8 +508,8 @@ mod tests {
         core.take_instruction(&dev, &taken, T0).unwrap();
         let user = schemas::UserId::from_random([3; 8]);
         let pin = schemas::Secret::new("1234");
-        core.create_user(user.clone(), "Anna".into(), &pin, &pin, T0)
-            .unwrap();
+        let new = NewPrincipal::new(user.clone(), "Anna", pin.clone());
+        core.create_user(&new, &pin, T0).unwrap();
         let held = |ttl_secs| SubmitHeldJob {
             ttl_secs: Some(ttl_secs),
             ..Default::default()

@@ -142,6 +142,7 @@ mod tests {
     use schemas::{OwnerId, Secret};
 
     use super::*;
+    use crate::core::NewPrincipal;
     use crate::core::tests::{T0, core_with_device, error_code};
 
     fn settings(data: &[&str], mqtt: &[&str]) -> DeviceSettings {
@@ -215,8 +216,8 @@ mod tests {
     fn bad_settings_and_strangers_are_refused_and_nothing_is_written() {
         let (core, dev) = core_with_device();
         let stranger = OwnerId::from_random([9; 8]);
-        core.create_owner(stranger.clone(), "Bo".into(), &Secret::new("t"), T0)
-            .unwrap();
+        let new = NewPrincipal::new(stranger.clone(), "Bo", Secret::new("t"));
+        core.create_owner(&new, T0).unwrap();
         let good = settings(&["ws://a:1"], &[]);
         assert_eq!(
             error_code(core.set_settings(&Principal::Owner(stranger), &dev, good, T0)),
