@@ -15,7 +15,7 @@ use schemas::hint::{HintKind, Presence};
 use schemas::ops::{Channel, OpsEvent};
 use schemas::records::DeviceRecord;
 use schemas::{DeviceId, FeedSeq, Secret, UnixMillis};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
@@ -66,7 +66,13 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// MQTT departures waiting out their grace period (see `presence.rs`).
     departures: crate::presence::Departures,
+    /// The ops events as they are published, for the console's live view; `None` once the
+    /// publisher stopped, which ends every stream.
+    live: Mutex<Option<broadcast::Sender<Arc<str>>>>,
 }
+
+/// Live events a slow console stream may fall behind by before it is told it missed some.
+pub const LIVE_BACKLOG: usize = 1024;
 
 /// Cheap to clone; all clones share one state.
 #[derive(Debug, Clone)]
@@ -99,6 +105,7 @@ impl Bridge {
                 data_sessions: Arc::new(DataSessions::default()),
                 clock,
                 departures: crate::presence::Departures::new(presence_grace_ms),
+                live: Mutex::new(Some(broadcast::channel(LIVE_BACKLOG).0)),
             }),
         }
     }
@@ -472,7 +479,32 @@ impl Bridge {
     /// its change is durable (see `core/events.rs`), until `shutdown` or a failed flush
     /// (after which nothing more becomes durable, so nothing more is published).
     pub async fn run_ops_publisher(self, shutdown: CancellationToken) {
+        self.publish_ops(shutdown).await;
+        // The last sender goes: the console's streams end.
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    fn live_sender(&self) -> Option<broadcast::Sender<Arc<str>>> {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The ops events from now on, as they are published, each as JSON `{"topic": ...,
+    /// "payload": ...}` (the MQTT topic and payload); `None` once the publisher has stopped.
+    pub fn live_events(&self) -> Option<broadcast::Receiver<Arc<str>>> {
+        self.live_sender().map(|s| s.subscribe())
+    }
+
+    async fn publish_ops(&self, shutdown: CancellationToken) {
         let queue = self.core().ops_queue();
+        let live = self.live_sender();
         loop {
             let covering = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -489,6 +521,11 @@ impl Bridge {
             for event in queue.release(covering) {
                 self.inner.telemetry.applied(&event);
                 self.inner.notifier.ops(&event);
+                if let Some(live) = live.as_ref().filter(|l| l.receiver_count() > 0) {
+                    let line = serde_json::json!({ "topic": event.topic(), "payload": event });
+                    // No receiver left since the check is no error worth a word.
+                    let _ = live.send(Arc::from(line.to_string()));
+                }
             }
         }
     }

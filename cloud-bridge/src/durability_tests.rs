@@ -89,7 +89,7 @@ async fn after_a_failed_flush_nothing_more_is_acknowledged_and_what_was_is_on_di
         clock,
         0,
     );
-    let state = AppState::new(bridge.clone(), Secret::new("admin"));
+    let state = AppState::new(bridge.clone(), Secret::new("admin"), false);
     let token = Secret::new("enrol");
     let now = UnixMillis::now();
     let (_, ticket) = bridge

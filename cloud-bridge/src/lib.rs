@@ -28,6 +28,7 @@ pub mod bridge;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod core;
 pub mod data_channel;
 mod device_requests;

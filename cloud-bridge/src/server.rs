@@ -299,7 +299,7 @@ async fn start_in(
 
     let (admin_addr, admin_listener) = listener(listeners.admin, "admin API", caps.admin)?;
     let app = crate::admin::with_request_timeout(
-        crate::admin::router(bridge.clone(), admin_token.clone()).merge(
+        crate::admin::router(bridge.clone(), admin_token.clone(), acceptor.is_some()).merge(
             crate::admin::metrics_router(
                 bridge.clone(),
                 (!config.admin.metrics_token.0.is_empty())

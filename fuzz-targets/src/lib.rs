@@ -99,7 +99,7 @@ impl World {
         let clock = Arc::new(cloud_bridge::clock::SystemClock);
         let bridge = Bridge::new(core, committer.clone(), notifier, "embedded", clock, 0);
         let admin_token = Secret::new("fuzz-admin-token");
-        let admin = cloud_bridge::admin::router(bridge.clone(), admin_token.clone());
+        let admin = cloud_bridge::admin::router(bridge.clone(), admin_token.clone(), false);
         let (device, device_secret) = runtime.block_on(async {
             // The flusher makes writes durable; requests wait for it.
             tokio::spawn(

@@ -33,24 +33,38 @@ mod status;
 pub(crate) struct AppState {
     pub(crate) bridge: Bridge,
     token: Arc<Secret>,
+    /// The console's sign-in sessions.
+    pub(crate) console: Arc<crate::console::Sessions>,
+    /// The console's cookie is marked `Secure` (the listener speaks TLS).
+    pub(crate) secure_cookies: bool,
+    /// The console's live event streams open now.
+    pub(crate) live_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl AppState {
-    pub(crate) fn new(bridge: Bridge, admin_token: Secret) -> AppState {
+    pub(crate) fn new(bridge: Bridge, admin_token: Secret, secure_cookies: bool) -> AppState {
         AppState {
             bridge,
             token: Arc::new(admin_token),
+            console: Arc::default(),
+            secure_cookies,
+            live_streams: Arc::default(),
         }
+    }
+
+    pub(crate) fn is_admin_token(&self, presented: &str) -> bool {
+        broker::constant_time_eq(presented.as_bytes(), self.token.expose().as_bytes())
     }
 }
 
 /// The largest request body.
 pub(crate) const BODY_LIMIT: usize = schemas::MAX_BODY_BYTES;
 
-/// The admin API router: every operation of [`schemas::admin`].
-pub fn router(bridge: Bridge, admin_token: Secret) -> Router {
-    let state = AppState::new(bridge, admin_token);
-    ops::routes(Router::new())
+/// The admin API router: every operation of [`schemas::admin`], and the console
+/// ([`crate::console`]), whose cookie is marked `Secure` if `tls` (the listener speaks TLS).
+pub fn router(bridge: Bridge, admin_token: Secret, tls: bool) -> Router {
+    let state = AppState::new(bridge, admin_token, tls);
+    crate::console::routes(ops::routes(Router::new()))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
@@ -144,30 +158,38 @@ impl IntoResponse for ApiFailure {
 pub(crate) type ApiResult<T> = Result<T, ApiFailure>;
 
 /// The bearer token presented, if any.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
-/// Who the bearer token belongs to.
-fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Principal> {
+/// Who calls: the bearer token's principal, or with no token, the console session the cookie
+/// names (an admin session is the administrator; an ops session reads as one and changes
+/// nothing; see [`crate::console::allow`]).
+fn authenticate(
+    state: &AppState,
+    method: &axum::http::Method,
+    headers: &HeaderMap,
+) -> ApiResult<Principal> {
     match bearer(headers) {
-        Some(token)
-            if broker::constant_time_eq(token.as_bytes(), state.token.expose().as_bytes()) =>
-        {
-            Ok(Principal::Admin)
-        }
+        Some(token) if state.is_admin_token(token) => Ok(Principal::Admin),
         Some(token) => state
             .bridge
             .core()
             .principal(token)
             .ok_or_else(|| ApiFailure::new(ErrorCode::Unauthorized, "unknown token")),
-        None => Err(ApiFailure::new(
-            ErrorCode::Unauthorized,
-            "missing `Authorization: Bearer <token>`",
-        )),
+        None => match crate::console::signed_in(state, headers) {
+            Some((_, session)) => {
+                crate::console::allow(&session, method, headers)?;
+                Ok(Principal::Admin)
+            }
+            None => Err(ApiFailure::new(
+                ErrorCode::Unauthorized,
+                "missing `Authorization: Bearer <token>`",
+            )),
+        },
     }
 }
 

@@ -246,7 +246,7 @@ async fn run<O: Serve>(
     let principal = match O::ACCESS {
         Access::Public => Principal::Admin,
         Access::Admin | Access::Token => {
-            let principal = authenticate(state, &parts.headers)?;
+            let principal = authenticate(state, &parts.method, &parts.headers)?;
             if O::ACCESS == Access::Admin && principal != Principal::Admin {
                 return Err(ApiFailure::new(
                     ErrorCode::Forbidden,

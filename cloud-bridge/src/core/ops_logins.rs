@@ -38,6 +38,11 @@ impl Core {
         self.create(record, Tx::insert_ops_login)
     }
 
+    /// Whether the login exists and is not revoked.
+    pub fn ops_login_active(&self, id: &OpsId) -> bool {
+        self.with_registry(|r| r.ops_logins.get(id).is_some_and(|l| l.revoked_at.is_none()))
+    }
+
     /// Every ops login, revoked ones included, oldest first.
     pub fn ops_logins(&self) -> Vec<OpsLoginRecord> {
         let mut all: Vec<OpsLoginRecord> =

@@ -1,0 +1,534 @@
+// The operator console: one page, its screens chosen by the address's #fragment. Everything it
+// shows comes from the admin API (`/v1/...`, with the session cookie) and the live event
+// stream (`/console/events`). Text from the bridge is only ever set as text, never as markup.
+
+const main = document.getElementById("main");
+const nav = document.getElementById("nav");
+const who = document.getElementById("who");
+const signOutButton = document.getElementById("sign-out");
+
+let session = null;
+let live = null;
+const listeners = new Set();
+
+// --- building the page -------------------------------------------------------------------
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (v === true) el.setAttribute(k, "");
+    else el.setAttribute(k, String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function show(title, ...content) {
+  document.title = `${title} · Fleet console`;
+  main.replaceChildren(h("h1", {}, title), ...content);
+  main.focus();
+}
+
+function time(ms) {
+  if (!ms) return "—";
+  return new Date(ms).toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC");
+}
+
+function stateCell(state) {
+  return h("span", { class: `state-${state}` }, state);
+}
+
+function table(headers, rows, caption) {
+  return h(
+    "table",
+    {},
+    caption ? h("caption", { class: "muted" }, caption) : null,
+    h("thead", {}, h("tr", {}, headers.map((t) => h("th", { scope: "col" }, t)))),
+    h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c) => h("td", {}, c))))),
+  );
+}
+
+function facts(pairs) {
+  return h("dl", { class: "facts" }, pairs.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+}
+
+function errorLine(e) {
+  return h("p", { class: "error", role: "alert" }, e.message || String(e));
+}
+
+// --- the API -----------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super(body && body.message ? `${body.code}: ${body.message}` : `HTTP ${status}`);
+    this.status = status;
+    this.code = body && body.code;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { accept: "application/json" };
+  if (body !== undefined) headers["content-type"] = "application/json";
+  if (method !== "GET" && session) headers["x-csrf-token"] = session.csrf;
+  const response = await fetch(path, {
+    method,
+    headers,
+    credentials: "same-origin",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await response.text();
+  const value = text ? JSON.parse(text) : null;
+  if (response.status === 401 && path !== "/console/session") {
+    signedOut();
+    throw new ApiError(401, value);
+  }
+  if (!response.ok) throw new ApiError(response.status, value);
+  return value;
+}
+
+const enc = encodeURIComponent;
+
+// --- live events -------------------------------------------------------------------------
+
+function startLive() {
+  if (live) return;
+  live = new EventSource("/console/events");
+  live.addEventListener("ops", (e) => {
+    const event = JSON.parse(e.data);
+    for (const f of listeners) f(event);
+  });
+  live.addEventListener("missed", (e) => {
+    for (const f of listeners) f({ topic: "console/missed", payload: { missed: Number(e.data) } });
+  });
+}
+
+function stopLive() {
+  if (live) live.close();
+  live = null;
+}
+
+/// Calls `f` with each live event until the screen changes.
+function onLive(f) {
+  listeners.add(f);
+  screenCleanups.push(() => listeners.delete(f));
+}
+
+// --- signing in and out --------------------------------------------------------------------
+
+function signedIn(s) {
+  session = s;
+  nav.hidden = false;
+  signOutButton.hidden = false;
+  who.textContent = s.role === "admin" ? "Signed in as admin" : `Signed in as ${s.ops_id} (read only)`;
+  startLive();
+  route();
+}
+
+function signedOut() {
+  session = null;
+  stopLive();
+  nav.hidden = true;
+  signOutButton.hidden = true;
+  who.textContent = "";
+  signInScreen();
+}
+
+signOutButton.addEventListener("click", async () => {
+  try {
+    await api("DELETE", "/console/session");
+  } finally {
+    signedOut();
+  }
+});
+
+function signInScreen(message) {
+  const mode = h(
+    "select",
+    { id: "mode", name: "mode" },
+    h("option", { value: "admin" }, "Admin token"),
+    h("option", { value: "ops" }, "Ops login"),
+  );
+  const token = h("input", { id: "token", name: "token", type: "password", autocomplete: "off" });
+  const opsId = h("input", { id: "ops-id", name: "ops_id", autocomplete: "username" });
+  const password = h("input", {
+    id: "password",
+    name: "password",
+    type: "password",
+    autocomplete: "current-password",
+  });
+  const adminFields = h("div", {}, h("label", { for: "token" }, "Admin token", token));
+  const opsFields = h(
+    "div",
+    { hidden: true },
+    h("label", { for: "ops-id" }, "Ops login id", opsId),
+    h("label", { for: "password" }, "Password", password),
+  );
+  mode.addEventListener("change", () => {
+    adminFields.hidden = mode.value !== "admin";
+    opsFields.hidden = mode.value !== "ops";
+  });
+  const status = h("p", { role: "alert", class: "error" }, message || "");
+  const form = h(
+    "form",
+    { class: "stack", id: "sign-in" },
+    h("label", { for: "mode" }, "Sign in with", mode),
+    adminFields,
+    opsFields,
+    h("button", { type: "submit" }, "Sign in"),
+    status,
+  );
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const body =
+      mode.value === "admin"
+        ? { token: token.value }
+        : { ops_id: opsId.value.trim(), password: password.value };
+    try {
+      signedIn(await api("POST", "/console/session", body));
+    } catch (err) {
+      status.textContent = err.status === 401 ? "Those credentials were refused." : err.message;
+    }
+  });
+  show("Sign in", form);
+}
+
+// --- screens -------------------------------------------------------------------------------
+
+let screenCleanups = [];
+
+const routes = [
+  [/^$/, overview],
+  [/^devices$/, deviceList],
+  [/^devices\/([^/]+)$/, devicePage],
+  [/^jobs\/([^/]+)$/, jobPage],
+  [/^events$/, eventsPage],
+];
+
+function route() {
+  for (const f of screenCleanups) f();
+  screenCleanups = [];
+  if (!session) return signInScreen();
+  const path = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
+  for (const a of nav.querySelectorAll("a")) {
+    const here = a.getAttribute("href") === `#/${path.split("/")[0]}`;
+    if (here) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+  for (const [pattern, screen] of routes) {
+    const m = path.match(pattern);
+    if (m) {
+      screen(...m.slice(1)).catch((e) => show("Something went wrong", errorLine(e)));
+      return;
+    }
+  }
+  show("Not found", h("p", {}, "No such screen. ", h("a", { href: "#/" }, "Overview")));
+}
+
+window.addEventListener("hashchange", route);
+
+function deviceCondition(d) {
+  if (d.invalidated) return "invalidated";
+  if (d.disabled) return "disabled";
+  if (!d.registration_completed_at) return "registering";
+  return "active";
+}
+
+function countBy(items, key) {
+  const counts = new Map();
+  for (const item of items) counts.set(key(item), (counts.get(key(item)) || 0) + 1);
+  return [...counts.entries()].sort((a, b) => b[1] - a[1]);
+}
+
+async function overview() {
+  const devices = await api("GET", "/v1/devices");
+  const conditions = new Map(countBy(devices, deviceCondition));
+  const card = (label, n) => h("div", { class: "card" }, h("span", { class: "n" }, n), label);
+  const jobCounts = new Map();
+  const jobCards = h("div", { class: "cards", id: "job-counts" });
+  const drawJobs = () =>
+    jobCards.replaceChildren(
+      ...(jobCounts.size
+        ? [...jobCounts.entries()].map(([state, n]) => card(state, n))
+        : [h("p", { class: "muted" }, "No job has changed state since this page opened.")]),
+    );
+  drawJobs();
+  onLive((e) => {
+    if (e.payload.event === "job_transition") {
+      jobCounts.set(e.payload.to, (jobCounts.get(e.payload.to) || 0) + 1);
+      drawJobs();
+    }
+  });
+  show(
+    "Overview",
+    h(
+      "div",
+      { class: "cards", id: "device-counts" },
+      card("devices", devices.length),
+      ["active", "registering", "disabled", "invalidated"].map((c) =>
+        card(c, conditions.get(c) || 0),
+      ),
+    ),
+    h("h2", {}, "Job transitions since this page opened"),
+    jobCards,
+    h("h2", {}, "Devices by customer and model"),
+    table(
+      ["Customer", "Model", "Devices"],
+      countBy(devices, (d) => `${d.customer}\u0000${d.model}`).map(([k, n]) => {
+        const [customer, model] = k.split("\u0000");
+        return [customer, model, n];
+      }),
+    ),
+  );
+}
+
+const PAGE = 50;
+
+async function deviceList() {
+  const devices = await api("GET", "/v1/devices");
+  const params = new URLSearchParams(location.hash.split("?")[1] || "");
+  const search = h("input", { id: "search", type: "search", value: params.get("q") || "" });
+  const condition = h(
+    "select",
+    { id: "condition" },
+    ["any", "active", "registering", "disabled", "invalidated"].map((c) =>
+      h("option", { value: c }, c),
+    ),
+  );
+  let page = 0;
+  const results = h("div", { id: "device-results" });
+  const draw = () => {
+    const q = search.value.trim().toLowerCase();
+    const matching = devices.filter(
+      (d) =>
+        (condition.value === "any" || deviceCondition(d) === condition.value) &&
+        (!q ||
+          [d.device_id, d.serial, d.model, d.customer].some((f) => f.toLowerCase().includes(q))),
+    );
+    const pages = Math.max(1, Math.ceil(matching.length / PAGE));
+    page = Math.min(page, pages - 1);
+    const shown = matching.slice(page * PAGE, (page + 1) * PAGE);
+    results.replaceChildren(
+      table(
+        ["Device", "Serial", "Model", "Customer", "Condition", "Last status"],
+        shown.map((d) => [
+          h("a", { href: `#/devices/${enc(d.device_id)}` }, d.device_id),
+          d.serial,
+          d.model,
+          d.customer,
+          deviceCondition(d),
+          d.last_status_at ? time(d.last_status_at) : "—",
+        ]),
+        `${matching.length} of ${devices.length} devices; page ${page + 1} of ${pages}`,
+      ),
+      h(
+        "div",
+        { class: "toolbar" },
+        h("button", { type: "button", class: "secondary", disabled: page === 0,
+          onclick: () => { page -= 1; draw(); } }, "Previous page"),
+        h("button", { type: "button", class: "secondary", disabled: page + 1 >= pages,
+          onclick: () => { page += 1; draw(); } }, "Next page"),
+      ),
+    );
+  };
+  search.addEventListener("input", () => { page = 0; draw(); });
+  condition.addEventListener("change", () => { page = 0; draw(); });
+  draw();
+  show(
+    "Devices",
+    h(
+      "div",
+      { class: "toolbar" },
+      h("label", { for: "search" }, "Search id, serial, model or customer", search),
+      h("label", { for: "condition" }, "Condition", condition),
+    ),
+    results,
+  );
+}
+
+function jobRows(jobs) {
+  return jobs.map((j) => [
+    h("a", { href: `#/jobs/${enc(j.job_id)}` }, j.job_id),
+    stateCell(j.state),
+    time(j.created_at),
+    `${j.attempt} of ${j.max_attempts}`,
+    j.submitted_by || "—",
+    j.outcome || "",
+  ]);
+}
+
+const JOB_HEADERS = ["Job", "State", "Submitted", "Attempts", "By", "Outcome"];
+
+async function devicePage(id) {
+  const path = `/v1/devices/${enc(id)}`;
+  const [device, requests, contracts, settings] = await Promise.all([
+    api("GET", path),
+    api("GET", `${path}/requests?limit=50`),
+    api("GET", `${path}/contracts`),
+    api("GET", `${path}/settings`),
+  ]);
+  const jobsBox = h("div", { id: "device-jobs" });
+  const drawJobs = async () => {
+    // The newest page only: a device with a long history is never loaded whole.
+    const jobs = await api("GET", `${path}/jobs?limit=1000`);
+    const newest = jobs.slice(-50).reverse();
+    jobsBox.replaceChildren(
+      table(JOB_HEADERS, jobRows(newest), `The newest ${newest.length} of the page's jobs`),
+    );
+  };
+  await drawJobs();
+  onLive((e) => {
+    if (e.payload.device_id === id && e.payload.event === "job_transition") drawJobs();
+  });
+  const actions = h("div", { class: "toolbar" });
+  if (session.role === "admin" && !device.disabled) {
+    actions.append(
+      h("button", { type: "button", class: "danger", id: "disable", onclick: async () => {
+        if (!confirm(`Disable ${id}? It is refused everywhere from now on.`)) return;
+        await api("POST", `${path}/disable`);
+        route();
+      } }, "Disable device"),
+    );
+  }
+  show(
+    `Device ${device.serial}`,
+    actions,
+    facts([
+      ["Id", device.device_id],
+      ["Model", device.model],
+      ["Customer", device.customer],
+      ["Destination / time zone", `${device.destination} / ${device.time_zone}`],
+      ["Registered", time(device.registered_at)],
+      ["Registration completed", time(device.registration_completed_at)],
+      ["Condition", deviceCondition(device)],
+      ["Owner", device.owner_id || "—"],
+      ["Owner check", device.owner_check ? JSON.stringify(device.owner_check) : "—"],
+      ["Invalidated", device.invalidated ? device.invalidated.reason : "—"],
+      ["Consent", device.consent ? (device.consent.granted ? "granted" : "withheld") : "not reported"],
+      ["Last status", device.last_status ? `${JSON.stringify(device.last_status)} at ${time(device.last_status_at)}` : "—"],
+      ["Feed", `newest ${device.feed_newest}, acknowledged ${device.feed_acked}`],
+      ["Requests delivered", device.requests_delivered],
+    ]),
+    h("h2", {}, "Jobs"),
+    jobsBox,
+    h("h2", {}, "Settings"),
+    facts([
+      ["Desired", settings.desired ? JSON.stringify(settings.desired) : "factory"],
+      ["Reported", settings.reported ? JSON.stringify(settings.reported) : "—"],
+      ["Applied", settings.applied ? "yes" : "not yet"],
+    ]),
+    h("h2", {}, "Contracts"),
+    table(
+      ["Service", "Application", "Outline", "Changed", "Activated"],
+      contracts.map((c) => [
+        c.service_id,
+        c.application_id || "canceled",
+        c.outline,
+        time(c.changed_at),
+        time(c.activated_at),
+      ]),
+    ),
+    h("h2", {}, "Outbox requests"),
+    table(
+      ["No", "Request", "Made", "Received"],
+      requests.map((r) => [r.no, JSON.stringify(r.body), time(r.made_at), time(r.received_at)]),
+    ),
+  );
+}
+
+async function jobPage(id) {
+  const path = `/v1/jobs/${enc(id)}`;
+  const box = h("div", { id: "job" });
+  const draw = async () => {
+    const job = await api("GET", path);
+    const actions = h("div", { class: "toolbar" });
+    const open = ["queued", "delivered", "in_progress"].includes(job.state);
+    if (session.role === "admin" && open) {
+      actions.append(
+        h("button", { type: "button", class: "danger", id: "cancel", onclick: async () => {
+          if (!confirm(`Cancel job ${id}?`)) return;
+          await api("POST", `${path}/cancel`, { reason: "canceled from the console" });
+          draw();
+        } }, "Cancel job"),
+      );
+    }
+    box.replaceChildren(
+      actions,
+      facts([
+        ["State", h("span", { id: "job-state", class: `state-${job.state}` }, job.state)],
+        ["Device", h("a", { href: `#/devices/${enc(job.device_id)}` }, job.device_id)],
+        ["Submitted", `${time(job.created_at)} by ${job.submitted_by || "—"}`],
+        ["Expires if not started", time(job.expires_at)],
+        ["Attempts", `${job.attempt} of ${job.max_attempts}`],
+        ["Payload", `${job.payload_len} bytes, ${job.content_type}`],
+        ["Outcome", job.outcome || "—"],
+      ]),
+      h("h2", {}, "Transitions"),
+      h(
+        "ol",
+        { class: "timeline" },
+        job.history.map((t) =>
+          h("li", {}, time(t.at), " ", t.from ? `${t.from} → ` : "", stateCell(t.to),
+            ` (attempt ${t.attempt})`, t.reason ? ` — ${t.reason}` : ""),
+        ),
+      ),
+    );
+  };
+  await draw();
+  onLive((e) => {
+    if (e.payload.job_id === id) draw();
+  });
+  show(`Job ${id}`, box);
+}
+
+const MAX_SHOWN = 500;
+
+async function eventsPage() {
+  const shown = [];
+  const held = [];
+  let paused = false;
+  const filter = h("input", { id: "event-filter", type: "search" });
+  const list = h("ol", { id: "event-list", class: "events", reversed: true, "aria-live": "polite" });
+  const pause = h("button", { type: "button", id: "pause", class: "secondary" }, "Pause");
+  const count = h("span", { class: "muted", id: "held" });
+  const matches = (e) => {
+    const q = filter.value.trim().toLowerCase();
+    return !q || e.topic.toLowerCase().includes(q) || JSON.stringify(e.payload).toLowerCase().includes(q);
+  };
+  const line = (e) =>
+    h("li", {}, time(e.payload.at || Date.now()), " ", h("strong", {}, e.topic), " ",
+      JSON.stringify(e.payload));
+  const draw = () => {
+    list.replaceChildren(...shown.filter(matches).slice(0, MAX_SHOWN).map(line));
+    count.textContent = paused ? `${held.length} new events held while paused` : "";
+  };
+  pause.addEventListener("click", () => {
+    paused = !paused;
+    pause.textContent = paused ? "Resume" : "Pause";
+    if (!paused) shown.unshift(...held.splice(0).reverse());
+    shown.length = Math.min(shown.length, 10 * MAX_SHOWN);
+    draw();
+  });
+  filter.addEventListener("input", draw);
+  onLive((e) => {
+    if (paused) held.push(e);
+    else {
+      shown.unshift(e);
+      shown.length = Math.min(shown.length, 10 * MAX_SHOWN);
+    }
+    draw();
+  });
+  show(
+    "Live events",
+    h("div", { class: "toolbar" }, h("label", { for: "event-filter" }, "Filter", filter), pause, count),
+    list,
+  );
+}
+
+// --- start -------------------------------------------------------------------------------
+
+api("GET", "/console/session").then(signedIn, () => signedOut());
