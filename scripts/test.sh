@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Installs Mosquitto first when it is missing (the interop test runs
-# the pipeline against it) and the Python conformance device's packages, so this works on a
-# fresh Debian machine.
+# Runs the whole test suite. Installs what the tests use when it is missing (Mosquitto for the
+# interop test, Chromium and the browser test's npm packages, the Python conformance device's
+# packages and schemathesis), so this works on a fresh Debian machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+updated=""
+apt_install() {
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    if [ -z "$updated" ]; then $sudo apt-get update -qq; updated=1; fi
+    $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     echo "installing mosquitto for the interop test" >&2
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+    apt_install mosquitto mosquitto-clients
+fi
+
+# The console's browser test (tests/browser/) drives Debian's Chromium with Playwright.
+if [ ! -x /usr/bin/chromium ]; then
+    echo "installing chromium for the console's browser test" >&2
+    apt_install chromium
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/axe-core ]; then
+    echo "installing the packages of tests/browser" >&2
+    (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 # The Python conformance device and the metrics parser (tests/conformance/) need four packages.
