@@ -16,10 +16,10 @@ use schemas::admin::{self as op, BodyUse, Operation};
 use schemas::api::{
     ApiError, ApplicationView, ApplyForService, CancelJob, CandidatesQuery, CompanionCreated,
     CompanionView, CreateCompanion, CreateEnrollmentToken, CreateInstruction, CreateOwner,
-    CreateService, CreateUser, CustomerView, DeviceView, EnrollmentTokenCreated, Health,
-    InstructionView, JobView, JobsQuery, MoveJob, OpsLoginCreated, OpsLoginView, OwnerCreated,
-    PollNow, PollNowPlan, PutContract, PutSettings, RequestsQuery, SettingsView, SubmitHeldJob,
-    SubmitJob, UserCreated,
+    CreateService, CreateUser, CustomerView, DeviceView, DevicesQuery, EnrollmentTokenCreated,
+    Health, InstructionView, JobView, JobsQuery, MoveJob, OpsLoginCreated, OpsLoginView,
+    OwnerCreated, PollNow, PollNowPlan, PutContract, PutSettings, RequestsQuery, SettingsView,
+    SubmitHeldJob, SubmitJob, UserCreated,
 };
 use schemas::print::{Capabilities, HeldJobRecord};
 use schemas::records::DeviceRequestRecord;
@@ -277,7 +277,6 @@ impl AdminClient {
         metrics() -> serde_json::Value: GetMetrics;
         create_enrollment(; req: &CreateEnrollmentToken) -> EnrollmentTokenCreated:
             CreateEnrollment;
-        devices() -> Vec<DeviceView>: ListDevices;
         device(id: &DeviceId) -> DeviceView: GetDevice;
         disable_device(id: &DeviceId) -> DeviceView: DisableDevice;
         ops_logins() -> Vec<OpsLoginView>: ListOpsLogins;
@@ -399,6 +398,7 @@ impl AdminClient {
         let query = RequestsQuery {
             after: Some(after),
             limit: Some(limit),
+            ..RequestsQuery::default()
         };
         self.call::<op::ListDeviceRequests>(device, &query, &())
             .await
@@ -481,8 +481,19 @@ impl AdminClient {
         let query = JobsQuery {
             after: after.cloned(),
             limit: Some(limit),
+            ..JobsQuery::default()
         };
         self.call::<op::ListDeviceJobs>(device, &query, &()).await
+    }
+
+    /// Every device, oldest registration first.
+    pub async fn devices(&self) -> Result<Vec<DeviceView>, ClientError> {
+        self.find_devices(&DevicesQuery::default()).await
+    }
+
+    /// The devices `query` asks for (a page of them, with `limit`).
+    pub async fn find_devices(&self, query: &DevicesQuery) -> Result<Vec<DeviceView>, ClientError> {
+        self.call::<op::ListDevices>(&(), query, &()).await
     }
 
     /// Every job of the device (open, and finished within retention), page by page.

@@ -289,7 +289,6 @@ async function overview() {
 const PAGE = 50;
 
 async function deviceList() {
-  const devices = await api("GET", "/v1/devices");
   const params = new URLSearchParams(location.hash.split("?")[1] || "");
   const search = h("input", { id: "search", type: "search", value: params.get("q") || "" });
   const condition = h(
@@ -299,19 +298,21 @@ async function deviceList() {
       h("option", { value: c }, c),
     ),
   );
-  let page = 0;
+  // The cursors of the pages shown so far: the bridge answers a page after a device.
+  let cursors = [null];
   const results = h("div", { id: "device-results" });
-  const draw = () => {
-    const q = search.value.trim().toLowerCase();
-    const matching = devices.filter(
-      (d) =>
-        (condition.value === "any" || deviceCondition(d) === condition.value) &&
-        (!q ||
-          [d.device_id, d.serial, d.model, d.customer].some((f) => f.toLowerCase().includes(q))),
-    );
-    const pages = Math.max(1, Math.ceil(matching.length / PAGE));
-    page = Math.min(page, pages - 1);
-    const shown = matching.slice(page * PAGE, (page + 1) * PAGE);
+  let drawn = 0;
+  const draw = async () => {
+    const mine = ++drawn;
+    const query = new URLSearchParams({ limit: String(PAGE + 1) });
+    if (search.value.trim()) query.set("q", search.value.trim());
+    if (condition.value !== "any") query.set("condition", condition.value);
+    const after = cursors[cursors.length - 1];
+    if (after) query.set("after", after);
+    const page = await api("GET", `/v1/devices?${query}`);
+    if (mine !== drawn) return; // a newer search is on its way
+    const more = page.length > PAGE;
+    const shown = page.slice(0, PAGE);
     results.replaceChildren(
       table(
         ["Device", "Serial", "Model", "Customer", "Condition", "Last status"],
@@ -323,21 +324,26 @@ async function deviceList() {
           deviceCondition(d),
           d.last_status_at ? time(d.last_status_at) : "—",
         ]),
-        `${matching.length} of ${devices.length} devices; page ${page + 1} of ${pages}`,
+        `Page ${cursors.length}: ${shown.length} devices${more ? ", more after" : ""}`,
       ),
       h(
         "div",
         { class: "toolbar" },
-        h("button", { type: "button", class: "secondary", disabled: page === 0,
-          onclick: () => { page -= 1; draw(); } }, "Previous page"),
-        h("button", { type: "button", class: "secondary", disabled: page + 1 >= pages,
-          onclick: () => { page += 1; draw(); } }, "Next page"),
+        h("button", { type: "button", class: "secondary", disabled: cursors.length === 1,
+          onclick: () => { cursors.pop(); draw(); } }, "Previous page"),
+        h("button", { type: "button", class: "secondary", disabled: !more,
+          onclick: () => { cursors.push(shown[shown.length - 1].device_id); draw(); } },
+          "Next page"),
       ),
     );
   };
-  search.addEventListener("input", () => { page = 0; draw(); });
-  condition.addEventListener("change", () => { page = 0; draw(); });
-  draw();
+  let typing = null;
+  search.addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { cursors = [null]; draw(); }, 250);
+  });
+  condition.addEventListener("change", () => { cursors = [null]; draw(); });
+  await draw();
   show(
     "Devices",
     h(
@@ -367,22 +373,46 @@ async function devicePage(id) {
   const path = `/v1/devices/${enc(id)}`;
   const [device, requests, contracts, settings] = await Promise.all([
     api("GET", path),
-    api("GET", `${path}/requests?limit=50`),
+    api("GET", `${path}/requests?order=newest&limit=50`),
     api("GET", `${path}/contracts`),
     api("GET", `${path}/settings`),
   ]);
+  // The newest jobs a page at a time: a long history is never loaded whole.
   const jobsBox = h("div", { id: "device-jobs" });
-  const drawJobs = async () => {
-    // The newest page only: a device with a long history is never loaded whole.
-    const jobs = await api("GET", `${path}/jobs?limit=1000`);
-    const newest = jobs.slice(-50).reverse();
+  let jobs = [];
+  let older = false;
+  const fetchJobs = (after) =>
+    api("GET", `${path}/jobs?order=newest&limit=${PAGE + 1}${after ? `&after=${enc(after)}` : ""}`);
+  const drawJobs = () =>
     jobsBox.replaceChildren(
-      table(JOB_HEADERS, jobRows(newest), `The newest ${newest.length} of the page's jobs`),
+      table(JOB_HEADERS, jobRows(jobs), `The newest ${jobs.length} jobs${older ? "" : ", all of them"}`),
+      older
+        ? h("button", { type: "button", class: "secondary", id: "older-jobs", onclick: async () => {
+            const page = await fetchJobs(jobs[jobs.length - 1].job_id);
+            older = page.length > PAGE;
+            jobs = jobs.concat(page.slice(0, PAGE));
+            drawJobs();
+          } }, "Older jobs")
+        : null,
     );
+  // The newest page, read again after a transition: its jobs replace what is shown of them,
+  // and new ones go on top; older pages already read stay.
+  const firstJobs = async () => {
+    const page = await fetchJobs(null);
+    const top = page.slice(0, PAGE);
+    if (jobs.length === 0) {
+      older = page.length > PAGE;
+      jobs = top;
+    } else {
+      const known = new Set(jobs.map((j) => j.job_id));
+      const fresh = new Map(top.map((j) => [j.job_id, j]));
+      jobs = top.filter((j) => !known.has(j.job_id)).concat(jobs.map((j) => fresh.get(j.job_id) || j));
+    }
+    drawJobs();
   };
-  await drawJobs();
+  await firstJobs();
   onLive((e) => {
-    if (e.payload.device_id === id && e.payload.event === "job_transition") drawJobs();
+    if (e.payload.device_id === id && e.payload.event === "job_transition") firstJobs();
   });
   const actions = h("div", { class: "toolbar" });
   if (session.role === "admin" && !device.disabled) {
@@ -432,7 +462,7 @@ async function devicePage(id) {
         time(c.activated_at),
       ]),
     ),
-    h("h2", {}, "Outbox requests"),
+    h("h2", {}, "Outbox requests, newest first"),
     table(
       ["No", "Request", "Made", "Received"],
       requests.map((r) => [r.no, JSON.stringify(r.body), time(r.made_at), time(r.received_at)]),

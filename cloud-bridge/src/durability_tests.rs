@@ -144,7 +144,7 @@ async fn after_a_failed_flush_nothing_more_is_acknowledged_and_what_was_is_on_di
     let list = Call {
         principal: Principal::Admin,
         params: (),
-        query: (),
+        query: schemas::api::DevicesQuery::default(),
         body: (),
     };
     assert!(

@@ -59,6 +59,8 @@ pub trait Store: Send + Sync + 'static {
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Pairs, StoreError>;
     /// Up to `limit` pairs with `start <= key < end`, in key order.
     fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError>;
+    /// Up to `limit` pairs with `start <= key < end`, the greatest key first.
+    fn range_back(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError>;
     /// The greatest key that starts with `prefix`, if any.
     fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Applies all writes of `batch` or none of them. Not yet durable.
@@ -111,6 +113,15 @@ impl Store for SledStore {
     fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
         self.db
             .range(start..end)
+            .take(limit)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
+            .collect()
+    }
+
+    fn range_back(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
+        self.db
+            .range(start..end)
+            .rev()
             .take(limit)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
             .collect()
@@ -174,6 +185,16 @@ impl Store for MemStore {
             .collect())
     }
 
+    fn range_back(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
+        Ok(self
+            .lock()
+            .range(start.to_vec()..end.to_vec())
+            .rev()
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
     fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let map = self.lock();
         let last = map
@@ -216,6 +237,10 @@ macro_rules! reads_from_live {
 
         fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
             self.live.range(start, end, limit)
+        }
+
+        fn range_back(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
+            self.live.range_back(start, end, limit)
         }
 
         fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {

@@ -14,10 +14,10 @@ use serde::de::DeserializeOwned;
 use crate::api::{
     ApplicationView, ApplyForService, CancelJob, CandidatesQuery, CompanionCreated, CompanionView,
     CreateCompanion, CreateEnrollmentToken, CreateInstruction, CreateOpsLogin, CreateOwner,
-    CreateService, CreateUser, CustomerView, DeviceView, EnrollmentTokenCreated, Health,
-    InstructionView, JobView, JobsQuery, MoveJob, OpsLoginCreated, OpsLoginView, OwnerCreated,
-    PollNow, PollNowPlan, PutContract, PutSettings, RequestsQuery, SettingsView, SubmitHeldJob,
-    SubmitJob, UpdateService, UserCreated,
+    CreateService, CreateUser, CustomerView, DeviceView, DevicesQuery, EnrollmentTokenCreated,
+    Health, InstructionView, JobView, JobsQuery, MoveJob, OpsLoginCreated, OpsLoginView,
+    OwnerCreated, PollNow, PollNowPlan, PutContract, PutSettings, RequestsQuery, SettingsView,
+    SubmitHeldJob, SubmitJob, UpdateService, UserCreated,
 };
 use crate::print::{Capabilities, HeldJobRecord};
 use crate::records::DeviceRequestRecord;
@@ -234,7 +234,8 @@ operation! {
     /// A token devices register with.
     CreateEnrollment: Post "/v1/enrollment-tokens", Admin, Required, 201,
         (), (), CreateEnrollmentToken => EnrollmentTokenCreated;
-    ListDevices: Get "/v1/devices", Admin, None, 200, (), (), () => Vec<DeviceView>;
+    /// Every device, or those matching the query, or a page of them.
+    ListDevices: Get "/v1/devices", Admin, None, 200, (), DevicesQuery, () => Vec<DeviceView>;
     GetDevice: Get "/v1/devices/{id}", Admin, None, 200, DeviceId, (), () => DeviceView;
     /// Refuses the device everywhere from now on; its connections close.
     DisableDevice: Post "/v1/devices/{id}/disable", Admin, None, 200,

@@ -536,8 +536,52 @@ impl From<&CompanionRecord> for CompanionView {
     }
 }
 
-/// A page of a list in the order it was made: the items after `after` (default: from the
-/// first), at most `limit` of them (default 100, at most 1000).
+/// Query of `GET /v1/devices`: every device, oldest registration first; `q` and `condition`
+/// keep the matching ones, and `limit` makes a page of them, the page after the device
+/// `after` (the last of the page before).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevicesQuery {
+    /// Devices whose id, serial, model or customer holds this text (in any case).
+    #[schemars(length(min = 1, max = 128))]
+    pub q: Option<String>,
+    pub condition: Option<DeviceCondition>,
+    pub after: Option<DeviceId>,
+    /// 1 to 1000.
+    #[schemars(range(min = 1, max = 1000))]
+    pub limit: Option<usize>,
+}
+
+/// Where a device stands, as the console sorts devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceCondition {
+    /// Registered and in use.
+    Active,
+    /// Registered, its credentials not yet confirmed stored.
+    Registering,
+    Disabled,
+    /// Its id was invalidated: it must register again.
+    Invalidated,
+}
+
+impl DeviceCondition {
+    pub fn of(d: &DeviceRecord) -> DeviceCondition {
+        if d.invalidated.is_some() {
+            DeviceCondition::Invalidated
+        } else if d.disabled {
+            DeviceCondition::Disabled
+        } else if d.registration_completed_at.is_none() {
+            DeviceCondition::Registering
+        } else {
+            DeviceCondition::Active
+        }
+    }
+}
+
+/// A page of a list in the order it was made (`order=newest`: the other way round): the items
+/// after `after` in that order (default: from the first), at most `limit` of them (default 100,
+/// at most 1000).
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery<After> {
@@ -545,6 +589,27 @@ pub struct PageQuery<After> {
     pub after: Option<After>,
     #[serde(default)]
     pub limit: Option<usize>,
+    #[serde(default, skip_serializing_if = "Order::is_oldest")]
+    pub order: Order,
+}
+
+/// Which end of a list a page starts from.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// The oldest first.
+    #[default]
+    Oldest,
+    /// The newest first.
+    Newest,
+}
+
+impl Order {
+    pub fn is_oldest(&self) -> bool {
+        *self == Order::Oldest
+    }
 }
 
 /// `None`, as a default that puts no `Default` bound on `After`.
@@ -564,6 +629,7 @@ impl<After> Default for PageQuery<After> {
         PageQuery {
             after: None,
             limit: None,
+            order: Order::Oldest,
         }
     }
 }

@@ -120,8 +120,18 @@ try {
   await page.getByRole("link", { name: "Devices" }).click();
   await page.getByLabel("Search id, serial, model or customer").fill(liveSerial);
   const row = page.locator("#device-results tbody tr");
-  await row.first().waitFor(WAIT);
-  check((await row.count()) === 1, `the search finds one device, not ${await row.count()}`);
+  await page
+    .waitForFunction(
+      (serial) => {
+        const rows = document.querySelectorAll("#device-results tbody tr");
+        return rows.length === 1 && rows[0].textContent.includes(serial);
+      },
+      liveSerial,
+      WAIT,
+    )
+    .catch(async () => {
+      throw new Error(`the search for ${liveSerial} shows ${await row.count()} devices`);
+    });
   await accessible(page, "devices");
   await screenshot(page, "devices");
   await page.getByRole("link", { name: liveDevice }).click();

@@ -72,17 +72,14 @@ operations! {
     op::GetOpenApi => call(status::openapi);
     op::GetMetrics => call(status::metrics);
     op::CreateEnrollment => call(create_enrollment);
-    op::ListDevices => read(|_, _, core| Ok(sorted_views(core.devices())));
+    op::ListDevices => read(|_, c, core| {
+        Ok(core.find_devices(&c.query)?.iter().map(DeviceView::from).collect())
+    });
     op::GetDevice => read(|_, c, core| Ok(DeviceView::from(&core.device(&c.params)?)));
     op::DisableDevice => call(disable_device);
-    op::ListDeviceRequests => read(|_, c, core| {
-        let after = schemas::outbox::RequestNo(c.query.after.unwrap_or(0));
-        core.device_requests(&c.params, after, c.query.page_size())
-    });
+    op::ListDeviceRequests => read(|_, c, core| core.device_requests(&c.params, &c.query));
     op::QueryConsent => change(|s, c, core| core.query_consent(&c.params, now(s)));
-    op::ListDeviceJobs => read(|_, c, core| {
-        core.device_jobs(&c.params, c.query.after.as_ref(), c.query.page_size())
-    });
+    op::ListDeviceJobs => read(|_, c, core| core.device_jobs(&c.params, &c.query));
     op::CancelJobOp => change(|s, c, core| {
         core.cancel_job(&c.params, c.body.and_then(|b| b.reason), now(s))
     });

@@ -1,5 +1,6 @@
 //! Devices: enrollment tokens, registration, credentials, status, and the per-device feed.
 
+use schemas::api::{DeviceCondition, DevicesQuery};
 use schemas::data::{DeviceStatus, ErrorCode, Registration};
 use schemas::feed::FeedEntry;
 use schemas::ops::OpsEvent;
@@ -224,6 +225,41 @@ impl Core {
         self.devices_where(|_| true)
     }
 
+    /// The devices `query` asks for, oldest registration first.
+    pub fn find_devices(&self, query: &DevicesQuery) -> CoreResult<Vec<DeviceRecord>> {
+        let q = query.q.as_deref().map(str::to_lowercase);
+        let holds = |field: &str| {
+            q.as_deref()
+                .is_none_or(|q| field.to_lowercase().contains(q))
+        };
+        let mut list = self.devices_where(|d| {
+            query.condition.is_none_or(|c| c == DeviceCondition::of(d))
+                && [d.device_id.as_str(), &d.serial, &d.model, &d.customer]
+                    .into_iter()
+                    .any(holds)
+        });
+        let order = |d: &DeviceRecord| (d.registered_at, d.device_id.clone());
+        list.sort_by_key(order);
+        let Some(limit) = query.limit else {
+            return Ok(list);
+        };
+        let start = match &query.after {
+            None => 0,
+            Some(after) => {
+                // A cursor names a device the bridge has: none is ever deleted.
+                let last = order(&self.device(after).map_err(|_| {
+                    CoreError::new(ErrorCode::BadRequest, format!("`after`: no device {after}"))
+                })?);
+                list.partition_point(|d| order(d) <= last)
+            }
+        };
+        Ok(list
+            .into_iter()
+            .skip(start)
+            .take(limit.clamp(1, 1000))
+            .collect())
+    }
+
     /// Every device `keep` accepts, in no particular order.
     pub(super) fn devices_where(&self, keep: impl Fn(&DeviceRecord) -> bool) -> Vec<DeviceRecord> {
         let mut all = Vec::new();
@@ -413,7 +449,73 @@ fn registration_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::tests::{T0, core, core_with_device, job, registered};
+    use crate::core::tests::{
+        T0, core, core_with_device, error_code, job, registered, registered_as,
+    };
+
+    #[test]
+    fn devices_are_found_by_text_and_condition_a_page_at_a_time() {
+        let core = core();
+        let ids: Vec<DeviceId> = (1..=6)
+            .map(|n| {
+                registered_as(
+                    &core,
+                    n,
+                    if n % 2 == 0 { "Globex" } else { "acme" },
+                    "MFP-1",
+                )
+            })
+            .collect();
+        for id in &ids {
+            core.complete_registration(id, T0).unwrap();
+        }
+        core.disable_device(&ids[2], T0).unwrap();
+        let find = |query: DevicesQuery| -> Vec<DeviceId> {
+            let found = core.find_devices(&query).unwrap();
+            found.into_iter().map(|d| d.device_id).collect()
+        };
+        let all = find(DevicesQuery::default());
+        assert_eq!(all.len(), 6);
+        let globex = find(DevicesQuery {
+            q: Some("gLoBeX".into()),
+            ..DevicesQuery::default()
+        });
+        assert_eq!(globex, [ids[1].clone(), ids[3].clone(), ids[5].clone()]);
+        let by_serial = find(DevicesQuery {
+            q: Some("sn5".into()),
+            ..DevicesQuery::default()
+        });
+        assert_eq!(by_serial, [ids[4].clone()]);
+        let disabled = find(DevicesQuery {
+            condition: Some(DeviceCondition::Disabled),
+            ..DevicesQuery::default()
+        });
+        assert_eq!(disabled, [ids[2].clone()]);
+        let page = |after: Option<&DeviceId>| {
+            find(DevicesQuery {
+                after: after.cloned(),
+                limit: Some(4),
+                ..DevicesQuery::default()
+            })
+        };
+        let first = page(None);
+        let second = page(first.last());
+        assert_eq!((first.len(), second.len()), (4, 2));
+        assert_eq!(
+            [first, second].concat(),
+            all,
+            "the pages are the list, once"
+        );
+        let missing = DevicesQuery {
+            after: Some(DeviceId::from_random([99; 8])),
+            limit: Some(4),
+            ..DevicesQuery::default()
+        };
+        assert_eq!(
+            error_code(core.find_devices(&missing)),
+            ErrorCode::BadRequest
+        );
+    }
 
     #[test]
     fn enrollment_token_is_single_use() {

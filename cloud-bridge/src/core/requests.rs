@@ -4,6 +4,7 @@
 //! Deduplication needs one number per device: requests are numbered by the device and
 //! delivered in order, so anything at or below the highest number accepted is a resend.
 
+use schemas::api::{Order, RequestsQuery};
 use schemas::data::{DeviceStatus, ErrorBody, ErrorCode, Refusal};
 use schemas::feed::FeedBody;
 use schemas::ops::OpsEvent;
@@ -251,16 +252,23 @@ impl Core {
     pub fn device_requests(
         &self,
         device_id: &DeviceId,
-        after: RequestNo,
-        limit: usize,
+        page: &RequestsQuery,
     ) -> CoreResult<Vec<DeviceRequestRecord>> {
         self.device(device_id)?;
-        let start = request_key(device_id, after.next());
         let end = device_range_end(Kind::DeviceRequest, device_id);
-        Ok(self
-            .committer
-            .store()
-            .range(&start, &end, limit)?
+        let (store, limit) = (self.committer.store(), page.page_size());
+        let pairs = match (page.order, page.after.map(RequestNo)) {
+            (Order::Oldest, after) => {
+                let start = request_key(device_id, after.unwrap_or(RequestNo::ZERO).next());
+                store.range(&start, &end, limit)?
+            }
+            (Order::Newest, after) => {
+                let first = request_key(device_id, RequestNo::ZERO);
+                let before = after.map_or(end, |no| request_key(device_id, no));
+                store.range_back(&first, &before, limit)?
+            }
+        };
+        Ok(pairs
             .into_iter()
             .map(|(k, v)| decode::<DeviceRequestRecord>(&k, &v))
             .collect::<Result<Vec<_>, _>>()?)
@@ -334,9 +342,21 @@ mod tests {
         again.push(item(4, panel(4)));
         let (upto, _, _, effects) = core.deliver(&dev, again, UnixMillis(6)).unwrap();
         assert_eq!((upto, effects.events.len()), (RequestNo(4), 1));
-        let log = core.device_requests(&dev, RequestNo::ZERO, 100).unwrap();
+        let log = core
+            .device_requests(&dev, &RequestsQuery::default())
+            .unwrap();
         let nos: Vec<u64> = log.iter().map(|r| r.no.0).collect();
         assert_eq!(nos, [1, 2, 3, 4]);
+        let newest = |after| {
+            let page = RequestsQuery {
+                after,
+                limit: Some(2),
+                order: Order::Newest,
+            };
+            let log = core.device_requests(&dev, &page).unwrap();
+            log.iter().map(|r| r.no.0).collect::<Vec<u64>>()
+        };
+        assert_eq!((newest(None), newest(Some(3))), (vec![4, 3], vec![2, 1]));
     }
 
     #[test]
@@ -360,7 +380,7 @@ mod tests {
         );
         assert_eq!(device.consent_changes.len(), 2);
         let kinds: Vec<u64> = core
-            .device_requests(&dev, RequestNo::ZERO, 100)
+            .device_requests(&dev, &RequestsQuery::default())
             .unwrap()
             .iter()
             .map(|r| r.no.0)

@@ -399,7 +399,7 @@ mod tests {
         // The admin API, the device's list, the key and a resent report still find it.
         assert_eq!(core.job(&id).unwrap().state, JobState::Succeeded);
         let listed: Vec<JobId> = core
-            .device_jobs(&dev, None, 10)
+            .device_jobs(&dev, &schemas::api::JobsQuery::default())
             .unwrap()
             .into_iter()
             .map(|j| j.job_id)
@@ -573,7 +573,7 @@ mod tests {
         );
         assert_eq!(core.jobs.get(&expiring.job_id), None);
         let numbers: Vec<u64> = core
-            .device_requests(&dev, RequestNo(0), 10)
+            .device_requests(&dev, &schemas::api::RequestsQuery::default())
             .unwrap()
             .into_iter()
             .map(|r| r.no.0)

@@ -5,6 +5,7 @@
 //! `in_progress`, and ends `succeeded`, `failed`, `rejected`, `canceled` or `expired`. A lease
 //! that runs out puts the job back in the queue for another attempt, up to its limit.
 
+use schemas::api::{JobsQuery, Order};
 use schemas::data::{ErrorCode, JobOffer};
 use schemas::feed::FeedBody;
 use schemas::job::{JobState, JobUpdate, Transition};
@@ -223,22 +224,24 @@ impl Core {
     pub fn device_jobs(
         &self,
         device_id: &DeviceId,
-        after: Option<&JobId>,
-        limit: usize,
+        page: &JobsQuery,
     ) -> CoreResult<Vec<JobRecord>> {
         self.device(device_id)?;
-        let start = match after {
-            // The key right after `after`'s own.
-            Some(id) => {
-                let mut k = device_job_key(device_id, id);
-                k.push(0);
-                k
-            }
-            None => device_job_key(device_id, &JobId::from_random([0; 8])),
-        };
+        let first = device_job_key(device_id, &JobId::from_random([0; 8]));
         let end = device_range_end(Kind::DeviceJob, device_id);
+        let after = page.after.as_ref().map(|id| device_job_key(device_id, id));
+        let (store, limit) = (self.committer.store(), page.page_size());
+        let keys = match (page.order, after) {
+            (Order::Oldest, None) => store.range(&first, &end, limit)?,
+            (Order::Oldest, Some(mut after)) => {
+                after.push(0); // the key right after `after`'s own
+                store.range(&after, &end, limit)?
+            }
+            (Order::Newest, None) => store.range_back(&first, &end, limit)?,
+            (Order::Newest, Some(after)) => store.range_back(&first, &after, limit)?,
+        };
         let mut jobs = Vec::new();
-        for (k, _) in self.committer.store().range(&start, &end, limit)? {
+        for (k, _) in keys {
             let Some(id) = job_of_key(&k) else { continue };
             let open = self.with_shard(device_id, |s| s.jobs.get(&id).cloned());
             // Not open: finished (after the index was read, or before).

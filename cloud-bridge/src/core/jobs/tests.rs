@@ -195,7 +195,10 @@ fn idempotency_key_returns_the_first_job() {
         assert_eq!(refused.code(), ErrorCode::Conflict);
         assert!(refused.to_string().contains("\"order-7\""), "{refused}");
     }
-    assert_eq!(core.device_jobs(&dev, None, 100).unwrap().len(), 1);
+    assert_eq!(
+        core.device_jobs(&dev, &JobsQuery::default()).unwrap().len(),
+        1
+    );
 
     // The fingerprint is durable: after a reload the key still tells the two apart.
     let reloaded = Core::load(
@@ -248,4 +251,27 @@ fn state_survives_reload() {
         reloaded.next_deadline().is_some(),
         "lease must be re-indexed"
     );
+}
+
+#[test]
+fn a_devices_jobs_page_from_either_end() {
+    let (core, dev) = core_with_device();
+    let ids: Vec<JobId> = (0..5).map(|_| job(&core, &dev)).collect();
+    let page = |order, after: Option<&JobId>| -> Vec<JobId> {
+        let query = JobsQuery {
+            after: after.cloned(),
+            limit: Some(2),
+            order,
+        };
+        let jobs = core.device_jobs(&dev, &query).unwrap();
+        jobs.into_iter().map(|j| j.job_id).collect()
+    };
+    assert_eq!(page(Order::Oldest, None), ids[..2]);
+    assert_eq!(page(Order::Oldest, Some(&ids[1])), ids[2..4]);
+    assert_eq!(page(Order::Newest, None), [ids[4].clone(), ids[3].clone()]);
+    assert_eq!(
+        page(Order::Newest, Some(&ids[3])),
+        [ids[2].clone(), ids[1].clone()]
+    );
+    assert_eq!(page(Order::Newest, Some(&ids[0])), Vec::<JobId>::new());
 }
