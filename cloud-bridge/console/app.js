@@ -213,7 +213,7 @@ function route() {
   for (const f of screenCleanups) f();
   screenCleanups = [];
   if (!session) return signInScreen();
-  const path = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
+  const path = decodeURIComponent(location.hash.replace(/^#\/?/, "").split("?")[0]);
   for (const a of nav.querySelectorAll("a")) {
     const here = a.getAttribute("href") === `#/${path.split("/")[0]}`;
     if (here) a.setAttribute("aria-current", "page");
@@ -244,46 +244,114 @@ function countBy(items, key) {
   return [...counts.entries()].sort((a, b) => b[1] - a[1]);
 }
 
-async function overview() {
-  const devices = await api("GET", "/v1/devices");
-  const conditions = new Map(countBy(devices, deviceCondition));
-  const card = (label, n) => h("div", { class: "card" }, h("span", { class: "n" }, n), label);
-  const jobCounts = new Map();
-  const jobCards = h("div", { class: "cards", id: "job-counts" });
-  const drawJobs = () =>
-    jobCards.replaceChildren(
-      ...(jobCounts.size
-        ? [...jobCounts.entries()].map(([state, n]) => card(state, n))
-        : [h("p", { class: "muted" }, "No job has changed state since this page opened.")]),
-    );
-  drawJobs();
-  onLive((e) => {
-    if (e.payload.event === "job_transition") {
-      jobCounts.set(e.payload.to, (jobCounts.get(e.payload.to) || 0) + 1);
-      drawJobs();
-    }
+/// A line chart of the minutes' completion times (p50 and p95), drawn as SVG.
+function latencyChart(minutes) {
+  const NS = "http://www.w3.org/2000/svg";
+  const svg = (tag, attrs) => {
+    const el = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+    return el;
+  };
+  const points = minutes.filter((m) => m.latency_p95_ms !== null);
+  if (points.length === 0) {
+    return h("p", { class: "muted", id: "latency-chart" }, "No job has succeeded in the last hour.");
+  }
+  const [width, height, pad] = [720, 220, 40];
+  const now = Date.now();
+  const x = (t) => pad + ((t - (now - 3_600_000)) / 3_600_000) * (width - 2 * pad);
+  const top = Math.max(...points.map((m) => m.latency_p95_ms), 1);
+  const y = (v) => height - pad - (v / top) * (height - 2 * pad);
+  const chart = svg("svg", {
+    id: "latency-chart",
+    viewBox: `0 0 ${width} ${height}`,
+    role: "img",
+    "aria-label": `Submission to completion time per minute over the last hour; highest p95 ${top} ms`,
+    class: "chart",
   });
-  show(
-    "Overview",
-    h(
-      "div",
-      { class: "cards", id: "device-counts" },
-      card("devices", devices.length),
-      ["active", "registering", "disabled", "invalidated"].map((c) =>
-        card(c, conditions.get(c) || 0),
-      ),
-    ),
-    h("h2", {}, "Job transitions since this page opened"),
-    jobCards,
-    h("h2", {}, "Devices by customer and model"),
-    table(
-      ["Customer", "Model", "Devices"],
-      countBy(devices, (d) => `${d.customer}\u0000${d.model}`).map(([k, n]) => {
-        const [customer, model] = k.split("\u0000");
-        return [customer, model, n];
-      }),
-    ),
+  chart.append(
+    svg("line", { x1: pad, y1: height - pad, x2: width - pad, y2: height - pad, class: "axis" }),
+    svg("line", { x1: pad, y1: pad, x2: pad, y2: height - pad, class: "axis" }),
   );
+  for (const [key, cls] of [["latency_p95_ms", "p95"], ["latency_p50_ms", "p50"]]) {
+    const d = points.map((m, i) => `${i ? "L" : "M"}${x(m.start + 30_000).toFixed(1)},${y(m[key]).toFixed(1)}`);
+    chart.append(svg("path", { d: d.join(" "), class: `series ${cls}` }));
+    for (const m of points) {
+      chart.append(svg("circle", { cx: x(m.start + 30_000), cy: y(m[key]), r: 3, class: `dot ${cls}` }));
+    }
+  }
+  const label = (text, attrs) => {
+    const t = svg("text", attrs);
+    t.textContent = text;
+    return t;
+  };
+  chart.append(
+    label(`${top} ms`, { x: 4, y: pad, class: "tick" }),
+    label("0", { x: 24, y: height - pad, class: "tick" }),
+    label("an hour ago", { x: pad, y: height - 12, class: "tick" }),
+    label("now", { x: width - pad - 20, y: height - 12, class: "tick" }),
+  );
+  return h("figure", {}, chart, h("figcaption", { class: "muted" },
+    "Submission to completion, per minute: p95 (dashed) and p50 (solid)"));
+}
+
+async function overview() {
+  const box = h("div", { id: "overview" });
+  const card = (label, n) => h("div", { class: "card" }, h("span", { class: "n" }, n), label);
+  const draw = async () => {
+    const fleet = await api("GET", "/v1/fleet");
+    const transitions = new Map();
+    for (const m of fleet.minutes) {
+      for (const [state, n] of Object.entries(m.transitions)) {
+        transitions.set(state, (transitions.get(state) || 0) + n);
+      }
+    }
+    box.replaceChildren(
+      h(
+        "div",
+        { class: "cards", id: "device-counts" },
+        card("devices", fleet.devices),
+        card("online", fleet.online),
+        card("offline", Math.max(0, fleet.active - fleet.online)),
+        card("on MQTT", fleet.online_mqtt),
+        card("on the data channel", fleet.online_data),
+        card("registering", fleet.registering),
+        card("disabled", fleet.disabled),
+        card("invalidated", fleet.invalidated),
+      ),
+      h("h2", {}, "Jobs in the last hour"),
+      h(
+        "div",
+        { class: "cards", id: "job-counts" },
+        transitions.size
+          ? [...transitions.entries()].map(([state, n]) => card(`→ ${state}`, n))
+          : h("p", { class: "muted" }, "No job changed state in the last hour."),
+        Object.entries(fleet.open_jobs).map(([state, n]) => card(`open, ${state}`, n)),
+      ),
+      h("h2", {}, "Submission to completion"),
+      latencyChart(fleet.minutes),
+      h("h2", {}, "Devices by customer and model"),
+      table(
+        ["Customer", "Model", "Devices"],
+        fleet.groups.map((g) => [
+          h("a", { href: `#/devices?q=${enc(g.customer)}` }, g.customer),
+          g.model,
+          g.devices,
+        ]),
+      ),
+    );
+  };
+  await draw();
+  // Redrawn at most every 2 s while events come in.
+  let pending = null;
+  onLive(() => {
+    if (pending) return;
+    pending = setTimeout(() => {
+      pending = null;
+      draw().catch(() => {});
+    }, 2000);
+  });
+  screenCleanups.push(() => clearTimeout(pending));
+  show("Overview", box);
 }
 
 const PAGE = 50;

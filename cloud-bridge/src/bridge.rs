@@ -69,6 +69,8 @@ struct Inner {
     /// The ops events as they are published, for the console's live view; `None` once the
     /// publisher stopped, which ends every stream.
     live: Mutex<Option<broadcast::Sender<Arc<str>>>>,
+    /// Presence and the last hour of job transitions, from the published events.
+    watch: crate::watch::Watch,
 }
 
 /// Live events a slow console stream may fall behind by before it is told it missed some.
@@ -106,6 +108,7 @@ impl Bridge {
                 clock,
                 departures: crate::presence::Departures::new(presence_grace_ms),
                 live: Mutex::new(Some(broadcast::channel(LIVE_BACKLOG).0)),
+                watch: crate::watch::Watch::default(),
             }),
         }
     }
@@ -496,6 +499,11 @@ impl Bridge {
             .clone()
     }
 
+    /// Presence and recent job transitions, as the console's overview shows them.
+    pub fn watch(&self) -> &crate::watch::Watch {
+        &self.inner.watch
+    }
+
     /// The ops events from now on, as they are published, each as JSON `{"topic": ...,
     /// "payload": ...}` (the MQTT topic and payload); `None` once the publisher has stopped.
     pub fn live_events(&self) -> Option<broadcast::Receiver<Arc<str>>> {
@@ -520,6 +528,7 @@ impl Bridge {
             }
             for event in queue.release(covering) {
                 self.inner.telemetry.applied(&event);
+                self.inner.watch.observe(&event);
                 self.inner.notifier.ops(&event);
                 if let Some(live) = live.as_ref().filter(|l| l.receiver_count() > 0) {
                     let line = serde_json::json!({ "topic": event.topic(), "payload": event });

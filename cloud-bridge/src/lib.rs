@@ -44,6 +44,7 @@ pub mod sessions;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;
+pub mod watch;
 
 pub use config::Config;
 pub use server::{Listeners, Running, StartError, start, start_with_clock};

@@ -15,7 +15,7 @@ use crate::api::{
     ApplicationView, ApplyForService, CancelJob, CandidatesQuery, CompanionCreated, CompanionView,
     CreateCompanion, CreateEnrollmentToken, CreateInstruction, CreateOpsLogin, CreateOwner,
     CreateService, CreateUser, CustomerView, DeviceView, DevicesQuery, EnrollmentTokenCreated,
-    Health, InstructionView, JobView, JobsQuery, MoveJob, OpsLoginCreated, OpsLoginView,
+    FleetView, Health, InstructionView, JobView, JobsQuery, MoveJob, OpsLoginCreated, OpsLoginView,
     OwnerCreated, PollNow, PollNowPlan, PutContract, PutSettings, RequestsQuery, SettingsView,
     SubmitHeldJob, SubmitJob, UpdateService, UserCreated,
 };
@@ -234,6 +234,9 @@ operation! {
     /// A token devices register with.
     CreateEnrollment: Post "/v1/enrollment-tokens", Admin, Required, 201,
         (), (), CreateEnrollmentToken => EnrollmentTokenCreated;
+    /// The fleet at a glance: devices by condition, presence, customer and model; open jobs;
+    /// the last hour of job transitions.
+    GetFleet: Get "/v1/fleet", Admin, None, 200, (), (), () => FleetView;
     /// Every device, or those matching the query, or a page of them.
     ListDevices: Get "/v1/devices", Admin, None, 200, (), DevicesQuery, () => Vec<DeviceView>;
     GetDevice: Get "/v1/devices/{id}", Admin, None, 200, DeviceId, (), () => DeviceView;

@@ -553,7 +553,7 @@ pub struct DevicesQuery {
 }
 
 /// Where a device stands, as the console sorts devices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceCondition {
     /// Registered and in use.
@@ -577,6 +577,46 @@ impl DeviceCondition {
             DeviceCondition::Active
         }
     }
+}
+
+/// `GET /v1/fleet`: the fleet at a glance.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct FleetView {
+    pub devices: u64,
+    pub active: u64,
+    pub registering: u64,
+    pub disabled: u64,
+    pub invalidated: u64,
+    /// Devices online now on MQTT, on the data channel, and on either (as this bridge has
+    /// seen them connect since it started).
+    pub online_mqtt: u64,
+    pub online_data: u64,
+    pub online: u64,
+    /// Jobs not yet finished, by state.
+    pub open_jobs: BTreeMap<String, u64>,
+    /// Devices by customer and model, the largest groups first.
+    pub groups: Vec<FleetGroup>,
+    /// The minutes of the last hour in which a job changed state, oldest first.
+    pub minutes: Vec<FleetMinute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct FleetGroup {
+    pub customer: String,
+    pub model: String,
+    pub devices: u64,
+}
+
+/// One minute of job transitions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct FleetMinute {
+    pub start: UnixMillis,
+    /// Transitions into each state.
+    pub transitions: BTreeMap<String, u64>,
+    /// Jobs that succeeded, and their submission→completion time.
+    pub succeeded: u64,
+    pub latency_p50_ms: Option<u64>,
+    pub latency_p95_ms: Option<u64>,
 }
 
 /// A page of a list in the order it was made (`order=newest`: the other way round): the items

@@ -114,7 +114,6 @@ try {
     "the overview counts devices",
   );
   await accessible(page, "overview");
-  await screenshot(page, "overview");
 
   // Find the device by its serial.
   await page.getByRole("link", { name: "Devices" }).click();
@@ -190,6 +189,12 @@ try {
   await list.getByText(held.job_id).first().waitFor(WAIT);
   await accessible(page, "events");
   await screenshot(page, "events");
+
+  // The overview again, now with a job done: its completion time is on the chart.
+  await page.getByRole("link", { name: "Overview" }).click();
+  await page.locator("svg#latency-chart").waitFor(WAIT);
+  await accessible(page, "overview with a chart");
+  await screenshot(page, "overview");
   check(problems.length === 0, problems.join("\n"));
 
   // A read-only ops login sees the job but gets no cancel, and the bridge refuses one.

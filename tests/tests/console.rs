@@ -301,6 +301,24 @@ async fn the_live_stream_carries_each_event_within_a_second_and_ends_with_the_br
     assert!(durable.elapsed() < Duration::from_secs(1));
     next_ops_event(&mut lines, &[&id, r#""to":"succeeded""#]).await;
 
+    // The overview counts what the stream carried: the device online, the job's minute.
+    let fleet = with_cookie(&ep.admin, &s, "GET", "/v1/fleet", None).await;
+    assert_eq!(fleet.status, 200, "{}", fleet.body);
+    let fleet = fleet.json();
+    assert_eq!(
+        (fleet["devices"].as_u64(), fleet["active"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(fleet["online"].as_u64() == Some(1), "{fleet}");
+    assert_eq!(fleet["groups"][0]["devices"], 1);
+    let minutes = fleet["minutes"].as_array().unwrap();
+    let succeeded: u64 = minutes.iter().filter_map(|m| m["succeeded"].as_u64()).sum();
+    assert_eq!(succeeded, 1, "{fleet}");
+    assert!(
+        minutes.iter().any(|m| m["latency_p50_ms"].is_u64()),
+        "{fleet}"
+    );
+
     // Stopping the bridge ends the stream (it does not hold the shutdown up).
     bridge.running.take().unwrap().shutdown().await;
     let mut rest = Vec::new();

@@ -71,6 +71,7 @@ operations! {
     op::GetHealth => call(status::health);
     op::GetOpenApi => call(status::openapi);
     op::GetMetrics => call(status::metrics);
+    op::GetFleet => call(status::fleet);
     op::CreateEnrollment => call(create_enrollment);
     op::ListDevices => read(|_, c, core| {
         Ok(core.find_devices(&c.query)?.iter().map(DeviceView::from).collect())

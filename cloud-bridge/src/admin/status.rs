@@ -1,10 +1,10 @@
-//! `GET /v1/health`, `GET /v1/openapi.json` and `GET /v1/metrics`.
+//! `GET /v1/health`, `GET /v1/openapi.json`, `GET /v1/metrics` and `GET /v1/fleet`.
 
 use std::sync::atomic::Ordering;
 
 use axum::http::StatusCode;
-use schemas::admin::{GetHealth, GetMetrics, GetOpenApi};
-use schemas::api::Health;
+use schemas::admin::{GetFleet, GetHealth, GetMetrics, GetOpenApi};
+use schemas::api::{DeviceCondition, FleetGroup, FleetView, Health};
 use schemas::data::ErrorCode;
 use serde::Serialize;
 
@@ -135,4 +135,42 @@ fn metrics_view(state: &AppState) -> MetricsView {
             }
         }),
     }
+}
+
+/// `GET /v1/fleet`.
+pub(super) async fn fleet(state: &AppState, _: Call<GetFleet>) -> ApiResult<FleetView> {
+    let census = state.bridge.core().census();
+    let count = |c| census.conditions.get(&c).copied().unwrap_or(0);
+    let online = state.bridge.watch().online();
+    let mut groups: Vec<FleetGroup> = census
+        .groups
+        .iter()
+        .flat_map(|(customer, models)| {
+            models.iter().map(|(model, n)| FleetGroup {
+                customer: customer.clone(),
+                model: model.clone(),
+                devices: *n,
+            })
+        })
+        .collect();
+    groups.sort_by(|a, b| {
+        (b.devices, &a.customer, &a.model).cmp(&(a.devices, &b.customer, &b.model))
+    });
+    Ok(FleetView {
+        devices: census.devices,
+        active: count(DeviceCondition::Active),
+        registering: count(DeviceCondition::Registering),
+        disabled: count(DeviceCondition::Disabled),
+        invalidated: count(DeviceCondition::Invalidated),
+        online_mqtt: online.mqtt,
+        online_data: online.data,
+        online: online.any,
+        open_jobs: census
+            .jobs
+            .iter()
+            .map(|(state, n)| (state.as_str().to_owned(), *n))
+            .collect(),
+        groups,
+        minutes: state.bridge.watch().minutes(state.bridge.now()),
+    })
 }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use schemas::api::DeviceCondition;
 use schemas::job::JobState;
 
 use super::Core;
@@ -17,6 +18,10 @@ pub struct Census {
     pub devices_behind: u64,
     /// Jobs in memory (every job not yet finished) by state.
     pub jobs: HashMap<JobState, u64>,
+    /// Devices by condition.
+    pub conditions: HashMap<DeviceCondition, u64>,
+    /// Devices by customer, then model.
+    pub groups: HashMap<String, HashMap<String, u64>>,
 }
 
 impl Core {
@@ -26,6 +31,20 @@ impl Core {
             for device in shard.devices.values() {
                 census.devices += 1;
                 census.devices_disabled += u64::from(device.disabled);
+                *census
+                    .conditions
+                    .entry(DeviceCondition::of(device))
+                    .or_default() += 1;
+                let models = match census.groups.get_mut(&device.customer) {
+                    Some(models) => models,
+                    None => census.groups.entry(device.customer.clone()).or_default(),
+                };
+                match models.get_mut(&device.model) {
+                    Some(n) => *n += 1,
+                    None => {
+                        models.insert(device.model.clone(), 1);
+                    }
+                }
                 let behind = device.newest.0.saturating_sub(device.acked.0);
                 census.feed_backlog += behind;
                 census.devices_behind += u64::from(behind > 0);
