@@ -4,6 +4,7 @@
 #   bench/run.sh scale | throughput | poll | brokers | memory | faults | all   (summary: rewrite latest.md)
 #   bench/run.sh soak   (not part of `all`: 11 minutes, or SOAK_MINUTES=60 for the long one)
 #   bench/run.sh storm  (8,000 devices, the bridge killed and restarted under them)
+#   bench/run.sh console  (the console's requests timed at 10,000 registered devices)
 #
 # Each scenario starts its own release-built cloud bridge (and Mosquitto where needed) on free
 # loopback ports, drives it with `device-sim fleet` in a separate process, and writes one report
@@ -383,7 +384,22 @@ summary() {
     echo "summary: $file" >&2
 }
 
+scenario_console() {
+    echo "== console: what its screens ask of the bridge, at 10,000 registered devices" >&2
+    local n
+    n=$(q 10000 300)
+    MQTT_CAP=$((n > 9500 ? n + 500 : 10000)) start_bridge console
+    # The fleet registers, runs a few jobs and leaves: its devices stay registered, offline.
+    fleet console "register-$n" --devices "$n" --rate "$(q 20 5)" --duration 5s \
+        --processes $(((n + 7999) / 8000))
+    mkdir -p "$OUT/console"
+    python3 bench/console.py "http://127.0.0.1:$ADMIN_PORT" "$DIR/data/admin-token" "$OUT/console" \
+        || FAILED+=("console/answers")
+    stop_bridge
+}
+
 case "${1:-all}" in
+    console) scenario_console ;;
     scale) scenario_scale ;;
     throughput) scenario_throughput ;;
     poll) scenario_poll ;;
@@ -404,7 +420,7 @@ case "${1:-all}" in
         summary
         ;;
     *)
-        echo "usage: bench/run.sh scale|throughput|poll|brokers|memory|faults|soak|storm|all|summary" >&2
+        echo "usage: bench/run.sh scale|throughput|poll|brokers|memory|faults|soak|storm|console|all|summary" >&2
         exit 2
         ;;
 esac
