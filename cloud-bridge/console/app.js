@@ -238,10 +238,14 @@ function deviceCondition(d) {
   return "active";
 }
 
-function countBy(items, key) {
-  const counts = new Map();
-  for (const item of items) counts.set(key(item), (counts.get(key(item)) || 0) + 1);
-  return [...counts.entries()].sort((a, b) => b[1] - a[1]);
+/// Where the device is connected now, or since when and how it is not.
+function presence(d) {
+  const p = d.presence;
+  if (!p) return "—";
+  const on = [p.mqtt ? "MQTT" : null, p.data ? "data channel" : null].filter(Boolean);
+  if (on.length) return `online (${on.join(", ")})`;
+  if (p.left_at) return `offline since ${time(p.left_at)} (${p.left === "mqtt" ? "MQTT" : "data channel"} closed)`;
+  return "not seen since the bridge started";
 }
 
 /// A line chart of the minutes' completion times (p50 and p95), drawn as SVG.
@@ -383,13 +387,14 @@ async function deviceList() {
     const shown = page.slice(0, PAGE);
     results.replaceChildren(
       table(
-        ["Device", "Serial", "Model", "Customer", "Condition", "Last status"],
+        ["Device", "Serial", "Model", "Customer", "Condition", "Connection", "Last status"],
         shown.map((d) => [
           h("a", { href: `#/devices/${enc(d.device_id)}` }, d.device_id),
           d.serial,
           d.model,
           d.customer,
           deviceCondition(d),
+          presence(d),
           d.last_status_at ? time(d.last_status_at) : "—",
         ]),
         `Page ${cursors.length}: ${shown.length} devices${more ? ", more after" : ""}`,
@@ -503,6 +508,7 @@ async function devicePage(id) {
       ["Registered", time(device.registered_at)],
       ["Registration completed", time(device.registration_completed_at)],
       ["Condition", deviceCondition(device)],
+      ["Connection", presence(device)],
       ["Owner", device.owner_id || "—"],
       ["Owner check", device.owner_check ? JSON.stringify(device.owner_check) : "—"],
       ["Invalidated", device.invalidated ? device.invalidated.reason : "—"],

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
-use schemas::api::FleetMinute;
+use schemas::api::{FleetMinute, PresenceView};
 use schemas::ops::{Channel, OpsEvent};
 use schemas::{DeviceId, UnixMillis};
 
@@ -22,16 +22,10 @@ pub struct Watch {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Devices online on at least one channel.
-    online: HashMap<DeviceId, Online>,
+    /// Every device seen connecting since the bridge started.
+    presence: HashMap<DeviceId, PresenceView>,
     /// The newest minutes, oldest first.
     minutes: VecDeque<Minute>,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct Online {
-    mqtt: bool,
-    data: bool,
 }
 
 #[derive(Debug)]
@@ -61,13 +55,17 @@ impl Watch {
         match event {
             OpsEvent::DeviceOnline {
                 device_id, channel, ..
-            } => state.set(device_id, *channel, true),
+            } => state.set(device_id, *channel, true, None),
             OpsEvent::DeviceOffline {
-                device_id, channel, ..
-            } => state.set(device_id, *channel, false),
-            OpsEvent::DeviceDisabled { device_id, .. }
-            | OpsEvent::DeviceInvalidated { device_id, .. } => {
-                state.online.remove(device_id);
+                device_id,
+                channel,
+                at,
+            } => state.set(device_id, *channel, false, Some(*at)),
+            OpsEvent::DeviceDisabled { device_id, at }
+            | OpsEvent::DeviceInvalidated { device_id, at, .. } => {
+                // Its connections are closed: offline on both.
+                state.set(device_id, Channel::Mqtt, false, Some(*at));
+                state.set(device_id, Channel::Data, false, Some(*at));
             }
             OpsEvent::JobTransition {
                 to,
@@ -96,20 +94,17 @@ impl Watch {
     pub fn online(&self) -> OnlineCounts {
         let state = self.lock();
         let mut counts = OnlineCounts::default();
-        for o in state.online.values() {
-            counts.mqtt += u64::from(o.mqtt);
-            counts.data += u64::from(o.data);
-            counts.any += 1;
+        for p in state.presence.values() {
+            counts.mqtt += u64::from(p.mqtt);
+            counts.data += u64::from(p.data);
+            counts.any += u64::from(p.mqtt || p.data);
         }
         counts
     }
 
-    /// Whether the device is online now: (MQTT, data channel).
-    pub fn device(&self, id: &DeviceId) -> (bool, bool) {
-        self.lock()
-            .online
-            .get(id)
-            .map_or((false, false), |o| (o.mqtt, o.data))
+    /// The device's connections now (all `false` for one not seen since the bridge started).
+    pub fn presence(&self, id: &DeviceId) -> PresenceView {
+        self.lock().presence.get(id).copied().unwrap_or_default()
     }
 
     /// The minutes of the last hour up to `now` in which a job changed state, oldest first.
@@ -136,14 +131,15 @@ impl Watch {
 }
 
 impl State {
-    fn set(&mut self, device: &DeviceId, channel: Channel, up: bool) {
-        let online = self.online.entry(device.clone()).or_default();
-        match channel {
-            Channel::Mqtt => online.mqtt = up,
-            Channel::Data => online.data = up,
-        }
-        if !online.mqtt && !online.data {
-            self.online.remove(device);
+    fn set(&mut self, device: &DeviceId, channel: Channel, up: bool, left_at: Option<UnixMillis>) {
+        let presence = self.presence.entry(device.clone()).or_default();
+        let was = match channel {
+            Channel::Mqtt => std::mem::replace(&mut presence.mqtt, up),
+            Channel::Data => std::mem::replace(&mut presence.data, up),
+        };
+        if was && !up {
+            presence.left_at = left_at;
+            presence.left = Some(channel);
         }
     }
 
@@ -198,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn presence_counts_each_device_once_and_forgets_it_when_it_is_gone_everywhere() {
+    fn presence_counts_each_device_once_and_remembers_when_and_how_it_left() {
         let watch = Watch::default();
         let (a, b) = (DeviceId::from_random([1; 8]), DeviceId::from_random([2; 8]));
         let at = UnixMillis(1);
@@ -221,15 +217,27 @@ mod tests {
         watch.observe(&OpsEvent::DeviceOffline {
             device_id: a.clone(),
             channel: Channel::Mqtt,
-            at,
+            at: UnixMillis(7),
         });
-        assert_eq!(watch.device(&a), (false, true));
+        let left = PresenceView {
+            mqtt: false,
+            data: true,
+            left_at: Some(UnixMillis(7)),
+            left: Some(Channel::Mqtt),
+        };
+        assert_eq!(watch.presence(&a), left);
         watch.observe(&OpsEvent::DeviceDisabled {
             device_id: b.clone(),
-            at,
+            at: UnixMillis(8),
         });
         assert_eq!(watch.online().any, 1);
-        assert_eq!(watch.device(&b), (false, false));
+        let b_now = watch.presence(&b);
+        assert_eq!(
+            (b_now.mqtt, b_now.data, b_now.left_at),
+            (false, false, Some(UnixMillis(8)))
+        );
+        let never = watch.presence(&DeviceId::from_random([3; 8]));
+        assert_eq!(never, PresenceView::default());
     }
 
     #[test]

@@ -77,6 +77,22 @@ pub struct DeviceView {
     pub services: Vec<ServiceUse>,
     /// The newest page counters accepted.
     pub counters: Option<CountersRecord>,
+    /// Its connections now, as this bridge has seen them since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceView>,
+}
+
+/// A device's connections as one bridge has seen them since it started.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub struct PresenceView {
+    pub mqtt: bool,
+    pub data: bool,
+    /// When it last went offline on a channel (MQTT: once the grace period ran out), and
+    /// which; `None`: not since the bridge started.
+    pub left_at: Option<UnixMillis>,
+    pub left: Option<crate::ops::Channel>,
 }
 
 impl From<&DeviceRecord> for DeviceView {
@@ -103,6 +119,7 @@ impl From<&DeviceRecord> for DeviceView {
             invalidated: d.invalidated.clone(),
             services: d.services.clone(),
             counters: d.counters.clone(),
+            presence: None,
         }
     }
 }

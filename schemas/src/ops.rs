@@ -8,7 +8,7 @@ use crate::job::JobState;
 use crate::outbox::RequestNo;
 use crate::{ApplicationId, DeviceId, JobId, UnixMillis, topics};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Channel {
     Mqtt,

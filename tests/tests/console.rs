@@ -318,6 +318,10 @@ async fn the_live_stream_carries_each_event_within_a_second_and_ends_with_the_br
         minutes.iter().any(|m| m["latency_p50_ms"].is_u64()),
         "{fleet}"
     );
+    let path = format!("/v1/devices/{}", device.id);
+    let view = with_cookie(&ep.admin, &s, "GET", &path, None).await.json();
+    assert_eq!(view["presence"]["mqtt"], true, "{view}");
+    assert!(view["presence"]["left_at"].is_null(), "{view}");
 
     // Stopping the bridge ends the stream (it does not hold the shutdown up).
     bridge.running.take().unwrap().shutdown().await;

@@ -73,10 +73,10 @@ operations! {
     op::GetMetrics => call(status::metrics);
     op::GetFleet => call(status::fleet);
     op::CreateEnrollment => call(create_enrollment);
-    op::ListDevices => read(|_, c, core| {
-        Ok(core.find_devices(&c.query)?.iter().map(DeviceView::from).collect())
+    op::ListDevices => read(|s, c, core| {
+        Ok(core.find_devices(&c.query)?.iter().map(|d| view(s, d)).collect())
     });
-    op::GetDevice => read(|_, c, core| Ok(DeviceView::from(&core.device(&c.params)?)));
+    op::GetDevice => read(|s, c, core| Ok(view(s, &core.device(&c.params)?)));
     op::DisableDevice => call(disable_device);
     op::ListDeviceRequests => read(|_, c, core| core.device_requests(&c.params, &c.query));
     op::QueryConsent => change(|s, c, core| core.query_consent(&c.params, now(s)));
@@ -91,10 +91,12 @@ operations! {
     op::GetService => read(|_, c, core| core.service(&c.params));
     op::UpdateServiceOp => change(|_, c, core| core.update_service(&c.params, c.body));
     op::ListCustomers => read(|_, _, core| Ok(core.customers()));
-    op::CustomerDevices => read(|_, c, core| Ok(sorted_views(core.customer_devices(&c.params))));
-    op::Candidates => read(|_, c, core| {
+    op::CustomerDevices => read(|s, c, core| {
+        Ok(sorted_views(s, core.customer_devices(&c.params)))
+    });
+    op::Candidates => read(|s, c, core| {
         let list = core.candidates(&c.params, &c.query.service)?;
-        Ok(list.iter().map(DeviceView::from).collect())
+        Ok(list.iter().map(|d| view(s, d)).collect())
     });
     op::ApplyForServiceOp => call(apply_for_service);
     op::GetApplication => read(|s, c, core| core.application(&c.params, now(s)));
@@ -196,7 +198,7 @@ async fn disable_device(s: &AppState, c: Call<op::DisableDevice>) -> Result<Devi
         .await?;
     // Wake its long-polls so they notice.
     b.wake_long_polls(&c.params);
-    Ok(DeviceView::from(&device))
+    Ok(view(s, &device))
 }
 
 async fn set_settings(s: &AppState, c: Call<op::PutSettingsOp>) -> Result<SettingsView> {
@@ -263,9 +265,17 @@ fn capabilities(
         })
 }
 
+/// A device as the API shows it, with its connections as this bridge sees them.
+fn view(s: &AppState, d: &DeviceRecord) -> DeviceView {
+    DeviceView {
+        presence: Some(s.bridge.watch().presence(&d.device_id)),
+        ..DeviceView::from(d)
+    }
+}
+
 /// Devices as the API shows them, oldest registration first.
-fn sorted_views(devices: Vec<DeviceRecord>) -> Vec<DeviceView> {
-    let mut list: Vec<DeviceView> = devices.iter().map(DeviceView::from).collect();
+fn sorted_views(s: &AppState, devices: Vec<DeviceRecord>) -> Vec<DeviceView> {
+    let mut list: Vec<DeviceView> = devices.iter().map(|d| view(s, d)).collect();
     list.sort_by_key(|d| d.registered_at);
     list
 }
