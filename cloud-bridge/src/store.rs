@@ -98,33 +98,32 @@ fn engine(e: sled::Error) -> StoreError {
     StoreError::Engine(e.to_string())
 }
 
+/// The first `limit` pairs sled's iterator gives, copied out.
+fn sled_pairs(
+    pairs: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    limit: usize,
+) -> Result<Pairs, StoreError> {
+    pairs
+        .take(limit)
+        .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
+        .collect()
+}
+
 impl Store for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get(key).map_err(engine)?.map(|v| v.to_vec()))
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Pairs, StoreError> {
-        self.db
-            .scan_prefix(prefix)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
-            .collect()
+        sled_pairs(self.db.scan_prefix(prefix), usize::MAX)
     }
 
     fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
-        self.db
-            .range(start..end)
-            .take(limit)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
-            .collect()
+        sled_pairs(self.db.range(start..end), limit)
     }
 
     fn range_back(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
-        self.db
-            .range(start..end)
-            .rev()
-            .take(limit)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
-            .collect()
+        sled_pairs(self.db.range(start..end).rev(), limit)
     }
 
     fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -162,6 +161,14 @@ impl MemStore {
     }
 }
 
+/// The first `limit` pairs of a map's iterator, copied out.
+fn copied<'a>(pairs: impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)>, limit: usize) -> Pairs {
+    pairs
+        .take(limit)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 impl Store for MemStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.lock().get(key).cloned())
@@ -177,22 +184,13 @@ impl Store for MemStore {
     }
 
     fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
-        Ok(self
-            .lock()
-            .range(start.to_vec()..end.to_vec())
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        let map = self.lock();
+        Ok(copied(map.range(start.to_vec()..end.to_vec()), limit))
     }
 
     fn range_back(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, StoreError> {
-        Ok(self
-            .lock()
-            .range(start.to_vec()..end.to_vec())
-            .rev()
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        let map = self.lock();
+        Ok(copied(map.range(start.to_vec()..end.to_vec()).rev(), limit))
     }
 
     fn last_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {

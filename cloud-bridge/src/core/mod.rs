@@ -492,6 +492,30 @@ impl Core {
         tx.commit_answer(record)
     }
 
+    /// A page of the device's stored records of `kind`, keyed from `first` to the end of the
+    /// device's range: in `page`'s order, after the key `after` (itself left out) when given.
+    pub(crate) fn device_page<A>(
+        &self,
+        kind: keys::Kind,
+        device: &DeviceId,
+        first: Vec<u8>,
+        after: Option<Vec<u8>>,
+        page: &schemas::api::PageQuery<A>,
+    ) -> CoreResult<crate::store::Pairs> {
+        use schemas::api::Order;
+        let end = keys::device_range_end(kind, device);
+        let (store, limit) = (self.committer.store(), page.page_size());
+        Ok(match (page.order, after) {
+            (Order::Oldest, None) => store.range(&first, &end, limit)?,
+            (Order::Oldest, Some(mut after)) => {
+                after.push(0); // the least key above `after`'s own
+                store.range(&after, &end, limit)?
+            }
+            (Order::Newest, None) => store.range_back(&first, &end, limit)?,
+            (Order::Newest, Some(after)) => store.range_back(&first, &after, limit)?,
+        })
+    }
+
     /// A ticket covering everything applied so far (for reads).
     pub fn read_ticket(&self) -> Ticket {
         self.committer.current()

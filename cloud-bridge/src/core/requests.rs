@@ -4,7 +4,7 @@
 //! Deduplication needs one number per device: requests are numbered by the device and
 //! delivered in order, so anything at or below the highest number accepted is a resend.
 
-use schemas::api::{Order, RequestsQuery};
+use schemas::api::RequestsQuery;
 use schemas::data::{DeviceStatus, ErrorBody, ErrorCode, Refusal};
 use schemas::feed::FeedBody;
 use schemas::ops::OpsEvent;
@@ -14,7 +14,7 @@ use schemas::records::{
 };
 use schemas::{DeviceId, UnixMillis};
 
-use super::keys::{Kind, device_range_end, request_key};
+use super::keys::{Kind, request_key};
 use super::tx::{Access, Tx};
 use super::{Core, CoreError, CoreResult, Effects, decode, encode};
 use crate::store::Ticket;
@@ -255,19 +255,9 @@ impl Core {
         page: &RequestsQuery,
     ) -> CoreResult<Vec<DeviceRequestRecord>> {
         self.device(device_id)?;
-        let end = device_range_end(Kind::DeviceRequest, device_id);
-        let (store, limit) = (self.committer.store(), page.page_size());
-        let pairs = match (page.order, page.after.map(RequestNo)) {
-            (Order::Oldest, after) => {
-                let start = request_key(device_id, after.unwrap_or(RequestNo::ZERO).next());
-                store.range(&start, &end, limit)?
-            }
-            (Order::Newest, after) => {
-                let first = request_key(device_id, RequestNo::ZERO);
-                let before = after.map_or(end, |no| request_key(device_id, no));
-                store.range_back(&first, &before, limit)?
-            }
-        };
+        let first = request_key(device_id, RequestNo::ZERO);
+        let after = page.after.map(|no| request_key(device_id, RequestNo(no)));
+        let pairs = self.device_page(Kind::DeviceRequest, device_id, first, after, page)?;
         Ok(pairs
             .into_iter()
             .map(|(k, v)| decode::<DeviceRequestRecord>(&k, &v))
@@ -291,6 +281,7 @@ impl Core {
 mod tests {
     use std::collections::BTreeMap;
 
+    use schemas::api::Order;
     use schemas::data::{DeviceState, DeviceStatus};
 
     use super::*;

@@ -5,14 +5,14 @@
 //! `in_progress`, and ends `succeeded`, `failed`, `rejected`, `canceled` or `expired`. A lease
 //! that runs out puts the job back in the queue for another attempt, up to its limit.
 
-use schemas::api::{JobsQuery, Order};
+use schemas::api::JobsQuery;
 use schemas::data::{ErrorCode, JobOffer};
 use schemas::feed::FeedBody;
 use schemas::job::{JobState, JobUpdate, Transition};
 use schemas::records::JobRecord;
 use schemas::{DeviceId, JobId, UnixMillis};
 
-use super::keys::{Kind, device_job_key, device_range_end, job_of_key};
+use super::keys::{Kind, device_job_key, job_of_key};
 use super::tx::{Access, Tx};
 use super::{
     Core, CoreError, CoreResult, Effects, NewJob, Principal, check_print, transition_event,
@@ -228,18 +228,8 @@ impl Core {
     ) -> CoreResult<Vec<JobRecord>> {
         self.device(device_id)?;
         let first = device_job_key(device_id, &JobId::from_random([0; 8]));
-        let end = device_range_end(Kind::DeviceJob, device_id);
         let after = page.after.as_ref().map(|id| device_job_key(device_id, id));
-        let (store, limit) = (self.committer.store(), page.page_size());
-        let keys = match (page.order, after) {
-            (Order::Oldest, None) => store.range(&first, &end, limit)?,
-            (Order::Oldest, Some(mut after)) => {
-                after.push(0); // the key right after `after`'s own
-                store.range(&after, &end, limit)?
-            }
-            (Order::Newest, None) => store.range_back(&first, &end, limit)?,
-            (Order::Newest, Some(after)) => store.range_back(&first, &after, limit)?,
-        };
+        let keys = self.device_page(Kind::DeviceJob, device_id, first, after, page)?;
         let mut jobs = Vec::new();
         for (k, _) in keys {
             let Some(id) = job_of_key(&k) else { continue };

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use schemas::FeedSeq;
+use schemas::api::Order;
 use schemas::feed::FeedBody;
 
 use super::*;
