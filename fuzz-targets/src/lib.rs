@@ -258,7 +258,8 @@ pub fn admin_request(data: &[u8]) {
 
 fn admin_request_in(w: &World, route: u8, body: &[u8]) {
     let device = w.device.as_str();
-    let (method, path) = match route % 16 {
+    let query = || String::from_utf8_lossy(&body[..body.len().min(64)]).into_owned();
+    let (method, path) = match route % 20 {
         0 => ("POST", format!("/v1/devices/{device}/jobs")),
         1 => ("POST", "/v1/enrollment-tokens".to_owned()),
         2 => ("PUT", format!("/v1/devices/{device}/settings")),
@@ -277,23 +278,34 @@ fn admin_request_in(w: &World, route: u8, body: &[u8]) {
             "POST",
             "/v1/users/usr-0000000000000000/held-jobs".to_owned(),
         ),
-        _ => (
-            "GET",
-            format!(
-                "/v1/devices/{device}/requests?{}",
-                String::from_utf8_lossy(&body[..body.len().min(64)])
-            ),
-        ),
+        15 => ("GET", format!("/v1/devices/{device}/requests?{}", query())),
+        // The console's sign-in, and its cookie (both without the admin token).
+        16 => ("POST", "/console/session".to_owned()),
+        17 => ("GET", format!("/v1/devices?{}", query())),
+        18 => ("GET", format!("/v1/devices/{device}/jobs?{}", query())),
+        _ => ("GET", "/v1/devices".to_owned()),
     };
-    let request = axum::http::Request::builder()
+    let mut request = axum::http::Request::builder()
         .method(method)
         .uri(path.replace([' ', '#', '\n', '\r'], ""))
-        .header(
-            "authorization",
-            format!("Bearer {}", w.admin_token.expose()),
-        )
-        .header("content-type", "application/json")
-        .body(axum::body::Body::from(body.to_vec()));
+        .header("content-type", "application/json");
+    match route % 20 {
+        16 => {}
+        19 => {
+            let cookie: String = String::from_utf8_lossy(body)
+                .chars()
+                .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                .collect();
+            request = request.header("cookie", cookie);
+        }
+        _ => {
+            request = request.header(
+                "authorization",
+                format!("Bearer {}", w.admin_token.expose()),
+            );
+        }
+    }
+    let request = request.body(axum::body::Body::from(body.to_vec()));
     let Ok(request) = request else {
         return;
     };
@@ -538,7 +550,12 @@ fn seeds_in(w: &World) -> Vec<(&'static str, Vec<u8>)> {
         ),
         (8, r#"{"name":"Ana","pin":"2468"}"#),
         (10, r#"{"name":"grafana"}"#),
-        (15, "after=0&limit=10"),
+        (15, "after=0&limit=10&order=newest"),
+        (16, r#"{"token":"not-the-token"}"#),
+        (16, r#"{"ops_id":"ops-00000000000000a1","password":"pw"}"#),
+        (17, "q=SN&condition=active&limit=10"),
+        (18, "order=newest&limit=5"),
+        (19, "bridge_console=00; other=1"),
     ] {
         let mut seed = vec![route];
         seed.extend_from_slice(body.as_bytes());
