@@ -30,7 +30,8 @@ function h(tag, attrs = {}, ...children) {
 
 function show(title, ...content) {
   document.title = `${title} · Fleet console`;
-  main.replaceChildren(h("h1", {}, title), ...content);
+  actionStatus.textContent = "";
+  main.replaceChildren(h("h1", {}, title), actionStatus, ...content);
   main.focus();
 }
 
@@ -59,6 +60,23 @@ function facts(pairs) {
 
 function errorLine(e) {
   return h("p", { class: "error", role: "alert" }, e.message || String(e));
+}
+
+const actionStatus = h("p", { id: "action-status", role: "status", class: "muted" });
+
+/// Carries out a change once the operator confirmed it, and says how it went.
+async function act(question, change) {
+  if (!confirm(question)) return null;
+  try {
+    const answer = await change();
+    actionStatus.className = "muted";
+    actionStatus.textContent = `Done: ${question.replace(/\?$/, "")}.`;
+    return answer;
+  } catch (e) {
+    actionStatus.className = "error";
+    actionStatus.textContent = `Refused: ${e.message}`;
+    return null;
+  }
 }
 
 // --- the API -----------------------------------------------------------------------------
@@ -490,12 +508,32 @@ async function devicePage(id) {
   const actions = h("div", { class: "toolbar" });
   if (session.role === "admin" && !device.disabled) {
     actions.append(
-      h("button", { type: "button", class: "danger", id: "disable", onclick: async () => {
-        if (!confirm(`Disable ${id}? It is refused everywhere from now on.`)) return;
-        await api("POST", `${path}/disable`);
-        route();
-      } }, "Disable device"),
+      h("button", { type: "button", class: "secondary", id: "poll-now", onclick: () =>
+        act(`Make ${id} poll now?`, () =>
+          api("POST", `/v1/customers/${enc(device.customer)}/poll-now`, { devices: [id] })),
+      }, "Poll now"),
+      h("button", { type: "button", class: "danger", id: "disable", onclick: () =>
+        act(`Disable ${id}? It is refused everywhere from now on.`, () =>
+          api("POST", `${path}/disable`)).then((done) => done && route()),
+      }, "Disable device"),
     );
+    const name = h("input", { id: "instruction-name", name: "name", autocomplete: "off" });
+    const params = h("input", { id: "instruction-params", name: "params", autocomplete: "off",
+      placeholder: "key=value, key=value" });
+    const form = h("form", { class: "toolbar", id: "instruction" },
+      h("label", { for: "instruction-name" }, "Instruction", name),
+      h("label", { for: "instruction-params" }, "Parameters", params),
+      h("button", { type: "submit", class: "secondary" }, "Send instruction"));
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      const body = { name: name.value.trim(), params: {} };
+      for (const pair of params.value.split(",")) {
+        const [k, ...v] = pair.split("=");
+        if (k.trim()) body.params[k.trim()] = v.join("=").trim();
+      }
+      act(`Send "${body.name}" to ${id}?`, () => api("POST", `${path}/instructions`, body));
+    });
+    actions.append(form);
   }
   show(
     `Device ${device.serial}`,
@@ -553,12 +591,23 @@ async function jobPage(id) {
     const open = ["queued", "delivered", "in_progress"].includes(job.state);
     if (session.role === "admin" && open) {
       actions.append(
-        h("button", { type: "button", class: "danger", id: "cancel", onclick: async () => {
-          if (!confirm(`Cancel job ${id}?`)) return;
-          await api("POST", `${path}/cancel`, { reason: "canceled from the console" });
-          draw();
-        } }, "Cancel job"),
+        h("button", { type: "button", class: "danger", id: "cancel", onclick: () =>
+          act(`Cancel job ${id}?`, () =>
+            api("POST", `${path}/cancel`, { reason: "canceled from the console" })).then(draw),
+        }, "Cancel job"),
       );
+    }
+    if (session.role === "admin" && job.state === "queued") {
+      const to = h("input", { id: "move-to", name: "to", autocomplete: "off" });
+      const form = h("form", { class: "toolbar", id: "move" },
+        h("label", { for: "move-to" }, "Move to device", to),
+        h("button", { type: "submit", class: "secondary" }, "Move job"));
+      form.addEventListener("submit", (e) => {
+        e.preventDefault();
+        act(`Move job ${id} to ${to.value.trim()}?`, () =>
+          api("POST", `${path}/move`, { to: to.value.trim() })).then(draw);
+      });
+      actions.append(form);
     }
     box.replaceChildren(
       actions,

@@ -175,6 +175,30 @@ try {
   const canceled = await admin("GET", `/v1/jobs/${queued.job_id}`);
   check(canceled.state === "canceled", `the bridge says ${canceled.state}`);
 
+  // Move a queued job to the device that prints: it is done there.
+  const stuck = await submit(idleDevice, "to be moved");
+  await page.goto(`${url}#/jobs/${stuck.job_id}`);
+  await page.getByLabel("Move to device").fill(liveDevice);
+  await page.getByRole("button", { name: "Move job" }).click();
+  await page.getByRole("link", { name: liveDevice }).waitFor(WAIT);
+  await page.waitForFunction(
+    () => document.getElementById("job-state")?.textContent === "succeeded",
+    null,
+    WAIT,
+  );
+
+  // An instruction and a poll-now for the offline device, from its page.
+  await page.goto(`${url}#/devices/${idleDevice}`);
+  await page.getByLabel("Instruction").fill("reboot");
+  await page.getByLabel("Parameters").fill("at=now");
+  await page.getByRole("button", { name: "Send instruction" }).click();
+  await page.getByText(`Done: Send "reboot" to ${idleDevice}.`).waitFor(WAIT);
+  const box = await admin("GET", `/v1/devices/${idleDevice}/instructions`);
+  check(box.some((i) => i.body?.name === "reboot" || JSON.stringify(i).includes("reboot")),
+    `the mailbox holds ${JSON.stringify(box)}`);
+  await page.getByRole("button", { name: "Poll now" }).click();
+  await page.getByText(`Done: Make ${idleDevice} poll now.`).waitFor(WAIT);
+
   // Live events arrive; while paused they are held, not lost.
   await page.getByRole("link", { name: "Live events" }).click();
   await page.getByRole("heading", { name: "Live events" }).waitFor(WAIT);

@@ -232,31 +232,39 @@ impl Core {
             q.as_deref()
                 .is_none_or(|q| field.to_lowercase().contains(q))
         };
-        let mut list = self.devices_where(|d| {
+        let matches = |d: &DeviceRecord| {
             query.condition.is_none_or(|c| c == DeviceCondition::of(d))
                 && [d.device_id.as_str(), &d.serial, &d.model, &d.customer]
                     .into_iter()
                     .any(holds)
-        });
-        let order = |d: &DeviceRecord| (d.registered_at, d.device_id.clone());
-        list.sort_by_key(order);
+        };
         let Some(limit) = query.limit else {
+            let mut list = self.devices_where(matches);
+            list.sort_by_key(|d| (d.registered_at, d.device_id.clone()));
             return Ok(list);
         };
+        // Only the keys are gathered and sorted; only the page's records are copied.
+        let mut keys: Vec<(UnixMillis, DeviceId)> = Vec::new();
+        self.each_shard(|s| {
+            let matching = s.devices.values().filter(|d| matches(d));
+            keys.extend(matching.map(|d| (d.registered_at, d.device_id.clone())));
+        });
+        keys.sort_unstable();
         let start = match &query.after {
             None => 0,
             Some(after) => {
                 // A cursor names a device the bridge has: none is ever deleted.
-                let last = order(&self.device(after).map_err(|_| {
+                let last = self.device(after).map_err(|_| {
                     CoreError::new(ErrorCode::BadRequest, format!("`after`: no device {after}"))
-                })?);
-                list.partition_point(|d| order(d) <= last)
+                })?;
+                let last = (last.registered_at, last.device_id);
+                keys.partition_point(|k| *k <= last)
             }
         };
-        Ok(list
-            .into_iter()
-            .skip(start)
-            .take(limit.clamp(1, 1000))
+        let page = keys.iter().skip(start).take(limit.clamp(1, 1000));
+        // A device changed since its key was read is shown as it is now, if it still matches.
+        Ok(page
+            .filter_map(|(_, id)| self.device(id).ok().filter(|d| matches(d)))
             .collect())
     }
 
