@@ -225,6 +225,8 @@ const routes = [
   [/^devices\/([^/]+)$/, devicePage],
   [/^jobs\/([^/]+)$/, jobPage],
   [/^events$/, eventsPage],
+  [/^applications$/, applicationsPage],
+  [/^held$/, heldPage],
 ];
 
 function route() {
@@ -636,6 +638,76 @@ async function jobPage(id) {
     if (e.payload.job_id === id) draw();
   });
   show(`Job ${id}`, box);
+}
+
+async function applicationsPage() {
+  const box = h("div", { id: "applications" });
+  const draw = async () => {
+    const apps = await api("GET", "/v1/applications");
+    box.replaceChildren(
+      ...(apps.length ? [] : [h("p", { class: "muted" }, "No application yet.")]),
+      ...apps.flatMap((a) => [
+        h("h2", {}, `${a.service_id} for ${a.customer}`),
+        facts([
+          ["Application", a.application_id],
+          ["Made", time(a.created_at)],
+          ["Codes expire", time(a.expires_at)],
+          ["Progress", `${a.registered} registered, ${a.failed} failed, ${a.pending} pending${a.settled ? " (settled)" : ""}`],
+        ]),
+        table(
+          ["Device", "Model", "Where it stands", "Instruction taken", "Refused attempts"],
+          a.devices.map((d) => [
+            h("a", { href: `#/devices/${enc(d.device_id)}` }, d.device_id),
+            d.model,
+            d.state === "registered"
+              ? `registered at ${time(d.at)}`
+              : d.state === "failed"
+                ? `failed: ${d.reason}`
+                : d.state,
+            time(d.taken_at),
+            (d.refusals || []).length,
+          ]),
+        ),
+      ]),
+    );
+  };
+  await draw();
+  onLive((e) => {
+    if (e.payload.application_id) draw().catch(() => {});
+  });
+  show("Applications", box);
+}
+
+function heldState(s) {
+  if (s.state === "released") return `released to ${s.device_id} at ${time(s.at)}`;
+  if (s.state === "expired") return `expired at ${time(s.at)}`;
+  return "held";
+}
+
+async function heldPage() {
+  const users = await api("GET", "/v1/users");
+  const box = h("div", { id: "held" });
+  if (users.length === 0) box.append(h("p", { class: "muted" }, "No user of held printing yet."));
+  for (const u of users) {
+    const jobs = await api("GET", `/v1/users/${enc(u.user_id)}/held-jobs`);
+    box.append(
+      h("h2", {}, `${u.name} (${u.user_id})`),
+      table(
+        ["Job", "Title", "Submitted", "Expires", "Where it stands"],
+        jobs.map((j) => [
+          j.state.state === "released"
+            ? h("a", { href: `#/jobs/${enc(j.job_id)}` }, j.job_id)
+            : j.job_id,
+          j.title,
+          time(j.created_at),
+          time(j.expires_at),
+          heldState(j.state),
+        ]),
+        jobs.length ? null : "Nothing held",
+      ),
+    );
+  }
+  show("Held print jobs", box);
 }
 
 const MAX_SHOWN = 500;

@@ -17,7 +17,7 @@ use crate::api::{
     CreateService, CreateUser, CustomerView, DeviceView, DevicesQuery, EnrollmentTokenCreated,
     FleetView, Health, InstructionView, JobView, JobsQuery, MoveJob, OpsLoginCreated, OpsLoginView,
     OwnerCreated, PollNow, PollNowPlan, PutContract, PutSettings, RequestsQuery, SettingsView,
-    SubmitHeldJob, SubmitJob, UpdateService, UserCreated,
+    SubmitHeldJob, SubmitJob, UpdateService, UserCreated, UserView,
 };
 use crate::print::{Capabilities, HeldJobRecord};
 use crate::records::DeviceRequestRecord;
@@ -272,6 +272,9 @@ operation! {
         String, CandidatesQuery, () => Vec<DeviceView>;
     ApplyForServiceOp: Post "/v1/customers/{customer}/applications", Admin, Required, 201,
         String, (), ApplyForService => ApplicationView;
+    /// Every application, newest first, with each device's progress.
+    ListApplications: Get "/v1/applications", Admin, None, 200,
+        (), (), () => Vec<ApplicationView>;
     GetApplication: Get "/v1/applications/{id}", Admin, None, 200,
         ApplicationId, (), () => ApplicationView;
     /// Makes devices poll now: hints, or a tree over their LAN.
@@ -286,6 +289,8 @@ operation! {
         (DeviceId, String), (), () => Vec<ContractRecord>;
     /// A person who prints with held jobs: a PIN for the panel, an API token.
     CreateUserOp: Post "/v1/users", Admin, Required, 201, (), (), CreateUser => UserCreated;
+    /// Every user of held printing, oldest first.
+    ListUsers: Get "/v1/users", Admin, None, 200, (), (), () => Vec<UserView>;
     CreateOwnerOp: Post "/v1/owners", Admin, Required, 201, (), (), CreateOwner => OwnerCreated;
     /// An MQTT login for operations (watch `fleet/events/` only).
     CreateOpsLoginOp: Post "/v1/ops-logins", Admin, Required, 201,

@@ -295,6 +295,24 @@ pub struct CreateUser {
     pub pin: Secret,
 }
 
+/// A user of held printing as the API lists them (never their PIN or token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct UserView {
+    pub user_id: UserId,
+    pub name: String,
+    pub created_at: UnixMillis,
+}
+
+impl From<&crate::print::UserRecord> for UserView {
+    fn from(u: &crate::print::UserRecord) -> UserView {
+        UserView {
+            user_id: u.user_id.clone(),
+            name: u.name.clone(),
+            created_at: u.created_at,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UserCreated {
     pub user_id: UserId,

@@ -214,6 +214,17 @@ try {
   await accessible(page, "events");
   await screenshot(page, "events");
 
+  // Applications with each device's progress; users' held jobs and where they stand.
+  await page.getByRole("link", { name: "Applications" }).click();
+  await page.getByRole("heading", { name: "toner for acme" }).waitFor(WAIT);
+  check((await page.locator("#applications tbody tr").count()) === 1, "one device applied for");
+  await accessible(page, "applications");
+  await screenshot(page, "applications");
+  await page.getByRole("link", { name: "Held print jobs" }).click();
+  await page.getByText("quarterly report").waitFor(WAIT);
+  await accessible(page, "held");
+  await screenshot(page, "held");
+
   // The overview again, now with a job done: its completion time is on the chart.
   await page.getByRole("link", { name: "Overview" }).click();
   await page.locator("svg#latency-chart").waitFor(WAIT);

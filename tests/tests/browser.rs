@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use device_sim::executor::SimulatedExecutor;
 use e2e_tests::{Device, InProcessBridge};
+use schemas::Secret;
+use schemas::api::{ApplyForService, CreateService, CreateUser, SubmitHeldJob};
 
 const SCRIPT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/browser");
 const SHOTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/console-screenshots");
@@ -39,7 +41,33 @@ async fn the_console_works_in_chromium() {
         .await;
     let idle_id = idle.id.clone();
     idle.agent.stop().await.unwrap();
-    let ops = ep.client().create_ops_login("console test").await.unwrap();
+    let client = ep.client();
+    let ops = client.create_ops_login("console test").await.unwrap();
+    // An application of a service to the printing device, and a user with a held job.
+    let service = CreateService {
+        service_id: "toner".into(),
+        name: "Toner delivery".into(),
+        models: vec![live.config.info.model.clone()],
+        ..CreateService::default()
+    };
+    client.create_service(&service).await.unwrap();
+    let apply = ApplyForService {
+        service_id: "toner".into(),
+        devices: Some(vec![live.id.clone()]),
+        ..ApplyForService::default()
+    };
+    client.apply_for_service("acme", &apply).await.unwrap();
+    let user = CreateUser {
+        name: "Ana".into(),
+        pin: Secret::new("2468"),
+    };
+    let user = client.create_user(&user).await.unwrap();
+    let held = SubmitHeldJob {
+        title: Some("quarterly report".into()),
+        payload: Some("%PDF".into()),
+        ..SubmitHeldJob::default()
+    };
+    client.submit_held(&user.user_id, &held).await.unwrap();
 
     let mut child = tokio::process::Command::new("node")
         .arg("console.mjs")
@@ -60,7 +88,16 @@ async fn the_console_works_in_chromium() {
         .expect("the browser run ends in time")
         .unwrap();
     assert!(status.success(), "the browser checks failed: {status}");
-    for screen in ["sign-in", "overview", "devices", "device", "job", "events"] {
+    for screen in [
+        "sign-in",
+        "overview",
+        "devices",
+        "device",
+        "job",
+        "events",
+        "applications",
+        "held",
+    ] {
         assert!(
             Path::new(SHOTS).join(format!("{screen}.png")).exists(),
             "no screenshot of {screen}"

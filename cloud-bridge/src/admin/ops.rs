@@ -10,6 +10,7 @@
 use schemas::admin::{self as op, Operation};
 use schemas::api::{
     CompanionView, DeviceView, EnrollmentTokenCreated, JobView, OpsLoginView, SettingsView,
+    UserView,
 };
 use schemas::data::ErrorCode;
 use schemas::hint::HintKind;
@@ -99,6 +100,7 @@ operations! {
         Ok(list.iter().map(|d| view(s, d)).collect())
     });
     op::ApplyForServiceOp => call(apply_for_service);
+    op::ListApplications => read(|s, _, core| core.applications(now(s)));
     op::GetApplication => read(|s, c, core| core.application(&c.params, now(s)));
     op::PollNowOp => call(poll_now);
     op::ListContracts => read(|_, c, core| core.device_contracts(&c.params));
@@ -113,6 +115,7 @@ operations! {
         core.cancel_contract(device, service, now(s))
     });
     op::CreateUserOp => call(people::create_user);
+    op::ListUsers => read(|_, _, core| Ok(core.users().iter().map(UserView::from).collect()));
     op::CreateOwnerOp => call(people::create_owner);
     op::CreateOpsLoginOp => call(people::create_ops_login);
     op::ListOpsLogins => read(|_, _, core| {

@@ -146,6 +146,13 @@ impl Core {
     }
 
     /// A user's held jobs, every state (what the user's own audit shows).
+    /// Every user, oldest first.
+    pub fn users(&self) -> Vec<UserRecord> {
+        let mut all: Vec<UserRecord> = self.with_registry(|r| r.users.values().cloned().collect());
+        all.sort_by(|a, b| (a.created_at, &a.user_id).cmp(&(b.created_at, &b.user_id)));
+        all
+    }
+
     pub fn held_jobs(&self, user_id: &UserId, now: UnixMillis) -> CoreResult<Vec<HeldJobRecord>> {
         let mut list: Vec<HeldJobRecord> = self.with_registry(|r| {
             if !r.users.contains_key(user_id) {

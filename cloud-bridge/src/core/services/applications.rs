@@ -147,6 +147,20 @@ impl Core {
         self.with_registry(|r| application_view(r, id, now))
     }
 
+    /// Every application, newest first.
+    pub fn applications(&self, now: UnixMillis) -> CoreResult<Vec<ApplicationView>> {
+        let mut all = self.with_registry(|r| {
+            r.applications
+                .keys()
+                .map(|id| application_view(r, id, now))
+                .collect::<CoreResult<Vec<_>>>()
+        })?;
+        all.sort_by(|a, b| {
+            (b.created_at, &b.application_id).cmp(&(a.created_at, &a.application_id))
+        });
+        Ok(all)
+    }
+
     /// A device calls a service's registration URL with its code.
     pub fn register_service(
         &self,

@@ -349,3 +349,41 @@ fn a_settled_application_goes_with_its_codes_and_instructions_once_retention_end
     let reloaded = Core::load(core.committer.clone(), crate::core::tests::policy(), 4).unwrap();
     assert_eq!(core.snapshot(), reloaded.snapshot());
 }
+
+#[test]
+fn applications_are_listed_newest_first_as_each_is_shown_alone() {
+    let core = with_toner();
+    let a = device(&core, 1, "acme", "A");
+    let req = |d: &DeviceId| ApplyForService {
+        service_id: "toner".into(),
+        devices: Some(vec![d.clone()]),
+        ..ApplyForService::default()
+    };
+    let first = apply(&core, req(&a)).unwrap();
+    let b = device(&core, 2, "acme", "B");
+    let second = apply(&core, req(&b)).unwrap();
+    let listed = core.applications(T0).unwrap();
+    let ids: Vec<_> = listed.iter().map(|v| v.application_id.clone()).collect();
+    let mut expected = vec![first.application_id.clone(), second.application_id.clone()];
+    expected.sort();
+    expected.reverse();
+    assert_eq!(ids, expected, "the same time: the greater id first");
+    for view in &listed {
+        let alone = core.application(&view.application_id, T0).unwrap();
+        assert_eq!(
+            serde_json::to_value(view).unwrap(),
+            serde_json::to_value(alone).unwrap()
+        );
+    }
+
+    let users = [("Bo", 9u8), ("Ana", 8)].map(|(name, n)| {
+        let id = schemas::UserId::from_random([n; 8]);
+        let new = crate::core::NewPrincipal::new(id.clone(), name, Secret::new("t"));
+        core.create_user(&new, &Secret::new("2468"), T0).unwrap();
+        id
+    });
+    let listed: Vec<_> = core.users().into_iter().map(|u| u.user_id).collect();
+    let mut expected = users.to_vec();
+    expected.sort();
+    assert_eq!(listed, expected, "created at the same time: by id");
+}
