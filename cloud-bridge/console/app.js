@@ -227,6 +227,7 @@ const routes = [
   [/^events$/, eventsPage],
   [/^applications$/, applicationsPage],
   [/^held$/, heldPage],
+  [/^actions$/, actionsPage],
 ];
 
 function route() {
@@ -708,6 +709,18 @@ async function heldPage() {
     );
   }
   show("Held print jobs", box);
+}
+
+async function actionsPage() {
+  const actions = await api("GET", "/console/actions");
+  show(
+    "Console actions",
+    h("p", { class: "muted" }, "Every change asked for through the console since the bridge started, newest first (the bridge's log keeps them all)."),
+    table(
+      ["When", "By", "Request", "Answer"],
+      actions.map((a) => [time(a.at), a.by, `${a.method} ${a.path}`, a.status < 300 ? `${a.status} done` : `${a.status} refused`]),
+    ),
+  );
 }
 
 const MAX_SHOWN = 500;

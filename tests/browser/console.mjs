@@ -225,6 +225,11 @@ try {
   await accessible(page, "held");
   await screenshot(page, "held");
 
+  // The console's own record of what was changed through it.
+  await page.getByRole("link", { name: "Actions" }).click();
+  await page.getByText(`POST /v1/jobs/${queued.job_id}/cancel`).waitFor(WAIT);
+  await accessible(page, "actions");
+
   // The overview again, now with a job done: its completion time is on the chart.
   await page.getByRole("link", { name: "Overview" }).click();
   await page.locator("svg#latency-chart").waitFor(WAIT);

@@ -198,6 +198,31 @@ async fn sessions_open_what_their_login_may_and_nothing_after_revocation_or_sign
     let change = with_cookie(admin, &ops, "POST", tokens, Some(&ops.csrf)).await;
     assert_eq!(change.status, 403, "{}", change.body);
     assert!(change.json()["message"].as_str().unwrap().contains("read"));
+    // Every change asked for through the console is recorded with how it ended, newest first.
+    let actions = with_cookie(admin, &s, "GET", "/console/actions", None)
+        .await
+        .json();
+    let seen: Vec<(String, u64)> = actions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["by"].as_str().unwrap().to_owned(),
+                a["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let ops_by = format!("ops:{}", login.ops_id);
+    let expected = [
+        (ops_by.as_str(), 403),
+        ("admin", 201),
+        ("admin", 403),
+        ("admin", 403),
+    ];
+    let expected: Vec<(String, u64)> = expected.iter().map(|(b, c)| (b.to_string(), *c)).collect();
+    assert_eq!(seen, expected, "{actions}");
+    assert_eq!(actions[0]["path"], tokens);
     client.revoke_ops_login(&login.ops_id).await.unwrap();
     assert_eq!(reads(admin, &ops).await, 401);
 

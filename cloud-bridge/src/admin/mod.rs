@@ -39,6 +39,8 @@ pub(crate) struct AppState {
     pub(crate) secure_cookies: bool,
     /// The console's live event streams open now.
     pub(crate) live_streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// The changes made through the console, newest last.
+    pub(crate) actions: Arc<crate::console::Actions>,
 }
 
 impl AppState {
@@ -49,6 +51,7 @@ impl AppState {
             console: Arc::default(),
             secure_cookies,
             live_streams: Arc::default(),
+            actions: Arc::default(),
         }
     }
 
@@ -66,6 +69,10 @@ pub fn router(bridge: Bridge, admin_token: Secret, tls: bool) -> Router {
     let state = AppState::new(bridge, admin_token, tls);
     crate::console::routes(ops::routes(Router::new()))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::console::record,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

@@ -28,7 +28,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::admin::{ApiFailure, ApiResult, AppState};
 
+mod actions;
 mod sessions;
+
+pub(crate) use actions::record;
+pub use actions::{Action, Actions, MAX_ACTIONS};
 
 pub use sessions::{COOKIE, CSRF_HEADER, MAX_SESSIONS, SESSION_MS, Session, Sessions, Viewer};
 
@@ -68,6 +72,7 @@ pub(crate) fn routes(router: Router<AppState>) -> Router<AppState> {
             get(current).post(sign_in).delete(sign_out),
         )
         .route("/console/events", get(events))
+        .route("/console/actions", get(actions::list))
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -209,11 +214,17 @@ async fn sign_in(
     let Json(body) = body.map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e.body_text()))?;
     let viewer = match (body.token, body.ops_id, body.password) {
         (Some(token), None, None) if state.is_admin_token(&token) => Viewer::Admin,
-        (Some(_), None, None) => return Err(unauthorized("wrong token")),
+        (Some(_), None, None) => {
+            tracing::warn!(target: "console", "console sign-in refused: wrong token");
+            return Err(unauthorized("wrong token"));
+        }
         (None, Some(id), Some(password)) => {
             match state.bridge.core().authenticate_ops(&id, &password) {
                 Ok(id) => Viewer::Ops(id),
-                Err(_) => return Err(unauthorized("wrong ops login or password")),
+                Err(e) => {
+                    tracing::warn!(target: "console", ops_id = %id, reason = ?e, "console sign-in refused");
+                    return Err(unauthorized("wrong ops login or password"));
+                }
             }
         }
         _ => {
@@ -223,6 +234,7 @@ async fn sign_in(
             ));
         }
     };
+    tracing::info!(target: "console", viewer = ?viewer, "console sign-in");
     let (id, session) = state.console.start(viewer, state.bridge.now());
     let cookie = set_cookie(id.expose(), SESSION_MS / 1000, state.secure_cookies)?;
     Ok(session_answer(&session, Some(cookie)))
