@@ -450,6 +450,17 @@ async function deviceList() {
   );
 }
 
+function endpoints(e) {
+  if (!e) return "—";
+  return `data ${(e.data || []).join(", ") || "—"}; MQTT ${(e.mqtt || []).join(", ") || "none"}`;
+}
+
+function reported(r) {
+  const report = r.report || r;
+  const using = `in use: data ${report.data_in_use || "—"}, MQTT ${report.mqtt_in_use || "—"}`;
+  return `revision ${report.revision}: ${endpoints(report.endpoints)}; ${using}${r.at ? ` (at ${time(r.at)})` : ""}`;
+}
+
 function jobRows(jobs) {
   return jobs.map((j) => [
     h("a", { href: `#/jobs/${enc(j.job_id)}` }, j.job_id),
@@ -477,18 +488,22 @@ async function devicePage(id) {
   let older = false;
   const fetchJobs = (after) =>
     api("GET", `${path}/jobs?order=newest&limit=${PAGE + 1}${after ? `&after=${enc(after)}` : ""}`);
-  const drawJobs = () =>
-    jobsBox.replaceChildren(
-      table(JOB_HEADERS, jobRows(jobs), `The newest ${jobs.length} jobs${older ? "" : ", all of them"}`),
-      older
-        ? h("button", { type: "button", class: "secondary", id: "older-jobs", onclick: async () => {
-            const page = await fetchJobs(jobs[jobs.length - 1].job_id);
-            older = page.length > PAGE;
-            jobs = jobs.concat(page.slice(0, PAGE));
-            drawJobs();
-          } }, "Older jobs")
-        : null,
-    );
+  const drawJobs = () => {
+    const caption = older
+      ? `The newest ${jobs.length} jobs; older ones below`
+      : `${jobs.length} ${jobs.length === 1 ? "job" : "jobs"}, the newest first`;
+    jobsBox.replaceChildren(table(JOB_HEADERS, jobRows(jobs), caption));
+    if (older) {
+      jobsBox.append(
+        h("button", { type: "button", class: "secondary", id: "older-jobs", onclick: async () => {
+          const page = await fetchJobs(jobs[jobs.length - 1].job_id);
+          older = page.length > PAGE;
+          jobs = jobs.concat(page.slice(0, PAGE));
+          drawJobs();
+        } }, "Older jobs"),
+      );
+    }
+  };
   // The newest page, read again after a transition: its jobs replace what is shown of them,
   // and new ones go on top; older pages already read stay.
   const firstJobs = async () => {
@@ -562,8 +577,10 @@ async function devicePage(id) {
     jobsBox,
     h("h2", {}, "Settings"),
     facts([
-      ["Desired", settings.desired ? JSON.stringify(settings.desired) : "factory"],
-      ["Reported", settings.reported ? JSON.stringify(settings.reported) : "—"],
+      ["Desired", settings.desired
+        ? `revision ${settings.desired.revision}: ${endpoints(settings.desired.settings.endpoints)}, set by ${settings.desired.set_by} at ${time(settings.desired.set_at)}`
+        : "the factory settings"],
+      ["Reported", settings.reported ? reported(settings.reported) : "—"],
       ["Applied", settings.applied ? "yes" : "not yet"],
     ]),
     h("h2", {}, "Contracts"),

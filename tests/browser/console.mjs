@@ -160,6 +160,7 @@ try {
   await screenshot(page, "job");
   await page.getByRole("link", { name: liveDevice }).click();
   await page.getByRole("heading", { name: `Device ${liveSerial}` }).waitFor(WAIT);
+  check(!(await page.locator("#device-jobs").innerText()).includes("null"), "stray text on the device page");
   await accessible(page, "device");
   await screenshot(page, "device");
 
