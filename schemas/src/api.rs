@@ -573,7 +573,8 @@ impl From<&CompanionRecord> for CompanionView {
 
 /// Query of `GET /v1/devices`: every device, oldest registration first; `q` and `condition`
 /// keep the matching ones, and `limit` makes a page of them, the page after the device
-/// `after` (the last of the page before).
+/// `after` (the last of the page before; after a device the bridge does not have, an empty
+/// page).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DevicesQuery {

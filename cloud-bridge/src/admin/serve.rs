@@ -67,11 +67,11 @@ pub(crate) fn route<O: Serve>(router: Router<AppState>) -> Router<AppState> {
         })
         .collect::<Vec<_>>()
         .join("/");
-    let body = Arc::new(BodySchema::of::<O>());
+    let schemas = Arc::new((BodySchema::of::<O>(), BodySchema::of_query::<O>()));
     let handler = move |State(state): State<AppState>, request: Request| {
-        let body = body.clone();
+        let schemas = schemas.clone();
         async move {
-            match run::<O>(&state, &body, request).await {
+            match run::<O>(&state, &schemas, request).await {
                 Ok(response) => response,
                 Err(failure) => failure.into_response(),
             }
@@ -100,7 +100,18 @@ impl BodySchema {
         BodySchema(jsonschema::draft202012::new(&schema).ok())
     }
 
-    fn check(&self, value: &serde_json::Value) -> ApiResult<()> {
+    /// The schema of the operation's query (`None` for one without): its values, once read,
+    /// must meet it as a body's must (lengths, ranges).
+    fn of_query<O: Operation>() -> BodySchema {
+        if TypeId::of::<O::Query>() == TypeId::of::<()>() {
+            return BodySchema(None);
+        }
+        let schema = schemas::openapi::root_schema::<O::Query>();
+        BodySchema(jsonschema::draft202012::new(&schema).ok())
+    }
+
+    /// `what`: `body` or `query`, for the message.
+    fn check(&self, what: &str, value: &serde_json::Value) -> ApiResult<()> {
         let Some(validator) = &self.0 else {
             return Ok(());
         };
@@ -116,7 +127,7 @@ impl BodySchema {
                 }
                 Err(ApiFailure::new(
                     ErrorCode::BadRequest,
-                    format!("the body does not match its schema at {message}"),
+                    format!("the {what} does not match its schema at {message}"),
                 ))
             }
         }
@@ -208,7 +219,7 @@ async fn json<T: DeserializeOwned>(
             ));
         }
     };
-    schema.check(&value)?;
+    schema.check("body", &value)?;
     whole_floats_as_integers(&mut value);
     serde_path_to_error::deserialize(value).map_err(|e| {
         ApiFailure::new(
@@ -239,7 +250,7 @@ fn whole_floats_as_integers(value: &mut serde_json::Value) {
 
 async fn run<O: Serve>(
     state: &AppState,
-    schema: &BodySchema,
+    (schema, query_schema): &(BodySchema, BodySchema),
     request: Request,
 ) -> ApiResult<Response> {
     let (mut parts, body) = request.into_parts();
@@ -262,6 +273,9 @@ async fn run<O: Serve>(
         let Query(q) = Query::<O::Query>::from_request_parts(&mut parts, state)
             .await
             .map_err(|e| ApiFailure::new(ErrorCode::BadRequest, e.body_text()))?;
+        let value = serde_json::to_value(&q)
+            .map_err(|e| ApiFailure::new(ErrorCode::Internal, e.to_string()))?;
+        query_schema.check("query", &value)?;
         q
     };
     let raw_params: Vec<String> = if O::PATH.contains('{') {
@@ -312,11 +326,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_body_schema_compiles() {
+    fn every_body_and_query_schema_compiles() {
         struct Compile(Vec<&'static str>);
         impl Visit for Compile {
             fn visit<O: Operation>(&mut self, name: &'static str, _: &[&'static str]) {
                 if O::BODY != BodyUse::None && BodySchema::of::<O>().0.is_none() {
+                    self.0.push(name);
+                }
+                let has_query = TypeId::of::<O::Query>() != TypeId::of::<()>();
+                if has_query && BodySchema::of_query::<O>().0.is_none() {
                     self.0.push(name);
                 }
             }
@@ -324,6 +342,18 @@ mod tests {
         let mut failed = Compile(Vec::new());
         for_each_operation(&mut failed);
         assert!(failed.0.is_empty(), "{:?}", failed.0);
+    }
+
+    /// A query's values are held to its schema: a page size out of range, an empty search.
+    #[test]
+    fn a_query_outside_its_schema_is_refused() {
+        let schema = BodySchema::of_query::<schemas::admin::ListDevices>();
+        let check = |v: serde_json::Value| schema.check("query", &v).is_ok();
+        assert!(check(serde_json::json!({ "q": "SN", "limit": 50 })));
+        assert!(check(serde_json::json!({ "q": null, "limit": null })));
+        assert!(!check(serde_json::json!({ "limit": 0 })));
+        assert!(!check(serde_json::json!({ "limit": 1001 })));
+        assert!(!check(serde_json::json!({ "q": "" })));
     }
 
     /// The schema's base64 pattern accepts exactly what the bridge decodes.
@@ -348,7 +378,7 @@ mod tests {
                 let decodes = base64::engine::general_purpose::STANDARD
                     .decode(&text)
                     .is_ok();
-                assert_eq!(schema.check(&body).is_ok(), decodes, "{text:?}");
+                assert_eq!(schema.check("body", &body).is_ok(), decodes, "{text:?}");
             }
         }
     }
