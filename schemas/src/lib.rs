@@ -25,6 +25,7 @@ pub mod api;
 pub mod codec;
 pub mod data;
 pub mod feed;
+pub mod fleet;
 pub mod hint;
 pub mod ids;
 pub mod job;

@@ -36,9 +36,34 @@ pub use actions::{Action, Actions, MAX_ACTIONS};
 
 pub use sessions::{COOKIE, CSRF_HEADER, MAX_SESSIONS, SESSION_MS, Session, Sessions, Viewer};
 
-const INDEX_HTML: &str = include_str!("../../console/index.html");
-const APP_JS: &str = include_str!("../../console/app.js");
-const APP_CSS: &str = include_str!("../../console/app.css");
+/// The page and what it loads, built into the binary: (path, content type, text).
+const ASSETS: [(&str, &str, &str); 5] = [
+    (
+        "/console/",
+        "text/html",
+        include_str!("../../console/index.html"),
+    ),
+    (
+        "/console/app.css",
+        "text/css",
+        include_str!("../../console/app.css"),
+    ),
+    (
+        "/console/app.js",
+        "text/javascript",
+        include_str!("../../console/app.js"),
+    ),
+    (
+        "/console/lib.js",
+        "text/javascript",
+        include_str!("../../console/lib.js"),
+    ),
+    (
+        "/console/screens.js",
+        "text/javascript",
+        include_str!("../../console/screens.js"),
+    ),
+];
 
 /// What the pages may load and where they may connect: this listener only.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' \
@@ -50,22 +75,15 @@ pub const MAX_STREAMS: usize = 64;
 
 /// The console's routes, added to the admin API's.
 pub(crate) fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = ASSETS
+        .into_iter()
+        .fold(router, |router, (path, kind, text)| {
+            router.route(path, get(move || async move { asset(kind, text) }))
+        });
     router
         .route(
             "/console",
             get(|| async { Redirect::permanent("/console/") }),
-        )
-        .route(
-            "/console/",
-            get(|| async { asset("text/html", INDEX_HTML) }),
-        )
-        .route(
-            "/console/app.js",
-            get(|| async { asset("text/javascript", APP_JS) }),
-        )
-        .route(
-            "/console/app.css",
-            get(|| async { asset("text/css", APP_CSS) }),
         )
         .route(
             "/console/session",

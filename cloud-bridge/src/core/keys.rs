@@ -2,10 +2,13 @@
 //! load the state at start ([`super::Core::load`]) and to export it ([`crate::export`]).
 //!
 //! Ids never contain `/`. Keys of a device's feed and outbox end in a zero-padded hex number,
-//! so that key order is number order and a range read returns entries in sequence.
+//! so that key order is number order and a range read returns entries in sequence; a page of
+//! a device's range, from either end, is [`super::Core::device_page`].
 
 use schemas::outbox::RequestNo;
 use schemas::{DeviceId, FeedSeq, JobId, UnixMillis};
+
+use super::CoreResult;
 
 /// Every kind of record the bridge stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +155,32 @@ pub(crate) fn job_of_key(key: &[u8]) -> Option<JobId> {
 /// The end (exclusive) of the keys `{kind}{device}/…`, for range reads of one device's entries.
 pub(crate) fn device_range_end(kind: Kind, device: &DeviceId) -> Vec<u8> {
     format!("{}{device}/~", kind.prefix()).into_bytes()
+}
+
+impl super::Core {
+    /// A page of the device's stored records of `kind`, keyed from `first` to the end of the
+    /// device's range: in `page`'s order, after the key `after` (itself left out) when given.
+    pub(crate) fn device_page<A>(
+        &self,
+        kind: Kind,
+        device: &DeviceId,
+        first: Vec<u8>,
+        after: Option<Vec<u8>>,
+        page: &schemas::api::PageQuery<A>,
+    ) -> CoreResult<crate::store::Pairs> {
+        use schemas::api::Order;
+        let end = device_range_end(kind, device);
+        let (store, limit) = (self.committer.store(), page.page_size());
+        Ok(match (page.order, after) {
+            (Order::Oldest, None) => store.range(&first, &end, limit)?,
+            (Order::Oldest, Some(mut after)) => {
+                after.push(0); // the least key above `after`'s own
+                store.range(&after, &end, limit)?
+            }
+            (Order::Newest, None) => store.range_back(&first, &end, limit)?,
+            (Order::Newest, Some(after)) => store.range_back(&first, &after, limit)?,
+        })
+    }
 }
 
 #[cfg(test)]
