@@ -4,7 +4,8 @@
 //! Each sweep takes the finished jobs due in groups of [`SWEEP_BATCH`], oldest finish first:
 //! a group is appended to the archive and synced to disk, then deleted from the store in one
 //! batch. A crash between the two steps leaves the group in the store, so the next sweep
-//! archives it again (the archive may hold a job twice; never none).
+//! archives it again (the archive may hold a job twice; never none). A crash in the middle of
+//! an append leaves a line cut short at the end, which the next append cuts off first.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -174,9 +175,73 @@ fn append(core: &Core, path: &Path, due: &[crate::core::FinishedJob]) -> Result<
     }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .open(path)
         .map_err(failed)?;
+    drop_torn_tail(&mut file).map_err(failed)?;
     file.write_all(&lines).map_err(failed)?;
     file.sync_data().map_err(failed)
+}
+
+/// Cuts off a last line that a crash left unfinished (every complete line ends in `\n`). It
+/// belongs to an append that was never synced, so its jobs are still in the store and are
+/// archived again; without the cut, the next append would run on from the torn fragment.
+fn drop_torn_tail(file: &mut std::fs::File) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(part)?;
+        if let Some(i) = part.iter().rposition(|b| *b == b'\n') {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        tracing::warn!(
+            bytes = len - end,
+            "archive: a line cut short by a crash is dropped"
+        );
+        file.set_len(end)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn cut(content: &[u8]) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive.jsonl");
+        std::fs::write(&path, content).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        drop_torn_tail(&mut file).unwrap();
+        file.write_all(b"next\n").unwrap();
+        std::fs::read(&path).unwrap()
+    }
+
+    #[test]
+    fn a_line_cut_short_is_dropped_before_the_next_append() {
+        assert_eq!(cut(b""), b"next\n");
+        assert_eq!(cut(b"a\nb\n"), b"a\nb\nnext\n");
+        assert_eq!(cut(b"a\nb\n{\"type\":\"jo"), b"a\nb\nnext\n");
+        assert_eq!(cut(b"{\"type\""), b"next\n");
+        // A torn line longer than one read back.
+        let mut long = b"a\n".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 200_000));
+        assert_eq!(cut(&long), b"a\nnext\n");
+    }
 }
