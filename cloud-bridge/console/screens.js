@@ -481,14 +481,22 @@ export async function heldPage() {
   show("Held print jobs", box);
 }
 
+/** How a recorded action was answered; none: the bridge stopped before it answered. */
+function answer(status) {
+  if (status === null || status === undefined) {
+    return "no answer (the bridge stopped)";
+  }
+  return status < 300 ? `${status} done` : `${status} refused`;
+}
+
 export async function actionsPage() {
   const actions = await api("GET", "/console/actions");
   show(
     "Console actions",
-    h("p", { class: "muted" }, "Every change asked for through the console since the bridge started, newest first (the bridge's log keeps them all)."),
+    h("p", { class: "muted" }, "Every change asked for through the console, newest first: the newest 1,000, kept on the bridge's disk for the retention its configuration sets."),
     table(
       ["When", "By", "Request", "Answer"],
-      actions.map((a) => [time(a.at), a.by, `${a.method} ${a.path}`, a.status < 300 ? `${a.status} done` : `${a.status} refused`]),
+      actions.map((a) => [time(a.at), a.by, `${a.method} ${a.path}`, answer(a.status)]),
     ),
   );
 }

@@ -126,6 +126,9 @@ device_requests_secs = 604800
 # other instructions after they were taken or expired, and held jobs after they were released
 # or expired are kept this long. 0: for ever.
 settled_secs = 604800
+# What operators changed through the console (who, what, when, how it was answered) is kept
+# this long. 0: for ever.
+console_actions_secs = 7776000
 # How often to look for what has reached the end of its retention.
 sweep_interval_ms = 60000
 
@@ -396,6 +399,7 @@ pub struct RetentionConfig {
     pub archive: PathBuf,
     pub device_requests_secs: u64,
     pub settled_secs: u64,
+    pub console_actions_secs: u64,
     pub sweep_interval_ms: u64,
 }
 
@@ -406,6 +410,7 @@ impl Default for RetentionConfig {
             archive: PathBuf::new(),
             device_requests_secs: 7 * 24 * 3600,
             settled_secs: 7 * 24 * 3600,
+            console_actions_secs: 90 * 24 * 3600,
             sweep_interval_ms: 60_000,
         }
     }
@@ -418,6 +423,7 @@ impl RetentionConfig {
             finished_jobs: secs(self.finished_jobs_secs),
             device_requests: secs(self.device_requests_secs),
             settled: secs(self.settled_secs),
+            console_actions: secs(self.console_actions_secs),
             archive: (!self.archive.as_os_str().is_empty()).then(|| self.archive.clone()),
             interval: Duration::from_millis(self.sweep_interval_ms.max(10)),
         }

@@ -1,8 +1,9 @@
 //! `cloud-bridge export`: every record as JSON lines, so data can be inspected, backed up, or
 //! moved to another store. One object per line, with a `"type"` of `device`, `enrollment`,
 //! `job` (with `payload_base64`), `feed`, `device_request`, `owner`, `companion`, `service`,
-//! `application`, `instruction`, `contract`, `user`, `held_job` (with `payload_base64`) or
-//! `ops_login` (with the password as its SHA-256 only).
+//! `application`, `instruction`, `contract`, `user`, `held_job` (with `payload_base64`),
+//! `console_action` (the console's audit trail) or `ops_login` (with the password as its
+//! SHA-256 only).
 
 use std::io::Write;
 
@@ -11,8 +12,8 @@ use schemas::JobId;
 use schemas::feed::FeedEntry;
 use schemas::print::{HeldJobRecord, UserRecord};
 use schemas::records::{
-    CompanionRecord, DeviceRecord, DeviceRequestRecord, EnrollmentRecord, JobRecord,
-    OpsLoginRecord, OwnerRecord,
+    CompanionRecord, ConsoleActionRecord, DeviceRecord, DeviceRequestRecord, EnrollmentRecord,
+    JobRecord, OpsLoginRecord, OwnerRecord,
 };
 use schemas::services::{ApplicationRecord, ContractRecord, InstructionRecord, ServiceRecord};
 use serde::Serialize;
@@ -54,6 +55,7 @@ enum Line {
     User(UserRecord),
     HeldJob(WithPayload<HeldJobRecord>),
     OpsLogin(OpsLoginRecord),
+    ConsoleAction(ConsoleActionRecord),
 }
 
 /// A job or held job with its payload, on one line.
@@ -146,6 +148,7 @@ pub fn export(store: &dyn Store, out: &mut impl Write) -> Result<u64, ExportErro
                 Kind::Contract => Line::Contract(decode(&k, &v)?),
                 Kind::User => Line::User(decode(&k, &v)?),
                 Kind::HeldJob => Line::HeldJob(with_payload(store, &k, &v)?),
+                Kind::ConsoleAction => Line::ConsoleAction(decode(&k, &v)?),
                 Kind::Payload
                 | Kind::OpenJob
                 | Kind::DeviceJob

@@ -31,6 +31,8 @@ pub struct Retention {
     /// Applications after their codes expired, instructions taken or expired, held jobs
     /// released or expired (see `Core::forget_settled`).
     pub settled: Option<Duration>,
+    /// The console's audit trail, after the change was asked for.
+    pub console_actions: Option<Duration>,
     /// Where jobs are appended before they are deleted.
     pub archive: Option<PathBuf>,
     /// How often to sweep.
@@ -54,6 +56,7 @@ pub async fn run(bridge: Bridge, retention: Retention, shutdown: CancellationTok
         retention.finished_jobs,
         retention.device_requests,
         retention.settled,
+        retention.console_actions,
     ];
     if kept.iter().all(Option::is_none) {
         return;
@@ -81,6 +84,7 @@ pub async fn run(bridge: Bridge, retention: Retention, shutdown: CancellationTok
                     jobs,
                     requests = swept.requests,
                     settled = swept.settled,
+                    console_actions = swept.console_actions,
                     "records past retention deleted"
                 );
             }
@@ -102,11 +106,13 @@ pub struct Swept {
     pub jobs: usize,
     pub requests: usize,
     pub settled: usize,
+    pub console_actions: usize,
     pub ticket: Option<Ticket>,
 }
 
 /// Deletes everything whose retention has ended by `now`: finished jobs (archived first when
-/// `retention.archive` is set), accepted outbox requests, and settled records.
+/// `retention.archive` is set), accepted outbox requests, settled records, and the console's
+/// audit trail.
 pub fn sweep(
     core: &Core,
     now: schemas::UnixMillis,
@@ -152,6 +158,18 @@ pub fn sweep(
             }
             swept.ticket = Some(ticket);
             swept.settled += n;
+            if n < SWEEP_BATCH {
+                break;
+            }
+        }
+    }
+    if let Some(keep) = retention.console_actions {
+        loop {
+            let (n, ticket) = core.forget_console_actions(cutoff(keep), SWEEP_BATCH)?;
+            if let Some(ticket) = ticket {
+                swept.ticket = Some(ticket);
+            }
+            swept.console_actions += n;
             if n < SWEEP_BATCH {
                 break;
             }

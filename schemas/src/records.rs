@@ -206,3 +206,21 @@ pub struct JobRecord {
     #[serde(default)]
     pub request_sha256: Option<String>,
 }
+
+/// One change asked for through an operator console session: stored when it is asked, with
+/// no `status`, and again under the same id once it is answered. A record left without a
+/// status was asked for when the bridge stopped; whether it took effect, its target's own
+/// record says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ConsoleActionRecord {
+    /// 16 hex digits: of the actions asked for in the same millisecond, the later has the
+    /// greater id.
+    pub id: String,
+    pub at: UnixMillis,
+    /// `admin`, or `ops:{id}`.
+    pub by: String,
+    pub method: String,
+    pub path: String,
+    /// The HTTP status it was answered with; `None` until then.
+    pub status: Option<u16>,
+}

@@ -1,12 +1,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The console's sessions at the HTTP level: who may sign in, what its cookie opens (an admin
 //! session reads and, with its CSRF token, changes; an ops session only reads), that a revoked
-//! login or a signed-out session opens nothing, and that the live stream carries an event
+//! login or a signed-out session opens nothing, that what was changed through the console is
+//! on disk (listed after a `kill -9`, exported), and that the live stream carries an event
 //! within a second of its change being durable and ends when the bridge stops.
 
 use std::time::{Duration, Instant};
 
-use e2e_tests::{Device, InProcessBridge, socket_addr};
+use e2e_tests::{BridgeProcess, Device, InProcessBridge, bridge_binary, socket_addr};
 use schemas::api::SubmitJob;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -355,4 +356,68 @@ async fn the_live_stream_carries_each_event_within_a_second_and_ends_with_the_br
         .await
         .expect("the stream ends")
         .unwrap();
+}
+
+/// The newest recorded console actions: (by, method, path, status).
+async fn recorded(admin: &str, s: &Signed) -> Vec<(String, String, String, Option<u64>)> {
+    let answer = with_cookie(admin, s, "GET", "/console/actions", None).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let text = |a: &serde_json::Value, k: &str| a[k].as_str().unwrap().to_owned();
+    answer
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let status = a["status"].as_u64();
+            (text(a, "by"), text(a, "method"), text(a, "path"), status)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_changed_through_the_console_outlives_a_kill_and_is_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge = BridgeProcess::start(dir.path(), &[]).await;
+    let admin = bridge.endpoints.admin.clone();
+    let token = serde_json::json!({ "token": bridge.endpoints.admin_token.expose() });
+    let (_, s) = sign_in(&admin, token.clone()).await;
+    let s = s.unwrap();
+    let tokens = "/v1/enrollment-tokens";
+    let refused = with_cookie(&admin, &s, "POST", tokens, None).await;
+    assert_eq!(refused.status, 403);
+    let made = with_cookie(&admin, &s, "POST", tokens, Some(&s.csrf)).await;
+    assert_eq!(made.status, 201, "{}", made.body);
+    let post = |status| ("admin".into(), "POST".into(), tokens.into(), Some(status));
+    let expected: Vec<(String, String, String, Option<u64>)> = vec![post(201), post(403)];
+    assert_eq!(recorded(&admin, &s).await, expected);
+
+    // No shutdown, no last flush: what was answered was on disk already.
+    bridge.kill9().await;
+    let out = std::process::Command::new(bridge_binary())
+        .args(["export", "--data-dir", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exported: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l["type"] == "console_action")
+        .collect();
+    let statuses: Vec<u64> = exported
+        .iter()
+        .filter_map(|l| l["status"].as_u64())
+        .collect();
+    assert_eq!(statuses.len(), 2, "{exported:?}");
+    assert!(statuses.contains(&201) && statuses.contains(&403));
+
+    bridge.restart().await;
+    let (_, s) = sign_in(&admin, token).await;
+    let s = s.unwrap();
+    assert_eq!(recorded(&admin, &s).await, expected);
 }

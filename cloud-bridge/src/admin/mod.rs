@@ -39,8 +39,6 @@ pub(crate) struct AppState {
     pub(crate) secure_cookies: bool,
     /// The console's live event streams open now.
     pub(crate) live_streams: Arc<std::sync::atomic::AtomicUsize>,
-    /// The changes made through the console, newest last.
-    pub(crate) actions: Arc<crate::console::Actions>,
 }
 
 impl AppState {
@@ -51,7 +49,6 @@ impl AppState {
             console: Arc::default(),
             secure_cookies,
             live_streams: Arc::default(),
-            actions: Arc::default(),
         }
     }
 

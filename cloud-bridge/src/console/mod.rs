@@ -31,8 +31,8 @@ use crate::admin::{ApiFailure, ApiResult, AppState};
 mod actions;
 mod sessions;
 
+pub use actions::MAX_ACTIONS;
 pub(crate) use actions::record;
-pub use actions::{Action, Actions, MAX_ACTIONS};
 
 pub use sessions::{COOKIE, CSRF_HEADER, MAX_SESSIONS, SESSION_MS, Session, Sessions, Viewer};
 

@@ -53,13 +53,16 @@ pub enum Kind {
     /// `z/{finished_at as 16 hex digits}/{job_id}` → nothing: finished jobs, oldest finish
     /// first, for retention.
     Finished,
+    /// `x/{at as 16 hex digits}/{id}` → `ConsoleActionRecord`: the console's audit trail,
+    /// oldest first.
+    ConsoleAction,
     /// `m/{name}` → facts about the store itself (the layout version).
     Meta,
 }
 
 impl Kind {
     /// Every kind, in the order an export lists them.
-    pub const ALL: [Kind; 20] = [
+    pub const ALL: [Kind; 21] = [
         Kind::Device,
         Kind::Enrollment,
         Kind::OpsLogin,
@@ -79,6 +82,7 @@ impl Kind {
         Kind::DeviceJob,
         Kind::IdempotencyKey,
         Kind::Finished,
+        Kind::ConsoleAction,
         Kind::Meta,
     ];
 
@@ -112,6 +116,7 @@ impl Kind {
             Kind::DeviceJob => "l/",
             Kind::IdempotencyKey => "y/",
             Kind::Finished => "z/",
+            Kind::ConsoleAction => "x/",
             Kind::Meta => "m/",
         }
     }
@@ -140,6 +145,10 @@ pub(crate) fn device_job_key(device: &DeviceId, job: &JobId) -> Vec<u8> {
 
 pub(crate) fn idempotency_key(device: &DeviceId, key: &str) -> Vec<u8> {
     format!("y/{device}/{key}").into_bytes()
+}
+
+pub(crate) fn console_action_key(at: UnixMillis, id: &str) -> Vec<u8> {
+    format!("x/{:016x}/{id}", at.0).into_bytes()
 }
 
 pub(crate) fn finished_key(at: UnixMillis, job: &JobId) -> Vec<u8> {

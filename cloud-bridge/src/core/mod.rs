@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{Committer, StoreError, Ticket};
 
+mod audit;
 mod census;
 #[cfg(test)]
 mod concurrency_tests;
@@ -310,7 +311,7 @@ impl Core {
             }
             if matches!(
                 kind,
-                Kind::Job | Kind::Feed | Kind::DeviceRequest | Kind::Payload
+                Kind::Job | Kind::Feed | Kind::DeviceRequest | Kind::Payload | Kind::ConsoleAction
             ) {
                 // Read where they are needed, never held in memory (open jobs: below).
                 continue;
