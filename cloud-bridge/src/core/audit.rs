@@ -68,6 +68,12 @@ mod tests {
         }
     }
 
+    /// The ids of the stored records, newest first.
+    fn ids(core: &Core) -> Vec<String> {
+        let listed = core.console_actions(10).unwrap();
+        listed.into_iter().map(|a| a.id).collect()
+    }
+
     #[test]
     fn the_answer_replaces_the_record_of_the_request_and_the_newest_come_first() {
         let (core, _) = core_with_device();
@@ -108,13 +114,7 @@ mod tests {
             core.forget_console_actions(UnixMillis(10), 100).unwrap(),
             (0, None)
         );
-        let left: Vec<String> = core
-            .console_actions(10)
-            .unwrap()
-            .into_iter()
-            .map(|a| a.id)
-            .collect();
-        assert_eq!(left, ["04", "03"]);
+        assert_eq!(ids(&core), ["04", "03"]);
     }
 
     #[test]
@@ -135,12 +135,6 @@ mod tests {
         };
         let swept = crate::sweeper::sweep(&core, UnixMillis(4 * day), &retention).unwrap();
         assert_eq!((swept.console_actions, swept.ticket.is_some()), (1, true));
-        let left: Vec<String> = core
-            .console_actions(10)
-            .unwrap()
-            .into_iter()
-            .map(|a| a.id)
-            .collect();
-        assert_eq!(left, ["02"]);
+        assert_eq!(ids(&core), ["02"]);
     }
 }
