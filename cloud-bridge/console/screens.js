@@ -5,13 +5,6 @@ import {
   act, addCleanup, api, enc, errorLine, facts, h, onLive, show, state, stateCell, table, time,
 } from "/console/lib.js";
 
-function deviceCondition(d) {
-  if (d.invalidated) return "invalidated";
-  if (d.disabled) return "disabled";
-  if (!d.registration_completed_at) return "registering";
-  return "active";
-}
-
 /// Where the device is connected now, or since when and how it is not.
 function presence(d) {
   const p = d.presence;
@@ -167,7 +160,7 @@ export async function deviceList() {
           d.serial,
           d.model,
           d.customer,
-          deviceCondition(d),
+          d.condition,
           presence(d),
           d.last_status_at ? time(d.last_status_at) : "—",
         ]),
@@ -316,7 +309,7 @@ export async function devicePage(id) {
       ["Destination / time zone", `${device.destination} / ${device.time_zone}`],
       ["Registered", time(device.registered_at)],
       ["Registration completed", time(device.registration_completed_at)],
-      ["Condition", deviceCondition(device)],
+      ["Condition", device.condition],
       ["Connection", presence(device)],
       ["Owner", device.owner_id || "—"],
       ["Owner check", device.owner_check ? JSON.stringify(device.owner_check) : "—"],

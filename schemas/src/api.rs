@@ -64,6 +64,9 @@ pub struct DeviceView {
     pub customer: String,
     pub registered_at: UnixMillis,
     pub disabled: bool,
+    /// Where it stands: invalidated, else disabled, else registering until it confirmed its
+    /// credentials stored, else active.
+    pub condition: DeviceCondition,
     pub feed_newest: FeedSeq,
     pub feed_acked: FeedSeq,
     pub last_status: Option<DeviceStatus>,
@@ -97,6 +100,7 @@ impl From<&DeviceRecord> for DeviceView {
             customer: d.customer.clone(),
             registered_at: d.registered_at,
             disabled: d.disabled,
+            condition: DeviceCondition::of(d),
             feed_newest: d.newest,
             feed_acked: d.acked,
             last_status: d.last_status.clone(),

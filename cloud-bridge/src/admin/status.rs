@@ -139,7 +139,7 @@ fn metrics_view(state: &AppState) -> MetricsView {
 
 /// `GET /v1/fleet`.
 pub(super) async fn fleet(state: &AppState, _: Call<GetFleet>) -> ApiResult<FleetView> {
-    let census = state.bridge.core().census();
+    let census = state.bridge.core().fleet_census();
     let count = |c| census.conditions.get(&c).copied().unwrap_or(0);
     let online = state.bridge.watch().online();
     let mut groups: Vec<FleetGroup> = census

@@ -21,42 +21,61 @@ pub struct Census {
     pub devices_behind: u64,
     /// Jobs in memory (every job not yet finished) by state.
     pub jobs: HashMap<JobState, u64>,
-    /// Devices by condition.
+    /// Devices by condition ([`Core::fleet_census`] only).
     pub conditions: HashMap<DeviceCondition, u64>,
-    /// Devices by customer, then model.
+    /// Devices by customer, then model ([`Core::fleet_census`] only).
     pub groups: HashMap<String, HashMap<String, u64>>,
 }
 
 impl Core {
+    /// The counts the metrics scrape needs (no conditions, no groups).
     pub fn census(&self) -> Census {
+        self.take_census(false)
+    }
+
+    /// [`Self::census`], with the devices by condition and by customer and model as well (the
+    /// fleet overview).
+    pub fn fleet_census(&self) -> Census {
+        self.take_census(true)
+    }
+
+    fn take_census(&self, by_group: bool) -> Census {
         let mut census = Census::default();
         self.each_shard(|shard| {
             for device in shard.devices.values() {
                 census.devices += 1;
                 census.devices_disabled += u64::from(device.disabled);
-                *census
-                    .conditions
-                    .entry(DeviceCondition::of(device))
-                    .or_default() += 1;
-                let models = match census.groups.get_mut(&device.customer) {
-                    Some(models) => models,
-                    None => census.groups.entry(device.customer.clone()).or_default(),
-                };
-                match models.get_mut(&device.model) {
-                    Some(n) => *n += 1,
-                    None => {
-                        models.insert(device.model.clone(), 1);
-                    }
-                }
                 let behind = device.newest.0.saturating_sub(device.acked.0);
                 census.feed_backlog += behind;
                 census.devices_behind += u64::from(behind > 0);
+                if by_group {
+                    census.count_group(device);
+                }
             }
             for job in shard.jobs.values() {
                 *census.jobs.entry(job.state).or_default() += 1;
             }
         });
         census
+    }
+}
+
+impl Census {
+    fn count_group(&mut self, device: &DeviceRecord) {
+        *self
+            .conditions
+            .entry(DeviceCondition::of(device))
+            .or_default() += 1;
+        let models = match self.groups.get_mut(&device.customer) {
+            Some(models) => models,
+            None => self.groups.entry(device.customer.clone()).or_default(),
+        };
+        match models.get_mut(&device.model) {
+            Some(n) => *n += 1,
+            None => {
+                models.insert(device.model.clone(), 1);
+            }
+        }
     }
 }
 
