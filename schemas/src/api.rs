@@ -5,25 +5,25 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use crate::fleet::{
-    DeviceCondition, DevicesQuery, FleetGroup, FleetMinute, FleetView, PresenceView, UserView,
+    DeviceCondition, DevicesQuery, FleetGroup, FleetMinute, FleetView, PresenceView,
+};
+pub use crate::principals::{
+    CompanionCreated, CompanionView, CreateCompanion, CreateOpsLogin, CreateOwner, CreateUser,
+    OpsLoginCreated, OpsLoginView, OwnerCreated, UserCreated, UserView,
 };
 
 use crate::data::{DeviceStatus, ErrorCode};
 use crate::outbox::RequestNo;
 use crate::print::PrintSettings;
 use crate::records::{
-    CompanionRecord, ConsentRecord, CountersRecord, DeviceRecord, Invalidation, JobRecord,
-    OwnerCheckState,
+    ConsentRecord, CountersRecord, DeviceRecord, Invalidation, JobRecord, OwnerCheckState,
 };
 use crate::services::{
     EnrollmentState, InstructionBody, InstructionRecord, InstructionState, RefusedRegistration,
     ServiceUse,
 };
 use crate::settings::{Endpoints, ReportedSettings, SettingsRecord};
-use crate::{
-    ApplicationId, CompanionId, DeviceId, FeedSeq, InstructionId, JobId, OwnerId, Secret,
-    UnixMillis, UserId,
-};
+use crate::{ApplicationId, DeviceId, FeedSeq, InstructionId, JobId, OwnerId, Secret, UnixMillis};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApiError {
@@ -280,24 +280,6 @@ impl InstructionView {
     }
 }
 
-/// `POST /v1/users`: a person who prints with held jobs (logs in at devices with the PIN).
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateUser {
-    #[schemars(length(min = 1, max = 128))]
-    pub name: String,
-    #[schemars(with = "String", length(min = 4, max = 32))]
-    pub pin: Secret,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct UserCreated {
-    pub user_id: UserId,
-    pub name: String,
-    /// The user's API token (shown once): submits to and reads their own virtual printer.
-    pub token: Secret,
-}
-
 /// Canonical padded standard base64, as the bridge decodes it: the last symbol before `=` may
 /// carry no bits beyond the data.
 const BASE64: &str =
@@ -456,97 +438,6 @@ pub struct SubmitJob {
 /// for whoever may read the job (the payload is not in it). Should the record ever hold
 /// something the API must not show, this becomes a type of its own again.
 pub type JobView = JobRecord;
-
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateOwner {
-    #[schemars(length(min = 1, max = 128))]
-    pub name: String,
-}
-
-/// `POST /v1/ops-logins`: an MQTT login for operations tools (dashboards, mosquitto_sub).
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateOpsLogin {
-    #[schemars(length(min = 1, max = 128))]
-    pub name: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct OpsLoginCreated {
-    /// The MQTT username.
-    pub ops_id: crate::OpsId,
-    pub name: String,
-    /// The MQTT password. Shown once; only its hash is stored.
-    pub password: Secret,
-    pub created_at: UnixMillis,
-}
-
-/// An ops login as listed (no secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct OpsLoginView {
-    pub ops_id: crate::OpsId,
-    pub name: String,
-    pub created_at: UnixMillis,
-    pub revoked_at: Option<UnixMillis>,
-}
-
-impl From<&crate::records::OpsLoginRecord> for OpsLoginView {
-    fn from(r: &crate::records::OpsLoginRecord) -> OpsLoginView {
-        OpsLoginView {
-            ops_id: r.ops_id.clone(),
-            name: r.name.clone(),
-            created_at: r.created_at,
-            revoked_at: r.revoked_at,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct OwnerCreated {
-    pub owner_id: OwnerId,
-    pub name: String,
-    /// The owner's API token. Shown once; only its hash is stored.
-    pub token: Secret,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateCompanion {
-    /// "Anna's phone".
-    #[schemars(length(min = 1, max = 128))]
-    pub name: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct CompanionCreated {
-    pub companion_id: CompanionId,
-    pub owner_id: OwnerId,
-    pub name: String,
-    /// The companion's API token. Shown once; only its hash is stored.
-    pub token: Secret,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct CompanionView {
-    pub companion_id: CompanionId,
-    pub owner_id: OwnerId,
-    pub name: String,
-    pub created_at: UnixMillis,
-    pub devices: Vec<DeviceId>,
-}
-
-impl From<&CompanionRecord> for CompanionView {
-    fn from(c: &CompanionRecord) -> CompanionView {
-        CompanionView {
-            companion_id: c.companion_id.clone(),
-            owner_id: c.owner_id.clone(),
-            name: c.name.clone(),
-            created_at: c.created_at,
-            devices: c.devices.clone(),
-        }
-    }
-}
 
 /// A page of a list in the order it was made (`order=newest`: the other way round): the items
 /// after `after` in that order (default: from the first), at most `limit` of them (default 100,

@@ -1,15 +1,14 @@
 //! What operations see of the fleet through the admin API (the console's screens): the device
-//! list's query and each device's condition and presence, the overview, the users of held
-//! printing. Re-exported from [`crate::api`] with the other API bodies.
+//! list's query, each device's condition and presence, and the overview. Re-exported from
+//! [`crate::api`] with the other API bodies.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::ops::Channel;
-use crate::print::UserRecord;
 use crate::records::DeviceRecord;
-use crate::{DeviceId, UnixMillis, UserId};
+use crate::{DeviceId, UnixMillis};
 
 /// A device's connections as one bridge has seen them since it started.
 #[derive(
@@ -22,24 +21,6 @@ pub struct PresenceView {
     /// which; `None`: not since the bridge started.
     pub left_at: Option<UnixMillis>,
     pub left: Option<Channel>,
-}
-
-/// A user of held printing as the API lists them (never their PIN or token).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct UserView {
-    pub user_id: UserId,
-    pub name: String,
-    pub created_at: UnixMillis,
-}
-
-impl From<&UserRecord> for UserView {
-    fn from(u: &UserRecord) -> UserView {
-        UserView {
-            user_id: u.user_id.clone(),
-            name: u.name.clone(),
-            created_at: u.created_at,
-        }
-    }
 }
 
 /// Query of `GET /v1/devices`: every device, oldest registration first; `q` and `condition`

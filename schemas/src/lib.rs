@@ -33,6 +33,7 @@ pub mod nudge;
 pub mod openapi;
 pub mod ops;
 pub mod outbox;
+pub mod principals;
 pub mod print;
 pub mod records;
 pub mod services;
