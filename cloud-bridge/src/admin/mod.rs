@@ -12,50 +12,24 @@
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::Request;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
-use schemas::Secret;
-use schemas::api::ApiError;
+use axum::response::IntoResponse;
 use schemas::data::ErrorCode;
+use schemas::{Secret, UnixMillis};
 
 use crate::bridge::Bridge;
-use crate::core::{CoreError, Principal};
+use crate::core::Principal;
 
 pub(crate) mod ops;
 mod people;
 pub(crate) mod serve;
+pub(crate) mod shared;
 mod status;
 
-#[derive(Debug, Clone)]
-pub(crate) struct AppState {
-    pub(crate) bridge: Bridge,
-    token: Arc<Secret>,
-    /// The console's sign-in sessions.
-    pub(crate) console: Arc<crate::console::Sessions>,
-    /// The console's cookie is marked `Secure` (the listener speaks TLS).
-    pub(crate) secure_cookies: bool,
-    /// The console's live event streams open now.
-    pub(crate) live_streams: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl AppState {
-    pub(crate) fn new(bridge: Bridge, admin_token: Secret, secure_cookies: bool) -> AppState {
-        AppState {
-            bridge,
-            token: Arc::new(admin_token),
-            console: Arc::default(),
-            secure_cookies,
-            live_streams: Arc::default(),
-        }
-    }
-
-    pub(crate) fn is_admin_token(&self, presented: &str) -> bool {
-        broker::constant_time_eq(presented.as_bytes(), self.token.expose().as_bytes())
-    }
-}
+pub(crate) use shared::{ApiFailure, ApiResult, AppState, bearer};
 
 /// The largest request body.
 pub(crate) const BODY_LIMIT: usize = schemas::MAX_BODY_BYTES;
@@ -106,6 +80,32 @@ pub fn metrics_router(bridge: Bridge, token: Option<Secret>) -> Router {
     )
 }
 
+// The handlers' common steps (`ops.rs`, `people.rs`).
+
+fn bridge(state: &AppState) -> &Bridge {
+    &state.bridge
+}
+
+/// The time, as the bridge's clock says.
+fn now(s: &AppState) -> UnixMillis {
+    s.bridge.now()
+}
+
+/// A payload given as text or as standard base64 (exactly one).
+fn decode_payload(text: Option<&str>, b64: Option<&str>) -> ApiResult<Vec<u8>> {
+    use base64::Engine as _;
+    match (text, b64) {
+        (Some(text), None) => Ok(text.as_bytes().to_vec()),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map_err(|e| ApiFailure::new(ErrorCode::BadRequest, format!("payload_base64: {e}"))),
+        _ => Err(ApiFailure::new(
+            ErrorCode::BadRequest,
+            "give exactly one of payload and payload_base64",
+        )),
+    }
+}
+
 /// Answers 408 `timeout` for a request (body included) not answered within `limit`: a client
 /// that trickles its body cannot hold a connection and a task for ever.
 pub fn with_request_timeout(router: Router, limit: std::time::Duration) -> Router {
@@ -121,52 +121,6 @@ pub fn with_request_timeout(router: Router, limit: std::time::Duration) -> Route
             }
         },
     ))
-}
-
-/// An API error response.
-#[derive(Debug)]
-pub struct ApiFailure(StatusCode, ApiError);
-
-impl ApiFailure {
-    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> ApiFailure {
-        ApiFailure(
-            status_for(code),
-            ApiError {
-                code,
-                message: message.into(),
-            },
-        )
-    }
-}
-
-fn status_for(code: ErrorCode) -> StatusCode {
-    StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-}
-
-impl From<CoreError> for ApiFailure {
-    fn from(e: CoreError) -> ApiFailure {
-        let body = e.body();
-        if body.code == ErrorCode::Internal {
-            tracing::error!(error = %e, "admin API internal error");
-        }
-        ApiFailure::new(body.code, body.message)
-    }
-}
-
-impl IntoResponse for ApiFailure {
-    fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
-    }
-}
-
-pub(crate) type ApiResult<T> = Result<T, ApiFailure>;
-
-/// The bearer token presented, if any.
-pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 /// Who calls: the bearer token's principal, or with no token, the console session the cookie

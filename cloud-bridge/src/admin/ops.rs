@@ -16,11 +16,10 @@ use schemas::data::ErrorCode;
 use schemas::hint::HintKind;
 use schemas::records::DeviceRecord;
 use schemas::services::InstructionBody;
-use schemas::{ApplicationId, DeviceId, InstructionId, Secret, UnixMillis};
+use schemas::{ApplicationId, DeviceId, InstructionId, Secret};
 
 use super::serve::{Call, Reply, Serve, route};
-use super::{ApiFailure, ApiResult, AppState, people, status};
-use crate::bridge::Bridge;
+use super::{ApiFailure, ApiResult, AppState, bridge, decode_payload, now, people, status};
 use crate::core::{Core, CoreError, CoreResult, NewJob, Principal};
 
 /// One entry per operation, in one of three forms:
@@ -147,30 +146,6 @@ operations! {
 }
 
 type Result<T> = std::result::Result<T, ApiFailure>;
-
-pub(super) fn bridge(state: &AppState) -> &Bridge {
-    &state.bridge
-}
-
-/// The time, as the bridge's clock says.
-pub(super) fn now(s: &AppState) -> UnixMillis {
-    s.bridge.now()
-}
-
-/// A payload given as text or as standard base64 (exactly one).
-pub(super) fn decode_payload(text: Option<&str>, b64: Option<&str>) -> Result<Vec<u8>> {
-    use base64::Engine as _;
-    match (text, b64) {
-        (Some(text), None) => Ok(text.as_bytes().to_vec()),
-        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-            .decode(b64.as_bytes())
-            .map_err(|e| ApiFailure::new(ErrorCode::BadRequest, format!("payload_base64: {e}"))),
-        _ => Err(ApiFailure::new(
-            ErrorCode::BadRequest,
-            "give exactly one of payload and payload_base64",
-        )),
-    }
-}
 
 // ------------------------------------------------------------------- devices
 

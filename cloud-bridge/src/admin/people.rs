@@ -9,9 +9,8 @@ use schemas::data::ErrorCode;
 use schemas::{CompanionId, DeviceId, OpsId, OwnerId, Secret, UserId};
 
 use super::ApiFailure;
-use super::AppState;
-use super::ops::{bridge, decode_payload, now};
 use super::serve::Call;
+use super::{AppState, bridge, decode_payload, now};
 use crate::core::{NewPrincipal, Principal};
 
 type Result<T> = std::result::Result<T, ApiFailure>;

@@ -63,7 +63,7 @@ struct Inner {
     feeds: Mutex<HashMap<DeviceId, watch::Sender<FeedSeq>>>,
     reaper: ReaperWake,
     metrics: Metrics,
-    telemetry: crate::telemetry::Telemetry,
+    telemetry: crate::telemetry::counted::Telemetry,
     broker_mode: String,
     /// The embedded broker, once started (none with an external broker).
     embedded: OnceLock<broker::EmbeddedBroker>,
@@ -106,7 +106,7 @@ impl Bridge {
                 feeds: Mutex::new(HashMap::new()),
                 reaper: ReaperWake::default(),
                 metrics: Metrics::default(),
-                telemetry: crate::telemetry::Telemetry::default(),
+                telemetry: crate::telemetry::counted::Telemetry::default(),
                 broker_mode: broker_mode.to_owned(),
                 embedded: OnceLock::new(),
                 data_sessions: Arc::new(DataSessions::default()),
@@ -132,7 +132,7 @@ impl Bridge {
     }
 
     /// What the metrics scrape counts as commits are applied.
-    pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
+    pub fn telemetry(&self) -> &crate::telemetry::counted::Telemetry {
         &self.inner.telemetry
     }
 

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use schemas::records::ConsoleActionRecord;
 
 use super::{Viewer, signed_in};
-use crate::admin::{ApiFailure, ApiResult, AppState};
+use crate::admin::shared::{ApiFailure, ApiResult, AppState, bearer};
 
 /// Actions `GET /console/actions` lists, at most.
 pub const MAX_ACTIONS: usize = 1000;
@@ -49,7 +49,7 @@ pub(crate) async fn record(
     next: Next,
 ) -> Response {
     let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
-    let by_cookie = crate::admin::bearer(request.headers()).is_none();
+    let by_cookie = bearer(request.headers()).is_none();
     let path = request.uri().path().to_owned();
     let viewer = (changes && by_cookie && path != "/console/session")
         .then(|| signed_in(&state, request.headers()))

@@ -26,10 +26,10 @@ use schemas::data::ErrorCode;
 use schemas::{OpsId, UnixMillis};
 use serde::{Deserialize, Serialize};
 
-use crate::admin::{ApiFailure, ApiResult, AppState};
+use crate::admin::shared::{ApiFailure, ApiResult, AppState, bearer};
 
 mod actions;
-mod sessions;
+pub(crate) mod sessions;
 
 pub use actions::MAX_ACTIONS;
 pub(crate) use actions::record;
@@ -288,7 +288,7 @@ impl Drop for Open {
 /// goes on. Signed in with the console's cookie, or with the admin token.
 async fn events(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     let viewer_ok = signed_in(&state, &headers).is_some()
-        || crate::admin::bearer(&headers).is_some_and(|t| state.is_admin_token(t));
+        || bearer(&headers).is_some_and(|t| state.is_admin_token(t));
     if !viewer_ok {
         return Err(unauthorized("not signed in"));
     }

@@ -14,63 +14,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use schemas::job::JobState;
-use schemas::ops::OpsEvent;
 
 use crate::bridge::Bridge;
 
+pub mod counted;
+
+pub use counted::Telemetry;
+
 /// The content type of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-type StateLabel = [(&'static str, &'static str); 1];
-
-fn completion_histogram() -> Histogram {
-    // 1 ms to about 131 s.
-    Histogram::new(exponential_buckets(0.001, 2.0, 18))
-}
-
-/// What is counted as commits are applied.
-#[derive(Debug)]
-pub struct Telemetry {
-    transitions: Family<StateLabel, Counter>,
-    completion: Family<StateLabel, Histogram, fn() -> Histogram>,
-}
-
-impl Default for Telemetry {
-    fn default() -> Telemetry {
-        Telemetry {
-            transitions: Family::default(),
-            completion: Family::new_with_constructor(completion_histogram),
-        }
-    }
-}
-
-impl Telemetry {
-    /// Counts an event of a commit that is durable.
-    pub fn applied(&self, event: &OpsEvent) {
-        if let OpsEvent::JobTransition {
-            to,
-            at,
-            submitted_at,
-            ..
-        } = event
-        {
-            let label = [("state", to.as_str())];
-            self.transitions.get_or_create(&label).inc();
-            if to.is_terminal() && submitted_at.0 > 0 {
-                let millis = at.0.saturating_sub(submitted_at.0);
-                self.completion
-                    .get_or_create(&label)
-                    .observe(millis as f64 / 1000.0);
-            }
-        }
-    }
-}
 
 /// The scrape: every metric, as text.
 pub fn render(bridge: &Bridge) -> String {
