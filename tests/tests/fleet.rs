@@ -21,7 +21,7 @@ fn fleet(
         Some(ep.mqtt.clone()),
     );
     cfg.label = label.into();
-    cfg.drain = Duration::from_secs(40);
+    cfg.load.drain = Duration::from_secs(40);
     adjust(&mut cfg);
     cfg
 }
@@ -32,11 +32,11 @@ async fn fifty_devices_with_cut_links_lose_nothing_and_run_nothing_twice() {
     let ep = &bridge.endpoints;
     let cfg = fleet(ep, "test-fleet", |cfg| {
         cfg.devices = 50;
-        cfg.rate = 40.0;
-        cfg.duration = Duration::from_secs(6);
-        cfg.job_time = Duration::from_millis(20);
-        cfg.long_poll = Duration::from_secs(2);
-        cfg.cut_mqtt = Some(Fault {
+        cfg.load.rate = 40.0;
+        cfg.load.duration = Duration::from_secs(6);
+        cfg.device.job_time = Duration::from_millis(20);
+        cfg.device.long_poll = Duration::from_secs(2);
+        cfg.faults.cut_mqtt = Some(Fault {
             share: 0.2,
             at: Duration::from_secs(1),
             length: Duration::from_secs(3),
@@ -69,11 +69,11 @@ async fn killed_and_restarted_devices_lose_nothing_and_print_nothing_twice() {
     let ep = &bridge.endpoints;
     let cfg = fleet(ep, "test-restart", |cfg| {
         cfg.devices = 30;
-        cfg.rate = 30.0;
-        cfg.duration = Duration::from_secs(5);
+        cfg.load.rate = 30.0;
+        cfg.load.duration = Duration::from_secs(5);
         // Long enough that a kill lands in the middle of some prints.
-        cfg.job_time = Duration::from_millis(300);
-        cfg.restart_devices = Some(Fault {
+        cfg.device.job_time = Duration::from_millis(300);
+        cfg.faults.restart_devices = Some(Fault {
             share: 0.3,
             at: Duration::from_secs(2),
             length: Duration::from_secs(1),

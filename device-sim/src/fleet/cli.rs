@@ -243,30 +243,30 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     let mut cfg = FleetConfig::new(&args.admin_url, Secret::new(token), &args.data_url, mqtt);
     cfg.label = args.label.clone();
     cfg.devices = args.devices;
-    cfg.rate = args.rate;
-    cfg.duration = args.duration;
+    cfg.load.rate = args.rate;
+    cfg.load.duration = args.duration;
     cfg.connect_rate = args.connect_rate;
-    cfg.job_time = args.job_time;
+    cfg.device.job_time = args.job_time;
     if let Some(interval) = args.poll_only {
-        cfg.poll_interval = interval;
+        cfg.device.poll_interval = interval;
     }
     let fault = |share| Fault {
         share,
         at: args.cut_at,
         length: args.cut_for,
     };
-    cfg.cut_mqtt = args.cut_mqtt.map(fault);
-    cfg.restart_devices = args.restart_devices.map(fault);
-    cfg.watch = args.watch_pid.clone();
+    cfg.faults.cut_mqtt = args.cut_mqtt.map(fault);
+    cfg.faults.restart_devices = args.restart_devices.map(fault);
+    cfg.report.watch = args.watch_pid.clone();
     if let Some(pid) = args.bridge_pid {
-        cfg.watch.insert(0, ("cloud-bridge".to_owned(), pid));
+        cfg.report.watch.insert(0, ("cloud-bridge".to_owned(), pid));
     }
-    cfg.data_idle_close = args.data_idle_close;
-    cfg.progress = !args.part;
-    cfg.keep_samples = args.part;
-    cfg.warmup = args.warmup;
-    cfg.archive = args.archive.clone();
-    cfg.final_round = args.final_round;
+    cfg.device.data_idle_close = args.data_idle_close;
+    cfg.report.progress = !args.part;
+    cfg.report.keep_samples = args.part;
+    cfg.checks.warmup = args.warmup;
+    cfg.checks.archive = args.archive.clone();
+    cfg.checks.final_round = args.final_round;
     let report = super::run(cfg).await?;
     write_report(&args, &report)
 }

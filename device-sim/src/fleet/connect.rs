@@ -38,6 +38,7 @@ pub(super) async fn start(
     executor: &Arc<dyn JobExecutor>,
 ) -> Result<Fleet, FleetError> {
     let cut_count = cfg
+        .faults
         .cut_mqtt
         .map(|f| ((cfg.devices as f64) * f.share).round() as usize)
         .unwrap_or(0);

@@ -34,7 +34,7 @@ struct Faults {
 impl Faults {
     /// Starts or ends each fault whose time has come, `elapsed` into the run.
     fn apply(&mut self, cfg: &FleetConfig, fleet: &mut Fleet, elapsed: Duration) {
-        if let (Some(f), Some(p)) = (cfg.cut_mqtt, &fleet.proxy) {
+        if let (Some(f), Some(p)) = (cfg.faults.cut_mqtt, &fleet.proxy) {
             if self.cut == Phase::Before && elapsed >= f.at {
                 p.cut();
                 self.cut = Phase::During;
@@ -47,7 +47,7 @@ impl Faults {
                 self.cut = Phase::Over;
             }
         }
-        if let Some(f) = cfg.restart_devices {
+        if let Some(f) = cfg.faults.restart_devices {
             if self.restart == Phase::Before && elapsed >= f.at {
                 let n = (((cfg.devices as f64) * f.share).round() as usize).min(cfg.devices);
                 let mut order: Vec<usize> = (0..cfg.devices).collect();
@@ -83,7 +83,7 @@ pub(super) struct Generated {
     pub(super) faults: Vec<String>,
 }
 
-/// Submits jobs for `cfg.duration`, applying faults on schedule, then waits for every
+/// Submits jobs for `cfg.load.duration`, applying faults on schedule, then waits for every
 /// submission to be answered and for the outstanding jobs.
 pub(super) async fn run(
     cfg: &FleetConfig,
@@ -91,8 +91,8 @@ pub(super) async fn run(
     shared: &Arc<Shared>,
     fleet: &mut Fleet,
 ) -> Generated {
-    let progress = cfg.progress.then(|| {
-        let bar = indicatif::ProgressBar::new(cfg.duration.as_secs());
+    let progress = cfg.report.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(cfg.load.duration.as_secs());
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "{elapsed_precise} [{bar:30}] {pos}/{len}s {msg}",
@@ -101,7 +101,7 @@ pub(super) async fn run(
         );
         bar
     });
-    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
+    let in_flight = Arc::new(Semaphore::new(cfg.load.max_in_flight));
     let mut faults = Faults {
         cut: Phase::Before,
         restart: Phase::Before,
@@ -110,16 +110,16 @@ pub(super) async fn run(
     };
     let started = Instant::now();
     let mut submitted: u64 = 0;
-    let payload_pad = "x".repeat(cfg.payload_bytes.saturating_sub(24));
+    let payload_pad = "x".repeat(cfg.load.payload_bytes.saturating_sub(24));
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     loop {
         tick.tick().await;
         let elapsed = started.elapsed();
-        if elapsed >= cfg.duration {
+        if elapsed >= cfg.load.duration {
             break;
         }
         faults.apply(cfg, fleet, elapsed);
-        let due = (elapsed.as_secs_f64() * cfg.rate) as u64;
+        let due = (elapsed.as_secs_f64() * cfg.load.rate) as u64;
         while submitted < due {
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break;
@@ -174,7 +174,7 @@ pub(super) async fn run(
     }
     // Wait for every submission to be answered, then for the outstanding jobs.
     let _all = in_flight
-        .acquire_many(u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX))
+        .acquire_many(u32::try_from(cfg.load.max_in_flight).unwrap_or(u32::MAX))
         .await;
     drain(cfg, shared).await;
     if let Some(bar) = progress {
@@ -188,9 +188,9 @@ pub(super) async fn run(
     }
 }
 
-/// Waits until every acknowledged job is done, at most `cfg.drain`.
+/// Waits until every acknowledged job is done, at most `cfg.load.drain`.
 async fn drain(cfg: &FleetConfig, shared: &Shared) {
-    let deadline = Instant::now() + cfg.drain;
+    let deadline = Instant::now() + cfg.load.drain;
     loop {
         let notified = shared.changed.notified();
         let (acked, completed) = {

@@ -53,40 +53,70 @@ pub struct FleetConfig {
     pub devices: usize,
     /// Devices started per second.
     pub connect_rate: u32,
+    /// How each simulated device behaves.
+    pub device: DeviceBehaviour,
+    /// The jobs the generator submits.
+    pub load: Load,
+    /// What the generator does to the devices on schedule.
+    pub faults: Faults,
+    /// What is run and checked around the measurement.
+    pub checks: Checks,
+    /// What goes in the report besides the figures.
+    pub report: Reporting,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceBehaviour {
+    /// Simulated print time per job.
+    pub job_time: Duration,
+    /// Poll interval of poll-only devices.
+    pub poll_interval: Duration,
+    pub long_poll: Duration,
+    /// Devices close an idle data channel after this long (MQTT up). Large fleets need it
+    /// short: each open channel is a file descriptor in the bridge.
+    pub data_idle_close: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Load {
     /// Jobs submitted per second, spread over random devices.
     pub rate: f64,
     pub duration: Duration,
     /// After the generator stops, how long to wait for outstanding jobs.
     pub drain: Duration,
-    /// Simulated print time per job.
-    pub job_time: Duration,
     pub payload_bytes: usize,
-    /// Poll interval of poll-only devices.
-    pub poll_interval: Duration,
-    pub long_poll: Duration,
     /// Submissions in flight at once.
     pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
     /// Cut the MQTT link of a share of the devices.
     pub cut_mqtt: Option<Fault>,
     /// Kill a share of the devices and start them again after `length`.
     pub restart_devices: Option<Fault>,
-    /// Processes whose CPU and memory go in the report (the bridge, an external broker).
-    pub watch: Vec<(String, u32)>,
-    /// Devices close an idle data channel after this long (MQTT up). Large fleets need it
-    /// short: each open channel is a file descriptor in the bridge.
-    pub data_idle_close: Duration,
-    pub progress: bool,
-    /// Keep every job's timings in the report, for merging the parts of a multi-process run.
-    pub keep_samples: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Checks {
     /// Before measuring, send every device one job and wait until all are done, so that the
     /// figures are the steady state: with the embedded broker, the first publish to a topic
     /// costs rumqttd a comparison with every filter (one per device), once per device.
     pub warmup: bool,
-    /// The bridge's retention archive, for jobs swept before the verification reads them.
-    pub archive: Option<std::path::PathBuf>,
     /// After the run, send every device one more job and wait until all are done (every
     /// device still works after the run's faults).
     pub final_round: bool,
+    /// The bridge's retention archive, for jobs swept before the verification reads them.
+    pub archive: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Reporting {
+    /// Processes whose CPU and memory go in the report (the bridge, an external broker).
+    pub watch: Vec<(String, u32)>,
+    pub progress: bool,
+    /// Keep every job's timings in the report, for merging the parts of a multi-process run.
+    pub keep_samples: bool,
 }
 
 impl FleetConfig {
@@ -104,23 +134,22 @@ impl FleetConfig {
             mqtt,
             devices: 100,
             connect_rate: 500,
-            rate: 50.0,
-            duration: Duration::from_secs(30),
-            drain: Duration::from_secs(60),
-            job_time: Duration::from_millis(0),
-            payload_bytes: 256,
-            poll_interval: Duration::from_secs(30),
-            long_poll: Duration::from_secs(25),
-            max_in_flight: 256,
-            cut_mqtt: None,
-            restart_devices: None,
-            watch: Vec::new(),
-            data_idle_close: Duration::from_secs(5),
-            progress: false,
-            keep_samples: false,
-            warmup: false,
-            archive: None,
-            final_round: false,
+            device: DeviceBehaviour {
+                job_time: Duration::from_millis(0),
+                poll_interval: Duration::from_secs(30),
+                long_poll: Duration::from_secs(25),
+                data_idle_close: Duration::from_secs(5),
+            },
+            load: Load {
+                rate: 50.0,
+                duration: Duration::from_secs(30),
+                drain: Duration::from_secs(60),
+                payload_bytes: 256,
+                max_in_flight: 256,
+            },
+            faults: Faults::default(),
+            checks: Checks::default(),
+            report: Reporting::default(),
         }
     }
 }
@@ -375,12 +404,12 @@ fn agent_config(
     };
     let mut config = AgentConfig::new(cfg.data_url.clone(), mqtt.clone(), info);
     config.enrollment_token = Some(token.clone());
-    config.long_poll = cfg.long_poll;
+    config.long_poll = cfg.device.long_poll;
     config.backoff_min = Duration::from_millis(250);
     config.slow_poll = Duration::from_secs(30);
-    config.data_idle_close = cfg.data_idle_close;
+    config.data_idle_close = cfg.device.data_idle_close;
     if mqtt.is_none() {
-        config.poll_interval = Some(cfg.poll_interval);
+        config.poll_interval = Some(cfg.device.poll_interval);
         config.long_poll = Duration::ZERO;
     }
     config
@@ -394,7 +423,7 @@ async fn warm_up(
     shared: &Arc<Shared>,
     ready: &[(usize, DeviceId)],
 ) -> Result<(), FleetError> {
-    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
+    let in_flight = Arc::new(Semaphore::new(cfg.load.max_in_flight));
     let mut submissions = tokio::task::JoinSet::new();
     for (_, id) in ready {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -419,7 +448,7 @@ async fn warm_up(
     while let Some(done) = submissions.join_next().await {
         done.map_err(|e| FleetError::Warmup(format!("submission task: {e}")))??;
     }
-    let deadline = Instant::now() + cfg.drain;
+    let deadline = Instant::now() + cfg.load.drain;
     loop {
         let notified = shared.changed.notified();
         let left = shared.state().warmup.len();
@@ -429,7 +458,7 @@ async fn warm_up(
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
             return Err(FleetError::Warmup(format!(
                 "{left} jobs not done within {:?}",
-                cfg.drain
+                cfg.load.drain
             )));
         }
     }
@@ -438,7 +467,7 @@ async fn warm_up(
 /// Runs the fleet and returns its report: connect, warm up (if asked), generate jobs with the
 /// faults, drain, then check every job against the cloud's records.
 pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
-    if cfg.devices == 0 || cfg.rate <= 0.0 || cfg.connect_rate == 0 {
+    if cfg.devices == 0 || cfg.load.rate <= 0.0 || cfg.connect_rate == 0 {
         return Err(FleetError::Config(
             "devices, rate and connect rate must be positive".into(),
         ));
@@ -459,10 +488,10 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
     let shared = Arc::new(Shared::new(cfg.devices));
     let executor: Arc<dyn JobExecutor> = Arc::new(FleetExecutor {
         shared: shared.clone(),
-        job_time: cfg.job_time,
+        job_time: cfg.device.job_time,
     });
     let mut fleet = connect::start(&cfg, &token, &shared, &executor).await?;
-    let warmup_secs = if cfg.warmup {
+    let warmup_secs = if cfg.checks.warmup {
         let began = Instant::now();
         warm_up(&cfg, &client, &shared, &fleet.ready).await?;
         tracing::info!(took = ?began.elapsed(), "fleet warmed up");
@@ -474,7 +503,7 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
     let generated = generator::run(&cfg, &client, &shared, &mut fleet).await;
     // Before the verification's reads, which are not part of what the run measures.
     measure.finish(&cfg, &client).await?;
-    let final_round_secs = if cfg.final_round {
+    let final_round_secs = if cfg.checks.final_round {
         let began = Instant::now();
         warm_up(&cfg, &client, &shared, &fleet.ready)
             .await
@@ -485,7 +514,7 @@ pub async fn run(cfg: FleetConfig) -> Result<FleetReport, FleetError> {
         None
     };
     let mut cloud = verify::cloud_records(&client, &fleet.ready).await?;
-    if let Some(archive) = &cfg.archive {
+    if let Some(archive) = &cfg.checks.archive {
         verify::archived_records(archive, &mut cloud).map_err(|source| FleetError::Archive {
             path: archive.display().to_string(),
             source,

@@ -87,6 +87,7 @@ impl Measure {
         let started = Instant::now();
         let sim_before = ProcUsage::current().unwrap_or_default();
         let watched_before = cfg
+            .report
             .watch
             .iter()
             .map(|(_, pid)| ProcUsage::of(*pid).unwrap_or_default())
@@ -114,6 +115,7 @@ impl Measure {
         self.wall = self.started.elapsed();
         self.sim_after = ProcUsage::current().unwrap_or_default();
         self.watched_after = cfg
+            .report
             .watch
             .iter()
             .map(|(_, pid)| ProcUsage::of(*pid))
@@ -166,7 +168,7 @@ pub(super) fn report(
             .submitted
             .saturating_duration_since(generated.started)
             .as_secs() as usize;
-        if cfg.keep_samples {
+        if cfg.report.keep_samples {
             let us = |at: Option<Instant>| {
                 at.map(|a| u64::try_from((a - t.submitted).as_micros()).unwrap_or(u64::MAX))
             };
@@ -251,6 +253,7 @@ pub(super) fn report(
         wall,
     )];
     for (((name, pid), before), after) in cfg
+        .report
         .watch
         .iter()
         .zip(&m.watched_before)
@@ -261,7 +264,7 @@ pub(super) fn report(
         }
     }
     let mode = match &cfg.mqtt {
-        None => format!("poll-only every {:?}", cfg.poll_interval),
+        None => format!("poll-only every {:?}", cfg.device.poll_interval),
         Some(_) => "push".to_owned(),
     };
     FleetReport {
@@ -271,7 +274,7 @@ pub(super) fn report(
         devices_connected: fleet.connected,
         connect_secs: fleet.connect_secs,
         warmup_secs: fleet.warmup_secs,
-        target_rate: cfg.rate,
+        target_rate: cfg.load.rate,
         duration_secs: generated.elapsed.as_secs_f64(),
         jobs_submitted: generated.submitted,
         jobs_acknowledged: acked,
