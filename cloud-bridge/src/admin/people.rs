@@ -11,7 +11,8 @@ use schemas::{CompanionId, DeviceId, OpsId, OwnerId, Secret, UserId};
 use super::ApiFailure;
 use super::serve::Call;
 use super::{AppState, bridge, decode_payload, now};
-use crate::core::{NewPrincipal, Principal};
+use crate::core::{NewPrincipal, Principal, PrincipalRecord};
+use schemas::records::{OpsLoginRecord, OwnerRecord};
 
 type Result<T> = std::result::Result<T, ApiFailure>;
 
@@ -51,15 +52,26 @@ pub(super) async fn submit_held(
     )
 }
 
-pub(super) async fn create_owner(s: &AppState, c: Call<op::CreateOwnerOp>) -> Result<OwnerCreated> {
-    let new = fresh(OwnerId::from_random, c.body.name);
+/// A new owner or ops login named `name`: its record, and its secret for the answer (only
+/// its hash is stored).
+async fn create<R: PrincipalRecord>(
+    s: &AppState,
+    id: fn([u8; 8]) -> R::Id,
+    name: String,
+) -> Result<(R, Secret)> {
+    let new = fresh(id, name);
     let record = bridge(s)
-        .change(|core| core.create_owner(&new, now(s)))
+        .change(|core| core.create_principal::<R>(&new, now(s)))
         .await?;
+    Ok((record, new.secret))
+}
+
+pub(super) async fn create_owner(s: &AppState, c: Call<op::CreateOwnerOp>) -> Result<OwnerCreated> {
+    let (record, token) = create::<OwnerRecord>(s, OwnerId::from_random, c.body.name).await?;
     Ok(OwnerCreated {
         owner_id: record.owner_id,
         name: record.name,
-        token: new.secret,
+        token,
     })
 }
 
@@ -68,14 +80,11 @@ pub(super) async fn create_ops_login(
     s: &AppState,
     c: Call<op::CreateOpsLoginOp>,
 ) -> Result<OpsLoginCreated> {
-    let new = fresh(OpsId::from_random, c.body.name);
-    let record = bridge(s)
-        .change(|core| core.create_ops_login(&new, now(s)))
-        .await?;
+    let (record, password) = create::<OpsLoginRecord>(s, OpsId::from_random, c.body.name).await?;
     Ok(OpsLoginCreated {
         ops_id: record.ops_id,
         name: record.name,
-        password: new.secret,
+        password,
         created_at: record.created_at,
     })
 }

@@ -60,6 +60,7 @@ pub use census::Census;
 pub use events::OpsQueue;
 pub use ops_logins::OpsLoginFailure;
 pub use owner::OwnerVerdict;
+pub(crate) use principals::PrincipalRecord;
 pub use principals::{NewPrincipal, Principal};
 pub use retention::FinishedJob;
 pub use services::ServiceRegistration;

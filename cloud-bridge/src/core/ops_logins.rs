@@ -7,7 +7,7 @@ use schemas::data::ErrorCode;
 use schemas::records::OpsLoginRecord;
 use schemas::{OpsId, UnixMillis};
 
-use super::principals::NewPrincipal;
+use super::principals::PrincipalRecord;
 use super::tx::{Access, Tx};
 use super::{Core, CoreError, CoreResult, sha256_hex};
 use crate::store::Ticket;
@@ -20,24 +20,24 @@ pub enum OpsLoginFailure {
     Revoked,
 }
 
-impl Core {
-    /// A login whose secret is its password.
-    pub fn create_ops_login(
-        &self,
-        new: &NewPrincipal<OpsId>,
-        now: UnixMillis,
-    ) -> CoreResult<(OpsLoginRecord, Ticket)> {
-        let (ops_id, name, password_sha256) = new.checked()?;
-        let record = OpsLoginRecord {
+/// A login whose secret is its password.
+impl PrincipalRecord for OpsLoginRecord {
+    type Id = OpsId;
+    fn made(ops_id: OpsId, name: String, password_sha256: String, now: UnixMillis) -> Self {
+        OpsLoginRecord {
             ops_id,
             name,
             password_sha256,
             created_at: now,
             revoked_at: None,
-        };
-        self.create(record, Tx::insert_ops_login)
+        }
     }
+    fn insert(tx: &mut Tx<'_>, record: Self) -> CoreResult<()> {
+        tx.insert_ops_login(record)
+    }
+}
 
+impl Core {
     /// Whether the login exists and is not revoked.
     pub fn ops_login_active(&self, id: &OpsId) -> bool {
         self.with_registry(|r| r.ops_logins.get(id).is_some_and(|l| l.revoked_at.is_none()))
@@ -96,9 +96,11 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::core::tests::core;
     use schemas::Secret;
+
+    use super::*;
+    use crate::core::NewPrincipal;
+    use crate::core::tests::core;
 
     #[test]
     fn an_ops_login_works_until_revoked() {
@@ -106,7 +108,8 @@ mod tests {
         let id = OpsId::parse("ops-00000000000000a1").unwrap();
         let password = Secret::new("pw");
         let new = NewPrincipal::new(id.clone(), "grafana", password);
-        core.create_ops_login(&new, UnixMillis(1)).unwrap();
+        core.create_principal::<OpsLoginRecord>(&new, UnixMillis(1))
+            .unwrap();
         assert_eq!(core.authenticate_ops(id.as_str(), "pw"), Ok(id.clone()));
         assert_eq!(
             core.authenticate_ops(id.as_str(), "wrong"),

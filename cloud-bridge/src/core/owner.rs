@@ -179,6 +179,7 @@ impl Tx<'_> {
 #[cfg(test)]
 mod tests {
     use schemas::data::Registration;
+    use schemas::records::OwnerRecord;
     use schemas::{JobId, OwnerId, Secret};
 
     use super::*;
@@ -190,7 +191,7 @@ mod tests {
     fn owned(core: &Core) -> (DeviceId, OwnerId) {
         let owner = OwnerId::from_random([3; 8]);
         let new = NewPrincipal::new(owner.clone(), "Anna", Secret::new("t"));
-        core.create_owner(&new, T0).unwrap();
+        core.create_principal::<OwnerRecord>(&new, T0).unwrap();
         let token = Secret::new("enrol");
         core.create_enrollment(token.clone(), "acme".into(), 1, 60_000, T0)
             .unwrap();

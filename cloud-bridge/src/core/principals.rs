@@ -65,6 +65,31 @@ impl<I: Clone> NewPrincipal<I> {
     }
 }
 
+/// The record of a principal made from a [`NewPrincipal`] alone (an owner, an ops login; a
+/// companion also names its owner, a user also has a PIN).
+pub(crate) trait PrincipalRecord: Clone {
+    type Id: Clone;
+    /// The record of a principal with this id and name whose secret has this SHA-256.
+    fn made(id: Self::Id, name: String, secret_sha256: String, now: UnixMillis) -> Self;
+    /// Stages the new record; refused when its id is taken.
+    fn insert(tx: &mut Tx<'_>, record: Self) -> CoreResult<()>;
+}
+
+impl PrincipalRecord for OwnerRecord {
+    type Id = OwnerId;
+    fn made(owner_id: OwnerId, name: String, token_sha256: String, now: UnixMillis) -> Self {
+        OwnerRecord {
+            owner_id,
+            name,
+            token_sha256,
+            created_at: now,
+        }
+    }
+    fn insert(tx: &mut Tx<'_>, record: Self) -> CoreResult<()> {
+        tx.insert_owner(record)
+    }
+}
+
 impl Core {
     /// The principal a bearer token (not the admin token) belongs to.
     pub fn principal(&self, token: &str) -> Option<Principal> {
@@ -72,19 +97,15 @@ impl Core {
         self.with_registry(|r| r.tokens.get(&hash).cloned())
     }
 
-    pub fn create_owner(
+    /// Creates an owner or an ops login from `new`; refused when its id is taken (ids are
+    /// drawn at random: the caller retries).
+    pub(crate) fn create_principal<R: PrincipalRecord>(
         &self,
-        new: &NewPrincipal<OwnerId>,
+        new: &NewPrincipal<R::Id>,
         now: UnixMillis,
-    ) -> CoreResult<(OwnerRecord, Ticket)> {
-        let (owner_id, name, token_sha256) = new.checked()?;
-        let record = OwnerRecord {
-            owner_id,
-            name,
-            token_sha256,
-            created_at: now,
-        };
-        self.create(record, Tx::insert_owner)
+    ) -> CoreResult<(R, Ticket)> {
+        let (id, name, secret_sha256) = new.checked()?;
+        self.create(R::made(id, name, secret_sha256, now), R::insert)
     }
 
     pub fn owner_exists(&self, owner_id: &OwnerId) -> bool {

@@ -138,6 +138,7 @@ fn authorize(device: &schemas::records::DeviceRecord, principal: &Principal) -> 
 
 #[cfg(test)]
 mod tests {
+    use schemas::records::OwnerRecord;
     use schemas::settings::Endpoints;
     use schemas::{OwnerId, Secret};
 
@@ -217,7 +218,7 @@ mod tests {
         let (core, dev) = core_with_device();
         let stranger = OwnerId::from_random([9; 8]);
         let new = NewPrincipal::new(stranger.clone(), "Bo", Secret::new("t"));
-        core.create_owner(&new, T0).unwrap();
+        core.create_principal::<OwnerRecord>(&new, T0).unwrap();
         let good = settings(&["ws://a:1"], &[]);
         assert_eq!(
             error_code(core.set_settings(&Principal::Owner(stranger), &dev, good, T0)),
