@@ -213,7 +213,7 @@ pub fn stored_record(data: &[u8]) {
         return;
     };
     let max = usize::MAX;
-    match kind % 16 {
+    match kind % 17 {
         0 => drop(d::<schemas::records::DeviceRecord>(v, max)),
         1 => drop(d::<schemas::records::JobRecord>(v, max)),
         2 => drop(d::<schemas::feed::FeedEntry>(v, max)),
@@ -229,6 +229,7 @@ pub fn stored_record(data: &[u8]) {
         12 => drop(d::<schemas::print::HeldJobRecord>(v, max)),
         13 => drop(d::<schemas::records::OpsLoginRecord>(v, max)),
         14 => drop(d::<schemas::agent::AgentState>(v, 64 * 1024 * 1024)),
+        15 => drop(d::<schemas::records::ConsoleActionRecord>(v, max)),
         _ => drop(d::<schemas::settings::SettingsRecord>(v, max)),
     }
 }
@@ -338,7 +339,7 @@ pub fn admin_json(data: &[u8]) {
     let Some((&kind, body)) = data.split_first() else {
         return;
     };
-    match kind % 16 {
+    match kind % 17 {
         0 => check::<SubmitJob>(body),
         1 => check::<CreateEnrollmentToken>(body),
         2 => check::<PutSettings>(body),

@@ -3,6 +3,7 @@
 
 use cloud_bridge::core::NewPrincipal;
 use schemas::data::{ClientFrame, Request, ServerFrame};
+use schemas::records::{OpsLoginRecord, OwnerRecord};
 use schemas::{OpsId, OwnerId, Secret, UserId};
 
 use crate::{World, with_world};
@@ -91,14 +92,23 @@ fn seeds_in(w: &World) -> Vec<(&'static str, Vec<u8>)> {
     let core = w.bridge.core();
     let now = UnixMillis::now();
     let token = Secret::new("fuzz-token");
-    let owner = NewPrincipal::new(OwnerId::from_random([1; 8]), "fuzz", token.clone());
-    let _ = core.create_owner(&owner, now);
-    let user = NewPrincipal::new(UserId::from_random([2; 8]), "fuzz", token.clone());
+    let user = NewPrincipal::new(UserId::from_random([2; 8]), "fuzz", token);
     let _ = core.create_user(&user, &Secret::new("2468"), now);
-    let _ = core.create_ops_login(
-        &NewPrincipal::new(OpsId::from_random([3; 8]), "fuzz", token),
-        now,
-    );
+    let owner = OwnerRecord {
+        owner_id: OwnerId::from_random([1; 8]),
+        name: "fuzz".into(),
+        token_sha256: "ab".repeat(32),
+        created_at: now,
+    };
+    let ops = OpsLoginRecord {
+        ops_id: OpsId::from_random([3; 8]),
+        name: "fuzz".into(),
+        password_sha256: "cd".repeat(32),
+        created_at: now,
+        revoked_at: Some(now),
+    };
+    seeds.push(("stored_record", [vec![4], enc(&owner)].concat()));
+    seeds.push(("stored_record", [vec![13], enc(&ops)].concat()));
     let job = cloud_bridge::core::NewJob {
         payload: b"seed".to_vec(),
         content_type: "text/plain".into(),
@@ -109,14 +119,21 @@ fn seeds_in(w: &World) -> Vec<(&'static str, Vec<u8>)> {
         print: None,
     };
     let _ = core.submit_job(&w.device, job, now);
+    let _ = core.record_console_action(&schemas::records::ConsoleActionRecord {
+        id: "0000000000000001".into(),
+        at: now,
+        by: "admin".into(),
+        method: "POST".into(),
+        path: format!("/v1/devices/{}/disable", w.device),
+        status: Some(200),
+    });
     for (kind, prefix) in [
         (0u8, "d/"),
         (1, "j/"),
         (2, "f/"),
         (3, "e/"),
-        (4, "o/"),
         (11, "u/"),
-        (13, "q/"),
+        (15, "x/"),
     ] {
         let records = w
             .committer
