@@ -6,13 +6,13 @@ use schemas::api::{
     CompanionCreated, CompanionView, OpsLoginCreated, OpsLoginView, OwnerCreated, UserCreated,
 };
 use schemas::data::ErrorCode;
+use schemas::records::{OpsLoginRecord, OwnerRecord};
 use schemas::{CompanionId, DeviceId, OpsId, OwnerId, Secret, UserId};
 
 use super::ApiFailure;
 use super::serve::Call;
 use super::{AppState, bridge, decode_payload, now};
 use crate::core::{NewPrincipal, Principal, PrincipalRecord};
-use schemas::records::{OpsLoginRecord, OwnerRecord};
 
 type Result<T> = std::result::Result<T, ApiFailure>;
 

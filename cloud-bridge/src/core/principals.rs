@@ -97,8 +97,8 @@ impl Core {
         self.with_registry(|r| r.tokens.get(&hash).cloned())
     }
 
-    /// Creates an owner or an ops login from `new`; refused when its id is taken (ids are
-    /// drawn at random: the caller retries).
+    /// Creates an owner or an ops login from `new`; refused as a conflict when its id is
+    /// taken (ids are drawn at random, 64 bits).
     pub(crate) fn create_principal<R: PrincipalRecord>(
         &self,
         new: &NewPrincipal<R::Id>,
