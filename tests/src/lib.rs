@@ -295,6 +295,25 @@ pub fn bridge_binary() -> PathBuf {
     bin
 }
 
+/// `cloud-bridge export` of a stopped bridge's data: one JSON value a line (see
+/// `cloud-bridge/src/export.rs`). Panics with its standard error if it fails.
+pub fn export(data_dir: &Path) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(bridge_binary())
+        .args(["export", "--data-dir", data_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// `cloud-bridge serve` as a child process.
 #[derive(Debug)]
 pub struct BridgeProcess {

@@ -115,17 +115,7 @@ async fn export_writes_every_record_as_json_lines() {
     bridge.signal("TERM");
     assert!(bridge.wait_exit(SOON).await.success());
 
-    let out = run(&["export", "--data-dir", dir.path().to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = e2e_tests::export(dir.path());
     let of = |t: &str| lines.iter().filter(|l| l["type"] == t).count();
     assert_eq!(
         (of("device"), of("enrollment"), of("job"), of("feed")),

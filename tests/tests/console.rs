@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e_tests::{BridgeProcess, Device, InProcessBridge, bridge_binary, socket_addr};
+use e2e_tests::{BridgeProcess, Device, InProcessBridge, export, socket_addr};
 use schemas::api::SubmitJob;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -394,20 +394,9 @@ async fn what_was_changed_through_the_console_outlives_a_kill_and_is_exported() 
 
     // No shutdown, no last flush: what was answered was on disk already.
     bridge.kill9().await;
-    let out = std::process::Command::new(bridge_binary())
-        .args(["export", "--data-dir", dir.path().to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let exported: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|l: &serde_json::Value| l["type"] == "console_action")
+    let exported: Vec<serde_json::Value> = export(dir.path())
+        .into_iter()
+        .filter(|l| l["type"] == "console_action")
         .collect();
     let statuses: Vec<u64> = exported
         .iter()

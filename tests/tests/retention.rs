@@ -8,9 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e_tests::{
-    BridgeProcess, Counting, Device, SOON, all_succeed, bridge_binary, eventually, init_tracing,
-};
+use e2e_tests::{BridgeProcess, Counting, Device, SOON, all_succeed, eventually, init_tracing};
 use futures_util::StreamExt;
 use schemas::JobId;
 use schemas::api::SubmitJob;
@@ -173,15 +171,8 @@ async fn finished_jobs_past_retention_are_swept_and_a_kill9_mid_sweep_loses_noth
     // And on disk: of the jobs, only the open ones are left (all finished now, within
     // their second of retention, or swept).
     bridge.kill9().await;
-    let out = std::process::Command::new(bridge_binary())
-        .args(["export", "--data-dir", data.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let stored: HashSet<JobId> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let stored: HashSet<JobId> = e2e_tests::export(&data)
+        .into_iter()
         .filter(|v| v["type"] == "job")
         .map(|v| JobId::parse(v["job_id"].as_str().unwrap()).unwrap())
         .collect();
